@@ -1,0 +1,236 @@
+//! The aggregator's libp2p client: one task owns the `Swarm`; callers hold a cheap
+//! [`NetworkClient`] and send it commands over a bounded channel, each with a `oneshot` for
+//! the reply (the shape of rust-libp2p's file-sharing example).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, identify, noise, ping, tcp, yamux};
+use renkei_protocol::codec::EncodedRequest;
+use renkei_protocol::{QueryCodec, QueryResponse};
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+use crate::error::AggregatorError;
+
+/// Commands waiting for the swarm task; senders wait when it is full.
+const COMMAND_QUEUE: usize = 256;
+
+/// The request-response timeout; callers usually set a shorter overall deadline.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The identify protocol version string of renkei aggregators.
+const IDENTIFY_PROTOCOL: &str = "/renkei/id/1";
+
+#[derive(NetworkBehaviour)]
+struct ClientBehaviour {
+    query: request_response::Behaviour<QueryCodec>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+/// Why a node's reply did not arrive.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AskError {
+    #[error("could not connect: {0}")]
+    Unreachable(String),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed before the reply")]
+    ConnectionClosed,
+    #[error("the node does not speak the renkei query protocol")]
+    UnsupportedProtocol,
+    #[error("stream error: {0}")]
+    Stream(String),
+    #[error("the aggregator's network task has stopped")]
+    ClientStopped,
+}
+
+impl From<OutboundFailure> for AskError {
+    fn from(failure: OutboundFailure) -> Self {
+        match failure {
+            OutboundFailure::DialFailure => AskError::Unreachable("dial failed".into()),
+            OutboundFailure::Timeout => AskError::Timeout(REQUEST_TIMEOUT),
+            OutboundFailure::ConnectionClosed => AskError::ConnectionClosed,
+            OutboundFailure::UnsupportedProtocols => AskError::UnsupportedProtocol,
+            OutboundFailure::Io(e) => AskError::Stream(e.to_string()),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<QueryResponse, AskError>>;
+
+enum Command {
+    Ask {
+        peer: PeerId,
+        address: Multiaddr,
+        request: EncodedRequest,
+        reply: Reply,
+    },
+}
+
+/// A handle on the aggregator's network task. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct NetworkClient {
+    commands: mpsc::Sender<Command>,
+    peer_id: PeerId,
+    listen_addr: Option<Multiaddr>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Ask { peer, .. } => write!(f, "Ask({peer})"),
+        }
+    }
+}
+
+impl NetworkClient {
+    /// Starts the network task with a fresh identity. With `listen`, the aggregator also
+    /// accepts connections there (port 0 picks a free port). The task ends when every
+    /// handle is dropped.
+    pub async fn start(listen: Option<Multiaddr>) -> Result<Self, AggregatorError> {
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let peer_id = keypair.public().to_peer_id();
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| AggregatorError::Network(e.to_string()))?
+            .with_behaviour(|key| ClientBehaviour {
+                query: request_response::Behaviour::with_codec(
+                    QueryCodec,
+                    [(QueryCodec::protocol(), ProtocolSupport::Outbound)],
+                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                ),
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL.to_string(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+            })
+            .map_err(|e| AggregatorError::Network(e.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        let mut listen_addr = None;
+        if let Some(listen) = listen {
+            swarm
+                .listen_on(listen.clone())
+                .map_err(|e| AggregatorError::Network(format!("cannot listen on {listen}: {e}")))?;
+            let bound = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    if let SwarmEvent::NewListenAddr { address, .. } =
+                        swarm.select_next_some().await
+                    {
+                        return address;
+                    }
+                }
+            })
+            .await
+            .map_err(|_| {
+                AggregatorError::Network(format!("listener on {listen} did not come up"))
+            })?;
+            listen_addr = Some(bound.with(libp2p::multiaddr::Protocol::P2p(peer_id)));
+        }
+        let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+        tokio::spawn(run(swarm, receiver));
+        Ok(Self {
+            commands,
+            peer_id,
+            listen_addr,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    pub fn listen_addr(&self) -> Option<&Multiaddr> {
+        self.listen_addr.as_ref()
+    }
+
+    /// Sends one request to `peer` at `address` and waits at most `deadline` for the reply.
+    pub async fn ask(
+        &self,
+        peer: PeerId,
+        address: Multiaddr,
+        request: EncodedRequest,
+        deadline: Duration,
+    ) -> Result<QueryResponse, AskError> {
+        let (reply, response) = oneshot::channel();
+        let ask = async {
+            self.commands
+                .send(Command::Ask {
+                    peer,
+                    address,
+                    request,
+                    reply,
+                })
+                .await
+                .map_err(|_| AskError::ClientStopped)?;
+            response.await.map_err(|_| AskError::ClientStopped)?
+        };
+        tokio::time::timeout(deadline, ask)
+            .await
+            .unwrap_or(Err(AskError::Timeout(deadline)))
+    }
+}
+
+async fn run(mut swarm: libp2p::Swarm<ClientBehaviour>, mut commands: mpsc::Receiver<Command>) {
+    let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
+    // Why the last dial to each peer failed, to explain a `DialFailure` to the caller.
+    let mut dial_errors: HashMap<PeerId, String> = HashMap::new();
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Ask { peer, address, request, reply }) => {
+                    let id = swarm
+                        .behaviour_mut()
+                        .query
+                        .send_request_with_addresses(&peer, request, vec![address]);
+                    pending.insert(id, reply);
+                }
+                // Every handle is gone: nobody can ask or listen for replies any more.
+                None => break,
+            },
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Query(
+                    request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    },
+                )) => {
+                    if let Some(reply) = pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Query(
+                    request_response::Event::OutboundFailure { request_id, error, peer, .. },
+                )) => {
+                    debug!(%peer, %error, "query failed");
+                    if let Some(reply) = pending.remove(&request_id) {
+                        let error = match (error, dial_errors.remove(&peer)) {
+                            (OutboundFailure::DialFailure, Some(reason)) => AskError::Unreachable(reason),
+                            (error, _) => error.into(),
+                        };
+                        let _ = reply.send(Err(error));
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                    debug!(%peer, %error, "connection failed");
+                    dial_errors.insert(peer, error.to_string());
+                }
+                _ => {}
+            },
+        }
+        // Callers that gave up (deadline passed) no longer need their slot.
+        pending.retain(|_, reply| !reply.is_closed());
+    }
+}

@@ -1,0 +1,291 @@
+//! Fan-out and combination: sign one request, ask every node concurrently, check every
+//! answer, and combine what came back into one estimate with its uncertainty.
+//!
+//! An answer counts only if its signature verifies, its signer is the node we asked, that
+//! node is a member in the policy, and it answers exactly our signed request (request id
+//! and digest). Estimates add; since nodes draw independent noise, variances add too, and
+//! the 95% interval is `estimate ± 1.96·sd`. A node that is down, slow or sends something
+//! invalid is reported as missing with the reason; a refusal is reported with its code.
+//! Nothing here waits longer than the caller's deadline.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::future::join_all;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use renkei_policies::VerifiedPolicy;
+use renkei_protocol::codec::EncodedRequest;
+use renkei_protocol::limits::{MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES};
+use renkei_protocol::messages::request_digest;
+use renkei_protocol::{
+    Answer, Mechanism, MicroRho, PublicKey, Purpose, Query, QueryRequest, QueryResponse,
+    RefusalCode, RequestId, SecretKey, SignedEnvelope,
+};
+use serde::Serialize;
+
+use crate::client::NetworkClient;
+use crate::error::AggregatorError;
+
+/// z for a two-sided 95% normal interval.
+pub const Z_95: f64 = 1.959_963_984_540_054;
+
+/// A node to ask: its peer id and a full address ending in `/p2p/<peer id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddress {
+    pub peer_id: PeerId,
+    pub address: Multiaddr,
+}
+
+impl FromStr for NodeAddress {
+    type Err = AggregatorError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| AggregatorError::BadNodeAddress {
+            address: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let address: Multiaddr = text
+            .trim()
+            .parse()
+            .map_err(|e: libp2p::multiaddr::Error| bad(&e.to_string()))?;
+        let Some(Protocol::P2p(peer_id)) = address.iter().last() else {
+            return Err(bad(
+                "must end in /p2p/<peer id> so the node can be authenticated",
+            ));
+        };
+        Ok(Self { peer_id, address })
+    }
+}
+
+/// How to ask.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    pub study: String,
+    /// Privacy each node spends on its answer.
+    pub rho: MicroRho,
+    /// How long to wait for all nodes.
+    pub deadline: Duration,
+}
+
+/// A signed request, ready to send to every node.
+#[derive(Debug, Clone)]
+pub struct PreparedQuery {
+    pub request: QueryRequest,
+    pub envelope: SignedEnvelope,
+    pub digest: [u8; 32],
+}
+
+impl PreparedQuery {
+    /// Signs `query` for `study` with a fresh request id and nonce, valid from `now` for the
+    /// longest lifetime nodes accept.
+    pub fn sign(
+        key: &SecretKey,
+        query: Query,
+        study: &str,
+        rho: MicroRho,
+        now: u64,
+    ) -> Result<Self, AggregatorError> {
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&RequestId::random()?.0);
+        let request = QueryRequest {
+            request_id: RequestId::random()?,
+            nonce,
+            issued_at: now,
+            expires_at: now + MAX_REQUEST_LIFETIME_SECS,
+            study: study.to_string(),
+            query,
+            rho,
+        };
+        Ok(Self::from_request(key, request)?)
+    }
+
+    /// Signs an arbitrary request (tests use this to build expired or odd requests).
+    pub fn from_request(
+        key: &SecretKey,
+        request: QueryRequest,
+    ) -> Result<Self, renkei_protocol::CodecError> {
+        let envelope = SignedEnvelope::seal(Purpose::QueryRequest, key, &request)?;
+        let digest = request_digest(&envelope.payload);
+        Ok(Self {
+            request,
+            envelope,
+            digest,
+        })
+    }
+}
+
+/// One node's accepted answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeAnswer {
+    pub node: String,
+    pub institution: String,
+    pub value: i64,
+    pub mechanism: Mechanism,
+    pub sensitivity: u64,
+    pub noise_scale: f64,
+    pub rho: MicroRho,
+    pub budget_remaining: MicroRho,
+}
+
+/// A node that gave no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MissingNode {
+    pub node: String,
+    pub address: String,
+    pub reason: String,
+}
+
+/// A node that refused, with its code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefusedNode {
+    pub node: String,
+    pub institution: String,
+    pub code: RefusalCode,
+    pub reason: String,
+}
+
+/// The combined result of one federated query.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FederatedAnswer {
+    pub query: String,
+    pub study: String,
+    pub request_id: String,
+    /// Sum of the nodes' noisy values; `null` when no node answered.
+    pub estimate: Option<i64>,
+    /// Standard deviation of the estimate's noise.
+    pub std_dev: Option<f64>,
+    /// 95% interval `[low, high]` for the true total over the answering nodes.
+    pub ci95: Option<[f64; 2]>,
+    pub answered: Vec<NodeAnswer>,
+    pub missing: Vec<MissingNode>,
+    pub refused: Vec<RefusedNode>,
+}
+
+impl FederatedAnswer {
+    /// True when some node asked did not contribute.
+    pub fn is_partial(&self) -> bool {
+        !self.missing.is_empty() || !self.refused.is_empty()
+    }
+}
+
+enum Outcome {
+    Answered(NodeAnswer),
+    Missing(MissingNode),
+    Refused(RefusedNode),
+}
+
+/// Asks every node in `nodes` concurrently and combines the answers.
+pub async fn fan_out(
+    client: &NetworkClient,
+    policy: &VerifiedPolicy,
+    nodes: &[NodeAddress],
+    prepared: &PreparedQuery,
+    deadline: Duration,
+) -> Result<FederatedAnswer, AggregatorError> {
+    let encoded = EncodedRequest::encode(&prepared.envelope)?;
+    let asks = nodes.iter().map(|node| {
+        let encoded = encoded.clone();
+        async move {
+            let missing = |reason: String| {
+                Outcome::Missing(MissingNode {
+                    node: node.peer_id.to_base58(),
+                    address: node.address.to_string(),
+                    reason,
+                })
+            };
+            let Some(member) = policy.bundle().member(&node.peer_id) else {
+                return missing(format!(
+                    "not asked: not a member node in policy v{}",
+                    policy.bundle().version
+                ));
+            };
+            match client
+                .ask(node.peer_id, node.address.clone(), encoded, deadline)
+                .await
+            {
+                Err(e) => missing(e.to_string()),
+                Ok(QueryResponse::Refused(refusal)) => Outcome::Refused(RefusedNode {
+                    node: node.peer_id.to_base58(),
+                    institution: member.institution.clone(),
+                    code: refusal.code,
+                    reason: refusal.reason,
+                }),
+                Ok(QueryResponse::Answered(envelope)) => {
+                    match check_answer(&envelope, node.peer_id, prepared) {
+                        Ok(answer) => Outcome::Answered(NodeAnswer {
+                            node: node.peer_id.to_base58(),
+                            institution: member.institution.clone(),
+                            value: answer.value,
+                            mechanism: answer.mechanism,
+                            sensitivity: answer.sensitivity,
+                            noise_scale: answer.noise_scale,
+                            rho: answer.rho_spent,
+                            budget_remaining: answer.budget_remaining,
+                        }),
+                        Err(reason) => missing(format!("answer rejected: {reason}")),
+                    }
+                }
+            }
+        }
+    });
+    let mut result = FederatedAnswer {
+        query: prepared.request.query.to_string(),
+        study: prepared.request.study.clone(),
+        request_id: prepared.request.request_id.to_string(),
+        estimate: None,
+        std_dev: None,
+        ci95: None,
+        answered: Vec::new(),
+        missing: Vec::new(),
+        refused: Vec::new(),
+    };
+    for outcome in join_all(asks).await {
+        match outcome {
+            Outcome::Answered(a) => result.answered.push(a),
+            Outcome::Missing(m) => result.missing.push(m),
+            Outcome::Refused(r) => result.refused.push(r),
+        }
+    }
+    if !result.answered.is_empty() {
+        let estimate = result
+            .answered
+            .iter()
+            .fold(0i64, |sum, a| sum.saturating_add(a.value));
+        let variance: f64 = result.answered.iter().map(|a| a.noise_scale.powi(2)).sum();
+        let sd = variance.sqrt();
+        result.estimate = Some(estimate);
+        result.std_dev = Some(sd);
+        result.ci95 = Some([estimate as f64 - Z_95 * sd, estimate as f64 + Z_95 * sd]);
+    }
+    Ok(result)
+}
+
+/// Verifies a node's signed answer against who we asked and what we asked.
+fn check_answer(
+    envelope: &SignedEnvelope,
+    asked: PeerId,
+    prepared: &PreparedQuery,
+) -> Result<Answer, String> {
+    let answer: Answer = envelope
+        .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
+        .map_err(|e| e.to_string())?;
+    let expected = PublicKey::from_peer_id(&asked).map_err(|e| e.to_string())?;
+    if envelope.signer != expected {
+        return Err(format!(
+            "signed by {}, not by the node asked ({asked})",
+            envelope.signer
+        ));
+    }
+    if answer.request_id != prepared.request.request_id || answer.request_digest != prepared.digest
+    {
+        return Err("it answers a different request".into());
+    }
+    if !answer.noise_scale.is_finite() || answer.noise_scale < 0.0 {
+        return Err(format!(
+            "noise scale {} is not a valid scale",
+            answer.noise_scale
+        ));
+    }
+    Ok(answer)
+}

@@ -1,0 +1,22 @@
+//! The aggregator and researcher client: turns a researcher's SQL into a signed query, fans
+//! it out to hospital nodes over libp2p and combines their differentially private answers.
+//! It never sees a patient record; only noisy aggregates arrive here.
+//!
+//! - [`sql`]: SQL → canonical query AST.
+//! - [`client`]: the libp2p task and its handle.
+//! - [`federation`]: signing, fan-out, answer verification, combination.
+//! - [`researcher`]: the researcher's session: key, policy, defaults.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod client;
+pub mod error;
+pub mod federation;
+pub mod researcher;
+pub mod sql;
+
+pub use client::{AskError, NetworkClient};
+pub use error::AggregatorError;
+pub use federation::{FederatedAnswer, NodeAddress, PreparedQuery, QueryOptions, fan_out};
+pub use researcher::ResearcherSession;

@@ -1,0 +1,186 @@
+//! `renkei-aggregator`: the researcher's command line. A thin clap layer over
+//! `renkei_aggregator`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use renkei_aggregator::federation::FederatedAnswer;
+use renkei_aggregator::researcher::{DEFAULT_DEADLINE, DEFAULT_RHO};
+use renkei_aggregator::sql;
+use renkei_aggregator::{NodeAddress, QueryOptions, ResearcherSession};
+use renkei_protocol::MicroRho;
+
+#[derive(Parser)]
+#[command(
+    name = "renkei-aggregator",
+    version,
+    about = "Ask renkei hospital nodes a question; get a differentially private answer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sign a SQL query, ask every node, and print the combined estimate.
+    Query {
+        /// The researcher's secret key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Node addresses, comma-separated, each ending in /p2p/<peer id>.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Signed consortium policy [default: $RENKEI_POLICY, else policy.json beside the key].
+        #[arg(long, env = "RENKEI_POLICY")]
+        policy: Option<PathBuf>,
+        /// Study to charge [default: the only study the researcher is approved for].
+        #[arg(long)]
+        study: Option<String>,
+        /// Privacy (zCDP rho) each node spends on this answer.
+        #[arg(long, default_value_t = DEFAULT_RHO.to_string())]
+        rho: String,
+        /// Seconds to wait for the slowest node.
+        #[arg(long, default_value_t = DEFAULT_DEADLINE.as_secs_f64())]
+        timeout: f64,
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+        /// Read the SQL from a file instead of the command line.
+        #[arg(long, conflicts_with = "sql")]
+        file: Option<PathBuf>,
+        /// SELECT COUNT(*) FROM patients WHERE …
+        sql: Option<String>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Exit status when the query ran but no node answered.
+const EXIT_NO_ANSWER: u8 = 3;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    init_tracing();
+    match Cli::parse().command {
+        Command::Query {
+            key,
+            nodes,
+            policy,
+            study,
+            rho,
+            timeout,
+            format,
+            file,
+            sql: sql_text,
+        } => {
+            let sql_text = match (file, sql_text) {
+                (Some(path), _) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                (None, Some(text)) => text,
+                (None, None) => bail!("give the SQL as an argument or with --file"),
+            };
+            // Compile first: a typo costs nothing and needs no network.
+            if let Err(e) = sql::compile(&sql_text) {
+                bail!("SQL error: {}", e.render(&sql_text));
+            }
+            let nodes = nodes
+                .iter()
+                .map(|n| n.parse::<NodeAddress>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let rho: MicroRho = rho
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?;
+            if !(timeout.is_finite() && timeout > 0.0) {
+                bail!("--timeout must be a positive number of seconds");
+            }
+            let policy = policy.unwrap_or_else(|| default_policy_path(&key));
+            let session = ResearcherSession::open(&key, &policy)
+                .await
+                .with_context(|| {
+                    format!(
+                        "opening key {} and policy {}",
+                        key.display(),
+                        policy.display()
+                    )
+                })?;
+            let options = QueryOptions {
+                study: session.resolve_study(study.as_deref())?,
+                rho,
+                deadline: Duration::from_secs_f64(timeout),
+            };
+            let answer = session.query(&nodes, &sql_text, &options).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Format::Table => print_table(&answer),
+            }
+            if answer.answered.is_empty() {
+                return Ok(ExitCode::from(EXIT_NO_ANSWER));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_policy_path(key: &Path) -> PathBuf {
+    key.parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("policy.json")
+}
+
+fn print_table(answer: &FederatedAnswer) {
+    let asked = answer.answered.len() + answer.missing.len() + answer.refused.len();
+    println!("query     {}", answer.query);
+    println!(
+        "study     {}   (request {})",
+        answer.study, answer.request_id
+    );
+    match (answer.estimate, answer.ci95, answer.std_dev) {
+        (Some(estimate), Some([low, high]), Some(sd)) => println!(
+            "estimate  {estimate}   95% CI [{low:.1}, {high:.1}]   sd {sd:.2}{}",
+            if answer.is_partial() {
+                "   (PARTIAL: not every node answered)"
+            } else {
+                ""
+            }
+        ),
+        _ => println!("estimate  none: no node answered"),
+    }
+    println!("answered  {} of {asked} node(s)", answer.answered.len());
+    for a in &answer.answered {
+        println!(
+            "  {:<24} {}  value {:>6}  {} scale {:.3}  rho {}  budget left {}",
+            a.institution, a.node, a.value, a.mechanism, a.noise_scale, a.rho, a.budget_remaining
+        );
+    }
+    if !answer.refused.is_empty() {
+        println!("refused   {}", answer.refused.len());
+        for r in &answer.refused {
+            println!(
+                "  {:<24} {}  {}: {}",
+                r.institution, r.node, r.code, r.reason
+            );
+        }
+    }
+    if !answer.missing.is_empty() {
+        println!("missing   {}", answer.missing.len());
+        for m in &answer.missing {
+            println!("  {}  {}", m.address, m.reason);
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! A researcher's session: their key, the consortium policy they trust, and a network
+//! client, with the defaults a person expects (the only study they are approved for, a
+//! sensible rho and deadline).
+
+use std::path::Path;
+use std::time::Duration;
+
+use renkei_policies::{SignedPolicy, VerifiedPolicy};
+use renkei_protocol::{MicroRho, SecretKey, unix_now};
+
+use crate::client::NetworkClient;
+use crate::error::AggregatorError;
+use crate::federation::{FederatedAnswer, NodeAddress, PreparedQuery, QueryOptions, fan_out};
+use crate::sql;
+
+/// Privacy spent per node per query when the researcher does not say: rho 0.05 gives a
+/// count's noise a standard deviation of about 3.2 at each node.
+pub const DEFAULT_RHO: MicroRho = MicroRho(50_000);
+
+/// How long to wait for the slowest node by default.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A researcher ready to query.
+#[derive(Debug)]
+pub struct ResearcherSession {
+    key: SecretKey,
+    policy: VerifiedPolicy,
+    client: NetworkClient,
+}
+
+impl ResearcherSession {
+    pub fn new(key: SecretKey, policy: VerifiedPolicy, client: NetworkClient) -> Self {
+        Self {
+            key,
+            policy,
+            client,
+        }
+    }
+
+    /// Loads the key and the signed policy from files and starts a network client.
+    pub async fn open(key_path: &Path, policy_path: &Path) -> Result<Self, AggregatorError> {
+        let key = SecretKey::read_file(key_path)?;
+        let policy = SignedPolicy::read_file(policy_path)?.verify_self_anchored()?;
+        let client = NetworkClient::start(None).await?;
+        Ok(Self::new(key, policy, client))
+    }
+
+    pub fn policy(&self) -> &VerifiedPolicy {
+        &self.policy
+    }
+
+    pub fn client(&self) -> &NetworkClient {
+        &self.client
+    }
+
+    pub fn key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// The study to use: the one named, or the only one this researcher is approved for.
+    pub fn resolve_study(&self, study: Option<&str>) -> Result<String, AggregatorError> {
+        if let Some(study) = study {
+            return Ok(study.to_string());
+        }
+        let me = self.key.public_key();
+        let researcher = self.policy.bundle().researcher(&me).ok_or_else(|| {
+            AggregatorError::Study(format!(
+                "key {me} is not a researcher in policy v{}; name a study with --study",
+                self.policy.bundle().version
+            ))
+        })?;
+        match researcher.studies.as_slice() {
+            [only] => Ok(only.clone()),
+            [] => Err(AggregatorError::Study(format!(
+                "{} is approved for no study",
+                researcher.name
+            ))),
+            many => Err(AggregatorError::Study(format!(
+                "{} is approved for several studies; choose one with --study: {}",
+                researcher.name,
+                many.join(", ")
+            ))),
+        }
+    }
+
+    /// Default options for this researcher (their only study, [`DEFAULT_RHO`],
+    /// [`DEFAULT_DEADLINE`]).
+    pub fn default_options(&self) -> Result<QueryOptions, AggregatorError> {
+        Ok(QueryOptions {
+            study: self.resolve_study(None)?,
+            rho: DEFAULT_RHO,
+            deadline: DEFAULT_DEADLINE,
+        })
+    }
+
+    /// Compiles `sql`, signs it and asks `nodes`.
+    pub async fn query(
+        &self,
+        nodes: &[NodeAddress],
+        sql_text: &str,
+        options: &QueryOptions,
+    ) -> Result<FederatedAnswer, AggregatorError> {
+        let query = sql::compile(sql_text)?;
+        let prepared =
+            PreparedQuery::sign(&self.key, query, &options.study, options.rho, unix_now())?;
+        fan_out(
+            &self.client,
+            &self.policy,
+            nodes,
+            &prepared,
+            options.deadline,
+        )
+        .await
+    }
+}

@@ -1,0 +1,56 @@
+//! The node library's error type: every way opening, ingesting or serving can fail, each
+//! naming what was wrong and where.
+
+use std::path::PathBuf;
+
+/// Errors of the node library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{dir} is not an initialised node directory (run `renkei-node init --dir {dir}` first)"
+    )]
+    NotInitialised { dir: PathBuf },
+    #[error("{dir} is already an initialised node directory; refusing to overwrite its identity")]
+    AlreadyInitialised { dir: PathBuf },
+    #[error("node store {path} is in use by another process (is `renkei-node serve` running?)")]
+    StoreLocked { path: PathBuf },
+    #[error("node store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("stored {what} does not decode ({reason}); the store may be corrupt")]
+    CorruptStore { what: String, reason: String },
+    #[error(transparent)]
+    Key(#[from] renkei_protocol::KeyError),
+    #[error("policy {path}: {source}")]
+    Policy {
+        path: PathBuf,
+        #[source]
+        source: renkei_policies::PolicyError,
+    },
+    #[error(
+        "policy {path} has version {offered}, but this node already runs version {active}; rollbacks are refused"
+    )]
+    PolicyRollback {
+        path: PathBuf,
+        offered: u64,
+        active: u64,
+    },
+    #[error("ingest refused, nothing was written:\n{0}")]
+    Ingest(#[from] crate::ingest::IngestErrors),
+    #[error(
+        "this node ({peer_id}) is not a member in policy v{version}; ask the consortium admins to add it"
+    )]
+    NotAMember { peer_id: String, version: u64 },
+    #[error("libp2p: {0}")]
+    Network(String),
+    #[error("differential privacy: {0}")]
+    Dp(#[from] crate::dp::DpError),
+    #[error("encoding: {0}")]
+    Codec(#[from] renkei_protocol::CodecError),
+}

@@ -1,0 +1,207 @@
+//! A node's home directory: where its identity and its store live, and how it is created.
+//!
+//! Layout: `node.key` (the node's ed25519 identity: libp2p peer id and answer signatures;
+//! mode 0600) and `store/` (the sled database). `init` creates both and a fresh
+//! pseudonymisation secret; it never overwrites an existing node.
+
+use std::path::{Path, PathBuf};
+
+use libp2p::PeerId;
+use renkei_policies::{SignedPolicy, VerifiedPolicy};
+use renkei_protocol::SecretKey;
+
+use crate::error::NodeError;
+use crate::store::NodeStore;
+
+const IDENTITY_FILE: &str = "node.key";
+const STORE_DIR: &str = "store";
+
+/// Meta keys owned by this module.
+const META_PSEUDONYM_SECRET: &[u8] = b"pseudonym-secret";
+const META_POLICY_ANCHOR: &[u8] = b"policy-anchor";
+const META_POLICY_VERSION: &[u8] = b"policy-version";
+
+/// An initialised node directory.
+#[derive(Debug, Clone)]
+pub struct NodeHome {
+    dir: PathBuf,
+}
+
+impl NodeHome {
+    /// Creates a node in `dir` (created if missing): identity key, store, secrets.
+    pub fn init(dir: &Path) -> Result<(Self, PeerId), NodeError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| NodeError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let home = Self {
+            dir: dir.to_path_buf(),
+        };
+        // A store without a key file is an interrupted init: finish it.
+        if home.identity_path().exists() {
+            return Err(NodeError::AlreadyInitialised {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let key = SecretKey::generate()?;
+        let store = NodeStore::open(&home.store_path())?;
+        if store.meta.get(META_PSEUDONYM_SECRET)?.is_none() {
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret)
+                .map_err(|e| renkei_protocol::KeyError::Randomness(e.to_string()))?;
+            store.meta.insert(META_PSEUDONYM_SECRET, &secret[..])?;
+            store.flush()?;
+        }
+        drop(store);
+        // The key file is written last: its presence marks a complete initialisation.
+        key.write_file(&home.identity_path())?;
+        let peer_id = key.public_key().to_peer_id()?;
+        Ok((home, peer_id))
+    }
+
+    /// An existing node directory.
+    pub fn open(dir: &Path) -> Result<Self, NodeError> {
+        let home = Self {
+            dir: dir.to_path_buf(),
+        };
+        if !home.identity_path().exists() || !home.store_path().exists() {
+            return Err(NodeError::NotInitialised {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Ok(home)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn identity_path(&self) -> PathBuf {
+        self.dir.join(IDENTITY_FILE)
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.dir.join(STORE_DIR)
+    }
+
+    pub fn identity(&self) -> Result<SecretKey, NodeError> {
+        Ok(SecretKey::read_file(&self.identity_path())?)
+    }
+
+    pub fn peer_id(&self) -> Result<PeerId, NodeError> {
+        Ok(self.identity()?.public_key().to_peer_id()?)
+    }
+
+    pub fn open_store(&self) -> Result<NodeStore, NodeError> {
+        NodeStore::open(&self.store_path())
+    }
+}
+
+/// The secret under which patient ids are pseudonymised (keyed hash).
+pub(crate) fn pseudonym_secret(store: &NodeStore) -> Result<[u8; 32], NodeError> {
+    let value = store
+        .meta
+        .get(META_PSEUDONYM_SECRET)?
+        .ok_or_else(|| NodeError::CorruptStore {
+            what: "pseudonymisation secret".into(),
+            reason: "missing".into(),
+        })?;
+    value
+        .as_ref()
+        .try_into()
+        .map_err(|_| NodeError::CorruptStore {
+            what: "pseudonymisation secret".into(),
+            reason: format!("{} bytes, expected 32", value.len()),
+        })
+}
+
+/// Loads and verifies a signed policy for this node.
+///
+/// The first policy a node accepts pins its trust anchor (admins and threshold); every later
+/// policy must be signed by that anchor and may not have a lower version than the active one.
+/// Both are recorded in the store before the policy is used.
+pub fn load_policy(store: &NodeStore, path: &Path) -> Result<VerifiedPolicy, NodeError> {
+    let policy_error = |source| NodeError::Policy {
+        path: path.to_path_buf(),
+        source,
+    };
+    let signed = SignedPolicy::read_file(path).map_err(policy_error)?;
+    let verified = match store.meta.get(META_POLICY_ANCHOR)? {
+        None => signed.verify_self_anchored().map_err(policy_error)?,
+        Some(bytes) => {
+            let pinned: PinnedAnchor = renkei_protocol::codec::decode_limited(&bytes, 1 << 20)
+                .map_err(|e| NodeError::CorruptStore {
+                    what: "pinned policy anchor".into(),
+                    reason: e.to_string(),
+                })?;
+            signed
+                .verify(&renkei_policies::TrustAnchor {
+                    admins: pinned.admins.into_iter().collect(),
+                    threshold: pinned.threshold as usize,
+                })
+                .map_err(policy_error)?
+        }
+    };
+    let offered = verified.bundle().version;
+    if let Some(active) = store.meta.get(META_POLICY_VERSION)? {
+        let active = u64::from_be_bytes(active.as_ref().try_into().map_err(|_| {
+            NodeError::CorruptStore {
+                what: "active policy version".into(),
+                reason: "not 8 bytes".into(),
+            }
+        })?);
+        if offered < active {
+            return Err(NodeError::PolicyRollback {
+                path: path.to_path_buf(),
+                offered,
+                active,
+            });
+        }
+    }
+    let anchor = verified.anchor();
+    let pinned = PinnedAnchor {
+        admins: anchor.admins.into_iter().collect(),
+        threshold: anchor.threshold as u64,
+    };
+    store
+        .meta
+        .insert(META_POLICY_ANCHOR, renkei_protocol::codec::encode(&pinned)?)?;
+    store
+        .meta
+        .insert(META_POLICY_VERSION, &offered.to_be_bytes()[..])?;
+    store.flush()?;
+    Ok(verified)
+}
+
+/// The admins a node trusts for policy updates, as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PinnedAnchor {
+    admins: Vec<renkei_protocol::PublicKey>,
+    threshold: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_creates_a_node_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, peer) = NodeHome::init(dir.path()).unwrap();
+        assert_eq!(home.peer_id().unwrap(), peer);
+        assert!(matches!(
+            NodeHome::init(dir.path()),
+            Err(NodeError::AlreadyInitialised { .. })
+        ));
+        let store = home.open_store().unwrap();
+        assert_eq!(pseudonym_secret(&store).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn an_uninitialised_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = NodeHome::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("renkei-node init"), "{err}");
+    }
+}

@@ -1,0 +1,28 @@
+//! A hospital's renkei node: keeps the hospital's patients on site and answers signed,
+//! policy-checked queries with differentially private aggregates only.
+//!
+//! - [`home`]: the node's directory (identity key, store) and `init`.
+//! - [`store`]: the one owner of the sled database and its trees.
+//! - [`cohort`]: the patient schema, stored records and the in-memory image queries run on.
+//! - [`ingest`]: loading a hospital's patient CSV, atomically.
+//! - [`dp`]: noise calibration and release through opendp.
+//! - [`ledger`]: the crash-safe per-researcher privacy budget and replay guard.
+//! - [`desk`]: the query desk: verify, authorize, validate, charge, answer.
+//! - [`service`]: the libp2p service that carries requests to the desk.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod cohort;
+pub mod desk;
+pub mod dp;
+pub mod error;
+pub mod home;
+pub mod ingest;
+pub mod ledger;
+pub mod service;
+pub mod store;
+
+pub use error::NodeError;
+pub use home::NodeHome;
+pub use service::{NodeService, RunningNode};

@@ -1,0 +1,240 @@
+//! The one place where renkei turns values into bytes and back.
+//!
+//! Everything on the wire, everything signed and everything a node stores is encoded here
+//! with bincode 2 (standard configuration: little-endian, variable-length integers). bincode
+//! is unmaintained upstream, so no other module names it; replacing it means changing this
+//! file only. Decoding is always bounded: the input length is checked against the caller's
+//! limit, bincode is given an allocation limit, and trailing bytes are an error (so one value
+//! has exactly one encoding that verifies).
+//!
+//! [`QueryCodec`] frames the query protocol ([`crate::limits::QUERY_PROTOCOL`]) on libp2p
+//! streams: one request and one response per stream, each read with `take(limit)`.
+
+use std::io;
+
+use bincode::config::{Configuration, LittleEndian, Varint};
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::limits::{MAX_POLICY_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, QUERY_PROTOCOL};
+use crate::messages::QueryResponse;
+
+/// The largest allocation bincode may make while decoding anything.
+const DECODE_ALLOCATION_LIMIT: usize = MAX_POLICY_BYTES;
+
+type Config = Configuration<LittleEndian, Varint, bincode::config::Limit<DECODE_ALLOCATION_LIMIT>>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<DECODE_ALLOCATION_LIMIT>()
+}
+
+/// Why bytes could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("message of {len} bytes exceeds the {limit}-byte limit")]
+    TooLarge { len: usize, limit: usize },
+    #[error("encoding failed: {0}")]
+    Encode(String),
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    #[error("{extra} unexpected bytes after the message")]
+    TrailingBytes { extra: usize },
+}
+
+impl From<CodecError> for io::Error {
+    fn from(e: CodecError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+/// Encodes `value`.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Encodes `value`, failing if the result exceeds `limit` bytes.
+pub fn encode_limited<T: Serialize + ?Sized>(
+    value: &T,
+    limit: usize,
+) -> Result<Vec<u8>, CodecError> {
+    let bytes = encode(value)?;
+    if bytes.len() > limit {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes exactly one value from `bytes`, which must be at most `limit` bytes long.
+pub fn decode_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+    if bytes.len() > limit {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
+    }
+    let (value, read) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    if read != bytes.len() {
+        return Err(CodecError::TrailingBytes {
+            extra: bytes.len() - read,
+        });
+    }
+    Ok(value)
+}
+
+/// A query request as it travels: the encoded [`crate::SignedEnvelope`], at most
+/// [`MAX_REQUEST_BYTES`] long. The node decodes it itself, so a malformed request still gets
+/// a typed refusal instead of a dropped stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRequest(Vec<u8>);
+
+impl EncodedRequest {
+    /// Encodes a signed request envelope, checking the size limit.
+    pub fn encode(envelope: &crate::SignedEnvelope) -> Result<Self, CodecError> {
+        Ok(Self(encode_limited(envelope, MAX_REQUEST_BYTES)?))
+    }
+
+    /// Raw bytes, for tests that need to send something malformed.
+    pub fn from_raw(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    /// Decodes the signed envelope (its signature is not checked here).
+    pub fn decode(&self) -> Result<crate::SignedEnvelope, CodecError> {
+        decode_limited(&self.0, MAX_REQUEST_BYTES)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Reads the rest of the stream, failing once more than `limit` bytes arrive.
+async fn read_bounded<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    // One byte past the limit tells "exactly at the limit" from "over it".
+    io.take(limit as u64 + 1).read_to_end(&mut bytes).await?;
+    if bytes.len() > limit {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit,
+        }
+        .into());
+    }
+    Ok(bytes)
+}
+
+/// The libp2p request-response codec of the query protocol.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueryCodec;
+
+impl QueryCodec {
+    pub fn protocol() -> StreamProtocol {
+        StreamProtocol::new(QUERY_PROTOCOL)
+    }
+}
+
+impl libp2p::request_response::Codec for QueryCodec {
+    type Protocol = StreamProtocol;
+    type Request = EncodedRequest;
+    type Response = QueryResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Self::Request>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Ok(EncodedRequest(read_bounded(io, MAX_REQUEST_BYTES).await?))
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Self::Response>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let bytes = read_bounded(io, MAX_RESPONSE_BYTES).await?;
+        Ok(decode_limited(&bytes, MAX_RESPONSE_BYTES)?)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: Self::Request,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        if request.0.len() > MAX_REQUEST_BYTES {
+            return Err(CodecError::TooLarge {
+                len: request.0.len(),
+                limit: MAX_REQUEST_BYTES,
+            }
+            .into());
+        }
+        io.write_all(&request.0).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: Self::Response,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let bytes = encode_limited(&response, MAX_RESPONSE_BYTES)?;
+        io.write_all(&bytes).await?;
+        io.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn trailing_bytes_and_oversized_input_are_refused() {
+        let mut bytes = encode(&7u32).unwrap();
+        assert_eq!(decode_limited::<u32>(&bytes, 16).unwrap(), 7);
+        bytes.push(0);
+        assert!(matches!(
+            decode_limited::<u32>(&bytes, 16),
+            Err(CodecError::TrailingBytes { extra: 1 })
+        ));
+        assert!(matches!(
+            decode_limited::<u32>(&bytes, 1),
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn a_huge_length_prefix_does_not_allocate() {
+        // A Vec<u8> claiming u64::MAX elements in a handful of bytes.
+        let bytes = [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF];
+        assert!(decode_limited::<Vec<u8>>(&bytes, 64).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_request_decoder(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512)
+        ) {
+            let _ = EncodedRequest::from_raw(bytes).decode();
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! renkei's wire vocabulary, shared by every node, aggregator and researcher tool.
+//!
+//! This crate owns what crosses a process boundary and nothing else: the query AST a
+//! researcher signs ([`query`]), the signed envelope that carries it ([`envelope`]), the
+//! request, answer and refusal messages ([`messages`]), key newtypes ([`keys`]), the one
+//! place where bytes are encoded and decoded ([`codec`]) and the protocol ids with their
+//! size limits ([`limits`]). It is small and pure on purpose: no sockets, no storage, no
+//! noise. Networking lives in `renkei-node` / `renkei-aggregator`, policy in `renkei-policies`.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod codec;
+pub mod envelope;
+pub mod keys;
+pub mod limits;
+pub mod messages;
+pub mod query;
+
+pub use codec::{CodecError, QueryCodec};
+pub use envelope::{EnvelopeError, Purpose, SignedEnvelope};
+pub use keys::{KeyError, PublicKey, SecretKey};
+pub use messages::{
+    Answer, Mechanism, MicroRho, QueryRequest, QueryResponse, Refusal, RefusalCode, RequestId,
+};
+pub use query::{Aggregate, Category, Predicate, Query};
+
+/// Seconds since the Unix epoch, as used for `issued_at` / `expires_at`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

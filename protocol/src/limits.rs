@@ -1,0 +1,29 @@
+//! Protocol ids and every size and time limit of the wire protocol, in one place.
+//!
+//! A limit lives here so the encoder, the decoder, the stream reader and the validators
+//! cannot disagree about it.
+
+/// The query protocol: `/{prefix}/{protocol}/{version}/{encoding}`.
+pub const QUERY_PROTOCOL: &str = "/renkei/query/1/bincode";
+
+/// Largest encoded query request accepted on a stream (signature and envelope included).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Largest encoded query response accepted on a stream.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// Largest signed policy bundle payload.
+pub const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most predicates a query may carry; more is refused as malformed.
+pub const MAX_PREDICATES: usize = 32;
+
+/// Longest identifier (column, study, category value) in a query, in bytes.
+pub const MAX_IDENTIFIER_BYTES: usize = 128;
+
+/// Longest lifetime a signed request may claim (`expires_at - issued_at`), in seconds.
+/// Nodes keep seen nonces at least this long, so a replay is always recognised.
+pub const MAX_REQUEST_LIFETIME_SECS: u64 = 600;
+
+/// Clock skew tolerated between a researcher and a node, in seconds.
+pub const MAX_CLOCK_SKEW_SECS: u64 = 60;

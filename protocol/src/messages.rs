@@ -1,0 +1,308 @@
+//! The messages of the query protocol: a researcher's [`QueryRequest`] (sent inside a
+//! [`SignedEnvelope`]) and a node's [`QueryResponse`]: a signed [`Answer`] or a
+//! [`Refusal`] the researcher can read.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::envelope::SignedEnvelope;
+use crate::query::Query;
+
+/// Unique id of one signed request, chosen at random by the researcher's client.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub [u8; 16]);
+
+impl RequestId {
+    pub fn random() -> Result<Self, crate::KeyError> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).map_err(|e| crate::KeyError::Randomness(e.to_string()))?;
+        Ok(Self(bytes))
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({self})")
+    }
+}
+
+/// A zero-concentrated DP cost (zCDP rho) in integer millionths, so that ledgers add and
+/// compare exactly. Conversions from a real rho round **up**: spend is never under-counted.
+///
+/// On the wire it is the integer; in human-readable forms (TOML, JSON) it is the decimal rho.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct MicroRho(pub u64);
+
+/// A rho that cannot be represented as a [`MicroRho`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("rho {0} is not a finite, non-negative number below 10^12")]
+pub struct BadRho(pub f64);
+
+impl MicroRho {
+    pub const PER_RHO: u64 = 1_000_000;
+
+    /// The smallest number of micro-rho that is at least `rho`.
+    pub fn from_rho_ceil(rho: f64) -> Result<Self, BadRho> {
+        if !(0.0..1e12).contains(&rho) {
+            return Err(BadRho(rho));
+        }
+        // `as` saturates and the range check above keeps the product well inside u64.
+        Ok(Self((rho * Self::PER_RHO as f64).ceil() as u64))
+    }
+
+    /// The micro-rho nearest to a rho written by a person (`0.3` is 300000, not 300001
+    /// because of binary floating point); ties beyond a millionth still round up.
+    pub fn from_decimal_rho(rho: f64) -> Result<Self, BadRho> {
+        let exact = Self::from_rho_ceil(rho)?;
+        let nearest = (rho * Self::PER_RHO as f64).round();
+        if (rho * Self::PER_RHO as f64 - nearest).abs() < 1e-6 {
+            Ok(Self(nearest as u64))
+        } else {
+            Ok(exact)
+        }
+    }
+
+    pub fn as_rho(self) -> f64 {
+        self.0 as f64 / Self::PER_RHO as f64
+    }
+
+    pub fn saturating_sub(self, other: Self) -> Self {
+        Self(self.0.saturating_sub(other.0))
+    }
+
+    pub fn checked_add(self, other: Self) -> Option<Self> {
+        self.0.checked_add(other.0).map(Self)
+    }
+}
+
+impl fmt::Display for MicroRho {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.6}", self.as_rho())
+    }
+}
+
+impl FromStr for MicroRho {
+    type Err = BadRho;
+
+    /// Parses a rho written as a decimal number, e.g. `0.05`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let rho: f64 = text.trim().parse().map_err(|_| BadRho(f64::NAN))?;
+        Self::from_decimal_rho(rho)
+    }
+}
+
+impl Serialize for MicroRho {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_f64(self.as_rho())
+        } else {
+            serializer.serialize_u64(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroRho {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let rho = f64::deserialize(deserializer)?;
+            Self::from_decimal_rho(rho).map_err(serde::de::Error::custom)
+        } else {
+            Ok(Self(u64::deserialize(deserializer)?))
+        }
+    }
+}
+
+/// A researcher's signed question to a node. Sent as the payload of a [`SignedEnvelope`]
+/// with purpose [`crate::Purpose::QueryRequest`]; the envelope's signer is the researcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryRequest {
+    pub request_id: RequestId,
+    /// Random per request; a node refuses a nonce it has seen before (replay).
+    pub nonce: [u8; 16],
+    /// Unix seconds when the researcher signed the request.
+    pub issued_at: u64,
+    /// Unix seconds after which no node may answer it.
+    pub expires_at: u64,
+    /// The approved study this question belongs to; budgets are kept per study.
+    pub study: String,
+    pub query: Query,
+    /// The privacy each node is asked to spend on this answer. Nodes compute the actual cost
+    /// from their own mechanism's privacy map and never charge less than that.
+    pub rho: MicroRho,
+}
+
+/// SHA-256 of the exact signed request payload: binds an answer to the request it answers.
+pub fn request_digest(signed_payload: &[u8]) -> [u8; 32] {
+    Sha256::digest(signed_payload).into()
+}
+
+/// The noise mechanism a node applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Mechanism {
+    /// Discrete Gaussian on integers, accounted under zCDP.
+    DiscreteGaussian,
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mechanism::DiscreteGaussian => "discrete_gaussian",
+        })
+    }
+}
+
+/// A node's differentially private answer. Sent signed by the node's key
+/// ([`crate::Purpose::NodeAnswer`]); the signer's peer id names the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub request_id: RequestId,
+    /// [`request_digest`] of the request payload this answers.
+    pub request_digest: [u8; 32],
+    /// The noisy value (true value plus noise).
+    pub value: i64,
+    pub mechanism: Mechanism,
+    /// How much one patient can change the true value.
+    pub sensitivity: u64,
+    /// The mechanism's scale parameter (opendp's `scale`; the noise's standard deviation,
+    /// up to the discretisation of the discrete Gaussian).
+    pub noise_scale: f64,
+    /// Privacy charged for this answer at this node (from the mechanism's privacy map).
+    pub rho_spent: MicroRho,
+    /// What the researcher has left in this study at this node after this answer.
+    pub budget_remaining: MicroRho,
+    /// Unix seconds.
+    pub answered_at: u64,
+}
+
+/// Why a node did not answer. Each refusal has its own code; scripts match on the code,
+/// people read the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RefusalCode {
+    /// The request could not be decoded or breaks a structural limit.
+    MalformedRequest,
+    /// The researcher's signature does not verify.
+    BadSignature,
+    /// The signer is not a researcher in the active policy.
+    UnknownResearcher,
+    /// The researcher is not approved for the requested study.
+    StudyNotApproved,
+    /// `expires_at` has passed.
+    Expired,
+    /// `issued_at` is in the future beyond the tolerated clock skew.
+    NotYetValid,
+    /// The request claims a lifetime longer than nodes accept.
+    LifetimeTooLong,
+    /// This nonce or request id was already used.
+    Replayed,
+    /// The researcher's budget for this study at this node cannot cover the cost.
+    BudgetExhausted,
+    /// The query does not fit the node's schema (unknown view or column, wrong type).
+    InvalidQuery,
+    /// The requested rho is zero or above what a single query may spend.
+    PrivacyParameterOutOfRange,
+    /// The node is at capacity; try again later.
+    Overloaded,
+    /// The node failed internally; nothing was released.
+    Internal,
+}
+
+impl RefusalCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::MalformedRequest => "malformed_request",
+            RefusalCode::BadSignature => "bad_signature",
+            RefusalCode::UnknownResearcher => "unknown_researcher",
+            RefusalCode::StudyNotApproved => "study_not_approved",
+            RefusalCode::Expired => "expired",
+            RefusalCode::NotYetValid => "not_yet_valid",
+            RefusalCode::LifetimeTooLong => "lifetime_too_long",
+            RefusalCode::Replayed => "replayed",
+            RefusalCode::BudgetExhausted => "budget_exhausted",
+            RefusalCode::InvalidQuery => "invalid_query",
+            RefusalCode::PrivacyParameterOutOfRange => "privacy_parameter_out_of_range",
+            RefusalCode::Overloaded => "overloaded",
+            RefusalCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal is an answer: the code and a reason the researcher can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {reason}")]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(code: RefusalCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A node's reply to a query request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum QueryResponse {
+    /// A signed [`Answer`].
+    Answered(SignedEnvelope),
+    Refused(Refusal),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_rho_rounds_up_and_rejects_nonsense() {
+        assert_eq!(MicroRho::from_rho_ceil(0.5).unwrap(), MicroRho(500_000));
+        assert_eq!(MicroRho::from_rho_ceil(1e-7).unwrap(), MicroRho(1));
+        assert_eq!(MicroRho::from_rho_ceil(0.0).unwrap(), MicroRho(0));
+        assert!(MicroRho::from_rho_ceil(-0.1).is_err());
+        assert!(MicroRho::from_rho_ceil(f64::NAN).is_err());
+        assert!(MicroRho::from_rho_ceil(f64::INFINITY).is_err());
+        assert_eq!("0.05".parse::<MicroRho>().unwrap(), MicroRho(50_000));
+        assert!("lots".parse::<MicroRho>().is_err());
+        assert_eq!(
+            MicroRho::from_decimal_rho(0.1 + 0.2).unwrap(),
+            MicroRho(300_000)
+        );
+        assert_eq!(
+            MicroRho::from_rho_ceil(0.1 + 0.2).unwrap(),
+            MicroRho(300_001)
+        );
+        assert_eq!(serde_json::to_string(&MicroRho(250_000)).unwrap(), "0.25");
+        let back: MicroRho = serde_json::from_str("0.25").unwrap();
+        assert_eq!(back, MicroRho(250_000));
+    }
+
+    #[test]
+    fn refusal_codes_have_stable_names() {
+        assert_eq!(
+            serde_json::to_string(&RefusalCode::BudgetExhausted).unwrap(),
+            "\"budget_exhausted\""
+        );
+        assert_eq!(RefusalCode::Replayed.as_str(), "replayed");
+    }
+}

@@ -1,0 +1,82 @@
+//! The demo: a three-hospital testnet, a handful of count queries through the real
+//! aggregator, and for each the true count (known only because the data is synthetic), the
+//! differentially private estimate, its 95% interval and which nodes answered.
+
+use std::path::Path;
+
+use renkei_aggregator::sql;
+use renkei_aggregator::{NetworkClient, ResearcherSession};
+use renkei_policies::SignedPolicy;
+use renkei_protocol::SecretKey;
+
+use crate::network::{Testnet, TestnetConfig};
+
+/// The questions the demo asks.
+pub const DEMO_QUERIES: &[&str] = &[
+    "SELECT COUNT(*) FROM patients",
+    "SELECT COUNT(*) FROM patients WHERE age >= 65",
+    "SELECT COUNT(*) FROM patients WHERE age >= 65 AND diabetes",
+    "SELECT COUNT(*) FROM patients WHERE severity = 'critical'",
+    "SELECT COUNT(*) FROM patients WHERE sex = 'female' AND severity = 'severe' AND hypertension",
+    "SELECT COUNT(*) FROM patients WHERE age BETWEEN 20 AND 39 AND NOT obesity",
+];
+
+/// One line of the demo's report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemoRow {
+    pub sql: String,
+    pub true_count: u64,
+    pub estimate: Option<i64>,
+    pub ci95: Option<[f64; 2]>,
+    pub answered: Vec<String>,
+    pub missing_or_refused: Vec<String>,
+}
+
+/// Runs the demo in `dir` and returns its report. Everything is shut down afterwards.
+pub async fn run(dir: &Path, patients: usize, seed: u64) -> anyhow::Result<Vec<DemoRow>> {
+    let mut config = TestnetConfig::new(dir);
+    config.patients = patients;
+    config.seed = seed;
+    let testnet = Testnet::start(config).await?;
+    let result = ask_all(&testnet).await;
+    testnet.shutdown().await;
+    result
+}
+
+async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
+    let key = SecretKey::read_file(&testnet.consortium.researcher_key)?;
+    let policy = SignedPolicy::read_file(&testnet.consortium.policy)?.verify_self_anchored()?;
+    // The aggregator listens too, on a random port, as a peer of the network.
+    let client = NetworkClient::start(Some(renkei_node::service::default_listen())).await?;
+    let session = ResearcherSession::new(key, policy, client);
+    let options = session.default_options()?;
+    let nodes = testnet.addresses();
+    let mut rows = Vec::with_capacity(DEMO_QUERIES.len());
+    for sql_text in DEMO_QUERIES {
+        let truth = testnet.true_count(&sql::compile(sql_text)?);
+        let answer = session.query(&nodes, sql_text, &options).await?;
+        rows.push(DemoRow {
+            sql: sql_text.to_string(),
+            true_count: truth,
+            estimate: answer.estimate,
+            ci95: answer.ci95,
+            answered: answer
+                .answered
+                .iter()
+                .map(|a| a.institution.clone())
+                .collect(),
+            missing_or_refused: answer
+                .missing
+                .iter()
+                .map(|m| format!("{} ({})", m.address, m.reason))
+                .chain(
+                    answer
+                        .refused
+                        .iter()
+                        .map(|r| format!("{} ({})", r.institution, r.code)),
+                )
+                .collect(),
+        });
+    }
+    Ok(rows)
+}

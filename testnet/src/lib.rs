@@ -1,0 +1,17 @@
+//! renkei's testnet: synthetic hospital data and a local multi-node network of real nodes,
+//! for the demo, the integration tests and by-hand experiments.
+//!
+//! - [`synth`]: deterministic synthetic patients and their true answers.
+//! - [`consortium`]: a development consortium (admin, researcher, signed policy).
+//! - [`network`]: N real nodes on 127.0.0.1, started, stopped and restarted in-process.
+//! - [`demo`]: the `renkei-testnet demo` walk-through.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod consortium;
+pub mod demo;
+pub mod network;
+pub mod synth;
+
+pub use consortium::DevConsortium;
+pub use network::{Testnet, TestnetConfig};

@@ -1,0 +1,154 @@
+//! `renkei-testnet`: synthetic hospitals on one machine. `demo` runs a walk-through and
+//! exits; `up` keeps a network running for by-hand use and writes `testnet.json`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use renkei_testnet::demo;
+use renkei_testnet::{Testnet, TestnetConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "renkei-testnet",
+    version,
+    about = "A local renkei network with synthetic hospitals"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start 3 hospitals and an aggregator, ask a few count queries, print truth vs estimate.
+    Demo {
+        /// Patients over all hospitals.
+        #[arg(long, default_value_t = 6_000)]
+        patients: usize,
+        #[arg(long, default_value_t = 2020)]
+        seed: u64,
+        /// Keep the testnet's files here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Start a testnet, write DIR/testnet.json, and run until interrupted.
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Patients over all hospitals.
+        #[arg(long, default_value_t = 6_000)]
+        patients: usize,
+        #[arg(long, default_value_t = 2020)]
+        seed: u64,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    match Cli::parse().command {
+        Command::Demo {
+            patients,
+            seed,
+            dir,
+        } => {
+            let temp;
+            let dir = match dir {
+                Some(dir) => dir,
+                None => {
+                    temp = tempfile::tempdir().context("creating a temporary directory")?;
+                    temp.path().to_path_buf()
+                }
+            };
+            println!("renkei demo: 3 hospitals, {patients} synthetic patients, seed {seed}");
+            println!("(true counts are known only because the data is synthetic)\n");
+            let rows = demo::run(&dir, patients, seed).await?;
+            for row in &rows {
+                println!("{}", row.sql);
+                match (row.estimate, row.ci95) {
+                    (Some(estimate), Some([low, high])) => println!(
+                        "  true {:>6}   estimate {:>6}   95% CI [{:.1}, {:.1}]{}",
+                        row.true_count,
+                        estimate,
+                        low,
+                        high,
+                        if (low..=high).contains(&(row.true_count as f64)) {
+                            ""
+                        } else {
+                            "   (truth outside the interval: expected 1 time in 20)"
+                        }
+                    ),
+                    _ => println!("  true {:>6}   no answer", row.true_count),
+                }
+                println!("  answered by: {}", row.answered.join(", "));
+                if !row.missing_or_refused.is_empty() {
+                    println!(
+                        "  missing or refused: {}",
+                        row.missing_or_refused.join("; ")
+                    );
+                }
+                println!();
+            }
+            if rows.iter().any(|r| r.estimate.is_none()) {
+                bail!("some queries got no answer");
+            }
+        }
+        Command::Up {
+            dir,
+            nodes,
+            patients,
+            seed,
+        } => {
+            if dir.join("testnet.json").exists() {
+                bail!(
+                    "{} already holds a testnet; remove it or choose another --dir",
+                    dir.display()
+                );
+            }
+            let config = TestnetConfig {
+                nodes,
+                patients,
+                seed,
+                ..TestnetConfig::new(&dir)
+            };
+            let testnet = Testnet::start(config).await?;
+            let manifest = dir.join("testnet.json");
+            testnet.write_manifest(&manifest)?;
+            println!(
+                "testnet up: {} nodes; manifest {}",
+                testnet.nodes.len(),
+                manifest.display()
+            );
+            for node in &testnet.nodes {
+                println!("  {:<12} {}", node.institution, node.address);
+            }
+            let nodes: Vec<String> = testnet
+                .nodes
+                .iter()
+                .map(|n| n.address.to_string())
+                .collect();
+            println!(
+                "\ntry:\n  renkei-aggregator query --key {} --nodes {} \"SELECT COUNT(*) FROM patients WHERE age >= 65\"",
+                testnet.consortium.researcher_key.display(),
+                nodes.join(",")
+            );
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
+            testnet.shutdown().await;
+        }
+    }
+    Ok(())
+}
