@@ -1,0 +1,76 @@
+//! The privacy budget at a real node: queries until it is exhausted, then refusals; the spend
+//! is on disk and survives a restart.
+
+use renkei_protocol::{MicroRho, RefusalCode};
+use renkei_tests::{researcher, start_testnet, within};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_runs_out_and_stays_spent_across_a_restart() {
+    // Budget 0.2 per node, 0.05 per query: exactly four answers.
+    let mut fixture = start_testnet(1, 200, MicroRho(200_000)).await;
+    let session = researcher(&fixture.testnet).await;
+    let mut options = session.default_options().unwrap();
+    options.rho = MicroRho(50_000);
+    let sql_text = "SELECT COUNT(*) FROM patients WHERE severity = 'severe'";
+
+    let mut remaining = Vec::new();
+    for _ in 0..4 {
+        let nodes = fixture.testnet.addresses();
+        let answer = within("a query", session.query(&nodes, sql_text, &options))
+            .await
+            .unwrap();
+        assert_eq!(answer.answered.len(), 1, "{answer:#?}");
+        remaining.push(answer.answered[0].budget_remaining);
+    }
+    assert_eq!(
+        remaining,
+        vec![
+            MicroRho(150_000),
+            MicroRho(100_000),
+            MicroRho(50_000),
+            MicroRho(0)
+        ]
+    );
+    let refused = within(
+        "the fifth query",
+        session.query(&fixture.testnet.addresses(), sql_text, &options),
+    )
+    .await
+    .unwrap();
+    assert!(refused.answered.is_empty());
+    assert_eq!(refused.refused.len(), 1);
+    assert_eq!(refused.refused[0].code, RefusalCode::BudgetExhausted);
+
+    // A smaller query still fits nowhere: the budget is spent, not just rounded.
+    let mut tiny = options.clone();
+    tiny.rho = MicroRho(1);
+    let still = within(
+        "a tiny query",
+        session.query(&fixture.testnet.addresses(), sql_text, &tiny),
+    )
+    .await
+    .unwrap();
+    assert_eq!(still.refused[0].code, RefusalCode::BudgetExhausted);
+
+    within("restarting the node", fixture.testnet.restart_node(0))
+        .await
+        .unwrap();
+    let spent = fixture
+        .testnet
+        .running(0)
+        .unwrap()
+        .desk()
+        .ledger()
+        .spent(&session.key().public_key(), &options.study)
+        .unwrap();
+    assert_eq!(spent, MicroRho(200_000));
+    let after = within(
+        "a query after restart",
+        session.query(&fixture.testnet.addresses(), sql_text, &options),
+    )
+    .await
+    .unwrap();
+    assert!(after.answered.is_empty(), "{after:#?}");
+    assert_eq!(after.refused[0].code, RefusalCode::BudgetExhausted);
+    fixture.testnet.shutdown().await;
+}
