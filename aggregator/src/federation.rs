@@ -183,6 +183,14 @@ pub async fn fan_out(
     prepared: &PreparedQuery,
     deadline: Duration,
 ) -> Result<FederatedAnswer, AggregatorError> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = nodes.iter().find(|n| !seen.insert(n.peer_id)) {
+        // One signed request is answered once per node; a second ask would be a replay.
+        return Err(AggregatorError::BadNodeAddress {
+            address: twice.address.to_string(),
+            reason: format!("node {} is listed more than once", twice.peer_id),
+        });
+    }
     let encoded = EncodedRequest::encode(&prepared.envelope)?;
     let asks = nodes.iter().map(|node| {
         let encoded = encoded.clone();

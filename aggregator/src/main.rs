@@ -75,9 +75,19 @@ fn init_tracing() {
 const EXIT_NO_ANSWER: u8 = 3;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
     init_tracing();
-    match Cli::parse().command {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
         Command::Query {
             key,
             nodes,
