@@ -10,6 +10,7 @@ use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, Protoco
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, identify, noise, ping, tcp, yamux};
 use renkei_protocol::codec::EncodedRequest;
+use renkei_protocol::limits::IDENTIFY_PROTOCOL;
 use renkei_protocol::{QueryCodec, QueryResponse};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
@@ -21,9 +22,6 @@ const COMMAND_QUEUE: usize = 256;
 
 /// The request-response timeout; callers usually set a shorter overall deadline.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The identify protocol version string of renkei aggregators.
-const IDENTIFY_PROTOCOL: &str = "/renkei/id/1";
 
 #[derive(NetworkBehaviour)]
 struct ClientBehaviour {

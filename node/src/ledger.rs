@@ -4,8 +4,9 @@
 //! A charge is one sled transaction over the `ledger` and `nonces` trees (nonce unseen,
 //! budget sufficient, debit, record nonce), followed by an fsync, and it happens **before**
 //! any noise is drawn. A crash between the charge and the release loses budget, never leaks
-//! it; there are no refunds once a charge is on disk. Keys are `researcher key (32 bytes) ||
-//! study`, values the spent micro-rho as a big-endian u64. Nonces are kept until their
+//! it; there are no refunds once a charge is on disk. Ledger keys are `researcher key (32
+//! bytes) || study`, values the spent micro-rho as a big-endian u64; nonce keys are
+//! `researcher key || nonce`, values the request's expiry. Nonces are kept until their
 //! request has expired (plus clock skew), after which the request would be refused anyway.
 
 use renkei_protocol::limits::MAX_CLOCK_SKEW_SECS;
@@ -57,6 +58,14 @@ fn account_key(researcher: &PublicKey, study: &str) -> Vec<u8> {
     key
 }
 
+/// Nonces are kept per researcher, so one researcher can never block another's nonce.
+fn nonce_key(researcher: &PublicKey, nonce: &[u8; 16]) -> [u8; 48] {
+    let mut key = [0u8; 48];
+    key[..32].copy_from_slice(researcher.as_bytes());
+    key[32..].copy_from_slice(nonce);
+    key
+}
+
 fn decode_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
@@ -78,8 +87,9 @@ impl PrivacyLedger {
     /// records the nonce, then flushes to disk. Returns only once the charge is durable.
     pub fn charge(&self, request: ChargeRequest<'_>) -> Result<Result<Charge, Refusal>, NodeError> {
         let account = account_key(request.researcher, request.study);
+        let nonce = nonce_key(request.researcher, request.nonce);
         let outcome = (&self.store.ledger, &self.store.nonces).transaction(|(ledger, nonces)| {
-            if nonces.get(request.nonce)?.is_some() {
+            if nonces.get(nonce)?.is_some() {
                 return Err(ConflictableTransactionError::Abort(Refused::Replayed));
             }
             let spent = match ledger.get(&account)? {
@@ -94,7 +104,7 @@ impl PrivacyLedger {
                     spent,
                 }))?;
             ledger.insert(account.as_slice(), &total.to_be_bytes()[..])?;
-            nonces.insert(&request.nonce[..], &request.expires_at.to_be_bytes()[..])?;
+            nonces.insert(&nonce[..], &request.expires_at.to_be_bytes()[..])?;
             Ok(total)
         });
         let total = match outcome {

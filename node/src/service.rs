@@ -15,6 +15,7 @@ use futures::StreamExt;
 use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, identify, noise, ping, tcp, yamux};
+use renkei_protocol::limits::IDENTIFY_PROTOCOL;
 use renkei_protocol::{QueryCodec, QueryResponse, Refusal, RefusalCode, unix_now};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -40,9 +41,6 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often expired nonces are forgotten.
 const NONCE_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
-
-/// The identify protocol version string of renkei nodes.
-pub const IDENTIFY_PROTOCOL: &str = "/renkei/id/1";
 
 #[derive(NetworkBehaviour)]
 struct NodeBehaviour {

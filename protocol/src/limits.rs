@@ -6,6 +6,9 @@
 /// The query protocol: `/{prefix}/{protocol}/{version}/{encoding}`.
 pub const QUERY_PROTOCOL: &str = "/renkei/query/1/bincode";
 
+/// The identify protocol version every renkei peer announces.
+pub const IDENTIFY_PROTOCOL: &str = "/renkei/id/1";
+
 /// Largest encoded query request accepted on a stream (signature and envelope included).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 

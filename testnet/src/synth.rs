@@ -14,20 +14,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use renkei_protocol::{Category, Predicate, Query};
 
-/// Sex levels as written to CSV.
-pub const SEXES: &[&str] = &["female", "male", "other"];
-/// Severity levels, mild to critical.
-pub const SEVERITIES: &[&str] = &["mild", "moderate", "severe", "critical"];
-/// Comorbidity columns in CSV order.
-pub const COMORBIDITIES: &[&str] = &[
-    "diabetes",
-    "hypertension",
-    "chronic_lung_disease",
-    "cardiovascular_disease",
-    "kidney_disease",
-    "cancer",
-    "obesity",
-];
+// The schema's level and column names (what a hospital's export must use).
+use renkei_node::cohort::{COMORBIDITIES, SEVERITY_LEVELS as SEVERITIES, SEX_LEVELS as SEXES};
 
 /// One synthetic patient, as the hospital would export it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +24,7 @@ pub struct SyntheticPatient {
     pub age: u8,
     pub sex: &'static str,
     pub severity: &'static str,
-    /// Parallel to [`COMORBIDITIES`].
+    /// Parallel to the schema's comorbidity columns.
     pub comorbidities: [bool; 7],
     pub consent_secondary_use: bool,
 }

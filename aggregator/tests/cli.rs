@@ -1,0 +1,152 @@
+//! The researcher's command line against a real node: `renkei-aggregator query --key …
+//! --nodes … --format json "SQL"` prints the fields scripts rely on, finds `policy.json`
+//! beside the key, names an unreachable node as missing and exits non-zero when nobody
+//! answered.
+
+use std::process::Output;
+use std::time::Duration;
+
+use renkei_node::ingest::ingest_patients;
+use renkei_node::service::default_listen;
+use renkei_node::{NodeHome, NodeService};
+use renkei_policies::{Member, PolicyBundle, QueryLimits, Researcher, SignedPolicy};
+use renkei_protocol::{MicroRho, SecretKey};
+
+const HEADER: &str = "patient_id,age,sex,severity,diabetes,hypertension,chronic_lung_disease,cardiovascular_disease,kidney_disease,cancer,obesity,consent_secondary_use\n";
+
+async fn aggregator_cli(args: Vec<String>) -> Output {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_renkei-aggregator"))
+        .args(args)
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("renkei-aggregator finishes")
+        .expect("renkei-aggregator runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_output_carries_the_contract_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, peer_id) = NodeHome::init(&dir.path().join("node")).unwrap();
+    let csv = dir.path().join("patients.csv");
+    let mut rows = String::from(HEADER);
+    for i in 0..40 {
+        rows.push_str(&format!(
+            "P{i},{},female,mild,no,no,no,no,no,no,no,yes\n",
+            30 + i
+        ));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    ingest_patients(&home.open_store().unwrap(), &csv, false).unwrap();
+
+    let consortium = dir.path().join("consortium");
+    std::fs::create_dir_all(&consortium).unwrap();
+    let admin = SecretKey::generate().unwrap();
+    let researcher = SecretKey::generate().unwrap();
+    researcher
+        .write_file(&consortium.join("researcher.key"))
+        .unwrap();
+    let bundle = PolicyBundle {
+        version: 1,
+        consortium: "cli-test".into(),
+        admins: vec![admin.public_key()],
+        threshold: 1,
+        members: vec![Member {
+            peer_id: peer_id.to_base58(),
+            institution: "Hospital CLI".into(),
+        }],
+        researchers: vec![Researcher {
+            name: "Dr. Script".into(),
+            public_key: researcher.public_key(),
+            budget_rho: MicroRho(5 * MicroRho::PER_RHO),
+            studies: vec!["cli".into()],
+        }],
+        limits: QueryLimits::default(),
+    };
+    let mut signed = SignedPolicy::unsigned(&bundle).unwrap();
+    signed.sign(&admin);
+    let policy = consortium.join("policy.json");
+    signed.write_file(&policy).unwrap();
+    let node = NodeService::start(&home, &policy, default_listen())
+        .await
+        .unwrap();
+
+    let key = consortium.join("researcher.key").display().to_string();
+    let output = aggregator_cli(vec![
+        "query".into(),
+        "--key".into(),
+        key.clone(),
+        "--nodes".into(),
+        node.listen_addr().to_string(),
+        "--rho".into(),
+        "0.5".into(),
+        "--format".into(),
+        "json".into(),
+        "SELECT COUNT(*) FROM patients WHERE age >= 50".into(),
+    ])
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let estimate = json["estimate"].as_i64().unwrap();
+    // 20 patients are 50 or older; rho 0.5 gives noise sd 1.
+    assert!((estimate - 20).abs() <= 6, "estimate {estimate}");
+    let ci = json["ci95"].as_array().unwrap();
+    assert_eq!(ci.len(), 2);
+    assert!(ci[0].as_f64().unwrap() < ci[1].as_f64().unwrap());
+    let answered = json["answered"].as_array().unwrap();
+    assert_eq!(answered.len(), 1);
+    assert_eq!(answered[0]["institution"], "Hospital CLI");
+    assert_eq!(answered[0]["mechanism"], "discrete_gaussian");
+    assert_eq!(answered[0]["rho"].as_f64().unwrap(), 0.5);
+    assert!((answered[0]["noise_scale"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    assert_eq!(json["missing"].as_array().unwrap().len(), 0);
+    assert_eq!(json["refused"].as_array().unwrap().len(), 0);
+
+    // The node goes away: the same command reports it missing and exits 3.
+    let address = node.listen_addr().to_string();
+    node.shutdown().await;
+    let output = aggregator_cli(vec![
+        "query".into(),
+        "--key".into(),
+        key,
+        "--nodes".into(),
+        address,
+        "--timeout".into(),
+        "3".into(),
+        "--format".into(),
+        "json".into(),
+        "SELECT COUNT(*) FROM patients".into(),
+    ])
+    .await;
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(json["estimate"].is_null());
+    assert_eq!(json["missing"].as_array().unwrap().len(), 1);
+    assert_eq!(json["missing"][0]["node"], peer_id.to_base58());
+}
+
+#[tokio::test]
+async fn a_sql_mistake_costs_nothing_and_points_at_itself() {
+    let output = aggregator_cli(vec![
+        "query".into(),
+        "--key".into(),
+        "/nonexistent/researcher.key".into(),
+        "--nodes".into(),
+        "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
+        "SELECT COUNT(*) FROM patients WHERE age > 60 OR diabetes".into(),
+    ])
+    .await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 1, column 37"), "{stderr}");
+    assert!(stderr.contains('^'), "{stderr}");
+}
