@@ -4,7 +4,8 @@
 //! An answer counts only if its signature verifies, its signer is the node we asked, that
 //! node is a member in the policy, and it answers exactly our signed request (request id
 //! and digest). Estimates add; since nodes draw independent noise, variances add too, and
-//! the 95% interval is `estimate ± 1.96·sd`. A node that is down, slow or sends something
+//! the 95% interval is `estimate ± 1.96·sd` (normal approximation to the sum of discrete
+//! noises; a withheld small cell widens it, see [`combine`]). A node that is down, slow or sends something
 //! invalid is reported as missing with the reason; a refusal is reported with its code.
 //! Nothing here waits longer than the caller's deadline.
 
@@ -19,8 +20,8 @@ use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::{MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES};
 use renkei_protocol::messages::request_digest;
 use renkei_protocol::{
-    Answer, Mechanism, MicroRho, PublicKey, Purpose, Query, QueryRequest, QueryResponse,
-    RefusalCode, RequestId, SecretKey, SignedEnvelope,
+    Answer, Mechanism, MicroRho, PrivacyRequest, PublicKey, Purpose, Query, QueryRequest,
+    QueryResponse, RefusalCode, RequestId, SecretKey, SignedEnvelope,
 };
 use serde::Serialize;
 
@@ -63,7 +64,7 @@ impl FromStr for NodeAddress {
 pub struct QueryOptions {
     pub study: String,
     /// Privacy each node spends on its answer.
-    pub rho: MicroRho,
+    pub privacy: PrivacyRequest,
     /// How long to wait for all nodes.
     pub deadline: Duration,
 }
@@ -83,7 +84,7 @@ impl PreparedQuery {
         key: &SecretKey,
         query: Query,
         study: &str,
-        rho: MicroRho,
+        privacy: PrivacyRequest,
         now: u64,
     ) -> Result<Self, AggregatorError> {
         let mut nonce = [0u8; 16];
@@ -95,7 +96,7 @@ impl PreparedQuery {
             expires_at: now + MAX_REQUEST_LIFETIME_SECS,
             study: study.to_string(),
             query,
-            rho,
+            privacy,
         };
         Ok(Self::from_request(key, request)?)
     }
@@ -120,11 +121,24 @@ impl PreparedQuery {
 pub struct NodeAnswer {
     pub node: String,
     pub institution: String,
+    /// The node's noisy value (0 when `suppressed`).
     pub value: i64,
+    /// The noisy value fell below the policy's minimum cell size and was withheld.
+    pub suppressed: bool,
+    pub min_cell_size: u64,
     pub mechanism: Mechanism,
     pub sensitivity: u64,
+    /// The mechanism's scale parameter, as opendp names it.
     pub noise_scale: f64,
+    /// The noise's exact standard deviation.
+    pub noise_std: f64,
+    /// 95% interval for this node's true value (normal approximation).
+    pub ci95: [f64; 2],
+    /// zCDP rho charged at this node.
     pub rho: MicroRho,
+    /// The same release as (epsilon, delta)-DP.
+    pub epsilon: f64,
+    pub delta: f64,
     pub budget_remaining: MicroRho,
 }
 
@@ -151,7 +165,8 @@ pub struct FederatedAnswer {
     pub query: String,
     pub study: String,
     pub request_id: String,
-    /// Sum of the nodes' noisy values; `null` when no node answered.
+    /// Sum of the nodes' noisy values (raw: it may be negative for tiny cohorts, which keeps
+    /// it unbiased); `null` when no node answered.
     pub estimate: Option<i64>,
     /// Standard deviation of the estimate's noise.
     pub std_dev: Option<f64>,
@@ -225,10 +240,16 @@ pub async fn fan_out(
                             node: node.peer_id.to_base58(),
                             institution: member.institution.clone(),
                             value: answer.value,
+                            suppressed: answer.suppressed,
+                            min_cell_size: answer.min_cell_size,
                             mechanism: answer.mechanism,
                             sensitivity: answer.sensitivity,
                             noise_scale: answer.noise_scale,
+                            noise_std: answer.noise_std,
+                            ci95: interval(&answer),
                             rho: answer.rho_spent,
+                            epsilon: answer.epsilon,
+                            delta: answer.delta,
                             budget_remaining: answer.budget_remaining,
                         }),
                         Err(reason) => missing(format!("answer rejected: {reason}")),
@@ -255,18 +276,67 @@ pub async fn fan_out(
             Outcome::Refused(r) => result.refused.push(r),
         }
     }
-    if !result.answered.is_empty() {
-        let estimate = result
-            .answered
-            .iter()
-            .fold(0i64, |sum, a| sum.saturating_add(a.value));
-        let variance: f64 = result.answered.iter().map(|a| a.noise_scale.powi(2)).sum();
-        let sd = variance.sqrt();
-        result.estimate = Some(estimate);
-        result.std_dev = Some(sd);
-        result.ci95 = Some([estimate as f64 - Z_95 * sd, estimate as f64 + Z_95 * sd]);
+    if let Some(combined) = combine(&result.answered) {
+        result.estimate = Some(combined.estimate);
+        result.std_dev = Some(combined.std_dev);
+        result.ci95 = Some(combined.ci95);
     }
     Ok(result)
+}
+
+/// One node's 95% interval: value ± z·sd; for a withheld cell, what it could have been.
+fn interval(answer: &Answer) -> [f64; 2] {
+    let half = Z_95 * answer.noise_std;
+    if answer.suppressed {
+        let below = answer.min_cell_size.saturating_sub(1) as f64;
+        [0.0, below + half]
+    } else {
+        [answer.value as f64 - half, answer.value as f64 + half]
+    }
+}
+
+/// The network-wide estimate from the nodes' answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Combined {
+    pub estimate: i64,
+    pub std_dev: f64,
+    pub ci95: [f64; 2],
+}
+
+/// Sums the nodes' noisy values; their noise is independent, so variances add. A withheld
+/// cell (below the minimum cell size `k`) contributes the middle of `[0, k-1]` to the
+/// estimate and that whole range to the interval, so the interval stays conservative.
+pub fn combine(answers: &[NodeAnswer]) -> Option<Combined> {
+    if answers.is_empty() {
+        return None;
+    }
+    let mut estimate = 0i64;
+    let mut variance = 0.0;
+    let mut withheld_span = 0.0;
+    for answer in answers {
+        variance += answer.noise_std.powi(2);
+        if answer.suppressed {
+            let below = answer.min_cell_size.saturating_sub(1);
+            estimate = estimate.saturating_add(i64::try_from(below / 2).unwrap_or(i64::MAX));
+            withheld_span += below as f64;
+        } else {
+            estimate = estimate.saturating_add(answer.value);
+        }
+    }
+    let std_dev = variance.sqrt();
+    let reported: f64 = answers
+        .iter()
+        .filter(|a| !a.suppressed)
+        .map(|a| a.value as f64)
+        .sum();
+    Some(Combined {
+        estimate,
+        std_dev,
+        ci95: [
+            reported - Z_95 * std_dev,
+            reported + withheld_span + Z_95 * std_dev,
+        ],
+    })
 }
 
 /// Verifies a node's signed answer against who we asked and what we asked.

@@ -11,7 +11,7 @@ use renkei_aggregator::federation::FederatedAnswer;
 use renkei_aggregator::researcher::{DEFAULT_DEADLINE, DEFAULT_RHO};
 use renkei_aggregator::sql;
 use renkei_aggregator::{NodeAddress, QueryOptions, ResearcherSession};
-use renkei_protocol::MicroRho;
+use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest};
 
 #[derive(Parser)]
 #[command(
@@ -46,9 +46,12 @@ enum Command {
         /// Study to charge [default: the only study the researcher is approved for].
         #[arg(long)]
         study: Option<String>,
-        /// Privacy (zCDP rho) each node spends on this answer.
+        /// Privacy (zCDP rho) each node spends on this answer (discrete Gaussian noise).
         #[arg(long, default_value_t = DEFAULT_RHO.to_string())]
         rho: String,
+        /// Ask for pure epsilon-DP instead (discrete Laplace noise; charged rho = epsilon²/2).
+        #[arg(long)]
+        epsilon: Option<String>,
         /// Seconds to wait for the slowest node.
         #[arg(long, default_value_t = DEFAULT_DEADLINE.as_secs_f64())]
         timeout: f64,
@@ -94,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policy,
             study,
             rho,
+            epsilon,
             timeout,
             format,
             file,
@@ -113,9 +117,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .iter()
                 .map(|n| n.parse::<NodeAddress>())
                 .collect::<Result<Vec<_>, _>>()?;
-            let rho: MicroRho = rho
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?;
+            let privacy = match epsilon {
+                Some(epsilon) => PrivacyRequest::PureDp {
+                    epsilon: epsilon
+                        .parse::<MicroEpsilon>()
+                        .map_err(|e| anyhow::anyhow!("--epsilon {epsilon}: {e}"))?,
+                },
+                None => PrivacyRequest::Zcdp {
+                    rho: rho
+                        .parse::<MicroRho>()
+                        .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?,
+                },
+            };
             if !(timeout.is_finite() && timeout > 0.0) {
                 bail!("--timeout must be a positive number of seconds");
             }
@@ -131,7 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })?;
             let options = QueryOptions {
                 study: session.resolve_study(study.as_deref())?,
-                rho,
+                privacy,
                 deadline: Duration::from_secs_f64(timeout),
             };
             let answer = session.query(&nodes, &sql_text, &options).await?;
@@ -173,9 +186,22 @@ fn print_table(answer: &FederatedAnswer) {
     }
     println!("answered  {} of {asked} node(s)", answer.answered.len());
     for a in &answer.answered {
+        let value = if a.suppressed {
+            format!("<{}", a.min_cell_size)
+        } else {
+            a.value.to_string()
+        };
         println!(
-            "  {:<24} {}  value {:>6}  {} scale {:.3}  rho {}  budget left {}",
-            a.institution, a.node, a.value, a.mechanism, a.noise_scale, a.rho, a.budget_remaining
+            "  {:<24} {}  value {:>6}  {} sd {:.2}  rho {} (eps {:.3}, delta {:e})  budget left {}",
+            a.institution,
+            a.node,
+            value,
+            a.mechanism,
+            a.noise_std,
+            a.rho,
+            a.epsilon,
+            a.delta,
+            a.budget_remaining
         );
     }
     if !answer.refused.is_empty() {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use renkei_policies::{SignedPolicy, VerifiedPolicy};
-use renkei_protocol::{MicroRho, SecretKey, unix_now};
+use renkei_protocol::{MicroRho, PrivacyRequest, SecretKey, unix_now};
 
 use crate::client::NetworkClient;
 use crate::error::AggregatorError;
@@ -88,7 +88,7 @@ impl ResearcherSession {
     pub fn default_options(&self) -> Result<QueryOptions, AggregatorError> {
         Ok(QueryOptions {
             study: self.resolve_study(None)?,
-            rho: DEFAULT_RHO,
+            privacy: PrivacyRequest::Zcdp { rho: DEFAULT_RHO },
             deadline: DEFAULT_DEADLINE,
         })
     }
@@ -101,8 +101,13 @@ impl ResearcherSession {
         options: &QueryOptions,
     ) -> Result<FederatedAnswer, AggregatorError> {
         let query = sql::compile(sql_text)?;
-        let prepared =
-            PreparedQuery::sign(&self.key, query, &options.study, options.rho, unix_now())?;
+        let prepared = PreparedQuery::sign(
+            &self.key,
+            query,
+            &options.study,
+            options.privacy,
+            unix_now(),
+        )?;
         fan_out(
             &self.client,
             &self.policy,

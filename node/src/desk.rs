@@ -2,26 +2,30 @@
 //!
 //! In order: decode the envelope; verify the researcher's signature over the exact received
 //! payload; decode the request; check its time window; ask the policy whether this
-//! researcher may spend this much on this study; bind the query to the schema; calibrate the
-//! mechanism and compute its cost; charge the ledger durably; count; add noise; sign. Any
-//! failure before the charge spends nothing; any failure after it keeps the charge. Every
+//! researcher may query this study; bind the query to the schema; calibrate the mechanism
+//! and compute its cost (checked against the policy's per-query limit); admit it at the
+//! ledger (a durable charge, or the answer recorded for this very request before); count; add
+//! noise; withhold a cell below the policy's minimum; sign; record the signed answer; reply.
+//! Any failure before the charge spends nothing; any failure after it keeps the charge. Every
 //! failure becomes a [`Refusal`] with its own code.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use renkei_policies::VerifiedPolicy;
 use renkei_protocol::codec::EncodedRequest;
-use renkei_protocol::limits::{MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, MAX_REQUEST_LIFETIME_SECS};
+use renkei_protocol::limits::{
+    MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES,
+};
 use renkei_protocol::messages::request_digest;
 use renkei_protocol::{
-    Answer, Mechanism, Purpose, QueryRequest, QueryResponse, Refusal, RefusalCode, SecretKey,
-    SignedEnvelope,
+    Answer, Purpose, QueryRequest, QueryResponse, Refusal, RefusalCode, SecretKey, SignedEnvelope,
 };
 use tracing::{info, warn};
 
 use crate::cohort::{self, Cohort};
 use crate::dp::Calibration;
-use crate::ledger::{ChargeRequest, PrivacyLedger};
+use crate::ledger::{Admission, ChargeRequest, PrivacyLedger};
 
 /// One patient changes a patient count by at most one.
 const COUNT_SENSITIVITY: u64 = 1;
@@ -36,6 +40,23 @@ pub struct QueryDesk {
     policy: VerifiedPolicy,
     cohort: Cohort,
     ledger: PrivacyLedger,
+    /// Requests (researcher key || request id) being answered right now, so two copies of
+    /// one request arriving together cannot both draw noise for its single charge.
+    answering: Mutex<HashSet<[u8; 48]>>,
+}
+
+/// Holds a request's place in [`QueryDesk::answering`] until dropped.
+struct AnsweringGuard<'a> {
+    set: &'a Mutex<HashSet<[u8; 48]>>,
+    key: [u8; 48],
+}
+
+impl Drop for AnsweringGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.key);
+        }
+    }
 }
 
 impl QueryDesk {
@@ -50,6 +71,7 @@ impl QueryDesk {
             policy,
             cohort,
             ledger,
+            answering: Mutex::new(HashSet::new()),
         }
     }
 
@@ -132,28 +154,31 @@ impl QueryDesk {
                 format!("requests may live at most {MAX_REQUEST_LIFETIME_SECS}s"),
             ));
         }
-        let grant = self
-            .policy
-            .authorize(&envelope.signer, &request.study, request.rho)?;
+        let grant = self.policy.authorize(&envelope.signer, &request.study)?;
         request
             .query
             .check_shape()
             .map_err(|e| Refusal::new(RefusalCode::MalformedRequest, e.to_string()))?;
         let compiled = cohort::compile(&request.query)
             .map_err(|e| Refusal::new(RefusalCode::InvalidQuery, e.to_string()))?;
-        let calibration = Calibration::for_budget(COUNT_SENSITIVITY, request.rho)
-            .map_err(|e| Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string()))?;
+        let calibration =
+            Calibration::for_request(request.privacy, COUNT_SENSITIVITY, grant.report_delta)
+                .map_err(|e| {
+                    Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
+                })?;
+        grant.check_cost(calibration.cost)?;
         Ok(Checked {
             digest: request_digest(payload),
             researcher: envelope.signer,
             request,
             compiled,
             calibration,
-            budget: grant.budget,
+            grant,
         })
     }
 
-    /// Charges durably, then counts and draws noise, then signs. Blocking.
+    /// Admits the request at the ledger (charging durably), then counts, draws noise, signs
+    /// and records the answer. Blocking.
     fn charge_and_release(&self, checked: Checked, now: u64) -> Result<QueryResponse, Refusal> {
         let internal = |what: &str, e: &dyn std::fmt::Display| {
             warn!("{what}: {e}");
@@ -168,39 +193,65 @@ impl QueryDesk {
             request,
             compiled,
             calibration,
-            budget,
+            grant,
         } = checked;
-        let charge = self
+        let _guard = self.hold(&researcher, &request)?;
+        let admission = self
             .ledger
-            .charge(ChargeRequest {
+            .admit(ChargeRequest {
                 researcher: &researcher,
                 study: &request.study,
+                request_id: &request.request_id,
                 nonce: &request.nonce,
+                digest: &digest,
                 expires_at: request.expires_at,
                 cost: calibration.cost,
-                budget,
+                budget: grant.budget,
+                dataset_budget: grant.dataset_budget,
             })
             .map_err(|e| internal("ledger", &e))?
             .inspect_err(|refusal| {
                 info!(target: AUDIT, request = %request.request_id, code = %refusal.code, "refused at the ledger");
             })?;
+        let charge = match admission {
+            Admission::Answered(bytes) => {
+                let envelope: SignedEnvelope =
+                    renkei_protocol::codec::decode_limited(&bytes, MAX_RESPONSE_BYTES)
+                        .map_err(|e| internal("stored answer", &e))?;
+                info!(target: AUDIT, request = %request.request_id, "resent the recorded answer");
+                return Ok(QueryResponse::Answered(envelope));
+            }
+            Admission::Charged(charge) | Admission::ChargedUnanswered(charge) => charge,
+        };
         let true_count = self.cohort.count(&compiled);
         let noisy = calibration
             .release(i64::try_from(true_count).unwrap_or(i64::MAX))
             .map_err(|e| internal("noise", &e))?;
+        // Post-processing of the noisy value: costs no privacy.
+        let suppressed = grant.min_cell_size > 0 && noisy < grant.min_cell_size as i64;
         let answer = Answer {
             request_id: request.request_id,
             request_digest: digest,
-            value: noisy,
-            mechanism: Mechanism::DiscreteGaussian,
+            value: if suppressed { 0 } else { noisy },
+            suppressed,
+            min_cell_size: grant.min_cell_size,
+            mechanism: calibration.mechanism,
             sensitivity: calibration.sensitivity,
             noise_scale: calibration.scale,
+            noise_std: calibration.noise_std,
             rho_spent: calibration.cost,
+            epsilon: calibration.epsilon,
+            delta: calibration.delta,
             budget_remaining: charge.remaining,
             answered_at: now,
         };
         let sealed = SignedEnvelope::seal(Purpose::NodeAnswer, &self.identity, &answer)
             .map_err(|e| internal("signing", &e))?;
+        let encoded =
+            renkei_protocol::codec::encode(&sealed).map_err(|e| internal("encoding", &e))?;
+        self.ledger
+            .record_answer(&researcher, &request.request_id, encoded)
+            .map_err(|e| internal("recording the answer", &e))?;
         info!(
             target: AUDIT,
             request = %request.request_id,
@@ -209,9 +260,40 @@ impl QueryDesk {
             query = %request.query,
             rho = %calibration.cost,
             spent = %charge.spent,
+            suppressed,
             "answered"
         );
         Ok(QueryResponse::Answered(sealed))
+    }
+
+    /// Marks a request as being answered; refuses a second copy arriving meanwhile.
+    fn hold(
+        &self,
+        researcher: &renkei_protocol::PublicKey,
+        request: &QueryRequest,
+    ) -> Result<AnsweringGuard<'_>, Refusal> {
+        let mut key = [0u8; 48];
+        key[..32].copy_from_slice(researcher.as_bytes());
+        key[32..].copy_from_slice(&request.request_id.0);
+        let mut set = self.answering.lock().map_err(|_| {
+            Refusal::new(
+                RefusalCode::Internal,
+                "the node's request table is unusable",
+            )
+        })?;
+        if !set.insert(key) {
+            return Err(Refusal::new(
+                RefusalCode::Overloaded,
+                format!(
+                    "request {} is being answered right now; resend it to get the same answer",
+                    request.request_id
+                ),
+            ));
+        }
+        Ok(AnsweringGuard {
+            set: &self.answering,
+            key,
+        })
     }
 }
 
@@ -223,5 +305,5 @@ struct Checked {
     request: QueryRequest,
     compiled: cohort::CompiledQuery,
     calibration: Calibration,
-    budget: renkei_protocol::MicroRho,
+    grant: renkei_policies::Grant,
 }

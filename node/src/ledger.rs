@@ -1,27 +1,65 @@
-//! The privacy ledger: how much each researcher has spent on each study at this node, and
-//! which request nonces have been seen.
+//! The privacy ledger: how much each researcher has spent on each study at this node, the
+//! node's total over everyone (the dataset cap), which nonces have been seen, and the
+//! answer released for each request.
 //!
-//! A charge is one sled transaction over the `ledger` and `nonces` trees (nonce unseen,
-//! budget sufficient, debit, record nonce), followed by an fsync, and it happens **before**
-//! any noise is drawn. A crash between the charge and the release loses budget, never leaks
-//! it; there are no refunds once a charge is on disk. Ledger keys are `researcher key (32
-//! bytes) || study`, values the spent micro-rho as a big-endian u64; nonce keys are
-//! `researcher key || nonce`, values the request's expiry. Nonces are kept until their
-//! request has expired (plus clock skew), after which the request would be refused anyway.
+//! Admitting a request is one sled transaction over the `ledger`, `nonces` and `requests`
+//! trees: a request id seen before returns what was recorded for it (never a second charge);
+//! otherwise the nonce must be unseen and both budgets sufficient, and the debit, the nonce
+//! and a request record are written together, then fsynced. This happens **before** any
+//! noise is drawn, and the signed answer is recorded (and fsynced) **before** it is sent: a
+//! crash can lose budget, never leak it, and a resent request gets the stored answer instead
+//! of fresh noise (resending cannot be used to average noise away). There are no refunds.
+//!
+//! Keys: accounts are `researcher key (32 bytes) || study` → spent micro-rho (big-endian
+//! u64); the dataset total is [`DATASET_ACCOUNT`] (shorter than any account key); nonces are
+//! `researcher key || nonce` → expiry; requests are `researcher key || request id` → an
+//! encoded [`RequestRecord`]. Nonces and request records are kept until their request has
+//! expired (plus clock skew); after that the request is refused as expired anyway.
 
 use renkei_protocol::limits::MAX_CLOCK_SKEW_SECS;
-use renkei_protocol::{MicroRho, PublicKey, Refusal, RefusalCode};
+use renkei_protocol::{MicroRho, PublicKey, Refusal, RefusalCode, RequestId};
+use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::error::NodeError;
 use crate::store::NodeStore;
 
+/// Ledger key of the node's total spend over all researchers and studies.
+pub const DATASET_ACCOUNT: &[u8] = b"#dataset";
+
+/// Largest request record stored (the signed answer dominates it).
+const MAX_RECORD_BYTES: usize = 64 * 1024;
+
 /// A budget debit that is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Charge {
+    /// The researcher's spend on the study after this charge.
     pub spent: MicroRho,
     pub remaining: MicroRho,
+}
+
+/// What the ledger decided about a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Newly charged: draw the noise, then [`PrivacyLedger::record_answer`], then send.
+    Charged(Charge),
+    /// Charged before, but the node stopped before it recorded an answer (so none was
+    /// sent): draw the noise now, without charging again.
+    ChargedUnanswered(Charge),
+    /// Answered before: the exact signed answer (an encoded envelope) to send again.
+    Answered(Vec<u8>),
+}
+
+/// What the node remembers of one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub digest: [u8; 32],
+    pub expires_at: u64,
+    pub spent: MicroRho,
+    pub remaining: MicroRho,
+    /// The encoded signed answer, once recorded.
+    pub answer: Option<Vec<u8>>,
 }
 
 /// Spend of one researcher on one study.
@@ -37,12 +75,17 @@ pub struct LedgerEntry {
 pub struct ChargeRequest<'a> {
     pub researcher: &'a PublicKey,
     pub study: &'a str,
+    pub request_id: &'a RequestId,
     pub nonce: &'a [u8; 16],
-    /// Unix seconds after which the request is dead (the nonce may then be forgotten).
+    /// Digest of the signed request payload; the same id with another digest is a replay.
+    pub digest: &'a [u8; 32],
+    /// Unix seconds after which the request is dead (its records may then be forgotten).
     pub expires_at: u64,
     pub cost: MicroRho,
     /// The researcher's total budget for the study, from the active policy.
     pub budget: MicroRho,
+    /// The node's cap over everyone, from the active policy.
+    pub dataset_budget: Option<MicroRho>,
 }
 
 /// The ledger over the node's store.
@@ -58,11 +101,11 @@ fn account_key(researcher: &PublicKey, study: &str) -> Vec<u8> {
     key
 }
 
-/// Nonces are kept per researcher, so one researcher can never block another's nonce.
-fn nonce_key(researcher: &PublicKey, nonce: &[u8; 16]) -> [u8; 48] {
+/// Keys scoped by researcher, so one researcher can never collide with another's.
+fn scoped_key(researcher: &PublicKey, id: &[u8; 16]) -> [u8; 48] {
     let mut key = [0u8; 48];
     key[..32].copy_from_slice(researcher.as_bytes());
-    key[32..].copy_from_slice(nonce);
+    key[32..].copy_from_slice(id);
     key
 }
 
@@ -70,104 +113,197 @@ fn decode_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// Why a charge did not happen.
+fn decode_record(bytes: &[u8]) -> Option<RequestRecord> {
+    renkei_protocol::codec::decode_limited(bytes, MAX_RECORD_BYTES).ok()
+}
+
+/// Why a transaction stopped.
 #[derive(Debug)]
-enum Refused {
+enum Stop {
+    Seen(RequestRecord),
+    ReusedId,
     Replayed,
     Exhausted { spent: u64 },
-    Corrupt,
+    DatasetExhausted { spent: u64, cap: u64 },
+    Corrupt(&'static str),
 }
+
+type Abort = ConflictableTransactionError<Stop>;
 
 impl PrivacyLedger {
     pub fn new(store: NodeStore) -> Self {
         Self { store }
     }
 
-    /// Atomically refuses a seen nonce or an insufficient budget, or debits the cost and
-    /// records the nonce, then flushes to disk. Returns only once the charge is durable.
-    pub fn charge(&self, request: ChargeRequest<'_>) -> Result<Result<Charge, Refusal>, NodeError> {
+    /// Decides a request: the stored outcome of a request seen before, or a refusal, or a
+    /// durable charge. Returns only once a new charge is on disk.
+    pub fn admit(
+        &self,
+        request: ChargeRequest<'_>,
+    ) -> Result<Result<Admission, Refusal>, NodeError> {
         let account = account_key(request.researcher, request.study);
-        let nonce = nonce_key(request.researcher, request.nonce);
-        let outcome = (&self.store.ledger, &self.store.nonces).transaction(|(ledger, nonces)| {
-            if nonces.get(nonce)?.is_some() {
-                return Err(ConflictableTransactionError::Abort(Refused::Replayed));
+        let nonce = scoped_key(request.researcher, request.nonce);
+        let request_key = scoped_key(request.researcher, &request.request_id.0);
+        let trees = (&self.store.ledger, &self.store.nonces, &self.store.requests);
+        let outcome = trees.transaction(|(ledger, nonces, requests)| {
+            if let Some(bytes) = requests.get(request_key)? {
+                let record =
+                    decode_record(&bytes).ok_or(Abort::Abort(Stop::Corrupt("request record")))?;
+                return Err(Abort::Abort(if &record.digest == request.digest {
+                    Stop::Seen(record)
+                } else {
+                    Stop::ReusedId
+                }));
             }
-            let spent = match ledger.get(&account)? {
-                None => 0,
-                Some(bytes) => decode_u64(&bytes)
-                    .ok_or(ConflictableTransactionError::Abort(Refused::Corrupt))?,
+            if nonces.get(nonce)?.is_some() {
+                return Err(Abort::Abort(Stop::Replayed));
+            }
+            let read = |bytes: Option<sled::IVec>, what| match bytes {
+                None => Ok(0),
+                Some(bytes) => decode_u64(&bytes).ok_or(Abort::Abort(Stop::Corrupt(what))),
             };
+            let spent = read(ledger.get(&account)?, "ledger account")?;
             let total = spent
                 .checked_add(request.cost.0)
                 .filter(|total| *total <= request.budget.0)
-                .ok_or(ConflictableTransactionError::Abort(Refused::Exhausted {
-                    spent,
-                }))?;
-            ledger.insert(account.as_slice(), &total.to_be_bytes()[..])?;
-            nonces.insert(&nonce[..], &request.expires_at.to_be_bytes()[..])?;
-            Ok(total)
-        });
-        let total = match outcome {
-            Ok(total) => total,
-            Err(TransactionError::Abort(Refused::Replayed)) => {
-                return Ok(Err(Refusal::new(
-                    RefusalCode::Replayed,
-                    "this request's nonce was already used; sign a new request",
-                )));
+                .ok_or(Abort::Abort(Stop::Exhausted { spent }))?;
+            let dataset_spent = read(ledger.get(DATASET_ACCOUNT)?, "dataset account")?;
+            let dataset_total = dataset_spent.saturating_add(request.cost.0);
+            if let Some(cap) = request.dataset_budget
+                && dataset_total > cap.0
+            {
+                return Err(Abort::Abort(Stop::DatasetExhausted {
+                    spent: dataset_spent,
+                    cap: cap.0,
+                }));
             }
-            Err(TransactionError::Abort(Refused::Exhausted { spent })) => {
+            let record = RequestRecord {
+                digest: *request.digest,
+                expires_at: request.expires_at,
+                spent: MicroRho(total),
+                remaining: request.budget.saturating_sub(MicroRho(total)),
+                answer: None,
+            };
+            let encoded = renkei_protocol::codec::encode(&record)
+                .map_err(|_| Abort::Abort(Stop::Corrupt("request record")))?;
+            ledger.insert(account.as_slice(), &total.to_be_bytes()[..])?;
+            ledger.insert(DATASET_ACCOUNT, &dataset_total.to_be_bytes()[..])?;
+            nonces.insert(&nonce[..], &request.expires_at.to_be_bytes()[..])?;
+            requests.insert(&request_key[..], encoded)?;
+            Ok(Charge {
+                spent: record.spent,
+                remaining: record.remaining,
+            })
+        });
+        let refusal = |code, reason: String| Ok(Err(Refusal::new(code, reason)));
+        match outcome {
+            Ok(charge) => {
+                self.store.flush()?;
+                Ok(Ok(Admission::Charged(charge)))
+            }
+            Err(TransactionError::Abort(Stop::Seen(record))) => Ok(Ok(match record.answer {
+                Some(answer) => Admission::Answered(answer),
+                None => Admission::ChargedUnanswered(Charge {
+                    spent: record.spent,
+                    remaining: record.remaining,
+                }),
+            })),
+            Err(TransactionError::Abort(Stop::ReusedId)) => refusal(
+                RefusalCode::Replayed,
+                format!(
+                    "request id {} was already used for a different request",
+                    request.request_id
+                ),
+            ),
+            Err(TransactionError::Abort(Stop::Replayed)) => refusal(
+                RefusalCode::Replayed,
+                "this request's nonce was already used; sign a new request".into(),
+            ),
+            Err(TransactionError::Abort(Stop::Exhausted { spent })) => {
                 let left = request.budget.saturating_sub(MicroRho(spent));
-                return Ok(Err(Refusal::new(
+                refusal(
                     RefusalCode::BudgetExhausted,
                     format!(
                         "study `{}`: this query costs rho {} but only {} of {} is left at this node",
                         request.study, request.cost, left, request.budget
                     ),
-                )));
+                )
             }
-            Err(TransactionError::Abort(Refused::Corrupt)) => {
-                return Err(NodeError::CorruptStore {
-                    what: format!("ledger entry for study `{}`", request.study),
-                    reason: "not an 8-byte counter".into(),
-                });
-            }
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
+            Err(TransactionError::Abort(Stop::DatasetExhausted { spent, cap })) => refusal(
+                RefusalCode::DatasetBudgetExhausted,
+                format!(
+                    "this node's dataset has spent rho {} of its {} cap over all researchers; this query costs {}",
+                    MicroRho(spent),
+                    MicroRho(cap),
+                    request.cost
+                ),
+            ),
+            Err(TransactionError::Abort(Stop::Corrupt(what))) => Err(NodeError::CorruptStore {
+                what: what.into(),
+                reason: "undecodable value".into(),
+            }),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Records the signed answer of an admitted request and fsyncs; call before sending it.
+    pub fn record_answer(
+        &self,
+        researcher: &PublicKey,
+        request_id: &RequestId,
+        answer: Vec<u8>,
+    ) -> Result<(), NodeError> {
+        let key = scoped_key(researcher, &request_id.0);
+        let corrupt = || NodeError::CorruptStore {
+            what: format!("request record {request_id}"),
+            reason: "missing or undecodable".into(),
         };
-        self.store.flush()?;
-        Ok(Ok(Charge {
-            spent: MicroRho(total),
-            remaining: request.budget.saturating_sub(MicroRho(total)),
-        }))
+        let bytes = self.store.requests.get(key)?.ok_or_else(corrupt)?;
+        let mut record = decode_record(&bytes).ok_or_else(corrupt)?;
+        record.answer = Some(answer);
+        self.store
+            .requests
+            .insert(key, renkei_protocol::codec::encode(&record)?)?;
+        self.store.flush()
     }
 
     /// Spend so far of one researcher on one study.
     pub fn spent(&self, researcher: &PublicKey, study: &str) -> Result<MicroRho, NodeError> {
-        match self.store.ledger.get(account_key(researcher, study))? {
+        self.read_account(&account_key(researcher, study), study)
+    }
+
+    /// The node's total spend over all researchers and studies.
+    pub fn dataset_spent(&self) -> Result<MicroRho, NodeError> {
+        self.read_account(DATASET_ACCOUNT, "dataset")
+    }
+
+    fn read_account(&self, key: &[u8], what: &str) -> Result<MicroRho, NodeError> {
+        match self.store.ledger.get(key)? {
             None => Ok(MicroRho(0)),
             Some(bytes) => {
                 decode_u64(&bytes)
                     .map(MicroRho)
                     .ok_or_else(|| NodeError::CorruptStore {
-                        what: format!("ledger entry for study `{study}`"),
+                        what: format!("ledger entry for `{what}`"),
                         reason: "not an 8-byte counter".into(),
                     })
             }
         }
     }
 
-    /// Every account with its spend.
+    /// Every researcher account with its spend.
     pub fn entries(&self) -> Result<Vec<LedgerEntry>, NodeError> {
         let mut entries = Vec::new();
         for item in self.store.ledger.iter() {
             let (key, value) = item?;
+            if key.len() < 32 {
+                continue; // the dataset account
+            }
             let corrupt = || NodeError::CorruptStore {
                 what: "ledger entry".into(),
                 reason: "malformed key or value".into(),
             };
-            let researcher: [u8; 32] = key
-                .get(..32)
-                .and_then(|k| k.try_into().ok())
-                .ok_or_else(corrupt)?;
+            let researcher: [u8; 32] = key[..32].try_into().map_err(|_| corrupt())?;
             let study = String::from_utf8(key[32..].to_vec()).map_err(|_| corrupt())?;
             let spent = decode_u64(&value).ok_or_else(corrupt)?;
             entries.push(LedgerEntry {
@@ -179,15 +315,22 @@ impl PrivacyLedger {
         Ok(entries)
     }
 
-    /// Forgets nonces of requests that expired before `now` (minus clock skew): such a
-    /// request is refused as expired before its nonce is ever looked at.
-    pub fn prune_nonces(&self, now: u64) -> Result<usize, NodeError> {
+    /// Forgets nonces and request records of requests that expired before `now` (minus
+    /// clock skew): such a request is refused as expired before they are looked at.
+    pub fn prune_expired(&self, now: u64) -> Result<usize, NodeError> {
         let horizon = now.saturating_sub(MAX_CLOCK_SKEW_SECS);
         let mut pruned = 0;
         for item in self.store.nonces.iter() {
-            let (nonce, expires) = item?;
+            let (key, expires) = item?;
             if decode_u64(&expires).is_some_and(|e| e < horizon) {
-                self.store.nonces.remove(nonce)?;
+                self.store.nonces.remove(key)?;
+                pruned += 1;
+            }
+        }
+        for item in self.store.requests.iter() {
+            let (key, bytes) = item?;
+            if decode_record(&bytes).is_some_and(|r| r.expires_at < horizon) {
+                self.store.requests.remove(key)?;
                 pruned += 1;
             }
         }
@@ -201,76 +344,158 @@ mod tests {
     use crate::home::NodeHome;
     use renkei_protocol::SecretKey;
 
-    fn request<'a>(
-        researcher: &'a PublicKey,
-        nonce: &'a [u8; 16],
-        cost: u64,
-        budget: u64,
-    ) -> ChargeRequest<'a> {
-        ChargeRequest {
-            researcher,
-            study: "severity",
-            nonce,
-            expires_at: 1_000,
-            cost: MicroRho(cost),
-            budget: MicroRho(budget),
+    struct Fixture {
+        researcher: PublicKey,
+        ids: Vec<RequestId>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                researcher: SecretKey::generate().unwrap().public_key(),
+                ids: (0..16).map(|i| RequestId([i; 16])).collect(),
+            }
+        }
+
+        fn request(&self, i: usize, cost: u64, budget: u64) -> ChargeRequest<'_> {
+            ChargeRequest {
+                researcher: &self.researcher,
+                study: "severity",
+                request_id: &self.ids[i],
+                nonce: &self.ids[i].0,
+                digest: &[7; 32],
+                expires_at: 1_000,
+                cost: MicroRho(cost),
+                budget: MicroRho(budget),
+                dataset_budget: None,
+            }
         }
     }
 
+    fn refusal(outcome: Result<Admission, Refusal>) -> RefusalCode {
+        outcome.unwrap_err().code
+    }
+
     #[test]
-    fn charges_until_exhausted_refuses_replays_and_survives_reopen() {
+    fn charges_until_exhausted_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (home, _) = NodeHome::init(dir.path()).unwrap();
-        let researcher = SecretKey::generate().unwrap().public_key();
+        let f = Fixture::new();
         {
             let ledger = PrivacyLedger::new(home.open_store().unwrap());
-            let first = ledger
-                .charge(request(&researcher, &[1; 16], 40, 100))
-                .unwrap()
-                .unwrap();
-            assert_eq!(first.remaining, MicroRho(60));
-            let replay = ledger
-                .charge(request(&researcher, &[1; 16], 40, 100))
-                .unwrap()
-                .unwrap_err();
-            assert_eq!(replay.code, RefusalCode::Replayed);
-            ledger
-                .charge(request(&researcher, &[2; 16], 40, 100))
-                .unwrap()
-                .unwrap();
-            let broke = ledger
-                .charge(request(&researcher, &[3; 16], 40, 100))
-                .unwrap()
-                .unwrap_err();
-            assert_eq!(broke.code, RefusalCode::BudgetExhausted);
-            assert_eq!(ledger.spent(&researcher, "severity").unwrap(), MicroRho(80));
+            let first = ledger.admit(f.request(0, 40, 100)).unwrap().unwrap();
+            assert_eq!(
+                first,
+                Admission::Charged(Charge {
+                    spent: MicroRho(40),
+                    remaining: MicroRho(60)
+                })
+            );
+            ledger.admit(f.request(1, 40, 100)).unwrap().unwrap();
+            let broke = ledger.admit(f.request(2, 40, 100)).unwrap();
+            assert_eq!(refusal(broke), RefusalCode::BudgetExhausted);
+            assert_eq!(
+                ledger.spent(&f.researcher, "severity").unwrap(),
+                MicroRho(80)
+            );
+            assert_eq!(ledger.dataset_spent().unwrap(), MicroRho(80));
         }
         let ledger = PrivacyLedger::new(home.open_store().unwrap());
-        assert_eq!(ledger.spent(&researcher, "severity").unwrap(), MicroRho(80));
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(80)
+        );
         assert_eq!(ledger.entries().unwrap().len(), 1);
-        let replay = ledger
-            .charge(request(&researcher, &[2; 16], 1, 100))
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(replay.code, RefusalCode::Replayed);
     }
 
     #[test]
-    fn expired_nonces_are_pruned_live_ones_kept() {
+    fn a_resent_request_is_never_charged_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, _) = NodeHome::init(dir.path()).unwrap();
+        let f = Fixture::new();
+        let ledger = PrivacyLedger::new(home.open_store().unwrap());
+        assert!(matches!(
+            ledger.admit(f.request(0, 30, 100)).unwrap().unwrap(),
+            Admission::Charged(_)
+        ));
+        // Resent before an answer was recorded (the node crashed in between).
+        assert_eq!(
+            ledger.admit(f.request(0, 30, 100)).unwrap().unwrap(),
+            Admission::ChargedUnanswered(Charge {
+                spent: MicroRho(30),
+                remaining: MicroRho(70)
+            })
+        );
+        ledger
+            .record_answer(&f.researcher, &f.ids[0], b"signed answer".to_vec())
+            .unwrap();
+        assert_eq!(
+            ledger.admit(f.request(0, 30, 100)).unwrap().unwrap(),
+            Admission::Answered(b"signed answer".to_vec())
+        );
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(30)
+        );
+
+        // The same id for a different request, or an old nonce under a new id: replays.
+        let mut other = f.request(0, 30, 100);
+        other.digest = &[8; 32];
+        assert_eq!(refusal(ledger.admit(other).unwrap()), RefusalCode::Replayed);
+        let mut reused_nonce = f.request(1, 30, 100);
+        reused_nonce.nonce = &f.ids[0].0;
+        assert_eq!(
+            refusal(ledger.admit(reused_nonce).unwrap()),
+            RefusalCode::Replayed
+        );
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(30)
+        );
+    }
+
+    #[test]
+    fn the_dataset_cap_binds_across_researchers() {
         let dir = tempfile::tempdir().unwrap();
         let (home, _) = NodeHome::init(dir.path()).unwrap();
         let ledger = PrivacyLedger::new(home.open_store().unwrap());
-        let researcher = SecretKey::generate().unwrap().public_key();
-        ledger
-            .charge(request(&researcher, &[9; 16], 1, 100))
-            .unwrap()
-            .unwrap();
-        assert_eq!(ledger.prune_nonces(1_000).unwrap(), 0);
+        let (a, b) = (Fixture::new(), Fixture::new());
+        let capped = |f: &Fixture| {
+            let mut r = f.request(0, 60, 1_000);
+            r.dataset_budget = Some(MicroRho(100));
+            let outcome = ledger.admit(r).unwrap();
+            outcome.map(|_| ())
+        };
+        capped(&a).unwrap();
+        assert_eq!(
+            capped(&b).unwrap_err().code,
+            RefusalCode::DatasetBudgetExhausted
+        );
+        assert_eq!(ledger.dataset_spent().unwrap(), MicroRho(60));
+        assert_eq!(
+            ledger.spent(&b.researcher, "severity").unwrap(),
+            MicroRho(0)
+        );
+    }
+
+    #[test]
+    fn expired_records_are_pruned_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, _) = NodeHome::init(dir.path()).unwrap();
+        let ledger = PrivacyLedger::new(home.open_store().unwrap());
+        let f = Fixture::new();
+        ledger.admit(f.request(0, 1, 100)).unwrap().unwrap();
+        assert_eq!(ledger.prune_expired(1_000).unwrap(), 0);
         assert_eq!(
             ledger
-                .prune_nonces(1_000 + MAX_CLOCK_SKEW_SECS + 1)
+                .prune_expired(1_000 + MAX_CLOCK_SKEW_SECS + 1)
                 .unwrap(),
-            1
+            2
+        );
+        // The spend itself is never pruned.
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(1)
         );
     }
 }

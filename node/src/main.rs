@@ -132,6 +132,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|p| SignedPolicy::read_file(&p)?.verify_self_anchored())
                 .transpose()?;
             let ledger = PrivacyLedger::new(store);
+            let cap = policy
+                .as_ref()
+                .and_then(|p| p.bundle().limits.dataset_budget_rho)
+                .map_or_else(|| "no cap".to_string(), |cap| format!("cap {cap}"));
+            println!("dataset total spent: {} ({cap})\n", ledger.dataset_spent()?);
             println!(
                 "{:<66} {:<24} {:>12} {:>12}",
                 "researcher", "study", "spent", "remaining"

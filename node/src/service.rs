@@ -39,7 +39,7 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for the listener to come up.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often expired nonces are forgotten.
+/// How often nonces and request records of expired requests are forgotten.
 const NONCE_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(NetworkBehaviour)]
@@ -71,27 +71,19 @@ impl NodeService {
         policy_path: &Path,
         listen: Multiaddr,
     ) -> Result<RunningNode, NodeError> {
-        let identity = home.identity()?;
-        let store = home.open_store()?;
-        let policy = load_policy(&store, policy_path)?;
-        let peer_id = identity.public_key().to_peer_id()?;
-        if policy.bundle().member(&peer_id).is_none() {
-            return Err(NodeError::NotAMember {
-                peer_id: peer_id.to_base58(),
-                version: policy.bundle().version,
-            });
-        }
-        let cohort = Cohort::load(&store)?;
-        let ledger = PrivacyLedger::new(store);
-        ledger.prune_nonces(unix_now())?;
-        info!(
-            %peer_id,
-            consented = cohort.consented(),
-            withheld = cohort.withheld(),
-            policy_version = policy.bundle().version,
-            policy = %policy.hash_hex(),
-            "node opened"
-        );
+        // Opening the store, verifying the policy and loading the cohort block: do it on a
+        // blocking thread so a runtime hosting several nodes stays responsive.
+        let (home_owned, policy_owned) = (home.clone(), policy_path.to_path_buf());
+        let opened = tokio::task::spawn_blocking(move || open_desk(&home_owned, &policy_owned))
+            .await
+            .map_err(|e| NodeError::Network(format!("opening the node failed: {e}")))??;
+        let OpenedNode {
+            identity,
+            policy,
+            cohort,
+            ledger,
+            peer_id,
+        } = opened;
         let keypair = identity.to_libp2p_keypair()?;
         let desk = Arc::new(QueryDesk::new(identity, policy, cohort, ledger));
 
@@ -180,6 +172,48 @@ impl Drop for RunningNode {
     }
 }
 
+/// What a node needs to serve, loaded from its directory.
+struct OpenedNode {
+    identity: renkei_protocol::SecretKey,
+    policy: renkei_policies::VerifiedPolicy,
+    cohort: Cohort,
+    ledger: PrivacyLedger,
+    peer_id: PeerId,
+}
+
+/// Opens the store, verifies and pins the policy, checks membership and loads the cohort.
+fn open_desk(home: &NodeHome, policy_path: &Path) -> Result<OpenedNode, NodeError> {
+    let identity = home.identity()?;
+    let store = home.open_store()?;
+    let policy = load_policy(&store, policy_path)?;
+    let peer_id = identity.public_key().to_peer_id()?;
+    if policy.bundle().member(&peer_id).is_none() {
+        return Err(NodeError::NotAMember {
+            peer_id: peer_id.to_base58(),
+            version: policy.bundle().version,
+        });
+    }
+    let cohort = Cohort::load(&store)?;
+    let ledger = PrivacyLedger::new(store);
+    ledger.prune_expired(unix_now())?;
+    info!(
+        %peer_id,
+        consented = cohort.consented(),
+        withheld = cohort.withheld(),
+        policy_version = policy.bundle().version,
+        policy = %policy.hash_hex(),
+        randomness = crate::dp::RANDOMNESS,
+        "node opened"
+    );
+    Ok(OpenedNode {
+        identity,
+        policy,
+        cohort,
+        ledger,
+        peer_id,
+    })
+}
+
 type Reply = (ResponseChannel<QueryResponse>, QueryResponse);
 
 async fn run(
@@ -202,8 +236,8 @@ async fn run(
                 let ledger = desk.ledger().clone();
                 // Ignore the handle: pruning is best-effort and finishes on its own.
                 drop(tokio::task::spawn_blocking(move || {
-                    if let Err(e) = ledger.prune_nonces(unix_now()) {
-                        warn!("pruning expired nonces failed: {e}");
+                    if let Err(e) = ledger.prune_expired(unix_now()) {
+                        warn!("pruning expired request records failed: {e}");
                     }
                 }));
             }

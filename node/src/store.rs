@@ -2,13 +2,18 @@
 //!
 //! One [`NodeStore`] per process opens the database and hands out its trees: `patients`
 //! (pseudonymous id → record), `ledger` (researcher and study → rho spent), `nonces` (seen
-//! request nonces, for replay refusal) and `meta` (the pseudonymisation secret, the pinned
-//! policy anchor and version). Callers go through the modules that own each tree
+//! request nonces, for replay refusal), `requests` (each request's charge and signed answer,
+//! for idempotent resends) and `meta` (the pseudonymisation secret, the pinned policy anchor
+//! and version). Callers go through the modules that own each tree
 //! ([`crate::cohort`], [`crate::ledger`]), never to sled directly.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::NodeError;
+
+/// How long opening waits for a lock held by a store that is still closing.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// The opened database.
 #[derive(Debug, Clone)]
@@ -18,29 +23,42 @@ pub struct NodeStore {
     pub(crate) patients: sled::Tree,
     pub(crate) ledger: sled::Tree,
     pub(crate) nonces: sled::Tree,
+    pub(crate) requests: sled::Tree,
     pub(crate) meta: sled::Tree,
 }
 
 impl NodeStore {
     pub fn open(path: &Path) -> Result<Self, NodeError> {
-        let db = sled::Config::new()
-            .path(path)
-            // Durability comes from explicit flushes at the points that matter (ledger
-            // charges, ingests); this only bounds what a crash loses elsewhere.
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    NodeError::StoreLocked {
-                        path: path.to_path_buf(),
+        // sled finishes background writes on its own threads after a `Db` is dropped, and the
+        // file lock goes with the last of them; a reopen right after a close (a node restarted
+        // in the same process) waits for that instead of failing.
+        let deadline = Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                // Durability comes from explicit flushes at the points that matter (ledger
+                // charges, recorded answers, ingests); this only bounds what a crash loses
+                // elsewhere.
+                .flush_every_ms(Some(500))
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                    if Instant::now() >= deadline {
+                        return Err(NodeError::StoreLocked {
+                            path: path.to_path_buf(),
+                        });
                     }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                other => NodeError::Store(other),
-            })?;
+                Err(other) => return Err(NodeError::Store(other)),
+            }
+        };
         Ok(Self {
             patients: db.open_tree("patients")?,
             ledger: db.open_tree("ledger")?,
             nonces: db.open_tree("nonces")?,
+            requests: db.open_tree("requests")?,
             meta: db.open_tree("meta")?,
             path: path.to_path_buf(),
             db,

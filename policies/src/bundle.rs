@@ -52,17 +52,34 @@ pub struct Researcher {
 }
 
 /// Limits that apply to every query.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueryLimits {
-    /// The most rho a single query may ask a node to spend.
+    /// The most rho a single query may cost at a node.
     pub max_rho_per_query: MicroRho,
+    /// Noisy counts below this are withheld (reported only as "below the minimum").
+    #[serde(default)]
+    pub min_cell_size: u64,
+    /// The delta at which each answer's zCDP cost is also stated as (epsilon, delta)-DP.
+    #[serde(default = "default_report_delta")]
+    pub report_delta: f64,
+    /// The most rho each node may spend over all researchers and studies together (the
+    /// dataset's global cap); none when absent.
+    #[serde(default)]
+    pub dataset_budget_rho: Option<MicroRho>,
+}
+
+fn default_report_delta() -> f64 {
+    1e-6
 }
 
 impl Default for QueryLimits {
     fn default() -> Self {
         Self {
             max_rho_per_query: MicroRho(MicroRho::PER_RHO),
+            min_cell_size: 10,
+            report_delta: default_report_delta(),
+            dataset_budget_rho: None,
         }
     }
 }
@@ -109,6 +126,12 @@ impl PolicyBundle {
                 return invalid(format!("member peer id {} is listed twice", member.peer_id));
             }
         }
+        if !(self.limits.report_delta > 0.0 && self.limits.report_delta < 1.0) {
+            return invalid(format!(
+                "limits.report_delta {} is not strictly between 0 and 1",
+                self.limits.report_delta
+            ));
+        }
         let mut keys = BTreeSet::new();
         for researcher in &self.researchers {
             if !keys.insert(researcher.public_key) {
@@ -153,6 +176,8 @@ studies = ["severity-2026"]
 
 [limits]
 max_rho_per_query = 0.5
+min_cell_size = 5
+dataset_budget_rho = 40.0
 "#;
 
     #[test]
@@ -161,6 +186,12 @@ max_rho_per_query = 0.5
         assert_eq!(bundle.version, 3);
         assert_eq!(bundle.researchers[0].budget_rho, MicroRho(2_500_000));
         assert_eq!(bundle.limits.max_rho_per_query, MicroRho(500_000));
+        assert_eq!(bundle.limits.min_cell_size, 5);
+        assert_eq!(bundle.limits.report_delta, 1e-6);
+        assert_eq!(
+            bundle.limits.dataset_budget_rho,
+            Some(MicroRho(40 * MicroRho::PER_RHO))
+        );
         let again = PolicyBundle::from_toml(&bundle.to_toml().unwrap()).unwrap();
         assert_eq!(again, bundle);
     }

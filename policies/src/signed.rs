@@ -271,6 +271,7 @@ mod tests {
             researchers: vec![],
             limits: QueryLimits {
                 max_rho_per_query: MicroRho(100_000),
+                ..QueryLimits::default()
             },
         }
     }

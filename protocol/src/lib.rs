@@ -21,7 +21,8 @@ pub use codec::{CodecError, QueryCodec};
 pub use envelope::{EnvelopeError, Purpose, SignedEnvelope};
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
-    Answer, Mechanism, MicroRho, QueryRequest, QueryResponse, Refusal, RefusalCode, RequestId,
+    Answer, Mechanism, MicroEpsilon, MicroRho, PrivacyRequest, QueryRequest, QueryResponse,
+    Refusal, RefusalCode, RequestId,
 };
 pub use query::{Aggregate, Category, Predicate, Query};
 

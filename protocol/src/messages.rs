@@ -35,88 +35,146 @@ impl fmt::Debug for RequestId {
     }
 }
 
-/// A zero-concentrated DP cost (zCDP rho) in integer millionths, so that ledgers add and
-/// compare exactly. Conversions from a real rho round **up**: spend is never under-counted.
-///
-/// On the wire it is the integer; in human-readable forms (TOML, JSON) it is the decimal rho.
-#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
-pub struct MicroRho(pub u64);
-
-/// A rho that cannot be represented as a [`MicroRho`].
+/// A rho or epsilon that cannot be represented in millionths.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("rho {0} is not a finite, non-negative number below 10^12")]
+#[error("{0} is not a finite, non-negative number below 10^12")]
 pub struct BadRho(pub f64);
 
+/// Defines a privacy parameter kept in integer millionths, so that ledgers add and compare
+/// exactly. Conversions from a real number round **up** (spend is never under-counted); a
+/// number written by a person is taken at its nearest millionth. On the wire it is the
+/// integer; in human-readable forms (TOML, JSON) it is the decimal number.
+macro_rules! millionths {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+        pub struct $name(pub u64);
+
+        impl $name {
+            pub const PER_UNIT: u64 = 1_000_000;
+
+            /// The smallest number of millionths that is at least `value`.
+            pub fn from_f64_ceil(value: f64) -> Result<Self, BadRho> {
+                if !(0.0..1e12).contains(&value) {
+                    return Err(BadRho(value));
+                }
+                // The range check keeps the product well inside u64.
+                Ok(Self((value * Self::PER_UNIT as f64).ceil() as u64))
+            }
+
+            /// The nearest millionth to a number written by a person (`0.1 + 0.2` is
+            /// 300000, not 300001 because of binary floating point).
+            pub fn from_decimal(value: f64) -> Result<Self, BadRho> {
+                let exact = Self::from_f64_ceil(value)?;
+                let scaled = value * Self::PER_UNIT as f64;
+                let nearest = scaled.round();
+                if (scaled - nearest).abs() < 1e-6 {
+                    Ok(Self(nearest as u64))
+                } else {
+                    Ok(exact)
+                }
+            }
+
+            pub fn as_f64(self) -> f64 {
+                self.0 as f64 / Self::PER_UNIT as f64
+            }
+
+            pub fn saturating_sub(self, other: Self) -> Self {
+                Self(self.0.saturating_sub(other.0))
+            }
+
+            pub fn checked_add(self, other: Self) -> Option<Self> {
+                self.0.checked_add(other.0).map(Self)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:.6}", self.as_f64())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = BadRho;
+
+            #[doc = concat!("Parses ", $what, " written as a decimal number, e.g. `0.05`.")]
+            fn from_str(text: &str) -> Result<Self, Self::Err> {
+                let value: f64 = text.trim().parse().map_err(|_| BadRho(f64::NAN))?;
+                Self::from_decimal(value)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                if serializer.is_human_readable() {
+                    serializer.serialize_f64(self.as_f64())
+                } else {
+                    serializer.serialize_u64(self.0)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                if deserializer.is_human_readable() {
+                    let value = f64::deserialize(deserializer)?;
+                    Self::from_decimal(value).map_err(serde::de::Error::custom)
+                } else {
+                    Ok(Self(u64::deserialize(deserializer)?))
+                }
+            }
+        }
+    };
+}
+
+millionths!(
+    /// A zero-concentrated DP cost (zCDP rho) in integer millionths: the unit of every
+    /// privacy budget and ledger in renkei.
+    MicroRho,
+    "a rho"
+);
+
+millionths!(
+    /// A pure-DP epsilon in integer millionths.
+    MicroEpsilon,
+    "an epsilon"
+);
+
 impl MicroRho {
-    pub const PER_RHO: u64 = 1_000_000;
+    /// Millionths per unit rho.
+    pub const PER_RHO: u64 = Self::PER_UNIT;
 
     /// The smallest number of micro-rho that is at least `rho`.
     pub fn from_rho_ceil(rho: f64) -> Result<Self, BadRho> {
-        if !(0.0..1e12).contains(&rho) {
-            return Err(BadRho(rho));
-        }
-        // `as` saturates and the range check above keeps the product well inside u64.
-        Ok(Self((rho * Self::PER_RHO as f64).ceil() as u64))
+        Self::from_f64_ceil(rho)
     }
 
-    /// The micro-rho nearest to a rho written by a person (`0.3` is 300000, not 300001
-    /// because of binary floating point); ties beyond a millionth still round up.
+    /// The nearest micro-rho to a rho written by a person.
     pub fn from_decimal_rho(rho: f64) -> Result<Self, BadRho> {
-        let exact = Self::from_rho_ceil(rho)?;
-        let nearest = (rho * Self::PER_RHO as f64).round();
-        if (rho * Self::PER_RHO as f64 - nearest).abs() < 1e-6 {
-            Ok(Self(nearest as u64))
-        } else {
-            Ok(exact)
-        }
+        Self::from_decimal(rho)
     }
 
     pub fn as_rho(self) -> f64 {
-        self.0 as f64 / Self::PER_RHO as f64
-    }
-
-    pub fn saturating_sub(self, other: Self) -> Self {
-        Self(self.0.saturating_sub(other.0))
-    }
-
-    pub fn checked_add(self, other: Self) -> Option<Self> {
-        self.0.checked_add(other.0).map(Self)
+        self.as_f64()
     }
 }
 
-impl fmt::Display for MicroRho {
+/// The kind of privacy a researcher asks a node to spend on one answer. Whatever is asked,
+/// the node charges its ledger in zCDP rho, computed from its own mechanism's privacy map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyRequest {
+    /// Discrete Gaussian noise spending `rho` under zero-concentrated DP.
+    Zcdp { rho: MicroRho },
+    /// Discrete Laplace noise for pure `epsilon`-DP; charged as rho = epsilon² / 2.
+    PureDp { epsilon: MicroEpsilon },
+}
+
+impl fmt::Display for PrivacyRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:.6}", self.as_rho())
-    }
-}
-
-impl FromStr for MicroRho {
-    type Err = BadRho;
-
-    /// Parses a rho written as a decimal number, e.g. `0.05`.
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let rho: f64 = text.trim().parse().map_err(|_| BadRho(f64::NAN))?;
-        Self::from_decimal_rho(rho)
-    }
-}
-
-impl Serialize for MicroRho {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if serializer.is_human_readable() {
-            serializer.serialize_f64(self.as_rho())
-        } else {
-            serializer.serialize_u64(self.0)
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for MicroRho {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        if deserializer.is_human_readable() {
-            let rho = f64::deserialize(deserializer)?;
-            Self::from_decimal_rho(rho).map_err(serde::de::Error::custom)
-        } else {
-            Ok(Self(u64::deserialize(deserializer)?))
+        match self {
+            PrivacyRequest::Zcdp { rho } => write!(f, "zCDP rho {rho}"),
+            PrivacyRequest::PureDp { epsilon } => write!(f, "pure DP epsilon {epsilon}"),
         }
     }
 }
@@ -137,7 +195,7 @@ pub struct QueryRequest {
     pub query: Query,
     /// The privacy each node is asked to spend on this answer. Nodes compute the actual cost
     /// from their own mechanism's privacy map and never charge less than that.
-    pub rho: MicroRho,
+    pub privacy: PrivacyRequest,
 }
 
 /// SHA-256 of the exact signed request payload: binds an answer to the request it answers.
@@ -152,12 +210,15 @@ pub fn request_digest(signed_payload: &[u8]) -> [u8; 32] {
 pub enum Mechanism {
     /// Discrete Gaussian on integers, accounted under zCDP.
     DiscreteGaussian,
+    /// Discrete Laplace (geometric) on integers, pure DP.
+    DiscreteLaplace,
 }
 
 impl fmt::Display for Mechanism {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Mechanism::DiscreteGaussian => "discrete_gaussian",
+            Mechanism::DiscreteLaplace => "discrete_laplace",
         })
     }
 }
@@ -169,16 +230,26 @@ pub struct Answer {
     pub request_id: RequestId,
     /// [`request_digest`] of the request payload this answers.
     pub request_digest: [u8; 32],
-    /// The noisy value (true value plus noise).
+    /// The noisy value (true value plus noise); 0 when `suppressed`.
     pub value: i64,
+    /// True when the noisy value fell below the policy's minimum cell size and is withheld;
+    /// the researcher learns only that it was below `min_cell_size`.
+    pub suppressed: bool,
+    /// The minimum cell size applied (0: none).
+    pub min_cell_size: u64,
     pub mechanism: Mechanism,
     /// How much one patient can change the true value.
     pub sensitivity: u64,
-    /// The mechanism's scale parameter (opendp's `scale`; the noise's standard deviation,
-    /// up to the discretisation of the discrete Gaussian).
+    /// The mechanism's scale parameter, as opendp names it.
     pub noise_scale: f64,
+    /// The exact standard deviation of the noise distribution (for intervals).
+    pub noise_std: f64,
     /// Privacy charged for this answer at this node (from the mechanism's privacy map).
     pub rho_spent: MicroRho,
+    /// The same release stated as (epsilon, delta)-DP at the policy's delta (delta 0 for
+    /// pure DP).
+    pub epsilon: f64,
+    pub delta: f64,
     /// What the researcher has left in this study at this node after this answer.
     pub budget_remaining: MicroRho,
     /// Unix seconds.
@@ -205,10 +276,12 @@ pub enum RefusalCode {
     NotYetValid,
     /// The request claims a lifetime longer than nodes accept.
     LifetimeTooLong,
-    /// This nonce or request id was already used.
+    /// This nonce or request id was already used for a different request.
     Replayed,
     /// The researcher's budget for this study at this node cannot cover the cost.
     BudgetExhausted,
+    /// The node's global privacy cap over all researchers cannot cover the cost.
+    DatasetBudgetExhausted,
     /// The query does not fit the node's schema (unknown view or column, wrong type).
     InvalidQuery,
     /// The requested rho is zero or above what a single query may spend.
@@ -231,6 +304,7 @@ impl RefusalCode {
             RefusalCode::LifetimeTooLong => "lifetime_too_long",
             RefusalCode::Replayed => "replayed",
             RefusalCode::BudgetExhausted => "budget_exhausted",
+            RefusalCode::DatasetBudgetExhausted => "dataset_budget_exhausted",
             RefusalCode::InvalidQuery => "invalid_query",
             RefusalCode::PrivacyParameterOutOfRange => "privacy_parameter_out_of_range",
             RefusalCode::Overloaded => "overloaded",
@@ -279,6 +353,10 @@ mod tests {
         assert_eq!(MicroRho::from_rho_ceil(0.5).unwrap(), MicroRho(500_000));
         assert_eq!(MicroRho::from_rho_ceil(1e-7).unwrap(), MicroRho(1));
         assert_eq!(MicroRho::from_rho_ceil(0.0).unwrap(), MicroRho(0));
+        assert_eq!(
+            "1.5".parse::<MicroEpsilon>().unwrap(),
+            MicroEpsilon(1_500_000)
+        );
         assert!(MicroRho::from_rho_ceil(-0.1).is_err());
         assert!(MicroRho::from_rho_ceil(f64::NAN).is_err());
         assert!(MicroRho::from_rho_ceil(f64::INFINITY).is_err());

@@ -28,11 +28,12 @@ pub struct DevConsortium {
 
 impl DevConsortium {
     /// Creates keys and a policy in `dir` admitting `members` (peer id, institution) and one
-    /// researcher with `budget` per node.
+    /// researcher with `budget` per node, under `limits`.
     pub fn create(
         dir: &Path,
         members: &[(PeerId, String)],
         budget: MicroRho,
+        limits: QueryLimits,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let admin = SecretKey::generate()?;
@@ -63,9 +64,7 @@ impl DevConsortium {
                 budget_rho: budget,
                 studies: vec![DEV_STUDY.into()],
             }],
-            limits: QueryLimits {
-                max_rho_per_query: MicroRho(MicroRho::PER_RHO),
-            },
+            limits,
         };
         let mut signed = SignedPolicy::unsigned(&bundle)?;
         signed.sign(&admin);

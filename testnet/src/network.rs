@@ -13,6 +13,7 @@ use renkei_aggregator::NodeAddress;
 use renkei_node::ingest::ingest_patients;
 use renkei_node::service::default_listen;
 use renkei_node::{NodeHome, NodeService, RunningNode};
+use renkei_policies::QueryLimits;
 use renkei_protocol::{MicroRho, Query};
 use serde::Serialize;
 
@@ -29,6 +30,8 @@ pub struct TestnetConfig {
     pub seed: u64,
     /// The dev researcher's budget per node.
     pub budget: MicroRho,
+    /// Per-query limits of the dev policy (minimum cell size, dataset cap, …).
+    pub limits: QueryLimits,
 }
 
 impl TestnetConfig {
@@ -39,6 +42,7 @@ impl TestnetConfig {
             patients: 6_000,
             seed: 2020,
             budget: DEV_BUDGET,
+            limits: QueryLimits::default(),
         }
     }
 }
@@ -120,8 +124,12 @@ impl Testnet {
             .iter()
             .map(|(institution, _, peer_id, _)| (*peer_id, institution.clone()))
             .collect();
-        let consortium =
-            DevConsortium::create(&config.dir.join("consortium"), &members, config.budget)?;
+        let consortium = DevConsortium::create(
+            &config.dir.join("consortium"),
+            &members,
+            config.budget,
+            config.limits,
+        )?;
         let mut nodes = Vec::with_capacity(config.nodes);
         for (institution, home, peer_id, patients) in prepared {
             let running = NodeService::start(&home, &consortium.policy, default_listen()).await?;

@@ -1,7 +1,7 @@
 //! The privacy budget at a real node: queries until it is exhausted, then refusals; the spend
 //! is on disk and survives a restart.
 
-use renkei_protocol::{MicroRho, RefusalCode};
+use renkei_protocol::{MicroRho, PrivacyRequest, RefusalCode};
 use renkei_tests::{researcher, start_testnet, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -10,7 +10,9 @@ async fn budget_runs_out_and_stays_spent_across_a_restart() {
     let mut fixture = start_testnet(1, 200, MicroRho(200_000)).await;
     let session = researcher(&fixture.testnet).await;
     let mut options = session.default_options().unwrap();
-    options.rho = MicroRho(50_000);
+    options.privacy = PrivacyRequest::Zcdp {
+        rho: MicroRho(50_000),
+    };
     let sql_text = "SELECT COUNT(*) FROM patients WHERE severity = 'severe'";
 
     let mut remaining = Vec::new();
@@ -43,7 +45,7 @@ async fn budget_runs_out_and_stays_spent_across_a_restart() {
 
     // A smaller query still fits nowhere: the budget is spent, not just rounded.
     let mut tiny = options.clone();
-    tiny.rho = MicroRho(1);
+    tiny.privacy = PrivacyRequest::Zcdp { rho: MicroRho(1) };
     let still = within(
         "a tiny query",
         session.query(&fixture.testnet.addresses(), sql_text, &tiny),

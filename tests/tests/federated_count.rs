@@ -2,7 +2,7 @@
 //! script reads.
 
 use renkei_aggregator::sql;
-use renkei_protocol::MicroRho;
+use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest};
 use renkei_tests::{researcher, start_testnet, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -10,7 +10,9 @@ async fn three_nodes_answer_a_count_near_the_truth() {
     let fixture = start_testnet(3, 900, MicroRho(10 * MicroRho::PER_RHO)).await;
     let testnet = &fixture.testnet;
     let session = researcher(testnet).await;
-    let options = session.default_options().unwrap();
+    let mut options = session.default_options().unwrap();
+    let rho = MicroRho(50_000);
+    options.privacy = PrivacyRequest::Zcdp { rho };
     let sql_text = "SELECT COUNT(*) FROM patients WHERE age >= 50 AND hypertension";
     let truth = testnet.true_count(&sql::compile(sql_text).unwrap());
     assert!(
@@ -30,10 +32,14 @@ async fn three_nodes_answer_a_count_near_the_truth() {
     let estimate = answer.estimate.unwrap() as f64;
     let sd = answer.std_dev.unwrap();
     // Each node spent the default rho at sensitivity 1: scale = 1/sqrt(2 rho).
-    let expected_scale = 1.0 / (2.0 * options.rho.as_rho()).sqrt();
+    let expected_scale = 1.0 / (2.0 * rho.as_rho()).sqrt();
     for node in &answer.answered {
         assert!((node.noise_scale - expected_scale).abs() < 1e-6, "{node:?}");
-        assert_eq!(node.rho, options.rho);
+        // At this scale the discrete Gaussian's sd equals its scale to many digits.
+        assert!((node.noise_std - expected_scale).abs() < 1e-6, "{node:?}");
+        assert_eq!(node.rho, rho);
+        assert!(node.epsilon > 0.0 && node.delta == 1e-6, "{node:?}");
+        assert!(!node.suppressed);
         assert_eq!(node.sensitivity, 1);
         assert_eq!(node.mechanism.to_string(), "discrete_gaussian");
     }
@@ -59,11 +65,42 @@ async fn three_nodes_answer_a_count_near_the_truth() {
     assert_eq!(json["ci95"].as_array().unwrap().len(), 2);
     assert!(json["ci95"][0].is_f64() && json["ci95"][1].is_f64());
     assert_eq!(json["answered"].as_array().unwrap().len(), 3);
-    for field in ["mechanism", "sensitivity", "noise_scale", "rho"] {
+    for field in [
+        "mechanism",
+        "sensitivity",
+        "noise_scale",
+        "rho",
+        "epsilon",
+        "delta",
+    ] {
         assert!(!json["answered"][0][field].is_null(), "answered[0].{field}");
     }
     assert!(json["missing"].as_array().unwrap().is_empty());
     assert!(json["refused"].as_array().unwrap().is_empty());
+
+    // Pure DP on request: discrete Laplace, epsilon as asked, charged epsilon²/2 in rho.
+    options.privacy = PrivacyRequest::PureDp {
+        epsilon: MicroEpsilon(400_000),
+    };
+    let pure = within(
+        "a pure-DP query",
+        session.query(&testnet.addresses(), sql_text, &options),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pure.answered.len(), 3, "{pure:#?}");
+    for node in &pure.answered {
+        assert_eq!(node.mechanism.to_string(), "discrete_laplace");
+        assert!((node.epsilon - 0.4).abs() < 1e-9, "{node:?}");
+        assert_eq!(node.delta, 0.0);
+        assert_eq!(node.rho, MicroRho(80_000));
+    }
+    let sd = pure.std_dev.unwrap();
+    let estimate = pure.estimate.unwrap() as f64;
+    assert!(
+        (estimate - truth as f64).abs() <= 6.0 * sd,
+        "{estimate} vs {truth} (sd {sd})"
+    );
 
     fixture.testnet.shutdown().await;
 }
@@ -89,7 +126,9 @@ async fn a_node_never_counts_patients_without_consent() {
     // With a generous rho the noise sd is 0.5, so the estimate pins the consented count.
     let session = researcher(testnet).await;
     let mut options = session.default_options().unwrap();
-    options.rho = MicroRho(MicroRho::PER_RHO); // rho 1: scale ~0.71
+    options.privacy = PrivacyRequest::Zcdp {
+        rho: MicroRho(MicroRho::PER_RHO),
+    }; // rho 1: scale ~0.71
     let answer = within(
         "the query",
         session.query(

@@ -10,7 +10,8 @@ use renkei_node::{NodeError, NodeService};
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::MAX_REQUEST_LIFETIME_SECS;
 use renkei_protocol::{
-    MicroRho, QueryRequest, QueryResponse, RefusalCode, RequestId, SecretKey, unix_now,
+    MicroRho, PrivacyRequest, QueryRequest, QueryResponse, RefusalCode, RequestId, SecretKey,
+    unix_now,
 };
 use renkei_tests::{researcher, start_testnet, within};
 
@@ -31,7 +32,9 @@ fn request(study: &str, issued_at: u64, expires_at: u64) -> QueryRequest {
         expires_at,
         study: study.to_string(),
         query: sql::compile("SELECT COUNT(*) FROM patients WHERE age >= 65").expect("valid SQL"),
-        rho: MicroRho(10_000),
+        privacy: PrivacyRequest::Zcdp {
+            rho: MicroRho(10_000),
+        },
     }
 }
 
@@ -144,16 +147,49 @@ async fn each_bad_request_is_refused_with_its_own_code() {
         .unwrap();
     assert_eq!(spent_before, spent_after);
 
-    // Replay: the honest request is answered once, then refused.
+    // Replay: the honest request is answered once and charged once; sending it again
+    // returns the very same signed answer (no fresh noise to average, no second charge).
     let encoded = EncodedRequest::encode(&honest.envelope).unwrap();
-    assert!(matches!(
-        ask(encoded.clone()).await.unwrap(),
-        QueryResponse::Answered(_)
-    ));
-    assert_eq!(
-        refusal_code(ask(encoded).await.unwrap()),
-        RefusalCode::Replayed
+    let QueryResponse::Answered(first) = ask(encoded.clone()).await.unwrap() else {
+        panic!("the honest request was refused");
+    };
+    let spent = || {
+        testnet
+            .running(0)
+            .unwrap()
+            .desk()
+            .ledger()
+            .spent(&session.key().public_key(), &study)
+            .unwrap()
+    };
+    assert_eq!(spent(), MicroRho(10_000));
+    let QueryResponse::Answered(again) = ask(encoded).await.unwrap() else {
+        panic!("the resent request was refused");
+    };
+    assert_eq!(first, again);
+    assert_eq!(spent(), MicroRho(10_000));
+
+    // A new request reusing the nonce is a replay and is refused.
+    let mut reuse = request(&study, now, now + 60);
+    reuse.nonce = honest.request.nonce;
+    let reuse = PreparedQuery::from_request(session.key(), reuse).unwrap();
+    let code = refusal_code(
+        ask(EncodedRequest::encode(&reuse.envelope).unwrap())
+            .await
+            .unwrap(),
     );
+    assert_eq!(code, RefusalCode::Replayed);
+    // So is a different request under a used request id.
+    let mut reuse_id = request(&study, now, now + 60);
+    reuse_id.request_id = honest.request.request_id;
+    let reuse_id = PreparedQuery::from_request(session.key(), reuse_id).unwrap();
+    let code = refusal_code(
+        ask(EncodedRequest::encode(&reuse_id.envelope).unwrap())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(code, RefusalCode::Replayed);
+    assert_eq!(spent(), MicroRho(10_000));
 
     fixture.testnet.shutdown().await;
 }

@@ -1,0 +1,173 @@
+//! Crash safety of the privacy ledger: a real `renkei-node serve` process is killed with
+//! SIGKILL at random moments while answering a stream of queries, again and again. After
+//! every kill the spend on disk is at least the sum of the answers the researcher received:
+//! nothing is ever released uncharged.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use renkei_aggregator::{NetworkClient, NodeAddress, PreparedQuery};
+use renkei_node::NodeHome;
+use renkei_node::ingest::ingest_patients;
+use renkei_node::ledger::PrivacyLedger;
+use renkei_policies::{Member, PolicyBundle, QueryLimits, Researcher, SignedPolicy};
+use renkei_protocol::codec::EncodedRequest;
+use renkei_protocol::limits::MAX_RESPONSE_BYTES;
+use renkei_protocol::{
+    Answer, MicroRho, PrivacyRequest, Purpose, Query, QueryResponse, SecretKey, unix_now,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const HEADER: &str = "patient_id,age,sex,severity,diabetes,hypertension,chronic_lung_disease,cardiovascular_disease,kidney_disease,cancer,obesity,consent_secondary_use\n";
+const STUDY: &str = "crash";
+const COST: MicroRho = MicroRho(10_000);
+const CYCLES: usize = 12;
+/// Queries kept in flight at once while the node is being killed.
+const IN_FLIGHT: usize = 4;
+
+/// Starts `renkei-node serve` and returns the child with the address it printed.
+async fn serve(
+    dir: &std::path::Path,
+    policy: &std::path::Path,
+) -> (tokio::process::Child, NodeAddress) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_renkei-node"))
+        .args(["serve", "--dir"])
+        .arg(dir)
+        .arg("--policy")
+        .arg(policy)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("renkei-node starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the node prints its address")
+        .expect("stdout readable")
+        .expect("an address line");
+    (child, line.parse().expect("a full node address"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_never_releases_an_uncharged_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let (home, peer_id) = NodeHome::init(&node_dir).unwrap();
+    let csv = dir.path().join("patients.csv");
+    let mut rows = String::from(HEADER);
+    for i in 0..200 {
+        rows.push_str(&format!(
+            "P{i},{},male,moderate,no,yes,no,no,no,no,no,yes\n",
+            20 + i % 70
+        ));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    ingest_patients(&home.open_store().unwrap(), &csv, false).unwrap();
+
+    let admin = SecretKey::generate().unwrap();
+    let researcher = Arc::new(SecretKey::generate().unwrap());
+    let bundle = PolicyBundle {
+        version: 1,
+        consortium: "crash-test".into(),
+        admins: vec![admin.public_key()],
+        threshold: 1,
+        members: vec![Member {
+            peer_id: peer_id.to_base58(),
+            institution: "Hospital K".into(),
+        }],
+        researchers: vec![Researcher {
+            name: "Dr. Crash".into(),
+            public_key: researcher.public_key(),
+            budget_rho: MicroRho(10_000 * MicroRho::PER_RHO),
+            studies: vec![STUDY.into()],
+        }],
+        limits: QueryLimits {
+            min_cell_size: 0,
+            ..QueryLimits::default()
+        },
+    };
+    let mut signed = SignedPolicy::unsigned(&bundle).unwrap();
+    signed.sign(&admin);
+    let policy = dir.path().join("policy.json");
+    signed.write_file(&policy).unwrap();
+
+    let client = NetworkClient::start(None).await.unwrap();
+    let released = Arc::new(AtomicU64::new(0));
+    let mut answers_seen = 0u64;
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
+    for cycle in 0..CYCLES {
+        let (mut child, node) = serve(&node_dir, &policy).await;
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..IN_FLIGHT {
+            let (client, node, researcher, released) = (
+                client.clone(),
+                node.clone(),
+                Arc::clone(&researcher),
+                Arc::clone(&released),
+            );
+            workers.spawn(async move {
+                loop {
+                    let query = Query::count_patients("patients", vec![]);
+                    let prepared = PreparedQuery::sign(
+                        &researcher,
+                        query,
+                        STUDY,
+                        PrivacyRequest::Zcdp { rho: COST },
+                        unix_now(),
+                    )
+                    .unwrap();
+                    let request = EncodedRequest::encode(&prepared.envelope).unwrap();
+                    let reply = client
+                        .ask(
+                            node.peer_id,
+                            node.address.clone(),
+                            request,
+                            Duration::from_secs(5),
+                        )
+                        .await;
+                    match reply {
+                        Ok(QueryResponse::Answered(envelope)) => {
+                            let answer: Answer = envelope
+                                .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
+                                .unwrap();
+                            assert_eq!(answer.request_id, prepared.request.request_id);
+                            released.fetch_add(answer.rho_spent.0, Ordering::SeqCst);
+                        }
+                        Ok(QueryResponse::Refused(refusal)) => panic!("refused: {refusal}"),
+                        // The node died under us.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            });
+        }
+        let delay = rng.gen_range(5..400);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        child.start_kill().unwrap(); // SIGKILL
+        child.wait().await.unwrap();
+        workers.shutdown().await;
+
+        let store = NodeHome::open(&node_dir).unwrap().open_store().unwrap();
+        let spent = PrivacyLedger::new(store)
+            .spent(&researcher.public_key(), STUDY)
+            .unwrap();
+        let released_now = released.load(Ordering::SeqCst);
+        assert!(
+            spent.0 >= released_now,
+            "cycle {cycle} (killed after {delay} ms): spend on disk {spent} < released {}",
+            MicroRho(released_now)
+        );
+        answers_seen = released_now / COST.0;
+    }
+    // The test must have exercised the node, not just killed it before it answered.
+    assert!(
+        answers_seen >= CYCLES as u64,
+        "only {answers_seen} answers in {CYCLES} cycles"
+    );
+}
