@@ -1,6 +1,7 @@
 //! The aggregator's libp2p client: one task owns the `Swarm`; callers hold a cheap
 //! [`NetworkClient`] and send it commands over a bounded channel, each with a `oneshot` for
-//! the reply (the shape of rust-libp2p's file-sharing example).
+//! the reply (the shape of rust-libp2p's file-sharing example). It speaks the query protocol
+//! (researchers) and the policy protocol (admins publishing bundles).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, identify, noise, ping, tcp, yamux};
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::IDENTIFY_PROTOCOL;
-use renkei_protocol::{QueryCodec, QueryResponse};
+use renkei_protocol::{PolicyCodec, PolicyRequest, PolicyResponse, QueryCodec, QueryResponse};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
@@ -26,6 +27,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(NetworkBehaviour)]
 struct ClientBehaviour {
     query: request_response::Behaviour<QueryCodec>,
+    policy: request_response::Behaviour<PolicyCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
 }
@@ -61,6 +63,7 @@ impl From<OutboundFailure> for AskError {
 }
 
 type Reply = oneshot::Sender<Result<QueryResponse, AskError>>;
+type PolicyReply = oneshot::Sender<Result<PolicyResponse, AskError>>;
 
 enum Command {
     Ask {
@@ -68,6 +71,12 @@ enum Command {
         address: Multiaddr,
         request: EncodedRequest,
         reply: Reply,
+    },
+    Policy {
+        peer: PeerId,
+        address: Multiaddr,
+        request: PolicyRequest,
+        reply: PolicyReply,
     },
 }
 
@@ -83,6 +92,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Ask { peer, .. } => write!(f, "Ask({peer})"),
+            Command::Policy { peer, .. } => write!(f, "Policy({peer})"),
         }
     }
 }
@@ -104,8 +114,13 @@ impl NetworkClient {
             .map_err(|e| AggregatorError::Network(e.to_string()))?
             .with_behaviour(|key| ClientBehaviour {
                 query: request_response::Behaviour::with_codec(
-                    QueryCodec,
+                    QueryCodec::default(),
                     [(QueryCodec::protocol(), ProtocolSupport::Outbound)],
+                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                ),
+                policy: request_response::Behaviour::with_codec(
+                    PolicyCodec::default(),
+                    [(PolicyCodec::protocol(), ProtocolSupport::Outbound)],
                     request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
                 ),
                 identify: identify::Behaviour::new(identify::Config::new(
@@ -154,6 +169,32 @@ impl NetworkClient {
         self.listen_addr.as_ref()
     }
 
+    /// Sends a policy request (offer or fetch) to `peer` and waits at most `deadline`.
+    pub async fn policy(
+        &self,
+        peer: PeerId,
+        address: Multiaddr,
+        request: PolicyRequest,
+        deadline: Duration,
+    ) -> Result<PolicyResponse, AskError> {
+        let (reply, response) = oneshot::channel();
+        let ask = async {
+            self.commands
+                .send(Command::Policy {
+                    peer,
+                    address,
+                    request,
+                    reply,
+                })
+                .await
+                .map_err(|_| AskError::ClientStopped)?;
+            response.await.map_err(|_| AskError::ClientStopped)?
+        };
+        tokio::time::timeout(deadline, ask)
+            .await
+            .unwrap_or(Err(AskError::Timeout(deadline)))
+    }
+
     /// Sends one request to `peer` at `address` and waits at most `deadline` for the reply.
     pub async fn ask(
         &self,
@@ -183,6 +224,7 @@ impl NetworkClient {
 
 async fn run(mut swarm: libp2p::Swarm<ClientBehaviour>, mut commands: mpsc::Receiver<Command>) {
     let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
+    let mut pending_policy: HashMap<OutboundRequestId, PolicyReply> = HashMap::new();
     // Why the last dial to each peer failed, to explain a `DialFailure` to the caller.
     let mut dial_errors: HashMap<PeerId, String> = HashMap::new();
     loop {
@@ -194,6 +236,13 @@ async fn run(mut swarm: libp2p::Swarm<ClientBehaviour>, mut commands: mpsc::Rece
                         .query
                         .send_request_with_addresses(&peer, request, vec![address]);
                     pending.insert(id, reply);
+                }
+                Some(Command::Policy { peer, address, request, reply }) => {
+                    let id = swarm
+                        .behaviour_mut()
+                        .policy
+                        .send_request_with_addresses(&peer, request, vec![address]);
+                    pending_policy.insert(id, reply);
                 }
                 // Every handle is gone: nobody can ask or listen for replies any more.
                 None => break,
@@ -221,6 +270,27 @@ async fn run(mut swarm: libp2p::Swarm<ClientBehaviour>, mut commands: mpsc::Rece
                         let _ = reply.send(Err(error));
                     }
                 }
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Policy(
+                    request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    },
+                )) => {
+                    if let Some(reply) = pending_policy.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+                SwarmEvent::Behaviour(ClientBehaviourEvent::Policy(
+                    request_response::Event::OutboundFailure { request_id, error, peer, .. },
+                )) => {
+                    if let Some(reply) = pending_policy.remove(&request_id) {
+                        let error = match (error, dial_errors.remove(&peer)) {
+                            (OutboundFailure::DialFailure, Some(reason)) => AskError::Unreachable(reason),
+                            (error, _) => error.into(),
+                        };
+                        let _ = reply.send(Err(error));
+                    }
+                }
                 SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
                     debug!(%peer, %error, "connection failed");
                     dial_errors.insert(peer, error.to_string());
@@ -230,5 +300,6 @@ async fn run(mut swarm: libp2p::Swarm<ClientBehaviour>, mut commands: mpsc::Rece
         }
         // Callers that gave up (deadline passed) no longer need their slot.
         pending.retain(|_, reply| !reply.is_closed());
+        pending_policy.retain(|_, reply| !reply.is_closed());
     }
 }

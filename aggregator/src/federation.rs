@@ -78,15 +78,20 @@ pub struct PreparedQuery {
 }
 
 impl PreparedQuery {
-    /// Signs `query` for `study` with a fresh request id and nonce, valid from `now` for the
-    /// longest lifetime nodes accept.
+    /// Signs `query` for `study`, addressed to the nodes in `audience`, with a fresh request
+    /// id and nonce, valid from `now` for the longest lifetime nodes accept.
     pub fn sign(
         key: &SecretKey,
         query: Query,
         study: &str,
         privacy: PrivacyRequest,
+        audience: &[NodeAddress],
         now: u64,
     ) -> Result<Self, AggregatorError> {
+        let audience = audience
+            .iter()
+            .map(|node| PublicKey::from_peer_id(&node.peer_id))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(&RequestId::random()?.0);
         let request = QueryRequest {
@@ -95,6 +100,7 @@ impl PreparedQuery {
             issued_at: now,
             expires_at: now + MAX_REQUEST_LIFETIME_SECS,
             study: study.to_string(),
+            audience,
             query,
             privacy,
         };

@@ -6,6 +6,7 @@
 //! - [`client`]: the libp2p task and its handle.
 //! - [`federation`]: signing, fan-out, answer verification, combination.
 //! - [`researcher`]: the researcher's session: key, policy, defaults.
+//! - [`passphrase`]: where a person's passphrase comes from.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
@@ -13,6 +14,7 @@
 pub mod client;
 pub mod error;
 pub mod federation;
+pub mod passphrase;
 pub mod researcher;
 pub mod sql;
 

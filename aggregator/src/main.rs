@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use renkei_aggregator::federation::FederatedAnswer;
+use renkei_aggregator::passphrase::PassphraseSource;
 use renkei_aggregator::researcher::{DEFAULT_DEADLINE, DEFAULT_RHO};
 use renkei_aggregator::sql;
 use renkei_aggregator::{NodeAddress, QueryOptions, ResearcherSession};
-use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest};
+use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest, SecretKey};
 
 #[derive(Parser)]
 #[command(
@@ -32,11 +33,25 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a researcher key, encrypted at rest under a passphrase (Argon2id +
+    /// XChaCha20-Poly1305); prints the public key to give to the consortium.
+    Keygen {
+        /// Where to write the encrypted key (created with mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Read the passphrase from this file [default: $RENKEI_PASSPHRASE, else a prompt].
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Sign a SQL query, ask every node, and print the combined estimate.
     Query {
         /// The researcher's secret key file.
         #[arg(long)]
         key: PathBuf,
+        /// Read the key's passphrase from this file [default: $RENKEI_PASSPHRASE, else a
+        /// prompt].
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
         /// Node addresses, comma-separated, each ending in /p2p/<peer id>.
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<String>,
@@ -50,7 +65,7 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_RHO.to_string())]
         rho: String,
         /// Ask for pure epsilon-DP instead (discrete Laplace noise; charged rho = epsilon²/2).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "rho")]
         epsilon: Option<String>,
         /// Seconds to wait for the slowest node.
         #[arg(long, default_value_t = DEFAULT_DEADLINE.as_secs_f64())]
@@ -91,8 +106,20 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Keygen {
+            out,
+            passphrase_file,
+        } => {
+            let passphrase = PassphraseSource::from_file(passphrase_file)
+                .new_passphrase()
+                .map_err(|reason| anyhow::anyhow!("passphrase: {reason}"))?;
+            let key = SecretKey::generate()?;
+            key.write_encrypted(&out, passphrase.as_bytes())?;
+            println!("{}", key.public_key());
+        }
         Command::Query {
             key,
+            passphrase_file,
             nodes,
             policy,
             study,
@@ -133,7 +160,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--timeout must be a positive number of seconds");
             }
             let policy = policy.unwrap_or_else(|| default_policy_path(&key));
-            let session = ResearcherSession::open(&key, &policy)
+            let passphrase = PassphraseSource::from_file(passphrase_file);
+            let session = ResearcherSession::open(&key, &policy, &passphrase)
                 .await
                 .with_context(|| {
                     format!(

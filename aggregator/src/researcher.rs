@@ -11,6 +11,7 @@ use renkei_protocol::{MicroRho, PrivacyRequest, SecretKey, unix_now};
 use crate::client::NetworkClient;
 use crate::error::AggregatorError;
 use crate::federation::{FederatedAnswer, NodeAddress, PreparedQuery, QueryOptions, fan_out};
+use crate::passphrase::PassphraseSource;
 use crate::sql;
 
 /// Privacy spent per node per query when the researcher does not say: rho 0.05 gives a
@@ -37,9 +38,14 @@ impl ResearcherSession {
         }
     }
 
-    /// Loads the key and the signed policy from files and starts a network client.
-    pub async fn open(key_path: &Path, policy_path: &Path) -> Result<Self, AggregatorError> {
-        let key = SecretKey::read_file(key_path)?;
+    /// Loads the key (asking `passphrase` if it is encrypted) and the signed policy from
+    /// files, and starts a network client.
+    pub async fn open(
+        key_path: &Path,
+        policy_path: &Path,
+        passphrase: &PassphraseSource,
+    ) -> Result<Self, AggregatorError> {
+        let key = SecretKey::read_file_with(key_path, || passphrase.unlock(key_path))?;
         let policy = SignedPolicy::read_file(policy_path)?.verify_self_anchored()?;
         let client = NetworkClient::start(None).await?;
         Ok(Self::new(key, policy, client))
@@ -69,8 +75,9 @@ impl ResearcherSession {
                 self.policy.bundle().version
             ))
         })?;
-        match researcher.studies.as_slice() {
-            [only] => Ok(only.clone()),
+        let studies = self.policy.bundle().studies_of(&me);
+        match studies.as_slice() {
+            [only] => Ok(only.id.clone()),
             [] => Err(AggregatorError::Study(format!(
                 "{} is approved for no study",
                 researcher.name
@@ -78,7 +85,10 @@ impl ResearcherSession {
             many => Err(AggregatorError::Study(format!(
                 "{} is approved for several studies; choose one with --study: {}",
                 researcher.name,
-                many.join(", ")
+                many.iter()
+                    .map(|s| s.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
         }
     }
@@ -106,6 +116,7 @@ impl ResearcherSession {
             query,
             &options.study,
             options.privacy,
+            nodes,
             unix_now(),
         )?;
         fan_out(

@@ -3,6 +3,9 @@
 //! beside the key, names an unreachable node as missing and exits non-zero when nobody
 //! answered.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::process::Output;
 use std::time::Duration;
 
@@ -46,28 +49,28 @@ async fn json_output_carries_the_contract_fields() {
     researcher
         .write_file(&consortium.join("researcher.key"))
         .unwrap();
-    let bundle = PolicyBundle {
-        version: 1,
-        consortium: "cli-test".into(),
-        admins: vec![admin.public_key()],
-        threshold: 1,
-        members: vec![Member {
+    let bundle = PolicyBundle::development(
+        admin.public_key(),
+        vec![Member {
             peer_id: peer_id.to_base58(),
             institution: "Hospital CLI".into(),
+            addresses: vec![],
         }],
-        researchers: vec![Researcher {
+        Researcher {
             name: "Dr. Script".into(),
             public_key: researcher.public_key(),
-            budget_rho: MicroRho(5 * MicroRho::PER_RHO),
-            studies: vec!["cli".into()],
-        }],
-        limits: QueryLimits::default(),
-    };
+            affiliation: String::new(),
+        },
+        "cli",
+        MicroRho(5 * MicroRho::PER_RHO),
+        QueryLimits::default(),
+        renkei_protocol::unix_now(),
+    );
     let mut signed = SignedPolicy::unsigned(&bundle).unwrap();
     signed.sign(&admin);
     let policy = consortium.join("policy.json");
     signed.write_file(&policy).unwrap();
-    let node = NodeService::start(&home, &policy, default_listen())
+    let node = NodeService::start(&home, Some(&policy), default_listen())
         .await
         .unwrap();
 

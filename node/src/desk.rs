@@ -1,45 +1,56 @@
-//! The query desk: everything between a request's bytes and the node's reply.
+//! The desk: everything between a request's bytes and the node's reply, for queries and for
+//! policy offers.
 //!
-//! In order: decode the envelope; verify the researcher's signature over the exact received
-//! payload; decode the request; check its time window; ask the policy whether this
-//! researcher may query this study; bind the query to the schema; calibrate the mechanism
-//! and compute its cost (checked against the policy's per-query limit); admit it at the
+//! A query, in order: decode the envelope; verify the researcher's signature over the exact
+//! received payload; check the signer is a known, unrevoked researcher; decode the request;
+//! check it is addressed to this node and within its time window; ask the active policy
+//! whether this query is within the study's terms; bind the query to the schema; calibrate the
+//! mechanism and compute its cost (checked against the per-query limit); admit it at the
 //! ledger (a durable charge, or the answer recorded for this very request before); count; add
-//! noise; withhold a cell below the policy's minimum; sign; record the signed answer; reply.
-//! Any failure before the charge spends nothing; any failure after it keeps the charge. Every
-//! failure becomes a [`Refusal`] with its own code.
+//! noise; withhold a cell below the minimum; sign; record the signed answer and its audit
+//! entry; reply. Any failure before the charge spends nothing; any failure after it keeps the
+//! charge. Every failure becomes a [`Refusal`] with its own code, and every decision an
+//! entry in the audit log.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use renkei_policies::VerifiedPolicy;
+use renkei_policies::{Grant, SignedPolicy, VerifiedPolicy};
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::{
-    MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES,
+    MAX_AUDIENCE, MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, MAX_REQUEST_LIFETIME_SECS,
+    MAX_RESPONSE_BYTES,
 };
 use renkei_protocol::messages::request_digest;
 use renkei_protocol::{
-    Answer, Purpose, QueryRequest, QueryResponse, Refusal, RefusalCode, SecretKey, SignedEnvelope,
+    Answer, PolicyResponse, PolicyTransfer, PublicKey, Purpose, QueryRequest, QueryResponse,
+    Refusal, RefusalCode, RequestId, SecretKey, SignedEnvelope,
 };
+use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use crate::audit::{AuditEvent, AuditLog, hex_hash};
 use crate::cohort::{self, Cohort};
 use crate::dp::Calibration;
-use crate::ledger::{Admission, ChargeRequest, PrivacyLedger};
+use crate::error::NodeError;
+use crate::governance::{Offered, PolicyKeeper};
+use crate::ledger::{Admission, ChargeRequest, PrivacyLedger, scoped_key};
 
 /// One patient changes a patient count by at most one.
 const COUNT_SENSITIVITY: u64 = 1;
 
-/// Audit events go to their own tracing target.
+/// Audit events also go to their own tracing target.
 const AUDIT: &str = "renkei::audit";
 
-/// Everything a node needs to answer queries. Shared by the service's request tasks.
+/// Everything a node needs to answer. Shared by the service's request tasks.
 #[derive(Debug)]
 pub struct QueryDesk {
     identity: SecretKey,
-    policy: VerifiedPolicy,
+    node_key: PublicKey,
+    policy: PolicyKeeper,
     cohort: Cohort,
     ledger: PrivacyLedger,
+    audit: AuditLog,
     /// Requests (researcher key || request id) being answered right now, so two copies of
     /// one request arriving together cannot both draw noise for its single charge.
     answering: Mutex<HashSet<[u8; 48]>>,
@@ -59,18 +70,41 @@ impl Drop for AnsweringGuard<'_> {
     }
 }
 
+/// What is known about a request when it is refused, for the audit log.
+#[derive(Debug, Default)]
+struct Known {
+    researcher: Option<PublicKey>,
+    study: Option<String>,
+    request_id: Option<RequestId>,
+    digest: Option<[u8; 32]>,
+}
+
+/// A request that passed every check that costs nothing.
+#[derive(Debug)]
+struct Checked {
+    digest: [u8; 32],
+    researcher: PublicKey,
+    request: QueryRequest,
+    compiled: cohort::CompiledQuery,
+    calibration: Calibration,
+    grant: Grant,
+}
+
 impl QueryDesk {
     pub fn new(
         identity: SecretKey,
-        policy: VerifiedPolicy,
+        policy: PolicyKeeper,
         cohort: Cohort,
         ledger: PrivacyLedger,
+        audit: AuditLog,
     ) -> Self {
         Self {
+            node_key: identity.public_key(),
             identity,
             policy,
             cohort,
             ledger,
+            audit,
             answering: Mutex::new(HashSet::new()),
         }
     }
@@ -79,20 +113,47 @@ impl QueryDesk {
         &self.ledger
     }
 
-    pub fn policy(&self) -> &VerifiedPolicy {
-        &self.policy
+    /// The active policy.
+    pub fn policy(&self) -> Option<Arc<VerifiedPolicy>> {
+        self.policy.active()
     }
 
     pub fn cohort(&self) -> &Cohort {
         &self.cohort
     }
 
-    /// Answers one request. Never panics, never returns without a reply.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Appends to the audit log; a failure is logged, never hidden behind the answer.
+    fn record(&self, now: u64, event: AuditEvent) {
+        if let Err(e) = self.audit.append(now, event) {
+            warn!("audit log append failed: {e}");
+        }
+    }
+
+    fn record_refusal(&self, now: u64, known: Known, refusal: &Refusal) {
+        info!(target: AUDIT, code = %refusal.code, reason = %refusal.reason, "refused");
+        self.record(
+            now,
+            AuditEvent::QueryRefused {
+                researcher: known.researcher,
+                study: known.study,
+                request_id: known.request_id.map(|id| id.to_string()),
+                query_hash: known.digest.as_ref().map(hex_hash),
+                code: refusal.code,
+            },
+        );
+    }
+
+    /// Answers one query. Never panics, never returns without a reply.
     pub async fn handle(self: Arc<Self>, request: EncodedRequest, now: u64) -> QueryResponse {
-        let checked = match self.check(&request, now) {
+        let mut known = Known::default();
+        let checked = match self.check(&request, now, &mut known) {
             Ok(checked) => checked,
             Err(refusal) => {
-                info!(target: AUDIT, code = %refusal.code, reason = %refusal.reason, "refused before charging");
+                self.record_refusal(now, known, &refusal);
                 return QueryResponse::Refused(refusal);
             }
         };
@@ -100,8 +161,7 @@ impl QueryDesk {
         // sled's fsync and opendp's sampler block; opendp measurements are not Send, so the
         // whole release runs on one blocking thread.
         match tokio::task::spawn_blocking(move || desk.charge_and_release(checked, now)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(refusal)) => QueryResponse::Refused(refusal),
+            Ok(response) => response,
             Err(join) => {
                 warn!("release task failed: {join}");
                 QueryResponse::Refused(Refusal::new(
@@ -113,7 +173,12 @@ impl QueryDesk {
     }
 
     /// Everything that can be decided without spending privacy.
-    fn check(&self, request: &EncodedRequest, now: u64) -> Result<Checked, Refusal> {
+    fn check(
+        &self,
+        request: &EncodedRequest,
+        now: u64,
+        known: &mut Known,
+    ) -> Result<Checked, Refusal> {
         let envelope = request.decode().map_err(|e| {
             Refusal::new(
                 RefusalCode::MalformedRequest,
@@ -123,6 +188,25 @@ impl QueryDesk {
         let payload = envelope
             .verify(Purpose::QueryRequest)
             .map_err(|e| Refusal::new(RefusalCode::BadSignature, e.to_string()))?;
+        let researcher = envelope.signer;
+        known.researcher = Some(researcher);
+        let Some(policy) = self.policy.active() else {
+            return Err(Refusal::new(
+                RefusalCode::Internal,
+                "this node has no active policy yet",
+            ));
+        };
+        // Only a known researcher's payload is decoded.
+        let bundle = policy.bundle();
+        if bundle.researcher(&researcher).is_none() && !bundle.revoked.contains(&researcher) {
+            return Err(Refusal::new(
+                RefusalCode::UnknownResearcher,
+                format!(
+                    "key {researcher} is not a researcher in policy v{} ({})",
+                    bundle.version, bundle.consortium
+                ),
+            ));
+        }
         let request: QueryRequest =
             renkei_protocol::codec::decode_limited(payload, MAX_REQUEST_BYTES).map_err(|e| {
                 Refusal::new(
@@ -130,11 +214,27 @@ impl QueryDesk {
                     format!("signed request: {e}"),
                 )
             })?;
-        if request.expires_at <= now {
+        let digest = request_digest(payload);
+        known.study = Some(request.study.clone());
+        known.request_id = Some(request.request_id);
+        known.digest = Some(digest);
+        if request.audience.len() > MAX_AUDIENCE {
+            return Err(Refusal::new(
+                RefusalCode::MalformedRequest,
+                format!("a request may name at most {MAX_AUDIENCE} nodes"),
+            ));
+        }
+        if !request.audience.contains(&self.node_key) {
+            return Err(Refusal::new(
+                RefusalCode::NotAddressedToThisNode,
+                "this request is not addressed to this node; sign one that names it",
+            ));
+        }
+        if request.expires_at.saturating_add(MAX_CLOCK_SKEW_SECS) <= now {
             return Err(Refusal::new(
                 RefusalCode::Expired,
                 format!(
-                    "request expired at {} (node time {now}); sign a new one",
+                    "request expired at {} and node time is {now}; sign a new one (if it was just signed, check your clock)",
                     request.expires_at
                 ),
             ));
@@ -154,11 +254,11 @@ impl QueryDesk {
                 format!("requests may live at most {MAX_REQUEST_LIFETIME_SECS}s"),
             ));
         }
-        let grant = self.policy.authorize(&envelope.signer, &request.study)?;
         request
             .query
             .check_shape()
             .map_err(|e| Refusal::new(RefusalCode::MalformedRequest, e.to_string()))?;
+        let grant = policy.authorize(&researcher, &request.study, &request.query, now)?;
         let compiled = cohort::compile(&request.query)
             .map_err(|e| Refusal::new(RefusalCode::InvalidQuery, e.to_string()))?;
         let calibration =
@@ -168,8 +268,8 @@ impl QueryDesk {
                 })?;
         grant.check_cost(calibration.cost)?;
         Ok(Checked {
-            digest: request_digest(payload),
-            researcher: envelope.signer,
+            digest,
+            researcher,
             request,
             compiled,
             calibration,
@@ -178,8 +278,24 @@ impl QueryDesk {
     }
 
     /// Admits the request at the ledger (charging durably), then counts, draws noise, signs
-    /// and records the answer. Blocking.
-    fn charge_and_release(&self, checked: Checked, now: u64) -> Result<QueryResponse, Refusal> {
+    /// and records the answer with its audit entry. Blocking.
+    fn charge_and_release(&self, checked: Checked, now: u64) -> QueryResponse {
+        let known = Known {
+            researcher: Some(checked.researcher),
+            study: Some(checked.request.study.clone()),
+            request_id: Some(checked.request.request_id),
+            digest: Some(checked.digest),
+        };
+        match self.release(checked, now) {
+            Ok(response) => response,
+            Err(refusal) => {
+                self.record_refusal(now, known, &refusal);
+                QueryResponse::Refused(refusal)
+            }
+        }
+    }
+
+    fn release(&self, checked: Checked, now: u64) -> Result<QueryResponse, Refusal> {
         let internal = |what: &str, e: &dyn std::fmt::Display| {
             warn!("{what}: {e}");
             Refusal::new(
@@ -195,7 +311,7 @@ impl QueryDesk {
             calibration,
             grant,
         } = checked;
-        let _guard = self.hold(&researcher, &request)?;
+        let _guard = self.hold(&researcher, &request.request_id)?;
         let admission = self
             .ledger
             .admit(ChargeRequest {
@@ -206,19 +322,28 @@ impl QueryDesk {
                 digest: &digest,
                 expires_at: request.expires_at,
                 cost: calibration.cost,
-                budget: grant.budget,
+                budget: grant.budget_per_researcher,
+                study_budget: grant.study_budget,
                 dataset_budget: grant.dataset_budget,
             })
-            .map_err(|e| internal("ledger", &e))?
-            .inspect_err(|refusal| {
-                info!(target: AUDIT, request = %request.request_id, code = %refusal.code, "refused at the ledger");
-            })?;
+            .map_err(|e| internal("ledger", &e))??;
         let charge = match admission {
             Admission::Answered(bytes) => {
                 let envelope: SignedEnvelope =
                     renkei_protocol::codec::decode_limited(&bytes, MAX_RESPONSE_BYTES)
                         .map_err(|e| internal("stored answer", &e))?;
-                info!(target: AUDIT, request = %request.request_id, "resent the recorded answer");
+                self.record(
+                    now,
+                    AuditEvent::QueryAnswered {
+                        researcher,
+                        study: request.study.clone(),
+                        request_id: request.request_id.to_string(),
+                        query_hash: hex_hash(&digest),
+                        rho: renkei_protocol::MicroRho(0),
+                        answer_hash: hex_hash(&Sha256::digest(&bytes).into()),
+                        resent: true,
+                    },
+                );
                 return Ok(QueryResponse::Answered(envelope));
             }
             Admission::Charged(charge) | Admission::ChargedUnanswered(charge) => charge,
@@ -249,6 +374,19 @@ impl QueryDesk {
             .map_err(|e| internal("signing", &e))?;
         let encoded =
             renkei_protocol::codec::encode(&sealed).map_err(|e| internal("encoding", &e))?;
+        // The audit entry goes in before the answer's record, whose fsync makes both durable.
+        self.record(
+            now,
+            AuditEvent::QueryAnswered {
+                researcher,
+                study: request.study.clone(),
+                request_id: request.request_id.to_string(),
+                query_hash: hex_hash(&digest),
+                rho: calibration.cost,
+                answer_hash: hex_hash(&Sha256::digest(&encoded).into()),
+                resent: false,
+            },
+        );
         self.ledger
             .record_answer(&researcher, &request.request_id, encoded)
             .map_err(|e| internal("recording the answer", &e))?;
@@ -269,12 +407,10 @@ impl QueryDesk {
     /// Marks a request as being answered; refuses a second copy arriving meanwhile.
     fn hold(
         &self,
-        researcher: &renkei_protocol::PublicKey,
-        request: &QueryRequest,
+        researcher: &PublicKey,
+        request_id: &RequestId,
     ) -> Result<AnsweringGuard<'_>, Refusal> {
-        let mut key = [0u8; 48];
-        key[..32].copy_from_slice(researcher.as_bytes());
-        key[32..].copy_from_slice(&request.request_id.0);
+        let key = scoped_key(researcher, &request_id.0);
         let mut set = self.answering.lock().map_err(|_| {
             Refusal::new(
                 RefusalCode::Internal,
@@ -285,8 +421,7 @@ impl QueryDesk {
             return Err(Refusal::new(
                 RefusalCode::Overloaded,
                 format!(
-                    "request {} is being answered right now; resend it to get the same answer",
-                    request.request_id
+                    "request {request_id} is being answered right now; resend it to get the same answer"
                 ),
             ));
         }
@@ -295,15 +430,51 @@ impl QueryDesk {
             key,
         })
     }
-}
 
-/// A request that passed every check that costs nothing.
-#[derive(Debug)]
-struct Checked {
-    digest: [u8; 32],
-    researcher: renkei_protocol::PublicKey,
-    request: QueryRequest,
-    compiled: cohort::CompiledQuery,
-    calibration: Calibration,
-    grant: renkei_policies::Grant,
+    /// Decides a policy bundle offered by `source` (a peer id, or a file at start-up). Blocking.
+    pub fn offer_policy(&self, signed: &SignedPolicy, source: &str, now: u64) -> PolicyResponse {
+        match self.policy.offer(signed) {
+            Ok(Ok(Offered::Accepted { policy, previous })) => {
+                let (version, hash) = (policy.bundle().version, policy.hash());
+                info!(target: AUDIT, version, hash = %policy.hash_hex(), %source, "policy activated");
+                self.record(
+                    now,
+                    AuditEvent::PolicyActivated {
+                        version,
+                        hash: policy.hash_hex(),
+                        previous_version: previous,
+                        source: source.to_string(),
+                    },
+                );
+                PolicyResponse::Accepted { version, hash }
+            }
+            Ok(Ok(Offered::AlreadyActive(policy))) => PolicyResponse::AlreadyActive {
+                version: policy.bundle().version,
+                hash: policy.hash(),
+            },
+            Ok(Err(refusal)) => {
+                info!(target: AUDIT, code = %refusal.code, reason = %refusal.reason, %source, "policy refused");
+                self.record(
+                    now,
+                    AuditEvent::PolicyRefused {
+                        code: refusal.code,
+                        source: source.to_string(),
+                    },
+                );
+                PolicyResponse::Refused(refusal)
+            }
+            Err(e) => {
+                warn!("storing a policy failed: {e}");
+                PolicyResponse::Refused(Refusal::new(
+                    RefusalCode::Internal,
+                    "the node could not store the bundle",
+                ))
+            }
+        }
+    }
+
+    /// The active bundle, for peers that fetch it.
+    pub fn active_policy_transfer(&self) -> Result<Option<PolicyTransfer>, NodeError> {
+        self.policy.active_transfer()
+    }
 }

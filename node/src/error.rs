@@ -33,14 +33,12 @@ pub enum NodeError {
         #[source]
         source: renkei_policies::PolicyError,
     },
-    #[error(
-        "policy {path} has version {offered}, but this node already runs version {active}; rollbacks are refused"
-    )]
-    PolicyRollback {
-        path: PathBuf,
-        offered: u64,
-        active: u64,
-    },
+    #[error("policy {path} was refused: {reason}")]
+    PolicyRefused { path: PathBuf, reason: String },
+    #[error("{dir} has no active policy; start it once with --policy FILE")]
+    NoPolicy { dir: PathBuf },
+    #[error("starting the node failed: {0}")]
+    Startup(String),
     #[error("ingest refused, nothing was written:\n{0}")]
     Ingest(#[from] crate::ingest::IngestErrors),
     #[error(

@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use libp2p::PeerId;
-use renkei_policies::{SignedPolicy, VerifiedPolicy};
 use renkei_protocol::SecretKey;
 
 use crate::error::NodeError;
@@ -16,10 +15,8 @@ use crate::store::NodeStore;
 const IDENTITY_FILE: &str = "node.key";
 const STORE_DIR: &str = "store";
 
-/// Meta keys owned by this module.
+/// Meta key owned by this module.
 const META_PSEUDONYM_SECRET: &[u8] = b"pseudonym-secret";
-const META_POLICY_ANCHOR: &[u8] = b"policy-anchor";
-const META_POLICY_VERSION: &[u8] = b"policy-version";
 
 /// An initialised node directory.
 #[derive(Debug, Clone)]
@@ -114,71 +111,6 @@ pub(crate) fn pseudonym_secret(store: &NodeStore) -> Result<[u8; 32], NodeError>
             what: "pseudonymisation secret".into(),
             reason: format!("{} bytes, expected 32", value.len()),
         })
-}
-
-/// Loads and verifies a signed policy for this node.
-///
-/// The first policy a node accepts pins its trust anchor (admins and threshold); every later
-/// policy must be signed by that anchor and may not have a lower version than the active one.
-/// Both are recorded in the store before the policy is used.
-pub fn load_policy(store: &NodeStore, path: &Path) -> Result<VerifiedPolicy, NodeError> {
-    let policy_error = |source| NodeError::Policy {
-        path: path.to_path_buf(),
-        source,
-    };
-    let signed = SignedPolicy::read_file(path).map_err(policy_error)?;
-    let verified = match store.meta.get(META_POLICY_ANCHOR)? {
-        None => signed.verify_self_anchored().map_err(policy_error)?,
-        Some(bytes) => {
-            let pinned: PinnedAnchor = renkei_protocol::codec::decode_limited(&bytes, 1 << 20)
-                .map_err(|e| NodeError::CorruptStore {
-                    what: "pinned policy anchor".into(),
-                    reason: e.to_string(),
-                })?;
-            signed
-                .verify(&renkei_policies::TrustAnchor {
-                    admins: pinned.admins.into_iter().collect(),
-                    threshold: pinned.threshold as usize,
-                })
-                .map_err(policy_error)?
-        }
-    };
-    let offered = verified.bundle().version;
-    if let Some(active) = store.meta.get(META_POLICY_VERSION)? {
-        let active = u64::from_be_bytes(active.as_ref().try_into().map_err(|_| {
-            NodeError::CorruptStore {
-                what: "active policy version".into(),
-                reason: "not 8 bytes".into(),
-            }
-        })?);
-        if offered < active {
-            return Err(NodeError::PolicyRollback {
-                path: path.to_path_buf(),
-                offered,
-                active,
-            });
-        }
-    }
-    let anchor = verified.anchor();
-    let pinned = PinnedAnchor {
-        admins: anchor.admins.into_iter().collect(),
-        threshold: anchor.threshold as u64,
-    };
-    store
-        .meta
-        .insert(META_POLICY_ANCHOR, renkei_protocol::codec::encode(&pinned)?)?;
-    store
-        .meta
-        .insert(META_POLICY_VERSION, &offered.to_be_bytes()[..])?;
-    store.flush()?;
-    Ok(verified)
-}
-
-/// The admins a node trusts for policy updates, as stored.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct PinnedAnchor {
-    admins: Vec<renkei_protocol::PublicKey>,
-    threshold: u64,
 }
 
 #[cfg(test)]

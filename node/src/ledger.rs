@@ -10,10 +10,10 @@
 //! crash can lose budget, never leak it, and a resent request gets the stored answer instead
 //! of fresh noise (resending cannot be used to average noise away). There are no refunds.
 //!
-//! Keys: accounts are `researcher key (32 bytes) || study` → spent micro-rho (big-endian
-//! u64); the dataset total is [`DATASET_ACCOUNT`] (shorter than any account key); nonces are
-//! `researcher key || nonce` → expiry; requests are `researcher key || request id` → an
-//! encoded [`RequestRecord`]. Nonces and request records are kept until their request has
+//! Keys: accounts are `R || researcher key (32 bytes) || study` (one researcher on one
+//! study), `S || study` (everyone on one study) and `D` (everyone on everything: the
+//! dataset), each → spent micro-rho (big-endian u64); nonces are `researcher key || nonce` →
+//! expiry; requests are `researcher key || request id` → an encoded [`RequestRecord`]. Nonces and request records are kept until their request has
 //! expired (plus clock skew); after that the request is refused as expired anyway.
 
 use renkei_protocol::limits::MAX_CLOCK_SKEW_SECS;
@@ -26,7 +26,7 @@ use crate::error::NodeError;
 use crate::store::NodeStore;
 
 /// Ledger key of the node's total spend over all researchers and studies.
-pub const DATASET_ACCOUNT: &[u8] = b"#dataset";
+const DATASET_ACCOUNT: &[u8] = b"D";
 
 /// Largest request record stored (the signed answer dominates it).
 const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -82,8 +82,10 @@ pub struct ChargeRequest<'a> {
     /// Unix seconds after which the request is dead (its records may then be forgotten).
     pub expires_at: u64,
     pub cost: MicroRho,
-    /// The researcher's total budget for the study, from the active policy.
+    /// The researcher's budget for the study, from the active policy.
     pub budget: MicroRho,
+    /// All researchers' budget for the study, if the policy sets one.
+    pub study_budget: Option<MicroRho>,
     /// The node's cap over everyone, from the active policy.
     pub dataset_budget: Option<MicroRho>,
 }
@@ -95,14 +97,22 @@ pub struct PrivacyLedger {
 }
 
 fn account_key(researcher: &PublicKey, study: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(32 + study.len());
+    let mut key = Vec::with_capacity(33 + study.len());
+    key.push(b'R');
     key.extend_from_slice(researcher.as_bytes());
     key.extend_from_slice(study.as_bytes());
     key
 }
 
+fn study_key(study: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + study.len());
+    key.push(b'S');
+    key.extend_from_slice(study.as_bytes());
+    key
+}
+
 /// Keys scoped by researcher, so one researcher can never collide with another's.
-fn scoped_key(researcher: &PublicKey, id: &[u8; 16]) -> [u8; 48] {
+pub(crate) fn scoped_key(researcher: &PublicKey, id: &[u8; 16]) -> [u8; 48] {
     let mut key = [0u8; 48];
     key[..32].copy_from_slice(researcher.as_bytes());
     key[32..].copy_from_slice(id);
@@ -124,6 +134,7 @@ enum Stop {
     ReusedId,
     Replayed,
     Exhausted { spent: u64 },
+    StudyExhausted { spent: u64, cap: u64 },
     DatasetExhausted { spent: u64, cap: u64 },
     Corrupt(&'static str),
 }
@@ -142,6 +153,7 @@ impl PrivacyLedger {
         request: ChargeRequest<'_>,
     ) -> Result<Result<Admission, Refusal>, NodeError> {
         let account = account_key(request.researcher, request.study);
+        let study_account = study_key(request.study);
         let nonce = scoped_key(request.researcher, request.nonce);
         let request_key = scoped_key(request.researcher, &request.request_id.0);
         let trees = (&self.store.ledger, &self.store.nonces, &self.store.requests);
@@ -167,6 +179,16 @@ impl PrivacyLedger {
                 .checked_add(request.cost.0)
                 .filter(|total| *total <= request.budget.0)
                 .ok_or(Abort::Abort(Stop::Exhausted { spent }))?;
+            let study_spent = read(ledger.get(&study_account)?, "study account")?;
+            let study_total = study_spent.saturating_add(request.cost.0);
+            if let Some(cap) = request.study_budget
+                && study_total > cap.0
+            {
+                return Err(Abort::Abort(Stop::StudyExhausted {
+                    spent: study_spent,
+                    cap: cap.0,
+                }));
+            }
             let dataset_spent = read(ledger.get(DATASET_ACCOUNT)?, "dataset account")?;
             let dataset_total = dataset_spent.saturating_add(request.cost.0);
             if let Some(cap) = request.dataset_budget
@@ -187,6 +209,7 @@ impl PrivacyLedger {
             let encoded = renkei_protocol::codec::encode(&record)
                 .map_err(|_| Abort::Abort(Stop::Corrupt("request record")))?;
             ledger.insert(account.as_slice(), &total.to_be_bytes()[..])?;
+            ledger.insert(study_account.as_slice(), &study_total.to_be_bytes()[..])?;
             ledger.insert(DATASET_ACCOUNT, &dataset_total.to_be_bytes()[..])?;
             nonces.insert(&nonce[..], &request.expires_at.to_be_bytes()[..])?;
             requests.insert(&request_key[..], encoded)?;
@@ -201,13 +224,18 @@ impl PrivacyLedger {
                 self.store.flush()?;
                 Ok(Ok(Admission::Charged(charge)))
             }
-            Err(TransactionError::Abort(Stop::Seen(record))) => Ok(Ok(match record.answer {
-                Some(answer) => Admission::Answered(answer),
-                None => Admission::ChargedUnanswered(Charge {
-                    spent: record.spent,
-                    remaining: record.remaining,
-                }),
-            })),
+            Err(TransactionError::Abort(Stop::Seen(record))) => {
+                // What is sent or drawn from now on must rest on disk, even if the flush that
+                // followed the original charge or answer failed.
+                self.store.flush()?;
+                Ok(Ok(match record.answer {
+                    Some(answer) => Admission::Answered(answer),
+                    None => Admission::ChargedUnanswered(Charge {
+                        spent: record.spent,
+                        remaining: record.remaining,
+                    }),
+                }))
+            }
             Err(TransactionError::Abort(Stop::ReusedId)) => refusal(
                 RefusalCode::Replayed,
                 format!(
@@ -229,6 +257,16 @@ impl PrivacyLedger {
                     ),
                 )
             }
+            Err(TransactionError::Abort(Stop::StudyExhausted { spent, cap })) => refusal(
+                RefusalCode::StudyBudgetExhausted,
+                format!(
+                    "study `{}` has spent rho {} of its {} at this node over all its researchers; this query costs {}",
+                    request.study,
+                    MicroRho(spent),
+                    MicroRho(cap),
+                    request.cost
+                ),
+            ),
             Err(TransactionError::Abort(Stop::DatasetExhausted { spent, cap })) => refusal(
                 RefusalCode::DatasetBudgetExhausted,
                 format!(
@@ -277,6 +315,11 @@ impl PrivacyLedger {
         self.read_account(DATASET_ACCOUNT, "dataset")
     }
 
+    /// All researchers' spend on one study.
+    pub fn study_spent(&self, study: &str) -> Result<MicroRho, NodeError> {
+        self.read_account(&study_key(study), study)
+    }
+
     fn read_account(&self, key: &[u8], what: &str) -> Result<MicroRho, NodeError> {
         match self.store.ledger.get(key)? {
             None => Ok(MicroRho(0)),
@@ -294,17 +337,17 @@ impl PrivacyLedger {
     /// Every researcher account with its spend.
     pub fn entries(&self) -> Result<Vec<LedgerEntry>, NodeError> {
         let mut entries = Vec::new();
-        for item in self.store.ledger.iter() {
+        for item in self.store.ledger.scan_prefix(b"R") {
             let (key, value) = item?;
-            if key.len() < 32 {
-                continue; // the dataset account
-            }
             let corrupt = || NodeError::CorruptStore {
                 what: "ledger entry".into(),
                 reason: "malformed key or value".into(),
             };
-            let researcher: [u8; 32] = key[..32].try_into().map_err(|_| corrupt())?;
-            let study = String::from_utf8(key[32..].to_vec()).map_err(|_| corrupt())?;
+            let researcher: [u8; 32] = key
+                .get(1..33)
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(corrupt)?;
+            let study = String::from_utf8(key[33..].to_vec()).map_err(|_| corrupt())?;
             let spent = decode_u64(&value).ok_or_else(corrupt)?;
             entries.push(LedgerEntry {
                 researcher: PublicKey::from_bytes(researcher),
@@ -367,6 +410,7 @@ mod tests {
                 expires_at: 1_000,
                 cost: MicroRho(cost),
                 budget: MicroRho(budget),
+                study_budget: None,
                 dataset_budget: None,
             }
         }
@@ -476,6 +520,25 @@ mod tests {
             ledger.spent(&b.researcher, "severity").unwrap(),
             MicroRho(0)
         );
+    }
+
+    #[test]
+    fn the_study_budget_binds_across_its_researchers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, _) = NodeHome::init(dir.path()).unwrap();
+        let ledger = PrivacyLedger::new(home.open_store().unwrap());
+        let (a, b) = (Fixture::new(), Fixture::new());
+        let charge = |f: &Fixture| {
+            let mut r = f.request(0, 60, 1_000);
+            r.study_budget = Some(MicroRho(100));
+            ledger.admit(r).unwrap().map(|_| ())
+        };
+        charge(&a).unwrap();
+        assert_eq!(
+            charge(&b).unwrap_err().code,
+            RefusalCode::StudyBudgetExhausted
+        );
+        assert_eq!(ledger.study_spent("severity").unwrap(), MicroRho(60));
     }
 
     #[test]

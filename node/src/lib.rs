@@ -7,16 +7,20 @@
 //! - [`ingest`]: loading a hospital's patient CSV, atomically.
 //! - [`dp`]: noise calibration and release through opendp.
 //! - [`ledger`]: the crash-safe per-researcher privacy budget and replay guard.
-//! - [`desk`]: the query desk: verify, authorize, validate, charge, answer.
+//! - [`governance`]: the active consortium policy: verified, stored, swapped.
+//! - [`audit`]: the signed, hash-chained audit log.
+//! - [`desk`]: the desk: verify, authorize, validate, charge, answer; decide policy offers.
 //! - [`service`]: the libp2p service that carries requests to the desk.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod audit;
 pub mod cohort;
 pub mod desk;
 pub mod dp;
 pub mod error;
+pub mod governance;
 pub mod home;
 pub mod ingest;
 pub mod ledger;

@@ -1,15 +1,18 @@
 //! `renkei-node`: a hospital's node. A thin clap layer over `renkei_node`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
+use renkei_node::audit;
 use renkei_node::cohort::Cohort;
+use renkei_node::governance::PolicyKeeper;
 use renkei_node::ingest::ingest_patients;
 use renkei_node::ledger::PrivacyLedger;
-use renkei_node::{NodeHome, NodeService};
-use renkei_policies::SignedPolicy;
+use renkei_node::service::{NodeStatus, STATUS_FILE};
+use renkei_node::{NodeError, NodeHome, NodeService};
 
 #[derive(Parser)]
 #[command(
@@ -39,29 +42,51 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Answer signed queries under a signed consortium policy until interrupted.
+    /// Answer signed queries under the consortium's signed policy until interrupted.
     Serve {
         #[arg(long)]
         dir: PathBuf,
-        /// Signed policy file (JSON, from `renkei-policy sign`).
+        /// Signed policy file (from `renkei-policy sign`); needed the first time, optional
+        /// later (the node keeps its active policy and takes newer ones from the network).
         #[arg(long)]
-        policy: PathBuf,
+        policy: Option<PathBuf>,
         /// Listen address, e.g. /ip4/0.0.0.0/tcp/4001.
         #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
         listen: Multiaddr,
     },
-    /// Show privacy spent per researcher and study, and what is left under a policy.
+    /// Show privacy spent per researcher and study, and what is left under the active policy
+    /// (the node must be stopped).
     Ledger {
         #[arg(long)]
         dir: PathBuf,
-        /// Signed policy, to show each researcher's remaining budget.
-        #[arg(long)]
-        policy: Option<PathBuf>,
     },
-    /// Show the node's identity and what it holds.
+    /// Show the node's identity, active policy and what it holds.
     Status {
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Inspect the tamper-evident audit log (the node must be stopped).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every entry's signature and the hash chain; exit non-zero naming the first
+    /// edited, removed, reordered or cut entry.
+    Verify {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Write the log as JSON lines (after verifying it).
+    Export {
+        #[arg(long)]
+        dir: PathBuf,
+        /// File to write [default: standard output].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -118,19 +143,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
         } => {
             let home = NodeHome::open(&dir)?;
-            let node = NodeService::start(&home, &policy, listen).await?;
+            let node = NodeService::start(&home, policy.as_deref(), listen).await?;
             println!("{}", node.listen_addr());
+            std::io::stdout().flush().context("writing the address")?;
             tokio::signal::ctrl_c()
                 .await
                 .context("waiting for Ctrl-C")?;
             node.shutdown().await;
         }
-        Command::Ledger { dir, policy } => {
+        Command::Ledger { dir } => {
             let store = NodeHome::open(&dir)?.open_store()?;
-            // Read-only: verified for display, not made the node's active policy.
-            let policy = policy
-                .map(|p| SignedPolicy::read_file(&p)?.verify_self_anchored())
-                .transpose()?;
+            let policy = PolicyKeeper::open(store.clone())?.active();
             let ledger = PrivacyLedger::new(store);
             let cap = policy
                 .as_ref()
@@ -144,8 +167,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for entry in ledger.entries()? {
                 let remaining = policy
                     .as_ref()
-                    .and_then(|p| p.bundle().researcher(&entry.researcher))
-                    .map(|r| r.budget_rho.saturating_sub(entry.spent).to_string())
+                    .and_then(|p| p.bundle().study(&entry.study))
+                    .map(|s| {
+                        s.budget_rho_per_researcher
+                            .saturating_sub(entry.spent)
+                            .to_string()
+                    })
                     .unwrap_or_else(|| "-".into());
                 println!(
                     "{:<66} {:<24} {:>12} {:>12}",
@@ -156,18 +183,85 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Status { dir } => {
-            let home = NodeHome::open(&dir)?;
-            let peer_id = home.peer_id()?;
-            let store = home.open_store()?;
+        Command::Status { dir } => status(&dir)?,
+        Command::Audit { command } => match command {
+            AuditCommand::Verify { dir } => {
+                let entries = verified_audit(&dir)?;
+                println!("audit log intact: {} entries", entries.len());
+            }
+            AuditCommand::Export { dir, out } => {
+                let entries = verified_audit(&dir)?;
+                let mut sink: Box<dyn Write> = match &out {
+                    Some(path) => Box::new(std::io::BufWriter::new(
+                        std::fs::File::create(path)
+                            .with_context(|| format!("creating {}", path.display()))?,
+                    )),
+                    None => Box::new(std::io::stdout().lock()),
+                };
+                for entry in entries {
+                    serde_json::to_writer(&mut sink, &entry)?;
+                    sink.write_all(b"\n")?;
+                }
+                sink.flush()?;
+            }
+        },
+    }
+    Ok(())
+}
+
+fn verified_audit(dir: &std::path::Path) -> anyhow::Result<Vec<audit::AuditEntry>> {
+    let home = NodeHome::open(dir)?;
+    let node_key = home.identity()?.public_key();
+    let store = home.open_store()?;
+    match audit::verify(&store, &node_key)? {
+        Ok(entries) => Ok(entries),
+        Err(violation) => bail!("audit log of {} is NOT intact: {violation}", dir.display()),
+    }
+}
+
+fn status(dir: &std::path::Path) -> anyhow::Result<()> {
+    let home = NodeHome::open(dir)?;
+    println!("peer id:   {}", home.peer_id()?);
+    match home.open_store() {
+        Ok(store) => {
             let cohort = Cohort::load(&store)?;
-            println!("peer id:   {peer_id}");
+            match PolicyKeeper::open(store)?.active() {
+                Some(p) => println!(
+                    "policy:    v{} ({}), hash {}",
+                    p.bundle().version,
+                    p.bundle().consortium,
+                    p.hash_hex()
+                ),
+                None => println!("policy:    none yet"),
+            }
             println!(
                 "patients:  {} consented, {} withheld (no consent)",
                 cohort.consented(),
                 cohort.withheld()
             );
+            println!("serving:   no");
         }
+        Err(NodeError::StoreLocked { .. }) => {
+            let path = dir.join(STATUS_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("the node is running; reading {}", path.display()))?;
+            let status: NodeStatus = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a node status", path.display()))?;
+            println!(
+                "policy:    v{}, hash {}",
+                status.policy_version, status.policy_hash
+            );
+            println!(
+                "patients:  {} consented, {} withheld (no consent)",
+                status.consented, status.withheld
+            );
+            println!(
+                "serving:   yes, at {} (since {})",
+                status.listen_addr, status.started_at
+            );
+            println!("noise rng: {}", status.randomness);
+        }
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

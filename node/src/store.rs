@@ -3,8 +3,8 @@
 //! One [`NodeStore`] per process opens the database and hands out its trees: `patients`
 //! (pseudonymous id → record), `ledger` (researcher and study → rho spent), `nonces` (seen
 //! request nonces, for replay refusal), `requests` (each request's charge and signed answer,
-//! for idempotent resends) and `meta` (the pseudonymisation secret, the pinned policy anchor
-//! and version). Callers go through the modules that own each tree
+//! for idempotent resends), `audit` (the signed, hash-chained audit log) and `meta` (the
+//! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers go through the modules that own each tree
 //! ([`crate::cohort`], [`crate::ledger`]), never to sled directly.
 
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ pub struct NodeStore {
     pub(crate) ledger: sled::Tree,
     pub(crate) nonces: sled::Tree,
     pub(crate) requests: sled::Tree,
+    pub(crate) audit: sled::Tree,
     pub(crate) meta: sled::Tree,
 }
 
@@ -59,6 +60,7 @@ impl NodeStore {
             ledger: db.open_tree("ledger")?,
             nonces: db.open_tree("nonces")?,
             requests: db.open_tree("requests")?,
+            audit: db.open_tree("audit")?,
             meta: db.open_tree("meta")?,
             path: path.to_path_buf(),
             db,

@@ -1,6 +1,9 @@
 //! The hospital's workflow through the `renkei-node` binary: init, a bad CSV refused with
 //! its line and nothing written, a good CSV loaded, a second init refused.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::process::{Command, Output};
 
 fn node_cli(args: &[&str]) -> Output {

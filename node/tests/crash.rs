@@ -3,6 +3,9 @@
 //! every kill the spend on disk is at least the sum of the answers the researcher received:
 //! nothing is ever released uncharged.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,26 +76,26 @@ async fn sigkill_never_releases_an_uncharged_answer() {
 
     let admin = SecretKey::generate().unwrap();
     let researcher = Arc::new(SecretKey::generate().unwrap());
-    let bundle = PolicyBundle {
-        version: 1,
-        consortium: "crash-test".into(),
-        admins: vec![admin.public_key()],
-        threshold: 1,
-        members: vec![Member {
+    let bundle = PolicyBundle::development(
+        admin.public_key(),
+        vec![Member {
             peer_id: peer_id.to_base58(),
             institution: "Hospital K".into(),
+            addresses: vec![],
         }],
-        researchers: vec![Researcher {
+        Researcher {
             name: "Dr. Crash".into(),
             public_key: researcher.public_key(),
-            budget_rho: MicroRho(10_000 * MicroRho::PER_RHO),
-            studies: vec![STUDY.into()],
-        }],
-        limits: QueryLimits {
+            affiliation: String::new(),
+        },
+        STUDY,
+        MicroRho(10_000 * MicroRho::PER_RHO),
+        QueryLimits {
             min_cell_size: 0,
             ..QueryLimits::default()
         },
-    };
+        unix_now(),
+    );
     let mut signed = SignedPolicy::unsigned(&bundle).unwrap();
     signed.sign(&admin);
     let policy = dir.path().join("policy.json");
@@ -120,6 +123,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                         query,
                         STUDY,
                         PrivacyRequest::Zcdp { rho: COST },
+                        std::slice::from_ref(&node),
                         unix_now(),
                     )
                     .unwrap();

@@ -3,6 +3,9 @@
 //! discrete Gaussian / discrete Laplace mass functions. The same test, on the same draws,
 //! must reject a scale 15% off, so it can tell a wrong scale from a right one.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use renkei_node::dp::Calibration;
 use renkei_protocol::{MicroEpsilon, MicroRho};
 

@@ -1,59 +1,176 @@
-//! Evaluating a request against the active policy: is this researcher approved for this
-//! study, and may one query spend this much? The budget itself is kept by each node's ledger;
-//! the policy only says how large it is.
+//! Evaluating a request against the active policy: is the researcher's key revoked, are
+//! they approved for this study, is the study within its validity window, do the view,
+//! columns and aggregation fall within its terms, and is a sensitive view granted by a
+//! bundle with enough admin signatures? The answer is a [`Grant`] carrying the budgets and
+//! limits the node then enforces, or a [`Refusal`] with its own code. The budget itself is
+//! kept by each node's ledger; the policy only says how large it is.
 
-use renkei_protocol::{MicroRho, PublicKey, Refusal, RefusalCode};
+use renkei_protocol::{MicroRho, PublicKey, Query, Refusal, RefusalCode};
 
 use crate::signed::VerifiedPolicy;
 
-/// What the policy allows a researcher on one study.
+/// What the policy allows one researcher for one query on one study.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grant {
     pub researcher: String,
     pub study: String,
-    /// Total rho the researcher may spend on this study at each node.
-    pub budget: MicroRho,
-    /// The most one query may cost.
-    pub max_rho_per_query: MicroRho,
+    /// Rho this researcher may spend on this study at each node.
+    pub budget_per_researcher: MicroRho,
+    /// Rho all researchers together may spend on this study at each node.
+    pub study_budget: Option<MicroRho>,
     /// The node's cap over everyone, if any.
     pub dataset_budget: Option<MicroRho>,
+    /// The most one query may cost.
+    pub max_rho_per_query: MicroRho,
+    /// The largest of the consortium's, the study's and a sensitive view's minimum.
     pub min_cell_size: u64,
     pub report_delta: f64,
     policy_version: u64,
 }
 
 impl VerifiedPolicy {
-    /// Decides whether `researcher` may query `study` at all; a refusal says why.
-    pub fn authorize(&self, researcher: &PublicKey, study: &str) -> Result<Grant, Refusal> {
+    /// Decides whether `researcher` may ask `query` within `study` at time `now` (Unix
+    /// seconds); a refusal says why.
+    pub fn authorize(
+        &self,
+        researcher: &PublicKey,
+        study_id: &str,
+        query: &Query,
+        now: u64,
+    ) -> Result<Grant, Refusal> {
         let bundle = self.bundle();
-        let Some(entry) = bundle.researcher(researcher) else {
-            return Err(Refusal::new(
+        let v = bundle.version;
+        let refuse = |code, reason: String| Err(Refusal::new(code, reason));
+        if bundle.revoked.contains(researcher) {
+            return refuse(
+                RefusalCode::ResearcherRevoked,
+                format!("key {researcher} was revoked by the consortium (policy v{v})"),
+            );
+        }
+        let Some(person) = bundle.researcher(researcher) else {
+            return refuse(
                 RefusalCode::UnknownResearcher,
                 format!(
-                    "key {researcher} is not an approved researcher in policy v{} ({})",
-                    bundle.version, bundle.consortium
+                    "key {researcher} is not an approved researcher in policy v{v} ({})",
+                    bundle.consortium
                 ),
-            ));
+            );
         };
-        if !entry.studies.iter().any(|s| s == study) {
-            return Err(Refusal::new(
+        let Some(study) = bundle
+            .study(study_id)
+            .filter(|s| s.researchers.contains(researcher))
+        else {
+            let approved: Vec<&str> = bundle
+                .studies_of(researcher)
+                .iter()
+                .map(|s| s.id.as_str())
+                .collect();
+            return refuse(
                 RefusalCode::StudyNotApproved,
                 format!(
-                    "{} is not approved for study `{study}`; approved: {}",
-                    entry.name,
-                    entry.studies.join(", ")
+                    "{} is not approved for study `{study_id}` in policy v{v}; approved: {}",
+                    person.name,
+                    if approved.is_empty() {
+                        "none".into()
+                    } else {
+                        approved.join(", ")
+                    }
                 ),
-            ));
+            );
+        };
+        if now < study.valid_from.0 {
+            return refuse(
+                RefusalCode::StudyNotYetValid,
+                format!(
+                    "study `{study_id}` may be queried from {}",
+                    study.valid_from
+                ),
+            );
+        }
+        if now > study.valid_until.0 {
+            return refuse(
+                RefusalCode::StudyExpired,
+                format!(
+                    "study `{study_id}` ended at {}; ask the consortium to extend it",
+                    study.valid_until
+                ),
+            );
+        }
+        let view = query.view.as_str();
+        let aggregation = query.aggregate.name();
+        let mut min_cell_size = bundle
+            .limits
+            .min_cell_size
+            .max(study.min_cell_size.unwrap_or(0));
+        if let Some(rule) = bundle.sensitive_rule(view) {
+            if !study.sensitive_views.iter().any(|s| s == view) {
+                return refuse(
+                    RefusalCode::SensitiveNotGranted,
+                    format!("`{view}` is sensitive and study `{study_id}` has no grant for it"),
+                );
+            }
+            let signed = self.admin_signatures();
+            if signed < rule.signatures_required as usize {
+                return refuse(
+                    RefusalCode::SensitiveNotGranted,
+                    format!(
+                        "the grant of sensitive view `{view}` needs {} admin signatures; policy v{v} has {signed}",
+                        rule.signatures_required
+                    ),
+                );
+            }
+            if !rule.aggregations.iter().any(|a| a == aggregation) {
+                return refuse(
+                    RefusalCode::AggregationNotAllowed,
+                    format!(
+                        "on sensitive view `{view}` only {} may be computed",
+                        rule.aggregations.join(", ")
+                    ),
+                );
+            }
+            min_cell_size = min_cell_size.max(rule.min_cell_size);
+        } else if !study.views.iter().any(|s| s == view) {
+            return refuse(
+                RefusalCode::ViewNotAllowed,
+                format!(
+                    "study `{study_id}` may query {}, not `{view}`",
+                    study.views.join(", ")
+                ),
+            );
+        }
+        if !study.columns.is_empty()
+            && let Some(column) = query
+                .columns()
+                .into_iter()
+                .find(|c| !study.columns.iter().any(|allowed| allowed == c))
+        {
+            return refuse(
+                RefusalCode::ColumnNotAllowed,
+                format!(
+                    "study `{study_id}` may use {}, not `{column}`",
+                    study.columns.join(", ")
+                ),
+            );
+        }
+        if !study.aggregations.iter().any(|a| a == aggregation) {
+            return refuse(
+                RefusalCode::AggregationNotAllowed,
+                format!(
+                    "study `{study_id}` may compute {}, not {aggregation}",
+                    study.aggregations.join(", ")
+                ),
+            );
         }
         Ok(Grant {
-            researcher: entry.name.clone(),
-            study: study.to_string(),
-            budget: entry.budget_rho,
-            max_rho_per_query: bundle.limits.max_rho_per_query,
+            researcher: person.name.clone(),
+            study: study.id.clone(),
+            budget_per_researcher: study.budget_rho_per_researcher,
+            study_budget: study.budget_rho,
             dataset_budget: bundle.limits.dataset_budget_rho,
-            min_cell_size: bundle.limits.min_cell_size,
+            max_rho_per_query: bundle.limits.max_rho_per_query,
+            min_cell_size,
             report_delta: bundle.limits.report_delta,
-            policy_version: bundle.version,
+            policy_version: v,
         })
     }
 }
@@ -78,59 +195,134 @@ impl Grant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{PolicyBundle, QueryLimits, Researcher, SignedPolicy};
-    use renkei_protocol::SecretKey;
+    use crate::bundle::Timestamp;
+    use crate::{PolicyBundle, SignedPolicy};
+    use renkei_protocol::{Category, Predicate, SecretKey};
 
-    fn policy(researcher: &SecretKey) -> VerifiedPolicy {
-        let admin = SecretKey::generate().unwrap();
-        let bundle = PolicyBundle {
-            version: 1,
-            consortium: "test".into(),
-            admins: vec![admin.public_key()],
-            threshold: 1,
-            members: vec![],
-            researchers: vec![Researcher {
-                name: "Dr. Tanaka".into(),
-                public_key: researcher.public_key(),
-                budget_rho: MicroRho(1_000_000),
-                studies: vec!["severity".into()],
-            }],
-            limits: QueryLimits {
-                max_rho_per_query: MicroRho(200_000),
-                ..QueryLimits::default()
-            },
-        };
-        let mut signed = SignedPolicy::unsigned(&bundle).unwrap();
-        signed.sign(&admin);
+    const NOW: u64 = 1_780_000_000; // 2026-05-28
+
+    struct Setup {
+        admins: Vec<SecretKey>,
+        researcher: SecretKey,
+        bundle: PolicyBundle,
+    }
+
+    fn setup() -> Setup {
+        let admins: Vec<SecretKey> = (0..2).map(|_| SecretKey::generate().unwrap()).collect();
+        let researcher = SecretKey::generate().unwrap();
+        let mut bundle = PolicyBundle::from_toml(crate::bundle::tests::SAMPLE).unwrap();
+        bundle.admins = admins.iter().map(|a| a.public_key()).collect();
+        bundle.researchers[0].public_key = researcher.public_key();
+        bundle.studies[0].researchers = vec![researcher.public_key()];
+        Setup {
+            admins,
+            researcher,
+            bundle,
+        }
+    }
+
+    fn verified(setup: &Setup, signers: usize) -> VerifiedPolicy {
+        let mut signed = SignedPolicy::unsigned(&setup.bundle).unwrap();
+        for admin in &setup.admins[..signers] {
+            signed.sign(admin);
+        }
         signed.verify_self_anchored().unwrap()
     }
 
-    #[test]
-    fn each_refusal_has_its_own_code() {
-        let researcher = SecretKey::generate().unwrap();
-        let policy = policy(&researcher);
-        let me = researcher.public_key();
-        let grant = policy.authorize(&me, "severity").unwrap();
-        assert_eq!(grant.budget, MicroRho(1_000_000));
-        grant.check_cost(MicroRho(200_000)).unwrap();
+    fn count(view: &str, columns: &[&str]) -> Query {
+        Query::count_patients(
+            view,
+            columns
+                .iter()
+                .map(|c| Predicate::Is {
+                    column: c.to_string(),
+                    value: Category::Flag(true),
+                })
+                .collect(),
+        )
+    }
 
-        let stranger = SecretKey::generate().unwrap().public_key();
-        let code = |r: Result<Grant, Refusal>| r.unwrap_err().code;
+    fn code(result: Result<Grant, Refusal>) -> RefusalCode {
+        result.unwrap_err().code
+    }
+
+    #[test]
+    fn a_query_within_the_study_terms_is_granted() {
+        let s = setup();
+        let policy = verified(&s, 1);
+        let me = s.researcher.public_key();
+        let grant = policy
+            .authorize(&me, "severity-2026", &count("patients", &["diabetes"]), NOW)
+            .unwrap();
+        assert_eq!(grant.budget_per_researcher, MicroRho(2_500_000));
+        assert_eq!(grant.study_budget, Some(MicroRho(10_000_000)));
+        assert_eq!(grant.min_cell_size, 5);
+        grant.check_cost(MicroRho(500_000)).unwrap();
         assert_eq!(
-            code(policy.authorize(&stranger, "severity")),
-            RefusalCode::UnknownResearcher
-        );
-        assert_eq!(
-            code(policy.authorize(&me, "genomes")),
-            RefusalCode::StudyNotApproved
-        );
-        assert_eq!(
-            grant.check_cost(MicroRho(200_001)).unwrap_err().code,
+            grant.check_cost(MicroRho(500_001)).unwrap_err().code,
             RefusalCode::PrivacyParameterOutOfRange
         );
         assert_eq!(
             grant.check_cost(MicroRho(0)).unwrap_err().code,
             RefusalCode::PrivacyParameterOutOfRange
+        );
+    }
+
+    #[test]
+    fn each_refusal_has_its_own_code() {
+        let mut s = setup();
+        let me = s.researcher.public_key();
+        let q = count("patients", &["diabetes"]);
+        let policy = verified(&s, 1);
+        let stranger = SecretKey::generate().unwrap().public_key();
+        assert_eq!(
+            code(policy.authorize(&stranger, "severity-2026", &q, NOW)),
+            RefusalCode::UnknownResearcher
+        );
+        assert_eq!(
+            code(policy.authorize(&me, "genomes", &q, NOW)),
+            RefusalCode::StudyNotApproved
+        );
+        assert_eq!(
+            code(policy.authorize(&me, "severity-2026", &q, 1_700_000_000)),
+            RefusalCode::StudyNotYetValid
+        );
+        let after = Timestamp::parse("2028-01-01T00:00:00Z").unwrap().0;
+        assert_eq!(
+            code(policy.authorize(&me, "severity-2026", &q, after)),
+            RefusalCode::StudyExpired
+        );
+        assert_eq!(
+            code(policy.authorize(&me, "severity-2026", &count("timepoints", &[]), NOW)),
+            RefusalCode::ViewNotAllowed
+        );
+        let err = policy
+            .authorize(&me, "severity-2026", &count("patients", &["cancer"]), NOW)
+            .unwrap_err();
+        assert_eq!(err.code, RefusalCode::ColumnNotAllowed);
+        assert!(err.reason.contains("`cancer`"), "{}", err.reason);
+
+        // The sensitive grant needs two admin signatures; one is not enough.
+        let genome = count("host_genome", &[]);
+        assert_eq!(
+            code(policy.authorize(&me, "severity-2026", &genome, NOW)),
+            RefusalCode::SensitiveNotGranted
+        );
+        let grant = verified(&s, 2)
+            .authorize(&me, "severity-2026", &genome, NOW)
+            .unwrap();
+        assert_eq!(grant.min_cell_size, 20);
+        // Without the grant in the study, no number of signatures helps.
+        s.bundle.studies[0].sensitive_views.clear();
+        assert_eq!(
+            code(verified(&s, 2).authorize(&me, "severity-2026", &genome, NOW)),
+            RefusalCode::SensitiveNotGranted
+        );
+
+        s.bundle.revoked.push(me);
+        assert_eq!(
+            code(verified(&s, 1).authorize(&me, "severity-2026", &q, NOW)),
+            RefusalCode::ResearcherRevoked
         );
     }
 }

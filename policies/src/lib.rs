@@ -14,6 +14,8 @@ pub mod bundle;
 pub mod evaluate;
 pub mod signed;
 
-pub use bundle::{Member, PolicyBundle, QueryLimits, Researcher};
+pub use bundle::{
+    AGGREGATIONS, Member, PolicyBundle, QueryLimits, Researcher, SensitiveRule, Study, Timestamp,
+};
 pub use evaluate::Grant;
 pub use signed::{AdminSignature, PolicyError, SignedPolicy, TrustAnchor, VerifiedPolicy};

@@ -12,7 +12,7 @@ use std::path::Path;
 use renkei_protocol::codec::{self, CodecError};
 use renkei_protocol::envelope::Signature;
 use renkei_protocol::limits::MAX_POLICY_BYTES;
-use renkei_protocol::{PublicKey, Purpose, SecretKey};
+use renkei_protocol::{PolicyTransfer, PublicKey, Purpose, SecretKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -47,12 +47,7 @@ pub enum PolicyError {
     Codec(#[from] CodecError),
 }
 
-/// One admin's detached signature over the canonical bundle bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdminSignature {
-    pub admin: PublicKey,
-    pub signature: Signature,
-}
+pub use renkei_protocol::AdminSignature;
 
 /// A bundle in canonical form with the admin signatures collected so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,14 +114,14 @@ impl SignedPolicy {
         let signers = self.valid_signers()?;
         let bundle: PolicyBundle = codec::decode_limited(&self.canonical, MAX_POLICY_BYTES)?;
         bundle.validate()?;
-        let anchor = TrustAnchor {
-            admins: bundle.admins.iter().copied().collect(),
-            threshold: bundle.threshold as usize,
-        };
-        self.accept(bundle, signers, &anchor)
+        let own = anchor_of(&bundle);
+        self.accept(bundle, signers, &own)
     }
 
-    /// Verifies against an anchor the verifier already trusts.
+    /// Verifies against an anchor the verifier already trusts (the active bundle's admins).
+    /// The bundle must carry `anchor.threshold` signatures of those admins **and** its own
+    /// threshold of its own admins, so admins can be rotated only with the consent of both
+    /// the old and the new set.
     pub fn verify(&self, anchor: &TrustAnchor) -> Result<VerifiedPolicy, PolicyError> {
         let signers = self.valid_signers()?;
         let bundle: PolicyBundle = codec::decode_limited(&self.canonical, MAX_POLICY_BYTES)?;
@@ -160,20 +155,46 @@ impl SignedPolicy {
         signers: BTreeSet<PublicKey>,
         anchor: &TrustAnchor,
     ) -> Result<VerifiedPolicy, PolicyError> {
-        if let Some(stranger) = signers.iter().find(|s| !anchor.admins.contains(s)) {
+        let own = anchor_of(&bundle);
+        if let Some(stranger) = signers
+            .iter()
+            .find(|s| !anchor.admins.contains(s) && !own.admins.contains(s))
+        {
             return Err(PolicyError::NotAnAdmin { signer: *stranger });
         }
-        if signers.len() < anchor.threshold.max(1) {
-            return Err(PolicyError::TooFewSignatures {
-                valid: signers.len(),
-                threshold: anchor.threshold.max(1),
-            });
+        for required in [anchor, &own] {
+            let valid = signers.intersection(&required.admins).count();
+            let threshold = required.threshold.max(1);
+            if valid < threshold {
+                return Err(PolicyError::TooFewSignatures { valid, threshold });
+            }
         }
         Ok(VerifiedPolicy {
             bundle,
             hash: self.hash(),
             signers,
         })
+    }
+
+    /// The canonical bytes that were signed.
+    pub fn canonical_bytes(&self) -> &[u8] {
+        &self.canonical
+    }
+
+    /// The form in which bundles travel between peers.
+    pub fn to_transfer(&self) -> PolicyTransfer {
+        PolicyTransfer {
+            bundle: self.canonical.clone(),
+            signatures: self.signatures.clone(),
+        }
+    }
+
+    /// A signed policy as received from a peer; nothing is verified yet.
+    pub fn from_transfer(transfer: PolicyTransfer) -> Self {
+        Self {
+            canonical: transfer.bundle,
+            signatures: transfer.signatures,
+        }
     }
 
     pub fn to_json(&self) -> Result<String, PolicyError> {
@@ -229,6 +250,13 @@ impl SignedPolicy {
     }
 }
 
+fn anchor_of(bundle: &PolicyBundle) -> TrustAnchor {
+    TrustAnchor {
+        admins: bundle.admins.iter().copied().collect(),
+        threshold: bundle.threshold as usize,
+    }
+}
+
 impl VerifiedPolicy {
     pub fn bundle(&self) -> &PolicyBundle {
         &self.bundle
@@ -248,10 +276,16 @@ impl VerifiedPolicy {
 
     /// The anchor this bundle establishes for verifying its successors.
     pub fn anchor(&self) -> TrustAnchor {
-        TrustAnchor {
-            admins: self.bundle.admins.iter().copied().collect(),
-            threshold: self.bundle.threshold as usize,
-        }
+        anchor_of(&self.bundle)
+    }
+
+    /// How many of this bundle's own admins signed it.
+    pub fn admin_signatures(&self) -> usize {
+        self.bundle
+            .admins
+            .iter()
+            .filter(|a| self.signers.contains(a))
+            .count()
     }
 }
 
@@ -269,6 +303,9 @@ mod tests {
             threshold,
             members: vec![],
             researchers: vec![],
+            studies: vec![],
+            sensitive: vec![],
+            revoked: vec![],
             limits: QueryLimits {
                 max_rho_per_query: MicroRho(100_000),
                 ..QueryLimits::default()
@@ -330,6 +367,30 @@ mod tests {
     }
 
     #[test]
+    fn rotating_admins_needs_both_the_old_and_the_new_set() {
+        let (old, new) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let anchor = TrustAnchor {
+            admins: [old.public_key()].into(),
+            threshold: 1,
+        };
+        let mut rotated = bundle(&[&new], 1);
+        rotated.version = 2;
+        let mut signed = SignedPolicy::unsigned(&rotated).unwrap();
+        signed.sign(&new);
+        assert!(matches!(
+            signed.verify(&anchor),
+            Err(PolicyError::TooFewSignatures { valid: 0, .. })
+        ));
+        signed.sign(&old);
+        let verified = signed.verify(&anchor).unwrap();
+        assert_eq!(verified.anchor().admins, [new.public_key()].into());
+        assert_eq!(verified.admin_signatures(), 1);
+    }
+
+    #[test]
     fn a_self_signed_bundle_is_not_trusted_by_another_anchor() {
         let admin = SecretKey::generate().unwrap();
         let usurper = SecretKey::generate().unwrap();
@@ -342,7 +403,7 @@ mod tests {
         };
         assert!(matches!(
             forged.verify(&anchor),
-            Err(PolicyError::NotAnAdmin { .. })
+            Err(PolicyError::TooFewSignatures { valid: 0, .. })
         ));
     }
 }

@@ -7,10 +7,13 @@
 //! limit, bincode is given an allocation limit, and trailing bytes are an error (so one value
 //! has exactly one encoding that verifies).
 //!
-//! [`QueryCodec`] frames the query protocol ([`crate::limits::QUERY_PROTOCOL`]) on libp2p
-//! streams: one request and one response per stream, each read with `take(limit)`.
+//! [`BoundedCodec`] frames renkei's request-response protocols on libp2p streams: one
+//! request and one response per stream, each read with `take(limit)` where the limit is the
+//! message type's own ([`WireMessage::LIMIT`]). [`QueryCodec`] and [`PolicyCodec`] are its
+//! two instances.
 
 use std::io;
+use std::marker::PhantomData;
 
 use bincode::config::{Configuration, LittleEndian, Varint};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -18,11 +21,14 @@ use libp2p::StreamProtocol;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::limits::{MAX_POLICY_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, QUERY_PROTOCOL};
-use crate::messages::QueryResponse;
+use crate::limits::{
+    MAX_POLICY_MESSAGE_BYTES, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, POLICY_PROTOCOL,
+    QUERY_PROTOCOL,
+};
+use crate::messages::{PolicyRequest, PolicyResponse, QueryResponse};
 
 /// The largest allocation bincode may make while decoding anything.
-const DECODE_ALLOCATION_LIMIT: usize = MAX_POLICY_BYTES;
+const DECODE_ALLOCATION_LIMIT: usize = MAX_POLICY_MESSAGE_BYTES;
 
 type Config = Configuration<LittleEndian, Varint, bincode::config::Limit<DECODE_ALLOCATION_LIMIT>>;
 
@@ -133,9 +139,74 @@ async fn read_bounded<T: AsyncRead + Unpin + Send>(
     Ok(bytes)
 }
 
-/// The libp2p request-response codec of the query protocol.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueryCodec;
+/// A message with a size limit and an encoding, as carried by [`BoundedCodec`].
+pub trait WireMessage: Sized + Send + Sync {
+    /// Largest encoded size accepted.
+    const LIMIT: usize;
+    fn to_wire(&self) -> Result<Vec<u8>, CodecError>;
+    fn from_wire(bytes: Vec<u8>) -> Result<Self, CodecError>;
+}
+
+impl WireMessage for EncodedRequest {
+    const LIMIT: usize = MAX_REQUEST_BYTES;
+
+    fn to_wire(&self) -> Result<Vec<u8>, CodecError> {
+        Ok(self.0.clone())
+    }
+
+    /// Kept as bytes: the node decodes them itself and refuses malformed ones in words.
+    fn from_wire(bytes: Vec<u8>) -> Result<Self, CodecError> {
+        Ok(Self(bytes))
+    }
+}
+
+macro_rules! bincode_wire_message {
+    ($type:ty, $limit:expr) => {
+        impl WireMessage for $type {
+            const LIMIT: usize = $limit;
+
+            fn to_wire(&self) -> Result<Vec<u8>, CodecError> {
+                encode_limited(self, Self::LIMIT)
+            }
+
+            fn from_wire(bytes: Vec<u8>) -> Result<Self, CodecError> {
+                decode_limited(&bytes, Self::LIMIT)
+            }
+        }
+    };
+}
+
+bincode_wire_message!(QueryResponse, MAX_RESPONSE_BYTES);
+bincode_wire_message!(PolicyRequest, MAX_POLICY_MESSAGE_BYTES);
+bincode_wire_message!(PolicyResponse, MAX_POLICY_MESSAGE_BYTES);
+
+/// A libp2p request-response codec: one request and one response per stream, each read
+/// with `take(limit)` and written whole, then the stream is closed.
+pub struct BoundedCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+
+impl<Req, Resp> Default for BoundedCodec<Req, Resp> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<Req, Resp> Clone for BoundedCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<Req, Resp> std::fmt::Debug for BoundedCodec<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BoundedCodec")
+    }
+}
+
+/// The query protocol's codec ([`QUERY_PROTOCOL`]).
+pub type QueryCodec = BoundedCodec<EncodedRequest, QueryResponse>;
+
+/// The policy protocol's codec ([`POLICY_PROTOCOL`]).
+pub type PolicyCodec = BoundedCodec<PolicyRequest, PolicyResponse>;
 
 impl QueryCodec {
     pub fn protocol() -> StreamProtocol {
@@ -143,62 +214,74 @@ impl QueryCodec {
     }
 }
 
-impl libp2p::request_response::Codec for QueryCodec {
-    type Protocol = StreamProtocol;
-    type Request = EncodedRequest;
-    type Response = QueryResponse;
+impl PolicyCodec {
+    pub fn protocol() -> StreamProtocol {
+        StreamProtocol::new(POLICY_PROTOCOL)
+    }
+}
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Self::Request>
+async fn write_message<T, M>(io: &mut T, message: &M) -> io::Result<()>
+where
+    T: AsyncWrite + Unpin + Send,
+    M: WireMessage,
+{
+    let bytes = message.to_wire()?;
+    if bytes.len() > M::LIMIT {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit: M::LIMIT,
+        }
+        .into());
+    }
+    io.write_all(&bytes).await?;
+    io.close().await
+}
+
+impl<Req, Resp> libp2p::request_response::Codec for BoundedCodec<Req, Resp>
+where
+    Req: WireMessage + 'static,
+    Resp: WireMessage + 'static,
+{
+    type Protocol = StreamProtocol;
+    type Request = Req;
+    type Response = Resp;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
     where
         T: AsyncRead + Unpin + Send,
     {
-        Ok(EncodedRequest(read_bounded(io, MAX_REQUEST_BYTES).await?))
+        Ok(Req::from_wire(read_bounded(io, Req::LIMIT).await?)?)
     }
 
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Self::Response>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let bytes = read_bounded(io, MAX_RESPONSE_BYTES).await?;
-        Ok(decode_limited(&bytes, MAX_RESPONSE_BYTES)?)
+        Ok(Resp::from_wire(read_bounded(io, Resp::LIMIT).await?)?)
     }
 
     async fn write_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        request: Self::Request,
+        request: Req,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        if request.0.len() > MAX_REQUEST_BYTES {
-            return Err(CodecError::TooLarge {
-                len: request.0.len(),
-                limit: MAX_REQUEST_BYTES,
-            }
-            .into());
-        }
-        io.write_all(&request.0).await?;
-        io.close().await
+        write_message(io, &request).await
     }
 
     async fn write_response<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        response: Self::Response,
+        response: Resp,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let bytes = encode_limited(&response, MAX_RESPONSE_BYTES)?;
-        io.write_all(&bytes).await?;
-        io.close().await
+        write_message(io, &response).await
     }
 }
 

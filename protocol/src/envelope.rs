@@ -25,6 +25,8 @@ pub enum Purpose {
     NodeAnswer,
     /// A consortium admin's signature on a policy bundle.
     PolicyBundle,
+    /// A node's signature on an entry of its audit log.
+    AuditEntry,
 }
 
 impl Purpose {
@@ -33,6 +35,7 @@ impl Purpose {
             Purpose::QueryRequest => b"query-request",
             Purpose::NodeAnswer => b"node-answer",
             Purpose::PolicyBundle => b"policy-bundle",
+            Purpose::AuditEntry => b"audit-entry",
         }
     }
 

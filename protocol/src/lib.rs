@@ -17,12 +17,12 @@ pub mod limits;
 pub mod messages;
 pub mod query;
 
-pub use codec::{CodecError, QueryCodec};
+pub use codec::{CodecError, PolicyCodec, QueryCodec};
 pub use envelope::{EnvelopeError, Purpose, SignedEnvelope};
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
-    Answer, Mechanism, MicroEpsilon, MicroRho, PrivacyRequest, QueryRequest, QueryResponse,
-    Refusal, RefusalCode, RequestId,
+    AdminSignature, Answer, Mechanism, MicroEpsilon, MicroRho, PolicyRequest, PolicyResponse,
+    PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Refusal, RefusalCode, RequestId,
 };
 pub use query::{Aggregate, Category, Predicate, Query};
 

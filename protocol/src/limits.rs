@@ -6,6 +6,12 @@
 /// The query protocol: `/{prefix}/{protocol}/{version}/{encoding}`.
 pub const QUERY_PROTOCOL: &str = "/renkei/query/1/bincode";
 
+/// The policy protocol: offering and fetching signed bundles.
+pub const POLICY_PROTOCOL: &str = "/renkei/policy/1/bincode";
+
+/// Largest encoded policy request or response (a signed bundle and framing).
+pub const MAX_POLICY_MESSAGE_BYTES: usize = MAX_POLICY_BYTES + 64 * 1024;
+
 /// The identify protocol version every renkei peer announces.
 pub const IDENTIFY_PROTOCOL: &str = "/renkei/id/1";
 
@@ -17,6 +23,9 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// Largest signed policy bundle payload.
 pub const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most nodes one request may be addressed to.
+pub const MAX_AUDIENCE: usize = 256;
 
 /// Most predicates a query may carry; more is refused as malformed.
 pub const MAX_PREDICATES: usize = 32;

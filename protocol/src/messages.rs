@@ -8,7 +8,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::envelope::SignedEnvelope;
+use crate::envelope::{Signature, SignedEnvelope};
 use crate::query::Query;
 
 /// Unique id of one signed request, chosen at random by the researcher's client.
@@ -192,6 +192,9 @@ pub struct QueryRequest {
     pub expires_at: u64,
     /// The approved study this question belongs to; budgets are kept per study.
     pub study: String,
+    /// The nodes (by their keys) this request is addressed to; any other node refuses it,
+    /// so a node cannot spend the researcher's budget elsewhere by forwarding the request.
+    pub audience: Vec<crate::PublicKey>,
     pub query: Query,
     /// The privacy each node is asked to spend on this answer. Nodes compute the actual cost
     /// from their own mechanism's privacy map and never charge less than that.
@@ -270,12 +273,30 @@ pub enum RefusalCode {
     UnknownResearcher,
     /// The researcher is not approved for the requested study.
     StudyNotApproved,
+    /// The researcher's key was revoked by the consortium.
+    ResearcherRevoked,
+    /// The study's approval window has not begun.
+    StudyNotYetValid,
+    /// The study's approval window has ended.
+    StudyExpired,
+    /// The study may not query this view.
+    ViewNotAllowed,
+    /// The study may not use a column the query reads.
+    ColumnNotAllowed,
+    /// The study (or a sensitive view's rule) does not allow this aggregation.
+    AggregationNotAllowed,
+    /// The view is sensitive and no sufficiently signed grant covers it.
+    SensitiveNotGranted,
+    /// All researchers together have spent the study's budget at this node.
+    StudyBudgetExhausted,
     /// `expires_at` has passed.
     Expired,
     /// `issued_at` is in the future beyond the tolerated clock skew.
     NotYetValid,
     /// The request claims a lifetime longer than nodes accept.
     LifetimeTooLong,
+    /// The request is not addressed to this node.
+    NotAddressedToThisNode,
     /// This nonce or request id was already used for a different request.
     Replayed,
     /// The researcher's budget for this study at this node cannot cover the cost.
@@ -290,6 +311,16 @@ pub enum RefusalCode {
     Overloaded,
     /// The node failed internally; nothing was released.
     Internal,
+    /// An offered policy bundle: a signature does not verify.
+    PolicyBadSignature,
+    /// An offered policy bundle has too few admin signatures.
+    PolicyTooFewSignatures,
+    /// An offered policy bundle is signed by a key that is no admin.
+    PolicyNotAnAdmin,
+    /// An offered policy bundle is older than the active one.
+    PolicyRollback,
+    /// An offered policy bundle does not decode or is inconsistent.
+    PolicyInvalid,
 }
 
 impl RefusalCode {
@@ -299,9 +330,18 @@ impl RefusalCode {
             RefusalCode::BadSignature => "bad_signature",
             RefusalCode::UnknownResearcher => "unknown_researcher",
             RefusalCode::StudyNotApproved => "study_not_approved",
+            RefusalCode::ResearcherRevoked => "researcher_revoked",
+            RefusalCode::StudyNotYetValid => "study_not_yet_valid",
+            RefusalCode::StudyExpired => "study_expired",
+            RefusalCode::ViewNotAllowed => "view_not_allowed",
+            RefusalCode::ColumnNotAllowed => "column_not_allowed",
+            RefusalCode::AggregationNotAllowed => "aggregation_not_allowed",
+            RefusalCode::SensitiveNotGranted => "sensitive_not_granted",
+            RefusalCode::StudyBudgetExhausted => "study_budget_exhausted",
             RefusalCode::Expired => "expired",
             RefusalCode::NotYetValid => "not_yet_valid",
             RefusalCode::LifetimeTooLong => "lifetime_too_long",
+            RefusalCode::NotAddressedToThisNode => "not_addressed_to_this_node",
             RefusalCode::Replayed => "replayed",
             RefusalCode::BudgetExhausted => "budget_exhausted",
             RefusalCode::DatasetBudgetExhausted => "dataset_budget_exhausted",
@@ -309,6 +349,11 @@ impl RefusalCode {
             RefusalCode::PrivacyParameterOutOfRange => "privacy_parameter_out_of_range",
             RefusalCode::Overloaded => "overloaded",
             RefusalCode::Internal => "internal",
+            RefusalCode::PolicyBadSignature => "policy_bad_signature",
+            RefusalCode::PolicyTooFewSignatures => "policy_too_few_signatures",
+            RefusalCode::PolicyNotAnAdmin => "policy_not_an_admin",
+            RefusalCode::PolicyRollback => "policy_rollback",
+            RefusalCode::PolicyInvalid => "policy_invalid",
         }
     }
 }
@@ -383,4 +428,41 @@ mod tests {
         );
         assert_eq!(RefusalCode::Replayed.as_str(), "replayed");
     }
+}
+
+/// One admin's detached signature over a policy bundle's canonical bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminSignature {
+    pub admin: crate::PublicKey,
+    pub signature: Signature,
+}
+
+/// A signed policy bundle as it travels between peers: the canonical bundle bytes exactly
+/// as signed, and the admins' signatures. Receivers verify before decoding the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTransfer {
+    pub bundle: Vec<u8>,
+    pub signatures: Vec<AdminSignature>,
+}
+
+/// A request on the policy protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyRequest {
+    /// "Here is a signed bundle; activate it if it is valid and newer."
+    Offer(PolicyTransfer),
+    /// "Send me your active bundle."
+    Fetch,
+}
+
+/// A node's reply on the policy protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyResponse {
+    /// The offered bundle is now active.
+    Accepted { version: u64, hash: [u8; 32] },
+    /// The offered bundle was already active.
+    AlreadyActive { version: u64, hash: [u8; 32] },
+    /// The offered bundle was refused, with the reason.
+    Refused(Refusal),
+    /// The active bundle, in answer to `Fetch` (none before the node has one).
+    Active(Option<PolicyTransfer>),
 }

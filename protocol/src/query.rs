@@ -20,6 +20,15 @@ pub enum Aggregate {
     CountPatients,
 }
 
+impl Aggregate {
+    /// The aggregation's name as policies list it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Aggregate::CountPatients => "count",
+        }
+    }
+}
+
 /// A categorical or boolean value compared for equality.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Category {
@@ -109,6 +118,11 @@ impl Query {
             aggregate: Aggregate::CountPatients,
             filter,
         }
+    }
+
+    /// Every column the query reads.
+    pub fn columns(&self) -> std::collections::BTreeSet<&str> {
+        self.filter.iter().map(Predicate::column).collect()
     }
 
     /// Checks limits that need no schema: number of predicates and identifier lengths.

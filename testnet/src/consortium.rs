@@ -46,26 +46,26 @@ impl DevConsortium {
         };
         admin.write_file(&consortium.admin_key)?;
         researcher.write_file(&consortium.researcher_key)?;
-        let bundle = PolicyBundle {
-            version: 1,
-            consortium: "renkei-dev".into(),
-            admins: vec![admin.public_key()],
-            threshold: 1,
-            members: members
+        let bundle = PolicyBundle::development(
+            admin.public_key(),
+            members
                 .iter()
                 .map(|(peer_id, institution)| Member {
                     peer_id: peer_id.to_base58(),
                     institution: institution.clone(),
+                    addresses: vec![],
                 })
                 .collect(),
-            researchers: vec![Researcher {
+            Researcher {
                 name: "Dev Researcher".into(),
                 public_key: researcher.public_key(),
-                budget_rho: budget,
-                studies: vec![DEV_STUDY.into()],
-            }],
+                affiliation: "renkei testnet".into(),
+            },
+            DEV_STUDY,
+            budget,
             limits,
-        };
+            renkei_protocol::unix_now(),
+        );
         let mut signed = SignedPolicy::unsigned(&bundle)?;
         signed.sign(&admin);
         signed.write_file(&consortium.policy)?;

@@ -132,7 +132,8 @@ impl Testnet {
         )?;
         let mut nodes = Vec::with_capacity(config.nodes);
         for (institution, home, peer_id, patients) in prepared {
-            let running = NodeService::start(&home, &consortium.policy, default_listen()).await?;
+            let running =
+                NodeService::start(&home, Some(&consortium.policy), default_listen()).await?;
             nodes.push(TestNode {
                 institution,
                 address: running.listen_addr().clone(),
@@ -177,11 +178,15 @@ impl Testnet {
         let node = &mut self.nodes[index];
         let mut listen = node.address.clone();
         listen.pop(); // drop /p2p/<id>; the node adds it back
-        let running = match NodeService::start(&node.home, &self.consortium.policy, listen).await {
+        // The node resumes its stored active policy (which may be newer than the file).
+        let running = match NodeService::start(&node.home, None, listen.clone()).await {
             Ok(running) => running,
-            Err(_) => {
-                NodeService::start(&node.home, &self.consortium.policy, default_listen()).await?
+            // Only a taken port is worth another try, on a fresh one.
+            Err(renkei_node::NodeError::Network(reason)) => {
+                tracing::debug!("{listen} is not free again ({reason}); taking a new port");
+                NodeService::start(&node.home, None, default_listen()).await?
             }
+            Err(e) => return Err(e.into()),
         };
         node.address = running.listen_addr().clone();
         node.running = Some(running);

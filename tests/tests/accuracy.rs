@@ -1,6 +1,9 @@
 //! The 95% interval the aggregator reports covers the truth about 95% of the time, using
 //! the node's own mechanism (through opendp) and the aggregator's own combination.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use renkei_aggregator::federation::{NodeAnswer, combine};
 use renkei_node::dp::Calibration;
 use renkei_protocol::{MicroRho, PrivacyRequest};

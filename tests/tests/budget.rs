@@ -1,6 +1,9 @@
 //! The privacy budget at a real node: queries until it is exhausted, then refusals; the spend
 //! is on disk and survives a restart.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use renkei_protocol::{MicroRho, PrivacyRequest, RefusalCode};
 use renkei_tests::{researcher, start_testnet, within};
 

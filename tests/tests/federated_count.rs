@@ -1,6 +1,9 @@
 //! Three real nodes over real libp2p: a count query's estimate, its interval, and the JSON a
 //! script reads.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use renkei_aggregator::sql;
 use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest};
 use renkei_tests::{researcher, start_testnet, within};

@@ -1,6 +1,11 @@
 //! Every refusal a node makes before spending, each with its own code, at a real node over
-//! libp2p: forged signature, unknown researcher, expired request, replayed nonce, malformed
-//! bytes, a query outside the schema, and a node that refuses to start on a forged policy.
+//! libp2p: forged signatures, unknown researcher, expired, not-yet-valid and over-long
+//! requests, requests addressed to other nodes, unapproved study, malformed bytes, a query
+//! outside the schema, a rho outside the policy's limit, and replays; plus a node that
+//! refuses to start on a forged policy.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
@@ -8,34 +13,34 @@ use renkei_aggregator::PreparedQuery;
 use renkei_aggregator::sql;
 use renkei_node::{NodeError, NodeService};
 use renkei_protocol::codec::EncodedRequest;
-use renkei_protocol::limits::MAX_REQUEST_LIFETIME_SECS;
+use renkei_protocol::limits::{MAX_CLOCK_SKEW_SECS, MAX_REQUEST_LIFETIME_SECS};
 use renkei_protocol::{
-    MicroRho, PrivacyRequest, QueryRequest, QueryResponse, RefusalCode, RequestId, SecretKey,
-    unix_now,
+    MicroRho, PrivacyRequest, PublicKey, QueryRequest, QueryResponse, Refusal, RefusalCode,
+    RequestId, SecretKey, SignedEnvelope, unix_now,
 };
 use renkei_tests::{researcher, start_testnet, within};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-fn refusal_code(response: QueryResponse) -> RefusalCode {
-    match response {
-        QueryResponse::Refused(refusal) => refusal.code,
-        QueryResponse::Answered(_) => panic!("expected a refusal, got an answer"),
-    }
-}
-
-fn request(study: &str, issued_at: u64, expires_at: u64) -> QueryRequest {
+fn request(audience: PublicKey, study: &str, issued_at: u64, expires_at: u64) -> QueryRequest {
     QueryRequest {
         request_id: RequestId::random().expect("random request id"),
         nonce: RequestId::random().expect("random nonce").0,
         issued_at,
         expires_at,
         study: study.to_string(),
+        audience: vec![audience],
         query: sql::compile("SELECT COUNT(*) FROM patients WHERE age >= 65").expect("valid SQL"),
         privacy: PrivacyRequest::Zcdp {
             rho: MicroRho(10_000),
         },
     }
+}
+
+fn sign(key: &SecretKey, request: QueryRequest) -> SignedEnvelope {
+    PreparedQuery::from_request(key, request)
+        .expect("encodes")
+        .envelope
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,122 +50,128 @@ async fn each_bad_request_is_refused_with_its_own_code() {
     let session = researcher(testnet).await;
     let client = session.client();
     let node = &testnet.addresses()[0];
+    let node_key = PublicKey::from_peer_id(&node.peer_id).unwrap();
     let study = testnet.consortium.study.clone();
+    let me = session.key();
     let now = unix_now();
+    let fresh = |study: &str| request(node_key, study, now, now + 60);
     let ask = |bytes: EncodedRequest| {
         within(
             "asking the node",
             client.ask(node.peer_id, node.address.clone(), bytes, DEADLINE),
         )
     };
-    let spent_before = testnet
-        .running(0)
-        .unwrap()
-        .desk()
-        .ledger()
-        .entries()
-        .unwrap();
-
-    // Forged: a valid request whose signature was altered in transit.
-    let honest =
-        PreparedQuery::from_request(session.key(), request(&study, now, now + 60)).unwrap();
-    let mut forged = honest.envelope.clone();
-    forged.signature.0[10] ^= 0x40;
-    let code = refusal_code(ask(EncodedRequest::encode(&forged).unwrap()).await.unwrap());
-    assert_eq!(code, RefusalCode::BadSignature);
-
-    // Forged: the researcher's key named as signer, but someone else signed.
-    let mallory = SecretKey::generate().unwrap();
-    let mut impersonation = PreparedQuery::from_request(&mallory, request(&study, now, now + 60))
-        .unwrap()
-        .envelope;
-    impersonation.signer = session.key().public_key();
-    let code = refusal_code(
-        ask(EncodedRequest::encode(&impersonation).unwrap())
+    let refusal = |envelope: SignedEnvelope| async move {
+        match ask(EncodedRequest::encode(&envelope).unwrap())
             .await
-            .unwrap(),
-    );
-    assert_eq!(code, RefusalCode::BadSignature);
-
-    // Unknown researcher: a valid signature by a key the policy does not list.
-    let stranger = PreparedQuery::from_request(&mallory, request(&study, now, now + 60)).unwrap();
-    let code = refusal_code(
-        ask(EncodedRequest::encode(&stranger.envelope).unwrap())
-            .await
-            .unwrap(),
-    );
-    assert_eq!(code, RefusalCode::UnknownResearcher);
-
-    // Expired.
-    let stale = PreparedQuery::from_request(
-        session.key(),
-        request(&study, now - 2 * MAX_REQUEST_LIFETIME_SECS, now - 5),
-    )
-    .unwrap();
-    let code = refusal_code(
-        ask(EncodedRequest::encode(&stale.envelope).unwrap())
-            .await
-            .unwrap(),
-    );
-    assert_eq!(code, RefusalCode::Expired);
-
-    // Study the researcher is not approved for.
-    let other =
-        PreparedQuery::from_request(session.key(), request("genomes", now, now + 60)).unwrap();
-    let code = refusal_code(
-        ask(EncodedRequest::encode(&other.envelope).unwrap())
-            .await
-            .unwrap(),
-    );
-    assert_eq!(code, RefusalCode::StudyNotApproved);
-
-    // Malformed bytes.
-    let code = refusal_code(
-        ask(EncodedRequest::from_raw(vec![0xde, 0xad, 0xbe, 0xef]))
-            .await
-            .unwrap(),
-    );
-    assert_eq!(code, RefusalCode::MalformedRequest);
-
-    // A column the schema does not have.
-    let mut bad_query = request(&study, now, now + 60);
-    bad_query.query = sql::compile("SELECT COUNT(*) FROM patients WHERE smoker").unwrap();
-    let bad_query = PreparedQuery::from_request(session.key(), bad_query).unwrap();
-    let response = ask(EncodedRequest::encode(&bad_query.envelope).unwrap())
-        .await
-        .unwrap();
-    match response {
-        QueryResponse::Refused(refusal) => {
-            assert_eq!(refusal.code, RefusalCode::InvalidQuery);
-            assert!(refusal.reason.contains("smoker"), "{}", refusal.reason);
+            .unwrap()
+        {
+            QueryResponse::Refused(refusal) => refusal,
+            QueryResponse::Answered(_) => panic!("expected a refusal, got an answer"),
         }
-        QueryResponse::Answered(_) => panic!("an unknown column was answered"),
-    }
-
-    // None of the above spent anything.
-    let spent_after = testnet
-        .running(0)
-        .unwrap()
-        .desk()
-        .ledger()
-        .entries()
-        .unwrap();
-    assert_eq!(spent_before, spent_after);
-
-    // Replay: the honest request is answered once and charged once; sending it again
-    // returns the very same signed answer (no fresh noise to average, no second charge).
-    let encoded = EncodedRequest::encode(&honest.envelope).unwrap();
-    let QueryResponse::Answered(first) = ask(encoded.clone()).await.unwrap() else {
-        panic!("the honest request was refused");
     };
+    let code = |envelope: SignedEnvelope| async move { refusal(envelope).await.code };
     let spent = || {
         testnet
             .running(0)
             .unwrap()
             .desk()
             .ledger()
-            .spent(&session.key().public_key(), &study)
+            .spent(&me.public_key(), &study)
             .unwrap()
+    };
+
+    // Forged: a valid request whose signature was altered in transit.
+    let honest = PreparedQuery::from_request(me, fresh(&study)).unwrap();
+    let mut forged = honest.envelope.clone();
+    forged.signature.0[10] ^= 0x40;
+    assert_eq!(code(forged).await, RefusalCode::BadSignature);
+
+    // Forged: the researcher's key named as signer, but someone else signed.
+    let mallory = SecretKey::generate().unwrap();
+    let mut impersonation = sign(&mallory, fresh(&study));
+    impersonation.signer = me.public_key();
+    assert_eq!(code(impersonation).await, RefusalCode::BadSignature);
+
+    // Unknown researcher: a valid signature by a key the policy does not list.
+    assert_eq!(
+        code(sign(&mallory, fresh(&study))).await,
+        RefusalCode::UnknownResearcher
+    );
+
+    // Expired (beyond the tolerated clock skew), issued in the future, living too long.
+    let stale = request(
+        node_key,
+        &study,
+        now - 2 * MAX_REQUEST_LIFETIME_SECS,
+        now - MAX_CLOCK_SKEW_SECS - 5,
+    );
+    assert_eq!(code(sign(me, stale)).await, RefusalCode::Expired);
+    let early = request(
+        node_key,
+        &study,
+        now + 10 * MAX_CLOCK_SKEW_SECS,
+        now + 11 * MAX_CLOCK_SKEW_SECS,
+    );
+    assert_eq!(code(sign(me, early)).await, RefusalCode::NotYetValid);
+    let long = request(node_key, &study, now, now + 2 * MAX_REQUEST_LIFETIME_SECS);
+    assert_eq!(code(sign(me, long)).await, RefusalCode::LifetimeTooLong);
+
+    // Addressed to another node: a node cannot spend a request meant for others.
+    let elsewhere = request(
+        SecretKey::generate().unwrap().public_key(),
+        &study,
+        now,
+        now + 60,
+    );
+    assert_eq!(
+        code(sign(me, elsewhere)).await,
+        RefusalCode::NotAddressedToThisNode
+    );
+
+    // Study the researcher is not approved for.
+    assert_eq!(
+        code(sign(me, fresh("genomes"))).await,
+        RefusalCode::StudyNotApproved
+    );
+
+    // Malformed bytes.
+    let junk = ask(EncodedRequest::from_raw(vec![0xde, 0xad, 0xbe, 0xef]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        junk,
+        QueryResponse::Refused(Refusal {
+            code: RefusalCode::MalformedRequest,
+            ..
+        })
+    ));
+
+    // A column the schema does not have: the reason names it.
+    let mut bad_query = fresh(&study);
+    bad_query.query = sql::compile("SELECT COUNT(*) FROM patients WHERE smoker").unwrap();
+    let refused = refusal(sign(me, bad_query)).await;
+    assert_eq!(refused.code, RefusalCode::InvalidQuery);
+    assert!(refused.reason.contains("smoker"), "{}", refused.reason);
+
+    // More rho than one query may spend under the policy.
+    let mut greedy = fresh(&study);
+    greedy.privacy = PrivacyRequest::Zcdp {
+        rho: MicroRho(2 * MicroRho::PER_RHO),
+    };
+    assert_eq!(
+        code(sign(me, greedy)).await,
+        RefusalCode::PrivacyParameterOutOfRange
+    );
+
+    // None of the above spent anything.
+    assert_eq!(spent(), MicroRho(0));
+
+    // Replay: the honest request is answered once and charged once; sending it again
+    // returns the very same signed answer (no fresh noise to average, no second charge).
+    let encoded = EncodedRequest::encode(&honest.envelope).unwrap();
+    let QueryResponse::Answered(first) = ask(encoded.clone()).await.unwrap() else {
+        panic!("the honest request was refused");
     };
     assert_eq!(spent(), MicroRho(10_000));
     let QueryResponse::Answered(again) = ask(encoded).await.unwrap() else {
@@ -170,25 +181,13 @@ async fn each_bad_request_is_refused_with_its_own_code() {
     assert_eq!(spent(), MicroRho(10_000));
 
     // A new request reusing the nonce is a replay and is refused.
-    let mut reuse = request(&study, now, now + 60);
+    let mut reuse = fresh(&study);
     reuse.nonce = honest.request.nonce;
-    let reuse = PreparedQuery::from_request(session.key(), reuse).unwrap();
-    let code = refusal_code(
-        ask(EncodedRequest::encode(&reuse.envelope).unwrap())
-            .await
-            .unwrap(),
-    );
-    assert_eq!(code, RefusalCode::Replayed);
+    assert_eq!(code(sign(me, reuse)).await, RefusalCode::Replayed);
     // So is a different request under a used request id.
-    let mut reuse_id = request(&study, now, now + 60);
+    let mut reuse_id = fresh(&study);
     reuse_id.request_id = honest.request.request_id;
-    let reuse_id = PreparedQuery::from_request(session.key(), reuse_id).unwrap();
-    let code = refusal_code(
-        ask(EncodedRequest::encode(&reuse_id.envelope).unwrap())
-            .await
-            .unwrap(),
-    );
-    assert_eq!(code, RefusalCode::Replayed);
+    assert_eq!(code(sign(me, reuse_id)).await, RefusalCode::Replayed);
     assert_eq!(spent(), MicroRho(10_000));
 
     fixture.testnet.shutdown().await;
@@ -212,9 +211,9 @@ async fn a_node_refuses_to_start_on_a_forged_policy() {
     std::fs::write(&forged, serde_json::to_string(&json).unwrap()).unwrap();
 
     let home = &fixture.testnet.nodes[0].home;
-    let err = NodeService::start(home, &forged, renkei_node::service::default_listen())
+    let err = NodeService::start(home, Some(&forged), renkei_node::service::default_listen())
         .await
         .unwrap_err();
-    assert!(matches!(err, NodeError::Policy { .. }), "{err}");
+    assert!(matches!(err, NodeError::PolicyRefused { .. }), "{err}");
     assert!(err.to_string().contains("does not verify"), "{err}");
 }

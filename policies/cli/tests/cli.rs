@@ -1,0 +1,197 @@
+//! The admins' workflow through the `renkei-policy` binary: encrypted keys, a policy source
+//! built with the editing commands, two admins signing separately, verification, and a
+//! tampered file refused.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const PASSPHRASE: &str = "two admins, one consortium";
+
+fn policy_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_renkei-policy"))
+        .args(args)
+        .env("RENKEI_PASSPHRASE", PASSPHRASE)
+        .output()
+        .expect("renkei-policy runs")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn stderr(output: &Output) -> String {
+    assert!(!output.status.success(), "unexpectedly succeeded");
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+#[test]
+fn admins_build_sign_and_verify_a_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let alice = stdout(&policy_cli(&["keygen", "--out", &path(d, "alice.key")]));
+    let bob = stdout(&policy_cli(&["keygen", "--out", &path(d, "bob.key")]));
+    assert_eq!(alice.len(), 64);
+    // The key is encrypted at rest: the seed is not in the file.
+    let key_text = std::fs::read_to_string(d.join("alice.key")).unwrap();
+    assert!(key_text.contains("encrypted"), "{key_text}");
+    // keygen never overwrites a key.
+    stderr(&policy_cli(&["keygen", "--out", &path(d, "alice.key")]));
+
+    let source = path(d, "policy.toml");
+    stdout(&policy_cli(&[
+        "new",
+        "--consortium",
+        "covid19-test",
+        "--admin",
+        &alice,
+        "--out",
+        &source,
+    ]));
+    // Two admins, both must sign.
+    let text = std::fs::read_to_string(&source).unwrap();
+    let text = text
+        .replace(
+            &format!("admins = [\"{alice}\"]"),
+            &format!("admins = [\n    \"{alice}\",\n    \"{bob}\",\n]"),
+        )
+        .replace("threshold = 1", "threshold = 2");
+    std::fs::write(&source, text).unwrap();
+
+    let researcher = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    stdout(&policy_cli(&[
+        "researcher",
+        "add",
+        "--in",
+        &source,
+        "--name",
+        "Dr. Sato",
+        "--key",
+        researcher,
+    ]));
+    stdout(&policy_cli(&[
+        "study",
+        "add",
+        "--in",
+        &source,
+        "--id",
+        "severity",
+        "--title",
+        "Risk factors of severe COVID-19",
+        "--pi",
+        "Dr. Sato",
+        "--views",
+        "patients",
+        "--columns",
+        "age,sex,severity",
+        "--budget-per-researcher",
+        "2.5",
+        "--from",
+        "2026-01-01T00:00:00Z",
+        "--until",
+        "2027-12-31T00:00:00Z",
+    ]));
+    let granted = stdout(&policy_cli(&[
+        "grant",
+        "--in",
+        &source,
+        "--study",
+        "severity",
+        "--researcher",
+        researcher,
+    ]));
+    assert!(granted.contains("version 4"), "{granted}");
+    // Granting a study that does not exist is an error that says what to do.
+    let missing = stderr(&policy_cli(&[
+        "grant",
+        "--in",
+        &source,
+        "--study",
+        "genomes",
+        "--researcher",
+        researcher,
+    ]));
+    assert!(missing.contains("study add"), "{missing}");
+
+    let signed = path(d, "policy.json");
+    stdout(&policy_cli(&[
+        "sign",
+        "--key",
+        &path(d, "alice.key"),
+        "--in",
+        &source,
+        "--out",
+        &signed,
+    ]));
+    let one = stderr(&policy_cli(&["verify", "--policy", &signed]));
+    assert!(
+        one.contains("1 valid admin signature(s); 2 are required"),
+        "{one}"
+    );
+    stdout(&policy_cli(&[
+        "sign",
+        "--key",
+        &path(d, "bob.key"),
+        "--in",
+        &signed,
+        "--out",
+        &signed,
+    ]));
+    let verified = stdout(&policy_cli(&["verify", "--policy", &signed]));
+    assert!(verified.contains("v4 signed by 2 of 2"), "{verified}");
+    let shown = stdout(&policy_cli(&["show", "--policy", &signed]));
+    assert!(shown.contains("consortium = \"covid19-test\""), "{shown}");
+    assert!(shown.contains("id = \"severity\""), "{shown}");
+
+    // A wrong passphrase cannot sign.
+    let wrong = Command::new(env!("CARGO_BIN_EXE_renkei-policy"))
+        .args([
+            "sign",
+            "--key",
+            &path(d, "alice.key"),
+            "--in",
+            &source,
+            "--out",
+            &path(d, "x.json"),
+        ])
+        .env("RENKEI_PASSPHRASE", "guess")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase"));
+
+    // Revoking takes the researcher out of every study and lists the key as revoked.
+    stdout(&policy_cli(&[
+        "revoke",
+        "--in",
+        &source,
+        "--researcher",
+        researcher,
+    ]));
+    let after = std::fs::read_to_string(&source).unwrap();
+    assert!(after.contains("revoked = [\"d75a98"), "{after}");
+
+    // Change one byte of the signed bundle: verification fails and names the signer.
+    let text = std::fs::read_to_string(&signed).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let bundle = json["bundle"].as_str().unwrap().to_string();
+    let last = if bundle.ends_with('0') { "1" } else { "0" };
+    json["bundle"] = format!("{}{last}", &bundle[..bundle.len() - 1]).into();
+    std::fs::write(d.join("tampered.json"), json.to_string()).unwrap();
+    let tampered = stderr(&policy_cli(&[
+        "verify",
+        "--policy",
+        &path(d, "tampered.json"),
+    ]));
+    assert!(tampered.contains("does not verify"), "{tampered}");
+}
