@@ -291,6 +291,10 @@ async fn run(mut swarm: libp2p::Swarm<ClientBehaviour>, mut commands: mpsc::Rece
                         let _ = reply.send(Err(error));
                     }
                 }
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    // A stale dial error must not explain a later, different failure.
+                    dial_errors.remove(&peer_id);
+                }
                 SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
                     debug!(%peer, %error, "connection failed");
                     dial_errors.insert(peer, error.to_string());

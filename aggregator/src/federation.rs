@@ -229,10 +229,7 @@ pub async fn fan_out(
                     policy.bundle().version
                 ));
             };
-            match client
-                .ask(node.peer_id, node.address.clone(), encoded, deadline)
-                .await
-            {
+            match ask_until(client, node, encoded, deadline).await {
                 Err(e) => missing(e.to_string()),
                 Ok(QueryResponse::Refused(refusal)) => Outcome::Refused(RefusedNode {
                     node: node.peer_id.to_base58(),
@@ -288,6 +285,38 @@ pub async fn fan_out(
         result.ci95 = Some(combined.ci95);
     }
     Ok(result)
+}
+
+/// Pause between resends of a request whose reply was lost.
+const RESEND_PAUSE: Duration = Duration::from_millis(200);
+
+/// Asks one node, resending the *same* signed request while the reply was lost in transit
+/// (the connection closed or the stream failed after sending) or the node was still busy
+/// answering it, until `deadline`. Nodes answer a resent request with the answer they
+/// recorded, so this never spends twice; a node that cannot be reached at all is not retried.
+async fn ask_until(
+    client: &NetworkClient,
+    node: &NodeAddress,
+    request: EncodedRequest,
+    deadline: Duration,
+) -> Result<QueryResponse, crate::client::AskError> {
+    use crate::client::AskError;
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let reply = client
+            .ask(node.peer_id, node.address.clone(), request.clone(), left)
+            .await;
+        let retry = match &reply {
+            Err(AskError::ConnectionClosed | AskError::Stream(_)) => true,
+            Ok(QueryResponse::Refused(refusal)) => refusal.code == RefusalCode::Overloaded,
+            _ => false,
+        };
+        if !retry || tokio::time::Instant::now() + RESEND_PAUSE >= until {
+            return reply;
+        }
+        tokio::time::sleep(RESEND_PAUSE).await;
+    }
 }
 
 /// One node's 95% interval: value ± z·sd; for a withheld cell, what it could have been.

@@ -106,10 +106,21 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
     let Statement::Query(query) = statement else {
         return Err(SqlError::at(statement, "only SELECT queries are accepted"));
     };
-    if query.order_by.is_some() || query.limit_clause.is_some() || query.with.is_some() {
+    // Every clause not understood here is refused, never ignored: ignoring one would answer
+    // (and charge for) a different question than the one written.
+    if query.order_by.is_some()
+        || query.limit_clause.is_some()
+        || query.with.is_some()
+        || query.fetch.is_some()
+        || !query.locks.is_empty()
+        || query.for_clause.is_some()
+        || query.settings.is_some()
+        || query.format_clause.is_some()
+        || !query.pipe_operators.is_empty()
+    {
         return Err(SqlError::at(
             query.as_ref(),
-            "WITH, ORDER BY and LIMIT are not supported",
+            "only SELECT … FROM … WHERE … is supported (no WITH, ORDER BY, LIMIT, FETCH, FOR or pipes)",
         ));
     }
     let SetExpr::Select(select) = query.body.as_ref() else {
@@ -124,6 +135,26 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
             "DISTINCT and HAVING are not supported yet",
         ));
     }
+    if !select.optimizer_hints.is_empty()
+        || select.select_modifiers.is_some()
+        || select.top.is_some()
+        || select.exclude.is_some()
+        || select.into.is_some()
+        || !select.lateral_views.is_empty()
+        || select.prewhere.is_some()
+        || !select.connect_by.is_empty()
+        || !select.cluster_by.is_empty()
+        || !select.distribute_by.is_empty()
+        || !select.sort_by.is_empty()
+        || !select.named_window.is_empty()
+        || select.qualify.is_some()
+        || select.value_table_mode.is_some()
+    {
+        return Err(SqlError::at(
+            select.as_ref(),
+            "this SELECT uses a clause renkei does not support (TOP, INTO, QUALIFY, WINDOW, …)",
+        ));
+    }
     if !matches!(&select.group_by, GroupByExpr::Expressions(exprs, _) if exprs.is_empty()) {
         return Err(SqlError::at(
             select.as_ref(),
@@ -134,7 +165,7 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
     check_projection(select)?;
     let mut filter = Vec::new();
     if let Some(condition) = &select.selection {
-        conjunction(condition, &mut filter)?;
+        conjunction(condition, &view, &mut filter)?;
     }
     let query = Query::count_patients(view, filter).canonical()?;
     query.check_shape()?;
@@ -169,9 +200,43 @@ fn view_name(select: &ast::Select) -> Result<String, SqlError> {
             "joins are not supported; views are already linked per patient",
         ));
     }
-    let TableFactor::Table { name, .. } = &table.relation else {
+    let TableFactor::Table {
+        name,
+        alias,
+        args,
+        with_hints,
+        version,
+        with_ordinality,
+        partitions,
+        json_path,
+        sample,
+        index_directives,
+        inheritance,
+    } = &table.relation
+    else {
         return Err(SqlError::at(&table.relation, "expected a view name"));
     };
+    if alias.is_some() {
+        return Err(SqlError::at(
+            &table.relation,
+            "view aliases are not supported; write the view's name",
+        ));
+    }
+    if args.is_some()
+        || !with_hints.is_empty()
+        || version.is_some()
+        || *with_ordinality
+        || !partitions.is_empty()
+        || json_path.is_some()
+        || sample.is_some()
+        || !index_directives.is_empty()
+        || inheritance.is_some()
+    {
+        return Err(SqlError::at(
+            &table.relation,
+            "expected a plain view name such as `patients`",
+        ));
+    }
     match name.0.as_slice() {
         [ObjectNamePart::Identifier(ident)] => Ok(ident.value.to_ascii_lowercase()),
         _ => Err(SqlError::at(
@@ -200,23 +265,35 @@ fn check_projection(select: &ast::Select) -> Result<(), SqlError> {
         list.args.as_slice(),
         [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]
     );
-    if !is_count || !star || list.duplicate_treatment.is_some() {
+    if !is_count || !star || list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
         return Err(SqlError::at(function, "expected COUNT(*)"));
+    }
+    if function.filter.is_some()
+        || function.over.is_some()
+        || !function.within_group.is_empty()
+        || function.null_treatment.is_some()
+        || function.uses_odbc_syntax
+        || !matches!(function.parameters, FunctionArguments::None)
+    {
+        return Err(SqlError::at(
+            function,
+            "COUNT(*) takes no FILTER, OVER or WITHIN GROUP; put conditions in WHERE",
+        ));
     }
     Ok(())
 }
 
-/// Flattens an AND tree into predicates.
-fn conjunction(expr: &Expr, out: &mut Vec<Predicate>) -> Result<(), SqlError> {
+/// Flattens an AND tree into predicates on columns of `view`.
+fn conjunction(expr: &Expr, view: &str, out: &mut Vec<Predicate>) -> Result<(), SqlError> {
     match expr {
-        Expr::Nested(inner) => conjunction(inner, out),
+        Expr::Nested(inner) => conjunction(inner, view, out),
         Expr::BinaryOp {
             left,
             op: BinaryOperator::And,
             right,
         } => {
-            conjunction(left, out)?;
-            conjunction(right, out)
+            conjunction(left, view, out)?;
+            conjunction(right, view, out)
         }
         Expr::BinaryOp {
             op: BinaryOperator::Or,
@@ -226,21 +303,28 @@ fn conjunction(expr: &Expr, out: &mut Vec<Predicate>) -> Result<(), SqlError> {
             "OR is not supported yet; combine conditions with AND",
         )),
         _ => {
-            out.push(predicate(expr)?);
+            out.push(predicate(expr, view)?);
             Ok(())
         }
     }
 }
 
-fn column_name(expr: &Expr) -> Option<String> {
+/// The column an expression names, if it is a column: `age`, or `patients.age` when the
+/// query is on `patients`. Any other qualifier is an error, not silently the same column.
+fn column_name(expr: &Expr, view: &str) -> Result<Option<String>, SqlError> {
     match expr {
-        Expr::Identifier(ident) => Some(ident.value.to_ascii_lowercase()),
-        // `patients.age` names the column `age` of the queried view.
-        Expr::CompoundIdentifier(parts) if parts.len() == 2 => {
-            Some(parts[1].value.to_ascii_lowercase())
-        }
-        Expr::Nested(inner) => column_name(inner),
-        _ => None,
+        Expr::Identifier(ident) => Ok(Some(ident.value.to_ascii_lowercase())),
+        Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+            [qualifier, column] if qualifier.value.eq_ignore_ascii_case(view) => {
+                Ok(Some(column.value.to_ascii_lowercase()))
+            }
+            _ => Err(SqlError::at(
+                expr,
+                format!("columns may be qualified only by the view queried (`{view}.column`)"),
+            )),
+        },
+        Expr::Nested(inner) => column_name(inner, view),
+        _ => Ok(None),
     }
 }
 
@@ -290,8 +374,8 @@ fn range(column: String, min: Option<i64>, max: Option<i64>) -> Predicate {
     Predicate::InRange { column, min, max }
 }
 
-fn predicate(expr: &Expr) -> Result<Predicate, SqlError> {
-    if let Some(column) = column_name(expr) {
+fn predicate(expr: &Expr, view: &str) -> Result<Predicate, SqlError> {
+    if let Some(column) = column_name(expr, view)? {
         return Ok(Predicate::Is {
             column,
             value: Category::Flag(true),
@@ -301,7 +385,7 @@ fn predicate(expr: &Expr) -> Result<Predicate, SqlError> {
         Expr::UnaryOp {
             op: UnaryOperator::Not,
             expr: inner,
-        } => match column_name(inner) {
+        } => match column_name(inner, view)? {
             Some(column) => Ok(Predicate::Is {
                 column,
                 value: Category::Flag(false),
@@ -317,7 +401,7 @@ fn predicate(expr: &Expr) -> Result<Predicate, SqlError> {
             low,
             high,
         } => {
-            let column = column_name(target)
+            let column = column_name(target, view)?
                 .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?;
             if *negated {
                 return Err(SqlError::at(expr, "NOT BETWEEN is not supported yet"));
@@ -326,7 +410,7 @@ fn predicate(expr: &Expr) -> Result<Predicate, SqlError> {
         }
         Expr::BinaryOp { left, op, right } => {
             // Put the column on the left, flipping the operator if needed.
-            let (column, value, op) = match (column_name(left), column_name(right)) {
+            let (column, value, op) = match (column_name(left, view)?, column_name(right, view)?) {
                 (Some(column), None) => (column, right.as_ref(), op.clone()),
                 (None, Some(column)) => (column, left.as_ref(), flip(op)),
                 _ => {
@@ -440,6 +524,18 @@ mod tests {
         assert!(err.message.contains("COUNT(*)"), "{err}");
         let err = compile("DELETE FROM patients").unwrap_err();
         assert!(err.message.contains("SELECT"), "{err}");
+        for ignored in [
+            "SELECT COUNT(*) FILTER (WHERE diabetes) FROM patients",
+            "SELECT COUNT(*) OVER () FROM patients",
+            "SELECT COUNT(*) FROM patients ORDER BY 1",
+            "SELECT COUNT(*) FROM patients LIMIT 1",
+            "SELECT TOP 5 COUNT(*) FROM patients",
+            "SELECT COUNT(*) FROM patients p",
+            "SELECT COUNT(*) FROM patients WHERE visits.age > 3",
+        ] {
+            assert!(compile(ignored).is_err(), "{ignored} was accepted");
+        }
+        assert!(compile("SELECT COUNT(*) FROM patients WHERE patients.age > 3").is_ok());
         let err = compile("SELECT COUNT(*) FROM patients WHERE age > 60 AND age < 30").unwrap_err();
         assert!(err.message.contains("empty"), "{err}");
     }

@@ -212,8 +212,13 @@ impl Calibration {
     pub fn release(&self, true_value: i64) -> Result<i64, DpError> {
         let _opendp = opendp_lock();
         match self.mechanism {
+            Mechanism::DiscreteGaussian => Ok(discrete_gaussian(self.scale)?.invoke(&true_value)?),
             Mechanism::DiscreteLaplace => Ok(discrete_laplace(self.scale)?.invoke(&true_value)?),
-            _ => Ok(discrete_gaussian(self.scale)?.invoke(&true_value)?),
+            // A mechanism this build cannot draw from is never approximated by another.
+            other => Err(DpError::OpenDp {
+                variant: "NotImplemented".into(),
+                message: format!("no sampler for {other}"),
+            }),
         }
     }
 }

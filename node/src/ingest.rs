@@ -151,7 +151,15 @@ pub fn read_patients_csv(path: &Path) -> Result<Vec<(String, PatientRecord)>, In
     };
     let known: Vec<&str> = REQUIRED.iter().chain(COMORBIDITIES).copied().collect();
     let index_of = |name: &str| headers.iter().position(|h| h == name);
+    let mut seen_headers = HashSet::new();
     for header in headers.iter() {
+        if !seen_headers.insert(header) {
+            problems.push(
+                Some(1),
+                Some(header),
+                "column appears more than once".into(),
+            );
+        }
         if !known.contains(&header) {
             problems.push(
                 Some(1),
@@ -260,14 +268,14 @@ pub fn read_patients_csv(path: &Path) -> Result<Vec<(String, PatientRecord)>, In
 }
 
 /// The stored key of a hospital patient id: HMAC-SHA256 under the node's secret.
-pub(crate) fn pseudonym(secret: &[u8; 32], patient_id: &str) -> [u8; 32] {
-    // HMAC takes keys of any length; a 32-byte key cannot fail.
-    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(secret) {
-        Ok(mac) => mac,
-        Err(_) => unreachable!("HMAC accepts keys of every length"),
-    };
+pub(crate) fn pseudonym(secret: &[u8; 32], patient_id: &str) -> Result<[u8; 32], NodeError> {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).map_err(|e| NodeError::CorruptStore {
+            what: "pseudonymisation secret".into(),
+            reason: e.to_string(),
+        })?;
     mac.update(patient_id.as_bytes());
-    mac.finalize().into_bytes().into()
+    Ok(mac.finalize().into_bytes().into())
 }
 
 /// Validates `path` and, unless `dry_run`, writes all its patients in one atomic batch.
@@ -285,7 +293,7 @@ pub fn ingest_patients(
     };
     let mut batch = sled::Batch::default();
     for (id, record) in &patients {
-        let key = pseudonym(&secret, id);
+        let key = pseudonym(&secret, id)?;
         if store.patients.contains_key(key)? {
             report.replaced += 1;
         } else {
@@ -368,6 +376,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("column `obesity`"), "{text}");
+        std::fs::write(
+            &path,
+            format!("{}age\n", HEADER.trim_end().to_owned() + ","),
+        )
+        .unwrap();
+        let text = read_patients_csv(&path).unwrap_err().to_string();
+        assert!(
+            text.contains("column `age`: column appears more than once"),
+            "{text}"
+        );
     }
 
     #[test]

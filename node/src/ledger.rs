@@ -294,7 +294,7 @@ impl PrivacyLedger {
         let key = scoped_key(researcher, &request_id.0);
         let corrupt = || NodeError::CorruptStore {
             what: format!("request record {request_id}"),
-            reason: "missing or undecodable".into(),
+            reason: "missing (pruned after expiry?) or undecodable".into(),
         };
         let bytes = self.store.requests.get(key)?.ok_or_else(corrupt)?;
         let mut record = decode_record(&bytes).ok_or_else(corrupt)?;

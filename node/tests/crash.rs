@@ -1,14 +1,15 @@
 //! Crash safety of the privacy ledger: a real `renkei-node serve` process is killed with
 //! SIGKILL at random moments while answering a stream of queries, again and again. After
 //! every kill the spend on disk is at least the sum of the answers the researcher received:
-//! nothing is ever released uncharged.
+//! nothing is ever released uncharged. Requests whose replies were lost are resent after the
+//! restart: each is answered, and one answered before comes back with the same value.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -21,7 +22,7 @@ use renkei_policies::{Member, PolicyBundle, QueryLimits, Researcher, SignedPolic
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::MAX_RESPONSE_BYTES;
 use renkei_protocol::{
-    Answer, MicroRho, PrivacyRequest, Purpose, Query, QueryResponse, SecretKey, unix_now,
+    Answer, MicroRho, PrivacyRequest, Purpose, Query, QueryResponse, RequestId, SecretKey, unix_now,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -102,18 +103,50 @@ async fn sigkill_never_releases_an_uncharged_answer() {
     signed.write_file(&policy).unwrap();
 
     let client = NetworkClient::start(None).await.unwrap();
-    let released = Arc::new(AtomicU64::new(0));
-    let mut answers_seen = 0u64;
+    // Every answer received, by request: a request answered twice (a resend) must come back
+    // with the same value and count once.
+    let released: Arc<Mutex<HashMap<RequestId, (i64, MicroRho)>>> = Arc::default();
+    // Requests whose reply was lost when the node died; they are resent after the restart.
+    let lost: Arc<Mutex<Vec<PreparedQuery>>> = Arc::default();
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
+    let mut resent_answered = 0usize;
     for cycle in 0..CYCLES {
         let (mut child, node) = serve(&node_dir, &policy).await;
+        // Resend what was lost: the node answers each once, from its record or fresh.
+        let to_resend: Vec<PreparedQuery> = std::mem::take(&mut *lost.lock().unwrap());
+        for prepared in to_resend {
+            let request = EncodedRequest::encode(&prepared.envelope).unwrap();
+            let reply = client
+                .ask(
+                    node.peer_id,
+                    node.address.clone(),
+                    request,
+                    Duration::from_secs(10),
+                )
+                .await;
+            match reply {
+                Ok(QueryResponse::Answered(envelope)) => {
+                    let answer: Answer = envelope
+                        .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
+                        .unwrap();
+                    let mut released = released.lock().unwrap();
+                    if let Some((value, _)) = released.get(&answer.request_id) {
+                        assert_eq!(*value, answer.value, "a resent request drew fresh noise");
+                    }
+                    released.insert(answer.request_id, (answer.value, answer.rho_spent));
+                    resent_answered += 1;
+                }
+                other => panic!("a resent request was not answered: {other:?}"),
+            }
+        }
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..IN_FLIGHT {
-            let (client, node, researcher, released) = (
+            let (client, node, researcher, released, lost) = (
                 client.clone(),
                 node.clone(),
                 Arc::clone(&researcher),
                 Arc::clone(&released),
+                Arc::clone(&lost),
             );
             workers.spawn(async move {
                 loop {
@@ -142,11 +175,17 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                                 .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
                                 .unwrap();
                             assert_eq!(answer.request_id, prepared.request.request_id);
-                            released.fetch_add(answer.rho_spent.0, Ordering::SeqCst);
+                            released
+                                .lock()
+                                .unwrap()
+                                .insert(answer.request_id, (answer.value, answer.rho_spent));
                         }
                         Ok(QueryResponse::Refused(refusal)) => panic!("refused: {refusal}"),
-                        // The node died under us.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        // The node died under us: resend this one after the restart.
+                        Err(_) => {
+                            lost.lock().unwrap().push(prepared);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                     }
                 }
             });
@@ -155,21 +194,35 @@ async fn sigkill_never_releases_an_uncharged_answer() {
         tokio::time::sleep(Duration::from_millis(delay)).await;
         child.start_kill().unwrap(); // SIGKILL
         child.wait().await.unwrap();
-        workers.shutdown().await;
+        workers.abort_all();
+        while let Some(ended) = workers.join_next().await {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
 
         let store = NodeHome::open(&node_dir).unwrap().open_store().unwrap();
         let spent = PrivacyLedger::new(store)
             .spent(&researcher.public_key(), STUDY)
             .unwrap();
-        let released_now = released.load(Ordering::SeqCst);
+        let released_now: u64 = released
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(_, rho)| rho.0)
+            .sum();
         assert!(
             spent.0 >= released_now,
             "cycle {cycle} (killed after {delay} ms): spend on disk {spent} < released {}",
             MicroRho(released_now)
         );
-        answers_seen = released_now / COST.0;
     }
-    // The test must have exercised the node, not just killed it before it answered.
+    let answers_seen = released.lock().unwrap().len() as u64;
+    // The test must have exercised the node, not just killed it before it answered, and
+    // the resend path must have been taken.
+    assert!(resent_answered > 0, "no request was lost and resent");
     assert!(
         answers_seen >= CYCLES as u64,
         "only {answers_seen} answers in {CYCLES} cycles"

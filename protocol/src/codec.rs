@@ -27,13 +27,21 @@ use crate::limits::{
 };
 use crate::messages::{PolicyRequest, PolicyResponse, QueryResponse};
 
-/// The largest allocation bincode may make while decoding anything.
-const DECODE_ALLOCATION_LIMIT: usize = MAX_POLICY_MESSAGE_BYTES;
+/// The largest allocation bincode may make while decoding a message of at most this size
+/// (queries, answers, records): a length prefix cannot make it reserve more.
+const SMALL_DECODE_LIMIT: usize = 128 * 1024;
 
-type Config = Configuration<LittleEndian, Varint, bincode::config::Limit<DECODE_ALLOCATION_LIMIT>>;
+/// The largest allocation while decoding anything (policy bundles).
+const LARGE_DECODE_LIMIT: usize = MAX_POLICY_MESSAGE_BYTES;
 
-fn config() -> Config {
-    bincode::config::standard().with_limit::<DECODE_ALLOCATION_LIMIT>()
+type Config<const N: usize> = Configuration<LittleEndian, Varint, bincode::config::Limit<N>>;
+
+fn config() -> Config<LARGE_DECODE_LIMIT> {
+    bincode::config::standard().with_limit::<LARGE_DECODE_LIMIT>()
+}
+
+fn small_config() -> Config<SMALL_DECODE_LIMIT> {
+    bincode::config::standard().with_limit::<SMALL_DECODE_LIMIT>()
 }
 
 /// Why bytes could not be encoded or decoded.
@@ -84,8 +92,12 @@ pub fn decode_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result
             limit,
         });
     }
-    let (value, read) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let decoded = if limit <= SMALL_DECODE_LIMIT {
+        bincode::serde::decode_from_slice(bytes, small_config())
+    } else {
+        bincode::serde::decode_from_slice(bytes, config())
+    };
+    let (value, read) = decoded.map_err(|e| CodecError::Decode(e.to_string()))?;
     if read != bytes.len() {
         return Err(CodecError::TrailingBytes {
             extra: bytes.len() - read,
@@ -310,6 +322,15 @@ mod tests {
         // A Vec<u8> claiming u64::MAX elements in a handful of bytes.
         let bytes = [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF];
         assert!(decode_limited::<Vec<u8>>(&bytes, 64).is_err());
+        // A String claiming 4 MB (just under the large limit) inside a small message is
+        // refused by the small message's allocation limit, before any allocation.
+        let mut claim = encode(&(4_000_000u64)).unwrap();
+        claim.extend_from_slice(b"abc");
+        let err = decode_limited::<String>(&claim, 64).unwrap_err();
+        assert!(
+            err.to_string().contains("limit") || err.to_string().contains("Limit"),
+            "{err}"
+        );
     }
 
     proptest! {
