@@ -1,16 +1,19 @@
 //! Researchers' SQL, compiled to the signed query AST.
 //!
-//! Accepted for now: `SELECT COUNT(*) FROM patients [WHERE …]` where the condition is an AND
-//! of comparisons: `column = 'level'`, `column = true|false`, a bare flag (`diabetes`) or its
-//! negation (`NOT diabetes`), `column <op> integer` with `=, <, <=, >, >=` (either side), and
-//! `column BETWEEN a AND b`. Anything else is an error that points at the offending part of
-//! the SQL (line and column). Column names and levels are checked by each node against its
-//! schema.
+//! Accepted: `SELECT COUNT(*) | COUNT(DISTINCT patient_id) FROM <view> [WHERE …]`, where the
+//! view is `patients`, `timepoints` or an information kind (`ct`, `host_genome`, …) and the
+//! condition combines with AND / OR / NOT: comparisons (`=, <>, <, <=, >, >=`, the column on
+//! either side) with integers, exact decimals, 'levels' and TRUE/FALSE; `IN (…)`;
+//! `[NOT] BETWEEN`; `IS [NOT] NULL`; `IS TRUE / FALSE`; and a bare flag (`diabetes`).
+//! `COUNT(*)` counts patients on `patients` and rows elsewhere (each patient's rows bounded
+//! by the schema); `COUNT(DISTINCT patient_id)` counts patients. Anything else is an error
+//! that points at the offending part of the SQL (line and column). Column names and levels
+//! are checked by each node against its own schema.
 
 use std::fmt;
 
 use renkei_protocol::query::QueryShapeError;
-use renkei_protocol::{Category, Predicate, Query};
+use renkei_protocol::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
 use sqlparser::ast::{
     self, BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
     ObjectNamePart, SelectItem, SetExpr, Spanned, Statement, TableFactor, UnaryOperator, Value,
@@ -162,12 +165,22 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
         ));
     }
     let view = view_name(select)?;
-    check_projection(select)?;
-    let mut filter = Vec::new();
-    if let Some(condition) = &select.selection {
-        conjunction(condition, &view, &mut filter)?;
+    let distinct_patients = check_projection(select)?;
+    let filter = match &select.selection {
+        Some(condition) => filter(condition, &view)?,
+        None => Filter::True,
+    };
+    let aggregate = if distinct_patients || view == "patients" {
+        Aggregate::CountPatients
+    } else {
+        Aggregate::CountRows
+    };
+    let query = Query {
+        view,
+        aggregate,
+        filter,
     }
-    let query = Query::count_patients(view, filter).canonical()?;
+    .canonical();
     query.check_shape()?;
     Ok(query)
 }
@@ -246,11 +259,12 @@ fn view_name(select: &ast::Select) -> Result<String, SqlError> {
     }
 }
 
-fn check_projection(select: &ast::Select) -> Result<(), SqlError> {
+/// Accepts `COUNT(*)` (false) or `COUNT(DISTINCT patient_id)` (true).
+fn check_projection(select: &ast::Select) -> Result<bool, SqlError> {
     let only_count = || {
         SqlError::at(
             select,
-            "expected SELECT COUNT(*) (other aggregates come later)",
+            "expected SELECT COUNT(*) or COUNT(DISTINCT patient_id) (other aggregates come later)",
         )
     };
     let [SelectItem::UnnamedExpr(Expr::Function(function))] = select.projection.as_slice() else {
@@ -261,12 +275,8 @@ fn check_projection(select: &ast::Select) -> Result<(), SqlError> {
     let FunctionArguments::List(list) = &function.args else {
         return Err(SqlError::at(function, "expected COUNT(*)"));
     };
-    let star = matches!(
-        list.args.as_slice(),
-        [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]
-    );
-    if !is_count || !star || list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
-        return Err(SqlError::at(function, "expected COUNT(*)"));
+    if !is_count || !list.clauses.is_empty() {
+        return Err(only_count());
     }
     if function.filter.is_some()
         || function.over.is_some()
@@ -277,40 +287,137 @@ fn check_projection(select: &ast::Select) -> Result<(), SqlError> {
     {
         return Err(SqlError::at(
             function,
-            "COUNT(*) takes no FILTER, OVER or WITHIN GROUP; put conditions in WHERE",
+            "COUNT takes no FILTER, OVER or WITHIN GROUP; put conditions in WHERE",
         ));
     }
-    Ok(())
+    match (list.duplicate_treatment, list.args.as_slice()) {
+        (None, [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]) => Ok(false),
+        (
+            Some(ast::DuplicateTreatment::Distinct),
+            [FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Identifier(ident)))],
+        ) if ident.value.eq_ignore_ascii_case("patient_id") => Ok(true),
+        _ => Err(SqlError::at(
+            function,
+            "expected COUNT(*) or COUNT(DISTINCT patient_id)",
+        )),
+    }
 }
 
-/// Flattens an AND tree into predicates on columns of `view`.
-fn conjunction(expr: &Expr, view: &str, out: &mut Vec<Predicate>) -> Result<(), SqlError> {
+/// Compiles a WHERE condition on columns of `view`.
+fn filter(expr: &Expr, view: &str) -> Result<Filter, SqlError> {
     match expr {
-        Expr::Nested(inner) => conjunction(inner, view, out),
+        Expr::Nested(inner) => filter(inner, view),
         Expr::BinaryOp {
             left,
             op: BinaryOperator::And,
             right,
-        } => {
-            conjunction(left, view, out)?;
-            conjunction(right, view, out)
-        }
+        } => Ok(Filter::And(vec![filter(left, view)?, filter(right, view)?])),
         Expr::BinaryOp {
+            left,
             op: BinaryOperator::Or,
-            ..
-        } => Err(SqlError::at(
-            expr,
-            "OR is not supported yet; combine conditions with AND",
-        )),
-        _ => {
-            out.push(predicate(expr, view)?);
-            Ok(())
+            right,
+        } => Ok(Filter::Or(vec![filter(left, view)?, filter(right, view)?])),
+        Expr::UnaryOp {
+            op: UnaryOperator::Not,
+            expr: inner,
+        } => Ok(Filter::Not(Box::new(filter(inner, view)?))),
+        Expr::BinaryOp { left, op, right } => {
+            let op = match op {
+                BinaryOperator::Eq => CmpOp::Eq,
+                BinaryOperator::NotEq => CmpOp::Ne,
+                BinaryOperator::Lt => CmpOp::Lt,
+                BinaryOperator::LtEq => CmpOp::Le,
+                BinaryOperator::Gt => CmpOp::Gt,
+                BinaryOperator::GtEq => CmpOp::Ge,
+                other => {
+                    return Err(SqlError::at(
+                        expr,
+                        format!("operator `{other}` is not supported"),
+                    ));
+                }
+            };
+            // Put the column on the left, flipping the operator if needed.
+            match (column_name(left, view)?, column_name(right, view)?) {
+                (Some(column), None) => Ok(Filter::cmp(column, op, literal(right)?)),
+                (None, Some(column)) => Ok(Filter::cmp(column, flip(op), literal(left)?)),
+                _ => Err(SqlError::at(
+                    expr,
+                    "expected a comparison between a column and a value",
+                )),
+            }
         }
+        Expr::Between {
+            expr: target,
+            negated,
+            low,
+            high,
+        } => {
+            let column = column_name(target, view)?
+                .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?;
+            let between = Filter::Between {
+                column,
+                low: literal(low)?,
+                high: literal(high)?,
+            };
+            Ok(if *negated {
+                Filter::Not(Box::new(between))
+            } else {
+                between
+            })
+        }
+        Expr::In {
+            expr: target,
+            target: in_target,
+            negated,
+            global: false,
+        } => {
+            let column = column_name(target, view)?
+                .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?;
+            let ast::InTarget::List(list) = in_target else {
+                return Err(SqlError::at(
+                    expr,
+                    "IN takes a list of values, not a subquery",
+                ));
+            };
+            let values = list.iter().map(literal).collect::<Result<Vec<_>, _>>()?;
+            let within = Filter::In { column, values };
+            Ok(if *negated {
+                Filter::Not(Box::new(within))
+            } else {
+                within
+            })
+        }
+        Expr::IsNull(target) | Expr::IsNotNull(target) => {
+            let column = column_name(target, view)?
+                .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?;
+            Ok(Filter::IsNull {
+                column,
+                negated: matches!(expr, Expr::IsNotNull(_)),
+            })
+        }
+        Expr::IsTrue(target) | Expr::IsFalse(target) => {
+            let column = column_name(target, view)?
+                .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?;
+            Ok(Filter::eq(
+                column,
+                Literal::Bool(matches!(expr, Expr::IsTrue(_))),
+            ))
+        }
+        _ => match column_name(expr, view)? {
+            // A bare flag column: `diabetes` means `diabetes = TRUE`.
+            Some(column) => Ok(Filter::eq(column, Literal::Bool(true))),
+            None => Err(SqlError::at(
+                expr,
+                "expected a condition: a comparison, IN, BETWEEN, IS NULL, or a flag column",
+            )),
+        },
     }
 }
 
-/// The column an expression names, if it is a column: `age`, or `patients.age` when the
-/// query is on `patients`. Any other qualifier is an error, not silently the same column.
+/// The column an expression names, if it is a column: `age`; `timepoints.age` when the
+/// query is on `timepoints` (the same); or a column of an enclosing layer, `patients.severity`
+/// from the `timepoints` view or an item view, `timepoints.crp` from an item view. Any other
+/// qualifier is an error, not silently the same column.
 fn column_name(expr: &Expr, view: &str) -> Result<Option<String>, SqlError> {
     match expr {
         Expr::Identifier(ident) => Ok(Some(ident.value.to_ascii_lowercase())),
@@ -318,9 +425,22 @@ fn column_name(expr: &Expr, view: &str) -> Result<Option<String>, SqlError> {
             [qualifier, column] if qualifier.value.eq_ignore_ascii_case(view) => {
                 Ok(Some(column.value.to_ascii_lowercase()))
             }
+            [qualifier, column]
+                if ["patients", "timepoints"]
+                    .iter()
+                    .any(|layer| qualifier.value.eq_ignore_ascii_case(layer)) =>
+            {
+                Ok(Some(format!(
+                    "{}.{}",
+                    qualifier.value.to_ascii_lowercase(),
+                    column.value.to_ascii_lowercase()
+                )))
+            }
             _ => Err(SqlError::at(
                 expr,
-                format!("columns may be qualified only by the view queried (`{view}.column`)"),
+                format!(
+                    "columns may be qualified by the view queried (`{view}.column`) or an enclosing layer (`patients.`, `timepoints.`)"
+                ),
             )),
         },
         Expr::Nested(inner) => column_name(inner, view),
@@ -328,24 +448,21 @@ fn column_name(expr: &Expr, view: &str) -> Result<Option<String>, SqlError> {
     }
 }
 
-/// A literal: integer, string level or boolean.
-enum Literal {
-    Integer(i64),
-    Category(Category),
-}
-
+/// A literal: integer, exact decimal, 'text' or TRUE/FALSE.
 fn literal(expr: &Expr) -> Result<Literal, SqlError> {
     match expr {
         Expr::Value(value) => match &value.value {
-            Value::Number(text, _) => text
-                .parse::<i64>()
-                .map(Literal::Integer)
-                .map_err(|_| SqlError::at(expr, format!("`{text}` is not an integer"))),
-            Value::SingleQuotedString(text) => Ok(Literal::Category(Category::Level(text.clone()))),
-            Value::Boolean(flag) => Ok(Literal::Category(Category::Flag(*flag))),
+            Value::Number(text, _) => number(text).ok_or_else(|| {
+                SqlError::at(
+                    expr,
+                    format!("`{text}` is not a number renkei can use exactly"),
+                )
+            }),
+            Value::SingleQuotedString(text) => Ok(Literal::Text(text.clone())),
+            Value::Boolean(flag) => Ok(Literal::Bool(*flag)),
             _ => Err(SqlError::at(
                 expr,
-                "expected an integer, a 'quoted level' or true/false",
+                "expected a number, a 'quoted level' or TRUE/FALSE",
             )),
         },
         Expr::UnaryOp {
@@ -355,130 +472,48 @@ fn literal(expr: &Expr) -> Result<Literal, SqlError> {
             Literal::Integer(n) => n
                 .checked_neg()
                 .map(Literal::Integer)
-                .ok_or_else(|| SqlError::at(expr, "integer out of range")),
-            Literal::Category(_) => Err(SqlError::at(expr, "only numbers can be negated")),
+                .ok_or_else(|| SqlError::at(expr, "number out of range")),
+            Literal::Decimal(d) => Ok(Literal::Decimal(Decimal {
+                digits: -d.digits,
+                scale: d.scale,
+            })),
+            _ => Err(SqlError::at(expr, "only numbers can be negated")),
         },
         Expr::Nested(inner) => literal(inner),
         _ => Err(SqlError::at(expr, "expected a literal value here")),
     }
 }
 
-fn integer(expr: &Expr) -> Result<i64, SqlError> {
-    match literal(expr)? {
-        Literal::Integer(n) => Ok(n),
-        Literal::Category(_) => Err(SqlError::at(expr, "expected an integer")),
-    }
-}
-
-fn range(column: String, min: Option<i64>, max: Option<i64>) -> Predicate {
-    Predicate::InRange { column, min, max }
-}
-
-fn predicate(expr: &Expr, view: &str) -> Result<Predicate, SqlError> {
-    if let Some(column) = column_name(expr, view)? {
-        return Ok(Predicate::Is {
-            column,
-            value: Category::Flag(true),
-        });
-    }
-    match expr {
-        Expr::UnaryOp {
-            op: UnaryOperator::Not,
-            expr: inner,
-        } => match column_name(inner, view)? {
-            Some(column) => Ok(Predicate::Is {
-                column,
-                value: Category::Flag(false),
-            }),
-            None => Err(SqlError::at(
-                expr,
-                "NOT applies only to a flag column for now, e.g. NOT diabetes",
-            )),
-        },
-        Expr::Between {
-            expr: target,
-            negated,
-            low,
-            high,
-        } => {
-            let column = column_name(target, view)?
-                .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?;
-            if *negated {
-                return Err(SqlError::at(expr, "NOT BETWEEN is not supported yet"));
+/// `12` as an integer, `1.50` as an exact decimal; exponents are refused.
+fn number(text: &str) -> Option<Literal> {
+    match text.split_once('.') {
+        None => text.parse().ok().map(Literal::Integer),
+        Some((whole, fraction)) => {
+            if !whole
+                .chars()
+                .chain(fraction.chars())
+                .all(|c| c.is_ascii_digit())
+                || fraction.is_empty()
+                || fraction.len() > 9
+            {
+                return None;
             }
-            Ok(range(column, Some(integer(low)?), Some(integer(high)?)))
+            let digits: i64 = format!("{whole}{fraction}").parse().ok()?;
+            Some(Literal::Decimal(Decimal {
+                digits,
+                scale: u8::try_from(fraction.len()).ok()?,
+            }))
         }
-        Expr::BinaryOp { left, op, right } => {
-            // Put the column on the left, flipping the operator if needed.
-            let (column, value, op) = match (column_name(left, view)?, column_name(right, view)?) {
-                (Some(column), None) => (column, right.as_ref(), op.clone()),
-                (None, Some(column)) => (column, left.as_ref(), flip(op)),
-                _ => {
-                    return Err(SqlError::at(
-                        expr,
-                        "expected a comparison between a column and a value",
-                    ));
-                }
-            };
-            comparison(expr, column, op, value)
-        }
-        _ => Err(SqlError::at(
-            expr,
-            "expected a comparison (=, <, <=, >, >=, BETWEEN) or a flag column",
-        )),
     }
 }
 
-fn flip(op: &BinaryOperator) -> BinaryOperator {
+fn flip(op: CmpOp) -> CmpOp {
     match op {
-        BinaryOperator::Lt => BinaryOperator::Gt,
-        BinaryOperator::LtEq => BinaryOperator::GtEq,
-        BinaryOperator::Gt => BinaryOperator::Lt,
-        BinaryOperator::GtEq => BinaryOperator::LtEq,
-        other => other.clone(),
-    }
-}
-
-fn comparison(
-    expr: &Expr,
-    column: String,
-    op: BinaryOperator,
-    value: &Expr,
-) -> Result<Predicate, SqlError> {
-    let literal = literal(value)?;
-    match (op, literal) {
-        (BinaryOperator::Eq, Literal::Category(value)) => Ok(Predicate::Is { column, value }),
-        (BinaryOperator::Eq, Literal::Integer(n)) => Ok(range(column, Some(n), Some(n))),
-        (BinaryOperator::Lt, Literal::Integer(n)) => Ok(range(
-            column,
-            None,
-            Some(
-                n.checked_sub(1)
-                    .ok_or_else(|| SqlError::at(value, "out of range"))?,
-            ),
-        )),
-        (BinaryOperator::LtEq, Literal::Integer(n)) => Ok(range(column, None, Some(n))),
-        (BinaryOperator::Gt, Literal::Integer(n)) => Ok(range(
-            column,
-            Some(
-                n.checked_add(1)
-                    .ok_or_else(|| SqlError::at(value, "out of range"))?,
-            ),
-            None,
-        )),
-        (BinaryOperator::GtEq, Literal::Integer(n)) => Ok(range(column, Some(n), None)),
-        (BinaryOperator::NotEq, _) => Err(SqlError::at(
-            expr,
-            "<> is not supported yet; use = or a range",
-        )),
-        (op, Literal::Category(_)) => Err(SqlError::at(
-            expr,
-            format!("`{op}` needs an integer; levels and flags compare only with ="),
-        )),
-        (op, _) => Err(SqlError::at(
-            expr,
-            format!("operator `{op}` is not supported"),
-        )),
+        CmpOp::Lt => CmpOp::Gt,
+        CmpOp::Le => CmpOp::Ge,
+        CmpOp::Gt => CmpOp::Lt,
+        CmpOp::Ge => CmpOp::Le,
+        other => other,
     }
 }
 
@@ -487,43 +522,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn compiles_a_conjunction_to_the_canonical_ast() {
+    fn compiles_conditions_to_the_canonical_ast() {
         let q = compile(
             "select count(*) from patients where age >= 65 and sex = 'female' and diabetes and not cancer and 80 > age",
         )
         .unwrap();
         assert_eq!(
             q.to_string(),
-            "SELECT COUNT(*) FROM patients WHERE age BETWEEN 65 AND 79 AND cancer = false AND diabetes = true AND sex = 'female'"
+            "SELECT COUNT(*) FROM patients WHERE NOT cancer = TRUE AND age < 80 AND age >= 65 AND diabetes = TRUE AND sex = 'female'"
         );
         let same = compile(
-            "SELECT COUNT(*) FROM patients WHERE NOT cancer AND sex = 'female' AND (age BETWEEN 65 AND 79) AND diabetes = true",
+            "SELECT COUNT(*) FROM patients WHERE (NOT cancer) AND sex = 'female' AND age >= 65 AND diabetes = true AND age < 80",
         )
         .unwrap();
         assert_eq!(q, same);
         let all = compile("SELECT COUNT(*) FROM patients").unwrap();
-        assert!(all.filter.is_empty());
+        assert_eq!(all.filter, Filter::True);
+        assert_eq!(all.aggregate, Aggregate::CountPatients);
+    }
+
+    #[test]
+    fn compiles_timepoint_queries_with_or_in_between_null_and_decimals() {
+        let q = compile(
+            "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE (crp > 1.5 OR il6 >= 100) AND care_level IN ('oxygen', 'ecmo') AND days_since_onset NOT BETWEEN 0 AND 3 AND ferritin IS NOT NULL",
+        )
+        .unwrap();
+        assert_eq!(q.aggregate, Aggregate::CountPatients);
+        assert_eq!(
+            q.to_string(),
+            "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE (crp > 1.5 OR il6 >= 100) AND NOT days_since_onset BETWEEN 0 AND 3 AND care_level IN ('ecmo', 'oxygen') AND ferritin IS NOT NULL"
+        );
+        let rows = compile("SELECT COUNT(*) FROM timepoints WHERE dexamethasone").unwrap();
+        assert_eq!(rows.aggregate, Aggregate::CountRows);
+        let negative =
+            compile("SELECT COUNT(*) FROM timepoints WHERE days_since_admission > -2.5").unwrap();
+        assert!(
+            negative
+                .to_string()
+                .ends_with("days_since_admission > -2.5"),
+            "{negative}"
+        );
     }
 
     #[test]
     fn errors_point_at_the_offending_sql() {
-        let sql = "SELECT COUNT(*) FROM patients\nWHERE age > 3 OR sex = 'male'";
+        let sql = "SELECT COUNT(*) FROM patients\nWHERE age > 3 OR sex LIKE 'm%'";
         let err = compile(sql).unwrap_err();
-        assert_eq!((err.line, err.column), (2, 7), "{err}");
-        assert!(err.message.contains("OR"), "{err}");
-        assert!(err.render(sql).contains("      ^"), "{}", err.render(sql));
+        assert_eq!((err.line, err.column), (2, 18), "{err}");
+        assert!(err.render(sql).contains("^"), "{}", err.render(sql));
 
-        let err = compile("SELECT COUNT(*) FROM patients WHERE age > 'old'").unwrap_err();
-        assert!(err.message.contains("needs an integer"), "{err}");
         let err = compile("SELECT COUNT(*) FROM patients WHERE").unwrap_err();
         assert_eq!((err.line, err.column), (1, 36), "{err:?}");
         let err = compile("SELECT COUNT(*) FORM patients").unwrap_err();
         assert_eq!((err.line, err.column), (1, 22), "{err:?}");
-        assert!(err.message.contains("found: patients"), "{err}");
         let err = compile("SELECT AVG(age) FROM patients").unwrap_err();
         assert!(err.message.contains("COUNT(*)"), "{err}");
         let err = compile("DELETE FROM patients").unwrap_err();
         assert!(err.message.contains("SELECT"), "{err}");
+        let err = compile("SELECT COUNT(*) FROM patients WHERE age > 1e3").unwrap_err();
+        assert!(err.message.contains("exactly"), "{err}");
         for ignored in [
             "SELECT COUNT(*) FILTER (WHERE diabetes) FROM patients",
             "SELECT COUNT(*) OVER () FROM patients",
@@ -532,11 +589,10 @@ mod tests {
             "SELECT TOP 5 COUNT(*) FROM patients",
             "SELECT COUNT(*) FROM patients p",
             "SELECT COUNT(*) FROM patients WHERE visits.age > 3",
+            "SELECT COUNT(DISTINCT age) FROM patients",
         ] {
             assert!(compile(ignored).is_err(), "{ignored} was accepted");
         }
         assert!(compile("SELECT COUNT(*) FROM patients WHERE patients.age > 3").is_ok());
-        let err = compile("SELECT COUNT(*) FROM patients WHERE age > 60 AND age < 30").unwrap_err();
-        assert!(err.message.contains("empty"), "{err}");
     }
 }

@@ -145,11 +145,11 @@ async fn a_sql_mistake_costs_nothing_and_points_at_itself() {
         "/nonexistent/researcher.key".into(),
         "--nodes".into(),
         "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN".into(),
-        "SELECT COUNT(*) FROM patients WHERE age > 60 OR diabetes".into(),
+        "SELECT COUNT(*) FROM patients WHERE age > 60 OR sex LIKE 'm%'".into(),
     ])
     .await;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("line 1, column 37"), "{stderr}");
+    assert!(stderr.contains("line 1, column 49"), "{stderr}");
     assert!(stderr.contains('^'), "{stderr}");
 }

@@ -30,14 +30,11 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, AuditLog, hex_hash};
-use crate::cohort::{self, Cohort};
+use crate::dataset::{CompiledQuery, Dataset};
 use crate::dp::Calibration;
 use crate::error::NodeError;
 use crate::governance::{Offered, PolicyKeeper};
 use crate::ledger::{Admission, ChargeRequest, PrivacyLedger, scoped_key};
-
-/// One patient changes a patient count by at most one.
-const COUNT_SENSITIVITY: u64 = 1;
 
 /// Audit events also go to their own tracing target.
 const AUDIT: &str = "renkei::audit";
@@ -48,7 +45,7 @@ pub struct QueryDesk {
     identity: SecretKey,
     node_key: PublicKey,
     policy: PolicyKeeper,
-    cohort: Cohort,
+    dataset: Dataset,
     ledger: PrivacyLedger,
     audit: AuditLog,
     /// Requests (researcher key || request id) being answered right now, so two copies of
@@ -85,7 +82,7 @@ struct Checked {
     digest: [u8; 32],
     researcher: PublicKey,
     request: QueryRequest,
-    compiled: cohort::CompiledQuery,
+    compiled: CompiledQuery,
     calibration: Calibration,
     grant: Grant,
 }
@@ -94,7 +91,7 @@ impl QueryDesk {
     pub fn new(
         identity: SecretKey,
         policy: PolicyKeeper,
-        cohort: Cohort,
+        dataset: Dataset,
         ledger: PrivacyLedger,
         audit: AuditLog,
     ) -> Self {
@@ -102,7 +99,7 @@ impl QueryDesk {
             node_key: identity.public_key(),
             identity,
             policy,
-            cohort,
+            dataset,
             ledger,
             audit,
             answering: Mutex::new(HashSet::new()),
@@ -118,8 +115,8 @@ impl QueryDesk {
         self.policy.active()
     }
 
-    pub fn cohort(&self) -> &Cohort {
-        &self.cohort
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -259,10 +256,12 @@ impl QueryDesk {
             .check_shape()
             .map_err(|e| Refusal::new(RefusalCode::MalformedRequest, e.to_string()))?;
         let grant = policy.authorize(&researcher, &request.study, &request.query, now)?;
-        let compiled = cohort::compile(&request.query)
+        let compiled = self
+            .dataset
+            .compile(&request.query)
             .map_err(|e| Refusal::new(RefusalCode::InvalidQuery, e.to_string()))?;
         let calibration =
-            Calibration::for_request(request.privacy, COUNT_SENSITIVITY, grant.report_delta)
+            Calibration::for_request(request.privacy, compiled.sensitivity, grant.report_delta)
                 .map_err(|e| {
                     Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
                 })?;
@@ -348,7 +347,7 @@ impl QueryDesk {
             }
             Admission::Charged(charge) | Admission::ChargedUnanswered(charge) => charge,
         };
-        let true_count = self.cohort.count(&compiled);
+        let true_count = self.dataset.evaluate(&compiled);
         let noisy = calibration
             .release(i64::try_from(true_count).unwrap_or(i64::MAX))
             .map_err(|e| internal("noise", &e))?;

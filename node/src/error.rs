@@ -45,6 +45,8 @@ pub enum NodeError {
         "this node ({peer_id}) is not a member in policy v{version}; ask the consortium admins to add it"
     )]
     NotAMember { peer_id: String, version: u64 },
+    #[error("dataset schema: {0}")]
+    Schema(#[from] crate::schema::SchemaFileError),
     #[error("libp2p: {0}")]
     Network(String),
     #[error("differential privacy: {0}")]

@@ -1,8 +1,8 @@
 //! A node's home directory: where its identity and its store live, and how it is created.
 //!
 //! Layout: `node.key` (the node's ed25519 identity: libp2p peer id and answer signatures;
-//! mode 0600) and `store/` (the sled database). `init` creates both and a fresh
-//! pseudonymisation secret; it never overwrites an existing node.
+//! mode 0600) and `store/` (the sled database). `init` creates both, records the dataset
+//! schema and a fresh pseudonymisation secret; it never overwrites an existing node.
 
 use std::path::{Path, PathBuf};
 
@@ -25,8 +25,15 @@ pub struct NodeHome {
 }
 
 impl NodeHome {
-    /// Creates a node in `dir` (created if missing): identity key, store, secrets.
+    /// Creates a node in `dir` (created if missing) with the default `covid19` schema.
     pub fn init(dir: &Path) -> Result<(Self, PeerId), NodeError> {
+        Self::init_with_schema(dir, crate::schema::COVID19)
+    }
+
+    /// Creates a node in `dir` for the dataset schema given as TOML text: identity key,
+    /// store, pseudonymisation secret.
+    pub fn init_with_schema(dir: &Path, schema: &str) -> Result<(Self, PeerId), NodeError> {
+        crate::schema::DatasetSchema::from_toml(schema)?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| NodeError::Io { path, source }
@@ -43,6 +50,9 @@ impl NodeHome {
         }
         let key = SecretKey::generate()?;
         let store = NodeStore::open(&home.store_path())?;
+        store
+            .meta
+            .insert(crate::store::META_SCHEMA, schema.as_bytes())?;
         if store.meta.get(META_PSEUDONYM_SECRET)?.is_none() {
             let mut secret = [0u8; 32];
             getrandom::fill(&mut secret)

@@ -3,8 +3,11 @@
 //!
 //! - [`home`]: the node's directory (identity key, store) and `init`.
 //! - [`store`]: the one owner of the sled database and its trees.
-//! - [`cohort`]: the patient schema, stored records and the in-memory image queries run on.
-//! - [`ingest`]: loading a hospital's patient CSV, atomically.
+//! - [`schema`]: dataset schemas (views, columns, types, bounds); `covid19` by default.
+//! - [`records`]: the stored patient → timepoint → information records.
+//! - [`ingest`]: loading CSV tables, consent and DICOM/FASTQ items, atomically.
+//! - [`formats`]: DICOM and FASTQ readers.
+//! - [`dataset`]: the in-memory columnar image queries run on; [`bitset`]: its cohorts.
 //! - [`dp`]: noise calibration and release through opendp.
 //! - [`ledger`]: the crash-safe per-researcher privacy budget and replay guard.
 //! - [`governance`]: the active consortium policy: verified, stored, swapped.
@@ -16,14 +19,18 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod audit;
-pub mod cohort;
+pub mod bitset;
+pub mod dataset;
 pub mod desk;
 pub mod dp;
 pub mod error;
+pub mod formats;
 pub mod governance;
 pub mod home;
 pub mod ingest;
 pub mod ledger;
+pub mod records;
+pub mod schema;
 pub mod service;
 pub mod store;
 

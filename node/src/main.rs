@@ -7,11 +7,12 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use renkei_node::audit;
-use renkei_node::cohort::Cohort;
+use renkei_node::dataset::Dataset;
 use renkei_node::governance::PolicyKeeper;
-use renkei_node::ingest::ingest_patients;
+use renkei_node::ingest::{self, IngestReport};
 use renkei_node::ledger::PrivacyLedger;
 use renkei_node::service::{NodeStatus, STATUS_FILE};
+use renkei_node::store::NodeStore;
 use renkei_node::{NodeError, NodeHome, NodeService};
 
 #[derive(Parser)]
@@ -31,16 +32,36 @@ enum Command {
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// Dataset schema (TOML) [default: the built-in covid19 schema].
+        #[arg(long)]
+        schema: Option<PathBuf>,
     },
-    /// Load patients from a CSV file (all rows or none; see the README for the columns).
+    /// Load data: each file loads completely or not at all (see the README for formats).
+    #[command(group(clap::ArgGroup::new("input").required(true).multiple(true)))]
     Ingest {
         #[arg(long)]
         dir: PathBuf,
-        #[arg(long)]
-        patients: PathBuf,
+        /// Patient table (CSV): patient_id, patient columns, consent_<scope> columns.
+        #[arg(long, group = "input")]
+        patients: Option<PathBuf>,
+        /// Timepoint table (CSV): patient_id, timepoint, timepoint columns (course, drugs,
+        /// labs, antibodies, cytokines…). May be repeated.
+        #[arg(long, group = "input")]
+        timepoints: Vec<PathBuf>,
+        /// Consent changes (CSV): patient_id, scope, granted.
+        #[arg(long, group = "input")]
+        consent: Option<PathBuf>,
+        /// Information items (CSV): path, patient_id, timepoint, kind (DICOM and FASTQ files).
+        #[arg(long, group = "input")]
+        manifest: Option<PathBuf>,
         /// Validate and report without writing anything.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Patients' consent.
+    Consent {
+        #[command(subcommand)]
+        command: ConsentCommand,
     },
     /// Answer signed queries under the consortium's signed policy until interrupted.
     Serve {
@@ -69,6 +90,21 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsentCommand {
+    /// Withdraw a patient's consent (one scope, or all): effective for every later query.
+    Withdraw {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The hospital's patient id.
+        #[arg(long)]
+        patient: String,
+        /// Scope to withdraw (e.g. genome) [default: every scope].
+        #[arg(long)]
+        scope: Option<String>,
     },
 }
 
@@ -113,28 +149,75 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { dir } => {
-            let (_, peer_id) = NodeHome::init(&dir)?;
+        Command::Init { dir, schema } => {
+            let (_, peer_id) = match schema {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    NodeHome::init_with_schema(&dir, &text)?
+                }
+                None => NodeHome::init(&dir)?,
+            };
             println!("{peer_id}");
         }
         Command::Ingest {
             dir,
             patients,
+            timepoints,
+            consent,
+            manifest,
             dry_run,
         } => {
             let store = NodeHome::open(&dir)?.open_store()?;
-            let report = ingest_patients(&store, &patients, dry_run)?;
-            println!(
-                "{}{} rows ({} consented): {} added, {} replaced",
-                if dry_run {
-                    "dry run, nothing written: "
-                } else {
-                    ""
+            // Patients first: timepoints, consent and items refer to them.
+            let mut steps: Vec<(&str, PathBuf, IngestFn)> = Vec::new();
+            if let Some(path) = patients {
+                steps.push(("patients", path, ingest::ingest_patients));
+            }
+            for path in timepoints {
+                steps.push(("timepoints", path, ingest::ingest_timepoints));
+            }
+            if let Some(path) = consent {
+                steps.push(("consent", path, ingest::ingest_consent));
+            }
+            if let Some(path) = manifest {
+                steps.push(("items", path, ingest::ingest_manifest));
+            }
+            for (what, path, load) in steps {
+                let report = load(&store, &path, dry_run)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                println!(
+                    "{}{what} from {}: {} rows, {} added, {} updated{}",
+                    if dry_run {
+                        "dry run, nothing written: "
+                    } else {
+                        ""
+                    },
+                    path.display(),
+                    report.rows,
+                    report.added,
+                    report.updated,
+                    if what == "patients" {
+                        format!(", {} consented", report.consented)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        Command::Consent {
+            command:
+                ConsentCommand::Withdraw {
+                    dir,
+                    patient,
+                    scope,
                 },
-                report.rows,
-                report.consented,
-                report.added,
-                report.replaced
+        } => {
+            let store = NodeHome::open(&dir)?.open_store()?;
+            ingest::withdraw_consent(&store, &patient, scope.as_deref())?;
+            println!(
+                "withdrawn: {} for patient {patient}",
+                scope.as_deref().unwrap_or("every scope")
             );
         }
         Command::Serve {
@@ -209,6 +292,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One of the ingest functions.
+type IngestFn = fn(&NodeStore, &std::path::Path, bool) -> Result<IngestReport, NodeError>;
+
 fn verified_audit(dir: &std::path::Path) -> anyhow::Result<Vec<audit::AuditEntry>> {
     let home = NodeHome::open(dir)?;
     let node_key = home.identity()?.public_key();
@@ -224,7 +310,13 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
     println!("peer id:   {}", home.peer_id()?);
     match home.open_store() {
         Ok(store) => {
-            let cohort = Cohort::load(&store)?;
+            let schema = std::sync::Arc::new(store.schema()?);
+            let data = Dataset::load(&store, schema)?;
+            println!(
+                "schema:    {} v{}",
+                data.schema().name,
+                data.schema().version
+            );
             match PolicyKeeper::open(store)?.active() {
                 Some(p) => println!(
                     "policy:    v{} ({}), hash {}",
@@ -236,9 +328,22 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
             }
             println!(
                 "patients:  {} consented, {} withheld (no consent)",
-                cohort.consented(),
-                cohort.withheld()
+                data.consented(),
+                data.withheld()
             );
+            println!("timepoints: {}", data.timepoints());
+            let items: Vec<String> = data
+                .items()
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            println!("items:     {}", items.join(", "));
+            if data.orphans() > 0 {
+                println!(
+                    "orphans:   {} records without their patient (ignored)",
+                    data.orphans()
+                );
+            }
             println!("serving:   no");
         }
         Err(NodeError::StoreLocked { .. }) => {

@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::cohort::Cohort;
+use crate::dataset::Dataset;
 use crate::desk::QueryDesk;
 use crate::error::NodeError;
 use crate::governance::PolicyKeeper;
@@ -205,10 +205,11 @@ fn open_desk(home: &NodeHome, policy_path: Option<PathBuf>) -> Result<QueryDesk,
     let keeper = PolicyKeeper::open(store.clone())?;
     let audit = AuditLog::open(store.clone(), home.identity()?)?;
     let now = unix_now();
-    let cohort = Cohort::load(&store)?;
+    let schema = std::sync::Arc::new(store.schema()?);
+    let dataset = Dataset::load(&store, schema)?;
     let ledger = PrivacyLedger::new(store);
     ledger.prune_expired(now)?;
-    let desk = QueryDesk::new(identity, keeper, cohort, ledger, audit);
+    let desk = QueryDesk::new(identity, keeper, dataset, ledger, audit);
     if let Some(path) = &policy_path {
         let signed = SignedPolicy::read_file(path).map_err(|source| NodeError::Policy {
             path: path.clone(),
@@ -249,8 +250,9 @@ fn open_desk(home: &NodeHome, policy_path: Option<PathBuf>) -> Result<QueryDesk,
     )?;
     info!(
         %peer_id,
-        consented = desk.cohort().consented(),
-        withheld = desk.cohort().withheld(),
+        consented = desk.dataset().consented(),
+        withheld = desk.dataset().withheld(),
+        timepoints = desk.dataset().timepoints(),
         policy_version = policy.bundle().version,
         policy = %policy.hash_hex(),
         randomness = crate::dp::RANDOMNESS,
@@ -559,8 +561,8 @@ impl Node {
             listen_addr: self.listen_addr.to_string(),
             policy_version: policy.bundle().version,
             policy_hash: policy.hash_hex(),
-            consented: self.desk.cohort().consented(),
-            withheld: self.desk.cohort().withheld(),
+            consented: self.desk.dataset().consented(),
+            withheld: self.desk.dataset().withheld(),
             started_at: self.started_at,
             randomness: crate::dp::RANDOMNESS.to_string(),
         };

@@ -1,7 +1,8 @@
 //! The node's sled database, its one owner.
 //!
-//! One [`NodeStore`] per process opens the database and hands out its trees: `patients`
-//! (pseudonymous id → record), `ledger` (researcher and study → rho spent), `nonces` (seen
+//! One [`NodeStore`] per process opens the database and hands out its trees: `patients`,
+//! `timepoints` and `items` (the three layers of the data model, see [`crate::records`]),
+//! `ledger` (researcher and study → rho spent), `nonces` (seen
 //! request nonces, for replay refusal), `requests` (each request's charge and signed answer,
 //! for idempotent resends), `audit` (the signed, hash-chained audit log) and `meta` (the
 //! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers go through the modules that own each tree
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::NodeError;
 
+/// Meta key of the dataset schema's TOML text.
+pub(crate) const META_SCHEMA: &[u8] = b"dataset-schema";
+
 /// How long opening waits for a lock held by a store that is still closing.
 const LOCK_WAIT: Duration = Duration::from_secs(3);
 
@@ -21,6 +25,8 @@ pub struct NodeStore {
     db: sled::Db,
     path: PathBuf,
     pub(crate) patients: sled::Tree,
+    pub(crate) timepoints: sled::Tree,
+    pub(crate) items: sled::Tree,
     pub(crate) ledger: sled::Tree,
     pub(crate) nonces: sled::Tree,
     pub(crate) requests: sled::Tree,
@@ -57,6 +63,8 @@ impl NodeStore {
         };
         Ok(Self {
             patients: db.open_tree("patients")?,
+            timepoints: db.open_tree("timepoints")?,
+            items: db.open_tree("items")?,
             ledger: db.open_tree("ledger")?,
             nonces: db.open_tree("nonces")?,
             requests: db.open_tree("requests")?,
@@ -69,6 +77,25 @@ impl NodeStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The dataset schema this node was created with (kept in the store).
+    pub fn schema(&self) -> Result<crate::schema::DatasetSchema, NodeError> {
+        let bytes = self
+            .meta
+            .get(META_SCHEMA)?
+            .ok_or_else(|| NodeError::CorruptStore {
+                what: "dataset schema".into(),
+                reason: "missing".into(),
+            })?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| NodeError::CorruptStore {
+            what: "dataset schema".into(),
+            reason: e.to_string(),
+        })?;
+        crate::schema::DatasetSchema::from_toml(text).map_err(|e| NodeError::CorruptStore {
+            what: "dataset schema".into(),
+            reason: e.to_string(),
+        })
     }
 
     /// Writes every dirty buffer to disk and fsyncs.

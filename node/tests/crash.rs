@@ -150,7 +150,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
             );
             workers.spawn(async move {
                 loop {
-                    let query = Query::count_patients("patients", vec![]);
+                    let query = Query::count_patients("patients", renkei_protocol::Filter::True);
                     let prepared = PreparedQuery::sign(
                         &researcher,
                         query,

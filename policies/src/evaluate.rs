@@ -102,11 +102,23 @@ impl VerifiedPolicy {
             .limits
             .min_cell_size
             .max(study.min_cell_size.unwrap_or(0));
-        if let Some(rule) = bundle.sensitive_rule(view) {
-            if !study.sensitive_views.iter().any(|s| s == view) {
+        // A sensitive kind is touched by querying its view or by reading its presence flag
+        // (`has_<kind>`) from another view; either needs the stricter grant.
+        let mut sensitive: Vec<&str> = vec![view];
+        sensitive.extend(
+            query
+                .columns()
+                .into_iter()
+                .filter_map(|c| c.strip_prefix("has_")),
+        );
+        for touched in sensitive {
+            let Some(rule) = bundle.sensitive_rule(touched) else {
+                continue;
+            };
+            if !study.sensitive_views.iter().any(|s| s == touched) {
                 return refuse(
                     RefusalCode::SensitiveNotGranted,
-                    format!("`{view}` is sensitive and study `{study_id}` has no grant for it"),
+                    format!("`{touched}` is sensitive and study `{study_id}` has no grant for it"),
                 );
             }
             let signed = self.admin_signatures();
@@ -114,7 +126,7 @@ impl VerifiedPolicy {
                 return refuse(
                     RefusalCode::SensitiveNotGranted,
                     format!(
-                        "the grant of sensitive view `{view}` needs {} admin signatures; policy v{v} has {signed}",
+                        "the grant of sensitive `{touched}` needs {} admin signatures; policy v{v} has {signed}",
                         rule.signatures_required
                     ),
                 );
@@ -123,13 +135,15 @@ impl VerifiedPolicy {
                 return refuse(
                     RefusalCode::AggregationNotAllowed,
                     format!(
-                        "on sensitive view `{view}` only {} may be computed",
+                        "on sensitive `{touched}` only {} may be computed",
                         rule.aggregations.join(", ")
                     ),
                 );
             }
             min_cell_size = min_cell_size.max(rule.min_cell_size);
-        } else if !study.views.iter().any(|s| s == view) {
+        }
+        let granted_sensitive = bundle.sensitive_rule(view).is_some();
+        if !granted_sensitive && !study.views.iter().any(|s| s == view) {
             return refuse(
                 RefusalCode::ViewNotAllowed,
                 format!(
@@ -197,7 +211,7 @@ mod tests {
     use super::*;
     use crate::bundle::Timestamp;
     use crate::{PolicyBundle, SignedPolicy};
-    use renkei_protocol::{Category, Predicate, SecretKey};
+    use renkei_protocol::{Filter, Literal, SecretKey};
 
     const NOW: u64 = 1_780_000_000; // 2026-05-28
 
@@ -232,13 +246,12 @@ mod tests {
     fn count(view: &str, columns: &[&str]) -> Query {
         Query::count_patients(
             view,
-            columns
-                .iter()
-                .map(|c| Predicate::Is {
-                    column: c.to_string(),
-                    value: Category::Flag(true),
-                })
-                .collect(),
+            Filter::And(
+                columns
+                    .iter()
+                    .map(|c| Filter::eq(*c, Literal::Bool(true)))
+                    .collect(),
+            ),
         )
     }
 
@@ -316,6 +329,17 @@ mod tests {
         s.bundle.studies[0].sensitive_views.clear();
         assert_eq!(
             code(verified(&s, 2).authorize(&me, "severity-2026", &genome, NOW)),
+            RefusalCode::SensitiveNotGranted
+        );
+
+        // Reading the presence flag of a sensitive kind is touching it.
+        assert_eq!(
+            code(verified(&s, 1).authorize(
+                &me,
+                "severity-2026",
+                &count("patients", &["has_host_genome"]),
+                NOW
+            )),
             RefusalCode::SensitiveNotGranted
         );
 

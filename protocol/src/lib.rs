@@ -24,7 +24,7 @@ pub use messages::{
     AdminSignature, Answer, Mechanism, MicroEpsilon, MicroRho, PolicyRequest, PolicyResponse,
     PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Refusal, RefusalCode, RequestId,
 };
-pub use query::{Aggregate, Category, Predicate, Query};
+pub use query::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
 
 /// Seconds since the Unix epoch, as used for `issued_at` / `expires_at`.
 pub fn unix_now() -> u64 {

@@ -27,8 +27,14 @@ pub const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
 /// Most nodes one request may be addressed to.
 pub const MAX_AUDIENCE: usize = 256;
 
-/// Most predicates a query may carry; more is refused as malformed.
-pub const MAX_PREDICATES: usize = 32;
+/// Most filter terms (nodes of the filter tree) a query may carry.
+pub const MAX_PREDICATES: usize = 64;
+
+/// Deepest nesting of AND / OR / NOT in a filter.
+pub const MAX_FILTER_DEPTH: usize = 8;
+
+/// Most values in one `IN` list.
+pub const MAX_IN_VALUES: usize = 64;
 
 /// Longest identifier (column, study, category value) in a query, in bytes.
 pub const MAX_IDENTIFIER_BYTES: usize = 128;

@@ -1,83 +1,292 @@
 //! The query AST: what a researcher asks, in a canonical typed form.
 //!
 //! The researcher's SQL is compiled to this form by the aggregator; this form (not the SQL
-//! text) is what is signed, sent and checked by every node against its own schema and policy.
-//! For now a query counts the patients of one view that satisfy a conjunction of predicates:
-//! equality on categorical and boolean columns, inclusive integer ranges on numeric ones.
+//! text) is what is signed, sent and checked by every node against its own dataset schema
+//! and the consortium's policy. A query names a view (`patients`, `timepoints`, or an
+//! information kind such as `ct`), an aggregate, and a filter: a tree of AND / OR / NOT over
+//! comparisons, `IN`, `BETWEEN` and `IS [NOT] NULL` on the view's columns. Literals are exact
+//! (decimals as digits and a scale), so no floating point enters a signed query.
 //! [`Query::canonical`] puts a query in one normal form, so equal questions hash equally.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{MAX_IDENTIFIER_BYTES, MAX_PREDICATES};
+use crate::limits::{MAX_FILTER_DEPTH, MAX_IDENTIFIER_BYTES, MAX_IN_VALUES, MAX_PREDICATES};
 
 /// What is computed over the matching rows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Aggregate {
-    /// The number of distinct patients matching the filter (each patient counts at most once).
+    /// The number of distinct patients with at least one matching row (`COUNT(*)` on
+    /// `patients`, `COUNT(DISTINCT patient_id)` elsewhere). One patient changes it by one.
     CountPatients,
+    /// The number of matching rows of a timepoint or item view; each patient contributes at
+    /// most the schema's bound on rows per patient, which is the sensitivity.
+    CountRows,
 }
 
 impl Aggregate {
     /// The aggregation's name as policies list it.
     pub fn name(&self) -> &'static str {
         match self {
-            Aggregate::CountPatients => "count",
+            Aggregate::CountPatients | Aggregate::CountRows => "count",
         }
     }
 }
 
-/// A categorical or boolean value compared for equality.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Category {
-    /// A declared level of a categorical column, e.g. `female` or `severe`.
-    Level(String),
-    /// A yes/no flag such as a comorbidity.
-    Flag(bool),
+/// An exact decimal: `digits / 10^scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Decimal {
+    pub digits: i64,
+    pub scale: u8,
 }
 
-impl fmt::Display for Category {
+impl fmt::Display for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.scale == 0 {
+            return write!(f, "{}", self.digits);
+        }
+        let divisor = 10i128.pow(u32::from(self.scale));
+        let digits = i128::from(self.digits);
+        let sign = if digits < 0 { "-" } else { "" };
+        let (whole, fraction) = (digits.abs() / divisor, digits.abs() % divisor);
+        write!(
+            f,
+            "{sign}{whole}.{fraction:0width$}",
+            width = usize::from(self.scale)
+        )
+    }
+}
+
+/// A literal in a filter.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Literal {
+    Integer(i64),
+    Decimal(Decimal),
+    /// A level of a categorical column (or a text value).
+    Text(String),
+    Bool(bool),
+}
+
+impl fmt::Display for Literal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Category::Level(level) => write!(f, "'{level}'"),
-            Category::Flag(flag) => write!(f, "{flag}"),
+            Literal::Integer(n) => write!(f, "{n}"),
+            Literal::Decimal(d) => write!(f, "{d}"),
+            Literal::Text(t) => write!(f, "'{}'", t.replace('\'', "''")),
+            Literal::Bool(b) => write!(f, "{}", if *b { "TRUE" } else { "FALSE" }),
         }
     }
 }
 
-/// One condition on a column of the view.
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "=",
+            CmpOp::Ne => "<>",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        }
+    }
+}
+
+/// Which rows of the view count.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Predicate {
-    /// `column = value` for a categorical or boolean column.
-    Is { column: String, value: Category },
-    /// `min <= column <= max` for an integer column; a missing end is unbounded.
-    InRange {
+pub enum Filter {
+    /// Every row (no WHERE).
+    True,
+    And(Vec<Filter>),
+    Or(Vec<Filter>),
+    Not(Box<Filter>),
+    Compare {
         column: String,
-        min: Option<i64>,
-        max: Option<i64>,
+        op: CmpOp,
+        value: Literal,
+    },
+    In {
+        column: String,
+        values: Vec<Literal>,
+    },
+    Between {
+        column: String,
+        low: Literal,
+        high: Literal,
+    },
+    IsNull {
+        column: String,
+        negated: bool,
     },
 }
 
-impl Predicate {
-    pub fn column(&self) -> &str {
-        match self {
-            Predicate::Is { column, .. } | Predicate::InRange { column, .. } => column,
+impl Filter {
+    /// `column = value`.
+    pub fn eq(column: impl Into<String>, value: Literal) -> Self {
+        Filter::Compare {
+            column: column.into(),
+            op: CmpOp::Eq,
+            value,
         }
     }
-}
 
-impl fmt::Display for Predicate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// `column op value`.
+    pub fn cmp(column: impl Into<String>, op: CmpOp, value: Literal) -> Self {
+        Filter::Compare {
+            column: column.into(),
+            op,
+            value,
+        }
+    }
+
+    /// Every column this filter reads.
+    pub fn columns(&self) -> BTreeSet<&str> {
+        let mut columns = BTreeSet::new();
+        self.visit(&mut |f| match f {
+            Filter::Compare { column, .. }
+            | Filter::In { column, .. }
+            | Filter::Between { column, .. }
+            | Filter::IsNull { column, .. } => {
+                columns.insert(column.as_str());
+            }
+            _ => {}
+        });
+        columns
+    }
+
+    fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Filter)) {
+        f(self);
         match self {
-            Predicate::Is { column, value } => write!(f, "{column} = {value}"),
-            Predicate::InRange { column, min, max } => match (min, max) {
-                (Some(lo), Some(hi)) => write!(f, "{column} BETWEEN {lo} AND {hi}"),
-                (Some(lo), None) => write!(f, "{column} >= {lo}"),
-                (None, Some(hi)) => write!(f, "{column} <= {hi}"),
-                (None, None) => write!(f, "{column} IS ANY"),
+            Filter::And(children) | Filter::Or(children) => {
+                children.iter().for_each(|c| c.visit(f));
+            }
+            Filter::Not(inner) => inner.visit(f),
+            _ => {}
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self {
+            Filter::And(children) | Filter::Or(children) => {
+                1 + children.iter().map(Filter::depth).max().unwrap_or(0)
+            }
+            Filter::Not(inner) => 1 + inner.depth(),
+            _ => 1,
+        }
+    }
+
+    fn nodes(&self) -> usize {
+        let mut count = 0;
+        self.visit(&mut |_| count += 1);
+        count
+    }
+
+    /// Flattens nested AND/OR, drops `True` from conjunctions, sorts and deduplicates.
+    fn canonical(self) -> Filter {
+        match self {
+            Filter::And(children) => {
+                let mut flat = Vec::new();
+                for child in children.into_iter().map(Filter::canonical) {
+                    match child {
+                        Filter::And(grand) => flat.extend(grand),
+                        Filter::True => {}
+                        other => flat.push(other),
+                    }
+                }
+                flat.sort();
+                flat.dedup();
+                match flat.len() {
+                    0 => Filter::True,
+                    1 => flat.pop().unwrap_or(Filter::True),
+                    _ => Filter::And(flat),
+                }
+            }
+            Filter::Or(children) => {
+                let mut flat = Vec::new();
+                for child in children.into_iter().map(Filter::canonical) {
+                    match child {
+                        Filter::Or(grand) => flat.extend(grand),
+                        Filter::True => return Filter::True,
+                        other => flat.push(other),
+                    }
+                }
+                flat.sort();
+                flat.dedup();
+                match flat.len() {
+                    0 => Filter::True,
+                    1 => flat.pop().unwrap_or(Filter::True),
+                    _ => Filter::Or(flat),
+                }
+            }
+            Filter::Not(inner) => match inner.canonical() {
+                Filter::Not(double) => *double,
+                other => Filter::Not(Box::new(other)),
             },
+            Filter::In { column, mut values } => {
+                values.sort();
+                values.dedup();
+                Filter::In { column, values }
+            }
+            other => other,
+        }
+    }
+
+    fn write(&self, f: &mut fmt::Formatter<'_>, nested: bool) -> fmt::Result {
+        let join = |f: &mut fmt::Formatter<'_>, children: &[Filter], word: &str| {
+            if nested {
+                f.write_str("(")?;
+            }
+            for (i, child) in children.iter().enumerate() {
+                if i > 0 {
+                    write!(f, " {word} ")?;
+                }
+                child.write(f, true)?;
+            }
+            if nested {
+                f.write_str(")")?;
+            }
+            Ok(())
+        };
+        match self {
+            Filter::True => f.write_str("TRUE"),
+            Filter::And(children) => join(f, children, "AND"),
+            Filter::Or(children) => join(f, children, "OR"),
+            Filter::Not(inner) => {
+                f.write_str("NOT ")?;
+                inner.write(f, true)
+            }
+            Filter::Compare { column, op, value } => {
+                write!(f, "{column} {} {value}", op.symbol())
+            }
+            Filter::In { column, values } => {
+                write!(f, "{column} IN (")?;
+                for (i, v) in values.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{v}")?;
+                }
+                f.write_str(")")
+            }
+            Filter::Between { column, low, high } => {
+                write!(f, "{column} BETWEEN {low} AND {high}")
+            }
+            Filter::IsNull { column, negated } => {
+                write!(f, "{column} IS {}NULL", if *negated { "NOT " } else { "" })
+            }
         }
     }
 }
@@ -88,31 +297,26 @@ pub struct Query {
     /// The view queried, e.g. `patients`.
     pub view: String,
     pub aggregate: Aggregate,
-    /// All of these must hold (conjunction). Empty means every patient.
-    pub filter: Vec<Predicate>,
+    pub filter: Filter,
 }
 
 /// A structural problem with a query, found before any schema is consulted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum QueryShapeError {
-    #[error("query has {count} predicates; at most {max} are allowed")]
+    #[error("query has {count} filter terms; at most {max} are allowed")]
     TooManyPredicates { count: usize, max: usize },
+    #[error("filter nests {depth} levels deep; at most {max} are allowed")]
+    TooDeep { depth: usize, max: usize },
+    #[error("IN lists {count} values; at most {max} are allowed")]
+    TooManyValues { count: usize, max: usize },
     #[error("identifier `{prefix}…` is longer than {max} bytes")]
     IdentifierTooLong { prefix: String, max: usize },
-    #[error("range on `{column}` is empty: {min} > {max}")]
-    EmptyRange { column: String, min: i64, max: i64 },
-    #[error("`{column}` is constrained to both {first} and {second}; no row can match")]
-    Contradiction {
-        column: String,
-        first: Category,
-        second: Category,
-    },
 }
 
 impl Query {
-    /// Counts the patients in `view` matching all of `filter`.
-    pub fn count_patients(view: impl Into<String>, filter: Vec<Predicate>) -> Self {
+    /// Counts the patients in `view` with a row matching `filter`.
+    pub fn count_patients(view: impl Into<String>, filter: Filter) -> Self {
         Self {
             view: view.into(),
             aggregate: Aggregate::CountPatients,
@@ -121,16 +325,24 @@ impl Query {
     }
 
     /// Every column the query reads.
-    pub fn columns(&self) -> std::collections::BTreeSet<&str> {
-        self.filter.iter().map(Predicate::column).collect()
+    pub fn columns(&self) -> BTreeSet<&str> {
+        self.filter.columns()
     }
 
-    /// Checks limits that need no schema: number of predicates and identifier lengths.
+    /// Checks limits that need no schema: size, depth, list lengths, identifier lengths.
     pub fn check_shape(&self) -> Result<(), QueryShapeError> {
-        if self.filter.len() > MAX_PREDICATES {
+        let nodes = self.filter.nodes();
+        if nodes > MAX_PREDICATES {
             return Err(QueryShapeError::TooManyPredicates {
-                count: self.filter.len(),
+                count: nodes,
                 max: MAX_PREDICATES,
+            });
+        }
+        let depth = self.filter.depth();
+        if depth > MAX_FILTER_DEPTH {
+            return Err(QueryShapeError::TooDeep {
+                depth,
+                max: MAX_FILTER_DEPTH,
             });
         }
         let too_long = |text: &str| {
@@ -142,90 +354,54 @@ impl Query {
         if let Some(e) = too_long(&self.view) {
             return Err(e);
         }
-        for predicate in &self.filter {
-            if let Some(e) = too_long(predicate.column()) {
-                return Err(e);
+        let mut problem = None;
+        self.filter.visit(&mut |f| {
+            if problem.is_some() {
+                return;
             }
-            if let Predicate::Is {
-                value: Category::Level(level),
-                ..
-            } = predicate
-                && let Some(e) = too_long(level)
-            {
-                return Err(e);
+            match f {
+                Filter::In { values, .. } if values.len() > MAX_IN_VALUES => {
+                    problem = Some(QueryShapeError::TooManyValues {
+                        count: values.len(),
+                        max: MAX_IN_VALUES,
+                    });
+                }
+                Filter::Compare { column, value, .. } => {
+                    problem = too_long(column).or_else(|| match value {
+                        Literal::Text(t) => too_long(t),
+                        _ => None,
+                    });
+                }
+                Filter::In { column, .. }
+                | Filter::Between { column, .. }
+                | Filter::IsNull { column, .. } => problem = too_long(column),
+                _ => {}
             }
-        }
-        Ok(())
+        });
+        problem.map_or(Ok(()), Err)
     }
 
-    /// The normal form: ranges on one column intersected, duplicates removed, predicates
-    /// sorted. Fails if the conjunction is unsatisfiable by construction.
-    pub fn canonical(mut self) -> Result<Self, QueryShapeError> {
-        let mut merged: Vec<Predicate> = Vec::with_capacity(self.filter.len());
-        for predicate in std::mem::take(&mut self.filter) {
-            let existing = merged.iter_mut().find(|p| p.column() == predicate.column());
-            match (existing, predicate) {
-                (None, predicate) => merged.push(predicate),
-                (
-                    Some(Predicate::InRange { min, max, .. }),
-                    Predicate::InRange {
-                        min: new_min,
-                        max: new_max,
-                        ..
-                    },
-                ) => {
-                    *min = match (*min, new_min) {
-                        (Some(a), Some(b)) => Some(a.max(b)),
-                        (a, b) => a.or(b),
-                    };
-                    *max = match (*max, new_max) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                }
-                (Some(Predicate::Is { column, value }), Predicate::Is { value: other, .. }) => {
-                    if *value != other {
-                        return Err(QueryShapeError::Contradiction {
-                            column: column.clone(),
-                            first: value.clone(),
-                            second: other,
-                        });
-                    }
-                }
-                // Mixed kinds on one column are kept apart; the node's schema check rejects
-                // whichever does not fit the column's type.
-                (Some(_), predicate) => merged.push(predicate),
-            }
-        }
-        for predicate in &merged {
-            if let Predicate::InRange {
-                column,
-                min: Some(lo),
-                max: Some(hi),
-            } = predicate
-                && lo > hi
-            {
-                return Err(QueryShapeError::EmptyRange {
-                    column: column.clone(),
-                    min: *lo,
-                    max: *hi,
-                });
-            }
-        }
-        merged.sort_by(|a, b| a.column().cmp(b.column()).then_with(|| a.cmp(b)));
-        self.filter = merged;
-        Ok(self)
+    /// The normal form: nested AND/OR flattened, terms sorted and deduplicated.
+    pub fn canonical(mut self) -> Self {
+        self.filter = self.filter.canonical();
+        self
     }
 }
 
 impl fmt::Display for Query {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.aggregate {
-            Aggregate::CountPatients => write!(f, "SELECT COUNT(*) FROM {}", self.view)?,
+            Aggregate::CountPatients if self.view == "patients" => {
+                write!(f, "SELECT COUNT(*) FROM {}", self.view)?
+            }
+            Aggregate::CountPatients => {
+                write!(f, "SELECT COUNT(DISTINCT patient_id) FROM {}", self.view)?
+            }
+            Aggregate::CountRows => write!(f, "SELECT COUNT(*) FROM {}", self.view)?,
         }
-        for (i, predicate) in self.filter.iter().enumerate() {
-            let joiner = if i == 0 { " WHERE " } else { " AND " };
-            write!(f, "{joiner}{predicate}")?;
+        if self.filter != Filter::True {
+            f.write_str(" WHERE ")?;
+            self.filter.write(f, false)?;
         }
         Ok(())
     }
@@ -235,78 +411,107 @@ impl fmt::Display for Query {
 mod tests {
     use super::*;
 
-    fn range(column: &str, min: Option<i64>, max: Option<i64>) -> Predicate {
-        Predicate::InRange {
-            column: column.into(),
-            min,
-            max,
-        }
+    fn level(column: &str, level: &str) -> Filter {
+        Filter::eq(column, Literal::Text(level.into()))
     }
 
     #[test]
-    fn canonical_form_merges_ranges_and_sorts() {
-        let q = Query::count_patients(
+    fn canonical_form_flattens_sorts_and_dedups() {
+        let a = Query::count_patients(
             "patients",
-            vec![
-                range("age", Some(30), None),
-                Predicate::Is {
-                    column: "sex".into(),
-                    value: Category::Level("female".into()),
+            Filter::And(vec![
+                level("sex", "female"),
+                Filter::And(vec![
+                    Filter::cmp("age", CmpOp::Ge, Literal::Integer(65)),
+                    level("sex", "female"),
+                ]),
+                Filter::True,
+            ]),
+        )
+        .canonical();
+        let b = Query::count_patients(
+            "patients",
+            Filter::And(vec![
+                Filter::cmp("age", CmpOp::Ge, Literal::Integer(65)),
+                level("sex", "female"),
+            ]),
+        )
+        .canonical();
+        assert_eq!(a, b);
+        assert_eq!(
+            a.to_string(),
+            "SELECT COUNT(*) FROM patients WHERE age >= 65 AND sex = 'female'"
+        );
+        let not_not = Filter::Not(Box::new(Filter::Not(Box::new(level("sex", "male")))));
+        assert_eq!(
+            Query::count_patients("patients", not_not)
+                .canonical()
+                .filter,
+            level("sex", "male")
+        );
+    }
+
+    #[test]
+    fn decimals_and_nested_filters_print_as_sql() {
+        let q = Query {
+            view: "timepoints".into(),
+            aggregate: Aggregate::CountPatients,
+            filter: Filter::And(vec![
+                Filter::Or(vec![
+                    Filter::cmp(
+                        "crp",
+                        CmpOp::Gt,
+                        Literal::Decimal(Decimal {
+                            digits: -105,
+                            scale: 2,
+                        }),
+                    ),
+                    Filter::IsNull {
+                        column: "il6".into(),
+                        negated: true,
+                    },
+                ]),
+                Filter::In {
+                    column: "care_level".into(),
+                    values: vec![
+                        Literal::Text("icu_ventilation".into()),
+                        Literal::Text("ecmo".into()),
+                    ],
                 },
-                range("age", None, Some(59)),
-                range("age", Some(40), None),
-            ],
-        );
-        let canonical = q.canonical().unwrap();
-        assert_eq!(
-            canonical.filter,
-            vec![
-                range("age", Some(40), Some(59)),
-                Predicate::Is {
-                    column: "sex".into(),
-                    value: Category::Level("female".into())
-                }
-            ]
-        );
-        assert_eq!(
-            canonical.to_string(),
-            "SELECT COUNT(*) FROM patients WHERE age BETWEEN 40 AND 59 AND sex = 'female'"
-        );
-    }
-
-    #[test]
-    fn contradictions_and_empty_ranges_are_errors() {
-        let q = Query::count_patients(
-            "patients",
-            vec![range("age", Some(60), None), range("age", None, Some(20))],
-        );
-        assert!(matches!(
-            q.canonical(),
-            Err(QueryShapeError::EmptyRange { .. })
-        ));
-        let is = |v: bool| Predicate::Is {
-            column: "diabetes".into(),
-            value: Category::Flag(v),
+            ]),
         };
-        let q = Query::count_patients("patients", vec![is(true), is(false)]);
-        assert!(matches!(
-            q.canonical(),
-            Err(QueryShapeError::Contradiction { .. })
-        ));
+        assert_eq!(
+            q.to_string(),
+            "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE (crp > -1.05 OR il6 IS NOT NULL) AND care_level IN ('icu_ventilation', 'ecmo')"
+        );
+        assert_eq!(
+            q.columns().into_iter().collect::<Vec<_>>(),
+            vec!["care_level", "crp", "il6"]
+        );
     }
 
     #[test]
     fn oversized_queries_fail_the_shape_check() {
-        let many = (0..=MAX_PREDICATES)
-            .map(|i| range(&format!("c{i}"), Some(0), None))
-            .collect();
+        let many = Filter::And(
+            (0..=MAX_PREDICATES)
+                .map(|i| Filter::cmp(format!("c{i}"), CmpOp::Ge, Literal::Integer(0)))
+                .collect(),
+        );
         assert!(matches!(
             Query::count_patients("patients", many).check_shape(),
             Err(QueryShapeError::TooManyPredicates { .. })
         ));
+        let mut deep = level("sex", "male");
+        for _ in 0..MAX_FILTER_DEPTH {
+            deep = Filter::Not(Box::new(deep));
+        }
+        assert!(matches!(
+            Query::count_patients("patients", deep).check_shape(),
+            Err(QueryShapeError::TooDeep { .. })
+        ));
         let long = "x".repeat(MAX_IDENTIFIER_BYTES + 1);
         assert!(matches!(
-            Query::count_patients(long, vec![]).check_shape(),
+            Query::count_patients(long, Filter::True).check_shape(),
             Err(QueryShapeError::IdentifierTooLong { .. })
         ));
     }

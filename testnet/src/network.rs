@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use libp2p::{Multiaddr, PeerId};
 use renkei_aggregator::NodeAddress;
-use renkei_node::ingest::ingest_patients;
+use renkei_node::ingest;
 use renkei_node::service::default_listen;
 use renkei_node::{NodeHome, NodeService, RunningNode};
 use renkei_policies::QueryLimits;
@@ -27,6 +27,8 @@ pub struct TestnetConfig {
     pub nodes: usize,
     /// Patients over all nodes.
     pub patients: usize,
+    /// Patients over all nodes with full data (CT and sequencing files at their timepoints).
+    pub full_data_patients: usize,
     pub seed: u64,
     /// The dev researcher's budget per node.
     pub budget: MicroRho,
@@ -40,6 +42,7 @@ impl TestnetConfig {
             dir: dir.into(),
             nodes: 3,
             patients: 6_000,
+            full_data_patients: 100,
             seed: 2020,
             budget: DEV_BUDGET,
             limits: QueryLimits::default(),
@@ -111,13 +114,28 @@ impl Testnet {
             let institution = format!("Hospital {}", (b'A' + (i % 26) as u8) as char);
             let node_dir = config.dir.join(format!("node-{i}"));
             let (home, peer_id) = NodeHome::init(&node_dir)?;
-            let share =
-                config.patients / config.nodes + usize::from(i < config.patients % config.nodes);
-            let patients = synth::generate(i, share, config.seed);
-            let csv = node_dir.join("patients.csv");
-            synth::write_csv(&csv, &patients)
-                .with_context(|| format!("writing {}", csv.display()))?;
-            ingest_patients(&home.open_store()?, &csv, false)?;
+            let spread =
+                |total: usize| total / config.nodes + usize::from(i < total % config.nodes);
+            let mut patients = synth::generate(
+                i,
+                spread(config.patients),
+                spread(config.full_data_patients),
+                config.seed,
+            );
+            let files = synth::write_hospital(
+                &node_dir.join("export"),
+                &mut patients,
+                config.seed ^ i as u64,
+            )?;
+            let store = home.open_store()?;
+            ingest::ingest_patients(&store, &files.patients, false)?;
+            for table in &files.timepoints {
+                ingest::ingest_timepoints(&store, table, false)?;
+            }
+            if let Some(manifest) = &files.manifest {
+                ingest::ingest_manifest(&store, manifest, false)?;
+            }
+            drop(store);
             prepared.push((institution, home, peer_id, patients));
         }
         let members: Vec<_> = prepared

@@ -122,7 +122,7 @@ async fn a_node_never_counts_patients_without_consent() {
         consented < stored,
         "the synthetic data should include refusals of consent"
     );
-    let cohort = testnet.running(0).unwrap().desk().cohort();
+    let cohort = testnet.running(0).unwrap().desk().dataset();
     assert_eq!(cohort.consented(), consented);
     assert_eq!(cohort.withheld(), stored - consented);
 

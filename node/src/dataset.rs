@@ -1,0 +1,720 @@
+//! The in-memory image of a node's data that queries run on, column by column, and the
+//! binding of a query to it.
+//!
+//! [`Dataset::load`] reads every stored patient, timepoint and information item into
+//! columnar tables (one `i64` vector per column, [`NULL`] for a missing value; consent scopes
+//! as bitsets). A query is compiled against the dataset schema ([`Dataset::compile`]): its
+//! view and columns resolved, its literals encoded, the consent scopes it needs and its
+//! sensitivity fixed; anything that does not fit is refused with a reason that names it.
+//! Evaluation turns each comparison into bitsets over the view's rows (with SQL's
+//! three-valued logic: a comparison with a missing value is neither true nor false), moves
+//! them between the three layers by gathering through parent indices, and counts only
+//! patients who consented to every scope the query needs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use renkei_protocol::{Aggregate, CmpOp, Filter, Literal, Query};
+
+use crate::bitset::Bitset;
+use crate::error::NodeError;
+use crate::records::{self, ItemRecord, PatientRecord, TimepointRecord};
+use crate::schema::{
+    ColumnDef, ColumnType, DatasetSchema, PATIENTS_VIEW, SECONDARY_USE, TIMEPOINT_COLUMN,
+    TIMEPOINTS_VIEW,
+};
+use crate::store::NodeStore;
+
+/// The stored value of a missing cell.
+pub const NULL: i64 = i64::MIN;
+
+#[derive(Debug, Default, Clone)]
+struct Patients {
+    len: usize,
+    columns: Vec<Vec<i64>>,
+    /// Patients who gave each consent scope.
+    consents: BTreeMap<String, Bitset>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Timepoints {
+    len: usize,
+    patient: Vec<u32>,
+    number: Vec<i64>,
+    columns: Vec<Vec<i64>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Items {
+    len: usize,
+    patient: Vec<u32>,
+    timepoint: Vec<u32>,
+    columns: Vec<Vec<i64>>,
+    /// The summary columns of this kind's format.
+    defs: Vec<ColumnDef>,
+}
+
+/// The node's data, ready to be queried.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    schema: Arc<DatasetSchema>,
+    patients: Patients,
+    timepoints: Timepoints,
+    /// Parallel to the schema's item kinds.
+    items: Vec<Items>,
+    /// Stored records whose patient is missing (reported, never counted).
+    orphans: usize,
+}
+
+/// Which rows a query ranges over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    Patients,
+    Timepoints,
+    Items(usize),
+}
+
+/// Where a column's values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Patient(usize),
+    Timepoint(usize),
+    TimepointNumber,
+    Item(usize),
+    /// Whether the patient has an item of this kind at any timepoint.
+    PatientHas(usize),
+    /// Whether the timepoint has an item of this kind.
+    TimepointHas(usize),
+}
+
+/// A comparison on stored integers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Test {
+    Cmp(CmpOp, i64),
+    In(Vec<i64>),
+    Between(i64, i64),
+    IsNull { negated: bool },
+}
+
+/// A filter bound to the dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    True,
+    And(Vec<Node>),
+    Or(Vec<Node>),
+    Not(Box<Node>),
+    Test(Source, Test),
+}
+
+/// What a compiled query computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Computation {
+    CountPatients,
+    CountRows { cap: u32 },
+}
+
+/// A query the dataset accepts, ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledQuery {
+    view: View,
+    filter: Node,
+    computation: Computation,
+    /// Consent scopes a patient must have given to be counted.
+    pub required_consents: Vec<String>,
+    /// How much one patient can change the result.
+    pub sensitivity: u64,
+}
+
+/// Why a query does not fit the dataset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    #[error("unknown view `{view}`; this node has: {known}")]
+    UnknownView { view: String, known: String },
+    #[error("view `{view}` has no column `{column}`; it has: {known}")]
+    UnknownColumn {
+        view: String,
+        column: String,
+        known: String,
+    },
+    #[error("{0}")]
+    Value(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl Dataset {
+    /// An empty dataset under `schema`.
+    pub fn empty(schema: Arc<DatasetSchema>) -> Self {
+        let items = schema
+            .items
+            .iter()
+            .map(|kind| Items {
+                defs: kind.format.columns(),
+                columns: vec![Vec::new(); kind.format.columns().len()],
+                ..Items::default()
+            })
+            .collect();
+        Self {
+            patients: Patients {
+                columns: vec![Vec::new(); schema.patients.len()],
+                ..Patients::default()
+            },
+            timepoints: Timepoints {
+                columns: vec![Vec::new(); schema.timepoints.len()],
+                ..Timepoints::default()
+            },
+            items,
+            schema,
+            orphans: 0,
+        }
+    }
+
+    /// Reads every stored record of `store` into memory.
+    pub fn load(store: &NodeStore, schema: Arc<DatasetSchema>) -> Result<Self, NodeError> {
+        let mut data = Self::empty(Arc::clone(&schema));
+        let mut patient_rows: HashMap<[u8; 32], u32> = HashMap::new();
+        let mut consent_rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for entry in store.patients.iter() {
+            let (key, value) = entry?;
+            let record: PatientRecord = records::decode(&value, "patient record", &key)?;
+            let pseudonym: [u8; 32] =
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| NodeError::CorruptStore {
+                        what: "patient key".into(),
+                        reason: "not 32 bytes".into(),
+                    })?;
+            let row = data.patients.len;
+            patient_rows.insert(pseudonym, u32::try_from(row).map_err(|_| too_many())?);
+            push_values(&mut data.patients.columns, &record.values);
+            for scope in record.consents {
+                consent_rows.entry(scope).or_default().push(row);
+            }
+            data.patients.len += 1;
+        }
+        for (scope, rows) in consent_rows {
+            let mut set = Bitset::empty(data.patients.len);
+            rows.into_iter().for_each(|r| set.insert(r));
+            data.patients.consents.insert(scope, set);
+        }
+        let mut timepoint_rows: HashMap<[u8; 34], u32> = HashMap::new();
+        for entry in store.timepoints.iter() {
+            let (key, value) = entry?;
+            let Some(&patient) = key.get(..32).and_then(|p| {
+                let p: [u8; 32] = p.try_into().ok()?;
+                patient_rows.get(&p)
+            }) else {
+                data.orphans += 1;
+                continue;
+            };
+            let record: TimepointRecord = records::decode(&value, "timepoint record", &key)?;
+            let number = key
+                .get(32..34)
+                .map(|n| i64::from(u16::from_be_bytes([n[0], n[1]])))
+                .unwrap_or(NULL);
+            let full: [u8; 34] = key
+                .as_ref()
+                .try_into()
+                .map_err(|_| NodeError::CorruptStore {
+                    what: "timepoint key".into(),
+                    reason: "not 34 bytes".into(),
+                })?;
+            timepoint_rows.insert(
+                full,
+                u32::try_from(data.timepoints.len).map_err(|_| too_many())?,
+            );
+            data.timepoints.patient.push(patient);
+            data.timepoints.number.push(number);
+            push_values(&mut data.timepoints.columns, &record.values);
+            data.timepoints.len += 1;
+        }
+        for entry in store.items.iter() {
+            let (key, value) = entry?;
+            let record: ItemRecord = records::decode(&value, "item record", &key)?;
+            let located = key.get(..34).and_then(|k| {
+                let k: [u8; 34] = k.try_into().ok()?;
+                let p: [u8; 32] = k[..32].try_into().ok()?;
+                Some((*patient_rows.get(&p)?, *timepoint_rows.get(&k)?))
+            });
+            let (Some((patient, timepoint)), Some(kind)) = (
+                located,
+                schema.items.iter().position(|k| k.kind == record.kind),
+            ) else {
+                data.orphans += 1;
+                continue;
+            };
+            let items = &mut data.items[kind];
+            items.patient.push(patient);
+            items.timepoint.push(timepoint);
+            push_values(&mut items.columns, &record.values);
+            items.len += 1;
+        }
+        Ok(data)
+    }
+
+    pub fn schema(&self) -> &DatasetSchema {
+        &self.schema
+    }
+
+    /// Patients stored (with or without consent).
+    pub fn patients(&self) -> usize {
+        self.patients.len
+    }
+
+    /// Patients who consented to secondary use: the only ones ever counted.
+    pub fn consented(&self) -> usize {
+        self.patients
+            .consents
+            .get(SECONDARY_USE)
+            .map_or(0, |s| s.count() as usize)
+    }
+
+    /// Stored patients that are withheld for lack of consent.
+    pub fn withheld(&self) -> usize {
+        self.patients.len - self.consented()
+    }
+
+    pub fn timepoints(&self) -> usize {
+        self.timepoints.len
+    }
+
+    /// Items per kind, in schema order.
+    pub fn items(&self) -> Vec<(&str, usize)> {
+        self.schema
+            .items
+            .iter()
+            .zip(&self.items)
+            .map(|(k, i)| (k.kind.as_str(), i.len))
+            .collect()
+    }
+
+    pub fn orphans(&self) -> usize {
+        self.orphans
+    }
+
+    fn view(&self, name: &str) -> Result<View, SchemaError> {
+        match name {
+            PATIENTS_VIEW => Ok(View::Patients),
+            TIMEPOINTS_VIEW => Ok(View::Timepoints),
+            other => self
+                .schema
+                .items
+                .iter()
+                .position(|k| k.kind == other)
+                .map(View::Items)
+                .ok_or_else(|| SchemaError::UnknownView {
+                    view: other.to_string(),
+                    known: self.schema.views().join(", "),
+                }),
+        }
+    }
+
+    /// The columns a view offers, with where each comes from.
+    fn view_columns(&self, view: View) -> Vec<(String, Source, ColumnDef)> {
+        let boolean = |name: String| ColumnDef {
+            name,
+            description: None,
+            unit: None,
+            kind: ColumnType::Boolean,
+        };
+        let number = ColumnDef {
+            name: TIMEPOINT_COLUMN.into(),
+            description: None,
+            unit: None,
+            kind: ColumnType::Integer {
+                min: 0,
+                max: i64::from(u16::MAX),
+            },
+        };
+        let qualified = |prefix: &str, columns: &[ColumnDef], source: fn(usize) -> Source| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("{prefix}.{}", c.name), source(i), c.clone()))
+                .collect::<Vec<_>>()
+        };
+        let plain = |columns: &[ColumnDef], source: fn(usize) -> Source| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), source(i), c.clone()))
+                .collect::<Vec<_>>()
+        };
+        let has = |level: fn(usize) -> Source| {
+            self.schema.items.iter().enumerate().map(move |(k, kind)| {
+                let name = DatasetSchema::presence_column(&kind.kind);
+                (name.clone(), level(k), boolean(name))
+            })
+        };
+        let patients = &self.schema.patients;
+        let timepoints = &self.schema.timepoints;
+        let mut columns: Vec<(String, Source, ColumnDef)> = Vec::new();
+        match view {
+            View::Patients => {
+                columns.extend(plain(patients, Source::Patient));
+                columns.extend(has(Source::PatientHas));
+            }
+            View::Timepoints => {
+                columns.extend(plain(timepoints, Source::Timepoint));
+                columns.push((TIMEPOINT_COLUMN.into(), Source::TimepointNumber, number));
+                columns.extend(has(Source::TimepointHas));
+                columns.extend(qualified(PATIENTS_VIEW, patients, Source::Patient));
+            }
+            View::Items(k) => {
+                columns.extend(
+                    self.items[k]
+                        .defs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (c.name.clone(), Source::Item(i), c.clone())),
+                );
+                columns.extend(plain(timepoints, Source::Timepoint));
+                columns.extend(qualified(TIMEPOINTS_VIEW, timepoints, Source::Timepoint));
+                columns.push((TIMEPOINT_COLUMN.into(), Source::TimepointNumber, number));
+                columns.extend(qualified(PATIENTS_VIEW, patients, Source::Patient));
+            }
+        }
+        // Patient columns by their plain name too, unless a closer layer has that name.
+        if view != View::Patients {
+            for (i, c) in patients.iter().enumerate() {
+                if !columns.iter().any(|(name, _, _)| *name == c.name) {
+                    columns.push((c.name.clone(), Source::Patient(i), c.clone()));
+                }
+            }
+        }
+        columns
+    }
+
+    /// Binds `query` to this dataset, or says which part does not fit.
+    pub fn compile(&self, query: &Query) -> Result<CompiledQuery, SchemaError> {
+        let view = self.view(&query.view)?;
+        let columns = self.view_columns(view);
+        let mut consents = vec![SECONDARY_USE.to_string()];
+        if let View::Items(k) = view
+            && let Some(scope) = &self.schema.items[k].consent
+        {
+            consents.push(scope.clone());
+        }
+        let filter = self.bind(&query.filter, &query.view, &columns, &mut consents)?;
+        let computation = match (&query.aggregate, view) {
+            (Aggregate::CountPatients, _) => Computation::CountPatients,
+            (Aggregate::CountRows, View::Patients) => Computation::CountPatients,
+            (Aggregate::CountRows, _) => Computation::CountRows {
+                cap: self.schema.max_timepoints_per_patient,
+            },
+            (other, _) => {
+                return Err(SchemaError::Unsupported(format!(
+                    "aggregate {other:?} is not supported by this node"
+                )));
+            }
+        };
+        let sensitivity = match computation {
+            Computation::CountPatients => 1,
+            Computation::CountRows { cap } => u64::from(cap),
+        };
+        consents.sort();
+        consents.dedup();
+        Ok(CompiledQuery {
+            view,
+            filter,
+            computation,
+            required_consents: consents,
+            sensitivity,
+        })
+    }
+
+    fn bind(
+        &self,
+        filter: &Filter,
+        view_name: &str,
+        columns: &[(String, Source, ColumnDef)],
+        consents: &mut Vec<String>,
+    ) -> Result<Node, SchemaError> {
+        let column = |name: &str| {
+            columns
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, source, def)| (*source, def))
+                .ok_or_else(|| SchemaError::UnknownColumn {
+                    view: view_name.to_string(),
+                    column: name.to_string(),
+                    known: columns
+                        .iter()
+                        .map(|(n, _, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+        };
+        let value = |def: &ColumnDef, literal: &Literal| {
+            def.encode_literal(literal)
+                .map_err(|e| SchemaError::Value(e.0))
+        };
+        let mut needs_consent = |source: Source| {
+            if let Source::PatientHas(k) | Source::TimepointHas(k) = source
+                && let Some(scope) = &self.schema.items[k].consent
+            {
+                consents.push(scope.clone());
+            }
+        };
+        Ok(match filter {
+            Filter::True => Node::True,
+            Filter::And(children) => Node::And(
+                children
+                    .iter()
+                    .map(|c| self.bind(c, view_name, columns, consents))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Filter::Or(children) => Node::Or(
+                children
+                    .iter()
+                    .map(|c| self.bind(c, view_name, columns, consents))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Filter::Not(inner) => {
+                Node::Not(Box::new(self.bind(inner, view_name, columns, consents)?))
+            }
+            Filter::Compare {
+                column: name,
+                op,
+                value: literal,
+            } => {
+                let (source, def) = column(name)?;
+                needs_consent(source);
+                Node::Test(source, Test::Cmp(*op, value(def, literal)?))
+            }
+            Filter::In {
+                column: name,
+                values,
+            } => {
+                let (source, def) = column(name)?;
+                needs_consent(source);
+                Node::Test(
+                    source,
+                    Test::In(
+                        values
+                            .iter()
+                            .map(|v| value(def, v))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                )
+            }
+            Filter::Between {
+                column: name,
+                low,
+                high,
+            } => {
+                let (source, def) = column(name)?;
+                needs_consent(source);
+                Node::Test(source, Test::Between(value(def, low)?, value(def, high)?))
+            }
+            Filter::IsNull {
+                column: name,
+                negated,
+            } => {
+                let (source, _) = column(name)?;
+                needs_consent(source);
+                Node::Test(source, Test::IsNull { negated: *negated })
+            }
+        })
+    }
+
+    /// The exact answer of a compiled query over consenting patients. Never leaves the node
+    /// without noise.
+    pub fn evaluate(&self, query: &CompiledQuery) -> u64 {
+        let rows = self.eval(&query.filter, query.view).0;
+        let mut consenting = Bitset::full(self.patients.len);
+        for scope in &query.required_consents {
+            match self.patients.consents.get(scope) {
+                Some(set) => consenting.and(set),
+                None => return 0,
+            }
+        }
+        let parents = match query.view {
+            View::Patients => None,
+            View::Timepoints => Some(&self.timepoints.patient),
+            View::Items(k) => Some(&self.items[k].patient),
+        };
+        match (query.computation, parents) {
+            (Computation::CountPatients, None) => {
+                let mut patients = rows;
+                patients.and(&consenting);
+                patients.count()
+            }
+            (Computation::CountPatients, Some(parent)) => {
+                let mut patients = rows.scatter(parent, self.patients.len);
+                patients.and(&consenting);
+                patients.count()
+            }
+            (Computation::CountRows { .. }, None) => {
+                let mut patients = rows;
+                patients.and(&consenting);
+                patients.count()
+            }
+            (Computation::CountRows { cap }, Some(parent)) => {
+                // Each patient's rows count up to the cap: that bounds the sensitivity.
+                let mut per_patient: HashMap<u32, u32> = HashMap::new();
+                let mut total = 0u64;
+                for row in rows.iter() {
+                    let patient = parent[row];
+                    if !consenting.contains(patient as usize) {
+                        continue;
+                    }
+                    let seen = per_patient.entry(patient).or_insert(0);
+                    if *seen < cap {
+                        *seen += 1;
+                        total += 1;
+                    }
+                }
+                total
+            }
+        }
+    }
+
+    fn rows(&self, view: View) -> usize {
+        match view {
+            View::Patients => self.patients.len,
+            View::Timepoints => self.timepoints.len,
+            View::Items(k) => self.items[k].len,
+        }
+    }
+
+    /// (rows where the filter is true, rows where it is false); rows in neither are unknown.
+    fn eval(&self, node: &Node, view: View) -> (Bitset, Bitset) {
+        let len = self.rows(view);
+        match node {
+            Node::True => (Bitset::full(len), Bitset::empty(len)),
+            Node::And(children) => {
+                let mut t = Bitset::full(len);
+                let mut f = Bitset::empty(len);
+                for child in children {
+                    let (ct, cf) = self.eval(child, view);
+                    t.and(&ct);
+                    f.or(&cf);
+                }
+                (t, f)
+            }
+            Node::Or(children) => {
+                let mut t = Bitset::empty(len);
+                let mut f = Bitset::full(len);
+                for child in children {
+                    let (ct, cf) = self.eval(child, view);
+                    t.or(&ct);
+                    f.and(&cf);
+                }
+                (t, f)
+            }
+            Node::Not(inner) => {
+                let (t, f) = self.eval(inner, view);
+                (f, t)
+            }
+            Node::Test(source, test) => self.test(*source, test, view),
+        }
+    }
+
+    /// Evaluates a test where its column lives, then carries the result to the view's rows.
+    fn test(&self, source: Source, test: &Test, view: View) -> (Bitset, Bitset) {
+        let (level, values): (View, Option<&[i64]>) = match source {
+            Source::Patient(i) => (View::Patients, Some(&self.patients.columns[i])),
+            Source::Timepoint(i) => (View::Timepoints, Some(&self.timepoints.columns[i])),
+            Source::TimepointNumber => (View::Timepoints, Some(&self.timepoints.number)),
+            Source::Item(i) => match view {
+                View::Items(k) => (view, Some(&self.items[k].columns[i])),
+                _ => (view, None),
+            },
+            Source::PatientHas(_) => (View::Patients, None),
+            Source::TimepointHas(_) => (View::Timepoints, None),
+        };
+        let (t, f) = match (source, values) {
+            (_, Some(values)) => column_test(values, test),
+            (Source::PatientHas(k), None) => {
+                let has = Bitset::full(self.items[k].len)
+                    .scatter(&self.items[k].patient, self.patients.len);
+                presence_test(has, test)
+            }
+            (Source::TimepointHas(k), None) => {
+                let has = Bitset::full(self.items[k].len)
+                    .scatter(&self.items[k].timepoint, self.timepoints.len);
+                presence_test(has, test)
+            }
+            _ => (
+                Bitset::empty(self.rows(view)),
+                Bitset::empty(self.rows(view)),
+            ),
+        };
+        let carry = |set: Bitset| match (level, view) {
+            (from, to) if from == to => set,
+            (View::Patients, View::Timepoints) => set.gather(&self.timepoints.patient),
+            (View::Patients, View::Items(k)) => set.gather(&self.items[k].patient),
+            (View::Timepoints, View::Items(k)) => set.gather(&self.items[k].timepoint),
+            // Compilation never binds a column of a lower layer to a higher view.
+            _ => Bitset::empty(self.rows(view)),
+        };
+        (carry(t), carry(f))
+    }
+}
+
+fn too_many() -> NodeError {
+    NodeError::CorruptStore {
+        what: "dataset".into(),
+        reason: "more than 4 294 967 295 rows in one table".into(),
+    }
+}
+
+fn push_values(columns: &mut [Vec<i64>], values: &[Option<i64>]) {
+    for (i, column) in columns.iter_mut().enumerate() {
+        column.push(values.get(i).copied().flatten().unwrap_or(NULL));
+    }
+}
+
+/// (true, false) rows of a test on a column; a missing value is neither.
+fn column_test(values: &[i64], test: &Test) -> (Bitset, Bitset) {
+    let len = values.len();
+    if let Test::IsNull { negated } = test {
+        let null = Bitset::from_fn(len, |i| values[i] == NULL);
+        let mut not_null = Bitset::full(len);
+        not_null.and_not(&null);
+        return if *negated {
+            (not_null, null)
+        } else {
+            (null, not_null)
+        };
+    }
+    let hit = |v: i64| match test {
+        Test::Cmp(op, x) => match op {
+            CmpOp::Eq => v == *x,
+            CmpOp::Ne => v != *x,
+            CmpOp::Lt => v < *x,
+            CmpOp::Le => v <= *x,
+            CmpOp::Gt => v > *x,
+            CmpOp::Ge => v >= *x,
+        },
+        Test::In(set) => set.contains(&v),
+        Test::Between(lo, hi) => *lo <= v && v <= *hi,
+        Test::IsNull { .. } => false,
+    };
+    let t = Bitset::from_fn(len, |i| values[i] != NULL && hit(values[i]));
+    let f = Bitset::from_fn(len, |i| values[i] != NULL && !hit(values[i]));
+    (t, f)
+}
+
+/// (true, false) rows of a test on a presence flag (never missing).
+fn presence_test(has: Bitset, test: &Test) -> (Bitset, Bitset) {
+    let len = has.len();
+    let mut hasnt = Bitset::full(len);
+    hasnt.and_not(&has);
+    let wants = |x: i64| x != 0;
+    match test {
+        Test::IsNull { negated: false } => (Bitset::empty(len), Bitset::full(len)),
+        Test::IsNull { negated: true } => (Bitset::full(len), Bitset::empty(len)),
+        Test::Cmp(CmpOp::Eq, x) if wants(*x) => (has, hasnt),
+        Test::Cmp(CmpOp::Eq, _) => (hasnt, has),
+        Test::Cmp(CmpOp::Ne, x) if wants(*x) => (hasnt, has),
+        Test::Cmp(CmpOp::Ne, _) => (has, hasnt),
+        other => {
+            // Order comparisons on a flag: evaluate as 0/1 like a column.
+            let values: Vec<i64> = (0..len).map(|i| i64::from(has.contains(i))).collect();
+            column_test(&values, other)
+        }
+    }
+}
