@@ -98,6 +98,11 @@ impl NodeStore {
         })
     }
 
+    /// How many patient, timepoint and item records are stored.
+    pub fn record_counts(&self) -> (usize, usize, usize) {
+        (self.patients.len(), self.timepoints.len(), self.items.len())
+    }
+
     /// Writes every dirty buffer to disk and fsyncs.
     pub fn flush(&self) -> Result<(), NodeError> {
         self.db.flush()?;

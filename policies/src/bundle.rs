@@ -340,8 +340,9 @@ impl PolicyBundle {
 
 impl PolicyBundle {
     /// A version-1 bundle with one admin and one study, for development networks and tests:
-    /// `researcher` may count anything in `patients` under `study_id`, with `budget` per
-    /// node, from a day before `now` for a year.
+    /// `researcher` may count anything in the covid19 views under `study_id` (the sensitive
+    /// `host_genome` included, under its stricter rule), with `budget` per node, from a day
+    /// before `now` for a year.
     pub fn development(
         admin: PublicKey,
         members: Vec<Member>,
@@ -363,7 +364,16 @@ impl PolicyBundle {
                 title: "Development study".into(),
                 principal_investigator: researcher.name.clone(),
                 researchers: vec![researcher.public_key],
-                views: vec!["patients".into()],
+                views: [
+                    "patients",
+                    "timepoints",
+                    "ct",
+                    "viral_genome",
+                    "rna_seq",
+                    "immune_repertoire",
+                ]
+                .map(String::from)
+                .to_vec(),
                 columns: vec![],
                 aggregations: vec!["count".into()],
                 budget_rho_per_researcher: budget,
@@ -371,10 +381,15 @@ impl PolicyBundle {
                 min_cell_size: None,
                 valid_from: Timestamp(now.saturating_sub(DAY)),
                 valid_until: Timestamp(now + 365 * DAY),
-                sensitive_views: vec![],
+                sensitive_views: vec!["host_genome".into()],
             }],
             researchers: vec![researcher],
-            sensitive: vec![],
+            sensitive: vec![SensitiveRule {
+                view: "host_genome".into(),
+                aggregations: vec!["count".into()],
+                min_cell_size: limits.min_cell_size.max(10),
+                signatures_required: 1,
+            }],
             revoked: vec![],
             limits,
         }

@@ -19,6 +19,9 @@ pub const DEMO_QUERIES: &[&str] = &[
     "SELECT COUNT(*) FROM patients WHERE severity = 'critical'",
     "SELECT COUNT(*) FROM patients WHERE sex = 'female' AND severity = 'severe' AND hypertension",
     "SELECT COUNT(*) FROM patients WHERE age BETWEEN 20 AND 39 AND NOT obesity",
+    "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE il6 > 100 AND dexamethasone",
+    "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE care_level IN ('icu_ventilation', 'ecmo') OR crp >= 20",
+    "SELECT COUNT(*) FROM patients WHERE has_ct AND severity >= 'severe'",
 ];
 
 /// One line of the demo's report.

@@ -82,7 +82,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     temp.path().to_path_buf()
                 }
             };
-            println!("renkei demo: 3 hospitals, {patients} synthetic patients, seed {seed}");
+            println!(
+                "renkei demo: 3 hospitals, {patients} synthetic patients (100 with CT and sequencing files), seed {seed}"
+            );
             println!("(true counts are known only because the data is synthetic)\n");
             let rows = demo::run(&dir, patients, seed).await?;
             for row in &rows {

@@ -31,10 +31,21 @@ pub struct TestnetFixture {
 /// Starts `nodes` real nodes with `patients` in all and `budget` per node for the dev
 /// researcher.
 pub async fn start_testnet(nodes: usize, patients: usize, budget: MicroRho) -> TestnetFixture {
+    start_testnet_with(nodes, patients, 0, budget).await
+}
+
+/// As [`start_testnet`], with `full_data` patients in all who have DICOM and FASTQ items.
+pub async fn start_testnet_with(
+    nodes: usize,
+    patients: usize,
+    full_data: usize,
+    budget: MicroRho,
+) -> TestnetFixture {
     let dir = tempfile::tempdir().expect("temporary directory");
     let config = TestnetConfig {
         nodes,
         patients,
+        full_data_patients: full_data,
         budget,
         seed: 7,
         ..TestnetConfig::new(dir.path().join("net"))

@@ -171,8 +171,9 @@ async fn bundles_are_verified_spread_and_enforced() {
         RefusalCode::PolicyBadSignature
     );
 
-    // v3 narrows the study to a few columns and adds a sensitive view it does not grant.
+    // v3 narrows the study to a few columns and takes back its sensitive grant.
     v3.studies[0].columns = vec!["age".into(), "sex".into()];
+    v3.studies[0].sensitive_views.clear();
     v3.sensitive = vec![SensitiveRule {
         view: "host_genome".into(),
         aggregations: vec!["count".into()],
