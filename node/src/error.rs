@@ -39,8 +39,9 @@ pub enum NodeError {
     NoPolicy { dir: PathBuf },
     #[error("starting the node failed: {0}")]
     Startup(String),
+    /// The problems are listed in the message itself (not as a source, so they print once).
     #[error("ingest refused, nothing was written:\n{0}")]
-    Ingest(#[from] crate::ingest::IngestErrors),
+    Ingest(crate::ingest::IngestErrors),
     #[error(
         "this node ({peer_id}) is not a member in policy v{version}; ask the consortium admins to add it"
     )]
@@ -53,4 +54,10 @@ pub enum NodeError {
     Dp(#[from] crate::dp::DpError),
     #[error("encoding: {0}")]
     Codec(#[from] renkei_protocol::CodecError),
+}
+
+impl From<crate::ingest::IngestErrors> for NodeError {
+    fn from(errors: crate::ingest::IngestErrors) -> Self {
+        NodeError::Ingest(errors)
+    }
 }

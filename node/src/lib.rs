@@ -6,6 +6,7 @@
 //! - [`schema`]: dataset schemas (views, columns, types, bounds); `covid19` by default.
 //! - [`records`]: the stored patient → timepoint → information records.
 //! - [`ingest`]: loading CSV tables, consent and DICOM/FASTQ items, atomically.
+//! - [`import`]: Synthea CSV output and FHIR R4 bundles, mapped onto the schema.
 //! - [`formats`]: DICOM and FASTQ readers.
 //! - [`dataset`]: the in-memory columnar image queries run on; [`bitset`]: its cohorts.
 //! - [`dp`]: noise calibration and release through opendp.
@@ -27,6 +28,7 @@ pub mod error;
 pub mod formats;
 pub mod governance;
 pub mod home;
+pub mod import;
 pub mod ingest;
 pub mod ledger;
 pub mod records;

@@ -9,6 +9,7 @@ use libp2p::Multiaddr;
 use renkei_node::audit;
 use renkei_node::dataset::Dataset;
 use renkei_node::governance::PolicyKeeper;
+use renkei_node::import;
 use renkei_node::ingest::{self, IngestReport};
 use renkei_node::ledger::PrivacyLedger;
 use renkei_node::service::{NodeStatus, STATUS_FILE};
@@ -54,6 +55,17 @@ enum Command {
         /// Information items (CSV): path, patient_id, timepoint, kind (DICOM and FASTQ files).
         #[arg(long, group = "input")]
         manifest: Option<PathBuf>,
+        /// A Synthea CSV output directory (patients, encounters, conditions, observations,
+        /// medications), mapped onto the schema.
+        #[arg(long, group = "input")]
+        synthea: Option<PathBuf>,
+        /// A FHIR R4 bundle (JSON); may be repeated.
+        #[arg(long, group = "input")]
+        fhir: Vec<PathBuf>,
+        /// Grant secondary-use consent to patients from --synthea / --fhir, which carry none
+        /// (synthetic data only).
+        #[arg(long)]
+        assume_consent: bool,
         /// Validate and report without writing anything.
         #[arg(long)]
         dry_run: bool,
@@ -166,9 +178,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timepoints,
             consent,
             manifest,
+            synthea,
+            fhir,
+            assume_consent,
             dry_run,
         } => {
             let store = NodeHome::open(&dir)?.open_store()?;
+            // Exports in other shapes first: they create patients.
+            let mut exports = Vec::new();
+            if let Some(dir) = &synthea {
+                exports.push((
+                    format!("Synthea export {}", dir.display()),
+                    import::read_synthea(dir)?,
+                ));
+            }
+            if !fhir.is_empty() {
+                let paths: Vec<&std::path::Path> = fhir.iter().map(PathBuf::as_path).collect();
+                exports.push((
+                    format!("{} FHIR bundle(s)", fhir.len()),
+                    import::read_fhir(&paths)?,
+                ));
+            }
+            for (what, export) in &exports {
+                let report = import::import(&store, export, assume_consent, dry_run)
+                    .with_context(|| format!("importing {what}"))?;
+                println!(
+                    "{}{what}: {} patients and timepoints, {} added, {} updated, {} consented{}",
+                    if dry_run {
+                        "dry run, nothing written: "
+                    } else {
+                        ""
+                    },
+                    report.rows,
+                    report.added,
+                    report.updated,
+                    report.consented,
+                    if assume_consent {
+                        ""
+                    } else {
+                        " (load consent before they can be counted)"
+                    }
+                );
+            }
             // Patients first: timepoints, consent and items refer to them.
             let mut steps: Vec<(&str, PathBuf, IngestFn)> = Vec::new();
             if let Some(path) = patients {

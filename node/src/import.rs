@@ -1,0 +1,844 @@
+//! Hospital exports in other shapes, mapped onto the dataset schema: Synthea's CSV output
+//! and FHIR R4 bundles (as Synthea and many hospital systems write them).
+//!
+//! Both are first read into one plain [`ClinicalExport`] (patients, encounters, conditions,
+//! observations, medications; each row remembering where it came from, for errors), then
+//! mapped once:
+//!
+//! - **Patient**: age at the reference date (death, else the latest encounter), sex from the
+//!   administrative gender, `outcome = died` when a death date is known; comorbidity flags
+//!   from SNOMED CT condition codes ([`COMORBIDITY_CODES`]). Names, addresses, national ids and
+//!   every other column are never read.
+//! - **Timepoint**: one per encounter, in date order. Care level from the encounter class;
+//!   `days_since_onset` from the COVID-19 diagnosis (SNOMED 840539006) when there is one, and
+//!   then severity from the encounter class (inpatient: severe, emergency: moderate, other:
+//!   mild; death within 28 days of onset: critical at the last); drugs from medication names;
+//!   labs from LOINC codes with unit conversion ([`LAB_CODES`]).
+//! - **Consent**: exports carry none. `assume_consent` grants secondary use (for synthetic
+//!   data only); without it the patients are stored but never counted until a consent file is
+//!   loaded.
+//!
+//! The mapped records go through the same checks as CSV input (levels, bounds, digits) and
+//! are written together in one transaction, or not at all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde_json::Value;
+use sled::Transactional;
+
+use crate::error::NodeError;
+use crate::home::pseudonym_secret;
+use crate::ingest::{IngestError, IngestErrors, IngestReport, MAX_REPORTED_ERRORS, pseudonym};
+use crate::records::{self, PatientRecord, TimepointRecord};
+use crate::schema::SECONDARY_USE;
+use crate::store::NodeStore;
+
+/// SNOMED CT codes that set each comorbidity flag.
+pub const COMORBIDITY_CODES: &[(&str, &[&str])] = &[
+    (
+        "diabetes",
+        &["44054006", "73211009", "46635009", "190331003", "190368000"],
+    ),
+    ("hypertension", &["59621000", "38341003", "1201005"]),
+    (
+        "chronic_lung_disease",
+        &[
+            "13645005",
+            "185086009",
+            "87433001",
+            "195967001",
+            "233678006",
+            "10692761000119107",
+        ],
+    ),
+    (
+        "cardiovascular_disease",
+        &[
+            "53741008",
+            "22298006",
+            "49436004",
+            "88805009",
+            "414545008",
+            "84114007",
+            "399211009",
+        ],
+    ),
+    (
+        "kidney_disease",
+        &[
+            "431855005",
+            "431856006",
+            "433144002",
+            "431857002",
+            "46177005",
+            "127013003",
+        ],
+    ),
+    (
+        "cancer",
+        &[
+            "254637007",
+            "93761005",
+            "254632001",
+            "363406005",
+            "109838007",
+            "126906006",
+            "92691004",
+        ],
+    ),
+    ("obesity", &["162864005", "408512008", "414916001"]),
+];
+
+/// SNOMED CT code of COVID-19.
+pub const COVID19_CODE: &str = "840539006";
+
+/// LOINC code, schema column, and (unit, factor) conversions into the schema's unit.
+pub const LAB_CODES: &[(&str, &str, &[(&str, f64)])] = &[
+    ("1988-5", "crp", &[("mg/L", 0.1), ("mg/dL", 1.0)]),
+    ("2532-0", "ldh", &[("U/L", 1.0)]),
+    (
+        "48065-7",
+        "d_dimer",
+        &[("ng/mL", 0.001), ("ug/mL", 1.0), ("mg/L", 1.0)],
+    ),
+    ("2276-4", "ferritin", &[("ng/mL", 1.0), ("ug/L", 1.0)]),
+    (
+        "731-0",
+        "lymphocyte_count",
+        &[("10*3/uL", 1000.0), ("/uL", 1.0)],
+    ),
+    ("26881-3", "il6", &[("pg/mL", 1.0)]),
+];
+
+/// Where an exported row came from (`observations.csv:12`, `bundle.json Observation/abc`).
+pub type Origin = String;
+
+#[derive(Debug, Clone)]
+pub struct ExportPatient {
+    pub id: String,
+    /// Days since 1970-01-01.
+    pub birth: i64,
+    pub death: Option<i64>,
+    pub gender: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportEncounter {
+    pub id: String,
+    pub patient: String,
+    pub start: i64,
+    /// Synthea's lowercase class names (`inpatient`, `emergency`, `ambulatory`, …).
+    pub class: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportCondition {
+    pub patient: String,
+    pub start: i64,
+    pub code: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportObservation {
+    pub patient: String,
+    pub encounter: Option<String>,
+    pub code: String,
+    pub value: Option<f64>,
+    pub unit: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportMedication {
+    pub patient: String,
+    pub encounter: Option<String>,
+    pub description: String,
+}
+
+/// A hospital export in plain rows.
+#[derive(Debug, Clone, Default)]
+pub struct ClinicalExport {
+    pub patients: Vec<ExportPatient>,
+    pub encounters: Vec<ExportEncounter>,
+    pub conditions: Vec<ExportCondition>,
+    pub observations: Vec<ExportObservation>,
+    pub medications: Vec<ExportMedication>,
+}
+
+struct Problems {
+    errors: Vec<IngestError>,
+    more: usize,
+}
+
+impl Problems {
+    fn new() -> Self {
+        Self {
+            errors: Vec::new(),
+            more: 0,
+        }
+    }
+
+    fn push(&mut self, origin: &str, column: Option<&str>, reason: impl Into<String>) {
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(IngestError {
+                file: origin.to_string(),
+                line: None,
+                column: column.map(str::to_string),
+                reason: reason.into(),
+            });
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, IngestErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(IngestErrors {
+                errors: self.errors,
+                more: self.more,
+            })
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The day of `2020-03-01` or `2020-03-01T10:00:00Z`.
+pub fn parse_day(text: &str) -> Option<i64> {
+    let date = text.get(..10)?;
+    let mut parts = date.split('-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    ((1..=12).contains(&m) && (1..=31).contains(&d)).then(|| days_from_civil(y, m, d))
+}
+
+/// Reads Synthea's CSV output directory (`patients.csv`, `encounters.csv`, `conditions.csv`,
+/// `observations.csv`, `medications.csv`; the last three may be absent).
+pub fn read_synthea(dir: &Path) -> Result<ClinicalExport, IngestErrors> {
+    let mut problems = Problems::new();
+    let mut export = ClinicalExport::default();
+    let table = |name: &str,
+                 required: bool,
+                 problems: &mut Problems|
+     -> Vec<(String, HashMap<String, String>)> {
+        let path = dir.join(name);
+        if !path.exists() {
+            if required {
+                problems.push(&path.display().to_string(), None, "file is missing");
+            }
+            return Vec::new();
+        }
+        let mut reader = match csv::ReaderBuilder::new().from_path(&path) {
+            Ok(reader) => reader,
+            Err(e) => {
+                problems.push(&path.display().to_string(), None, e.to_string());
+                return Vec::new();
+            }
+        };
+        let headers = match reader.headers() {
+            Ok(h) => h.clone(),
+            Err(e) => {
+                problems.push(&path.display().to_string(), None, e.to_string());
+                return Vec::new();
+            }
+        };
+        let mut rows = Vec::new();
+        for record in reader.records() {
+            match record {
+                Ok(record) => {
+                    let origin = format!(
+                        "{}:{}",
+                        path.display(),
+                        record.position().map_or(0, |p| p.line())
+                    );
+                    // Only the columns the mapping uses are kept; identifiers are not read.
+                    let wanted = [
+                        "Id",
+                        "BIRTHDATE",
+                        "DEATHDATE",
+                        "GENDER",
+                        "START",
+                        "DATE",
+                        "PATIENT",
+                        "ENCOUNTER",
+                        "ENCOUNTERCLASS",
+                        "CODE",
+                        "VALUE",
+                        "UNITS",
+                        "DESCRIPTION",
+                    ];
+                    let cells = headers
+                        .iter()
+                        .zip(record.iter())
+                        .filter(|(h, _)| wanted.contains(h))
+                        .map(|(h, v)| (h.to_string(), v.to_string()))
+                        .collect();
+                    rows.push((origin, cells));
+                }
+                Err(e) => problems.push(
+                    &format!(
+                        "{}:{}",
+                        path.display(),
+                        e.position().map_or(0, |p| p.line())
+                    ),
+                    None,
+                    e.to_string(),
+                ),
+            }
+        }
+        rows
+    };
+    let get =
+        |cells: &HashMap<String, String>, name: &str| cells.get(name).cloned().unwrap_or_default();
+    for (origin, cells) in table("patients.csv", true, &mut problems) {
+        let Some(birth) = parse_day(&get(&cells, "BIRTHDATE")) else {
+            problems.push(&origin, Some("BIRTHDATE"), "not a date");
+            continue;
+        };
+        let death_text = get(&cells, "DEATHDATE");
+        export.patients.push(ExportPatient {
+            id: get(&cells, "Id"),
+            birth,
+            death: parse_day(&death_text),
+            gender: get(&cells, "GENDER"),
+            origin,
+        });
+    }
+    for (origin, cells) in table("encounters.csv", true, &mut problems) {
+        let Some(start) = parse_day(&get(&cells, "START")) else {
+            problems.push(&origin, Some("START"), "not a date");
+            continue;
+        };
+        export.encounters.push(ExportEncounter {
+            id: get(&cells, "Id"),
+            patient: get(&cells, "PATIENT"),
+            start,
+            class: get(&cells, "ENCOUNTERCLASS").to_ascii_lowercase(),
+            origin,
+        });
+    }
+    for (origin, cells) in table("conditions.csv", false, &mut problems) {
+        let Some(start) = parse_day(&get(&cells, "START")) else {
+            problems.push(&origin, Some("START"), "not a date");
+            continue;
+        };
+        export.conditions.push(ExportCondition {
+            patient: get(&cells, "PATIENT"),
+            start,
+            code: get(&cells, "CODE"),
+        });
+    }
+    for (origin, cells) in table("observations.csv", false, &mut problems) {
+        let encounter = get(&cells, "ENCOUNTER");
+        export.observations.push(ExportObservation {
+            patient: get(&cells, "PATIENT"),
+            encounter: (!encounter.is_empty()).then_some(encounter),
+            code: get(&cells, "CODE"),
+            value: get(&cells, "VALUE").parse().ok(),
+            unit: get(&cells, "UNITS"),
+            origin,
+        });
+    }
+    for (_, cells) in table("medications.csv", false, &mut problems) {
+        let encounter = get(&cells, "ENCOUNTER");
+        export.medications.push(ExportMedication {
+            patient: get(&cells, "PATIENT"),
+            encounter: (!encounter.is_empty()).then_some(encounter),
+            description: get(&cells, "DESCRIPTION"),
+        });
+    }
+    problems.finish(export)
+}
+
+/// The id in a FHIR reference (`urn:uuid:ID`, `Patient/ID`).
+fn reference_id(value: &Value) -> Option<String> {
+    let text = value.get("reference")?.as_str()?;
+    Some(text.rsplit(['/', ':']).next().unwrap_or(text).to_string())
+}
+
+fn coding_code(concept: &Value, system_part: &str) -> Option<String> {
+    concept
+        .get("coding")?
+        .as_array()?
+        .iter()
+        .find(|c| {
+            c.get("system")
+                .and_then(Value::as_str)
+                .is_some_and(|s| s.contains(system_part))
+        })
+        .and_then(|c| c.get("code")?.as_str().map(str::to_string))
+}
+
+/// Maps FHIR encounter class codes to Synthea's class names.
+fn fhir_class(code: &str) -> &'static str {
+    match code.to_ascii_uppercase().as_str() {
+        "IMP" | "ACUTE" | "NONAC" => "inpatient",
+        "EMER" | "OBSENC" => "emergency",
+        "HH" => "home",
+        "VR" => "virtual",
+        _ => "ambulatory",
+    }
+}
+
+/// Reads FHIR R4 bundles (JSON): Patient, Encounter, Condition, Observation and
+/// MedicationRequest resources; others are skipped.
+pub fn read_fhir(paths: &[&Path]) -> Result<ClinicalExport, IngestErrors> {
+    let mut problems = Problems::new();
+    let mut export = ClinicalExport::default();
+    for path in paths {
+        let shown = path.display().to_string();
+        let bundle: Value = match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        {
+            Ok(value) => value,
+            Err(reason) => {
+                problems.push(&shown, None, format!("not a JSON FHIR bundle: {reason}"));
+                continue;
+            }
+        };
+        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+            problems.push(&shown, Some("resourceType"), "not a FHIR Bundle");
+            continue;
+        }
+        let entries = bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for entry in entries {
+            let Some(resource) = entry.get("resource") else {
+                continue;
+            };
+            let kind = resource
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let id = resource
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let origin = format!("{shown} {kind}/{id}");
+            let subject = resource
+                .get("subject")
+                .and_then(reference_id)
+                .unwrap_or_default();
+            let encounter = resource.get("encounter").and_then(reference_id);
+            let text = |field: &str| resource.get(field).and_then(Value::as_str).unwrap_or("");
+            match kind {
+                "Patient" => match parse_day(text("birthDate")) {
+                    Some(birth) => export.patients.push(ExportPatient {
+                        id,
+                        birth,
+                        death: parse_day(text("deceasedDateTime")),
+                        gender: match text("gender") {
+                            "female" => "F".into(),
+                            "male" => "M".into(),
+                            other => other.into(),
+                        },
+                        origin,
+                    }),
+                    None => problems.push(&origin, Some("birthDate"), "missing or not a date"),
+                },
+                "Encounter" => {
+                    let start = resource
+                        .get("period")
+                        .and_then(|p| p.get("start"))
+                        .and_then(Value::as_str)
+                        .and_then(parse_day);
+                    let class = resource
+                        .get("class")
+                        .and_then(|c| {
+                            c.get("code")
+                                .or_else(|| c.get(0).and_then(|c| c.get("code")))
+                        })
+                        .and_then(Value::as_str)
+                        .unwrap_or("AMB");
+                    match start {
+                        Some(start) => export.encounters.push(ExportEncounter {
+                            id,
+                            patient: subject,
+                            start,
+                            class: fhir_class(class).to_string(),
+                            origin,
+                        }),
+                        None => {
+                            problems.push(&origin, Some("period.start"), "missing or not a date")
+                        }
+                    }
+                }
+                "Condition" => {
+                    let start = parse_day(text("onsetDateTime"))
+                        .or_else(|| parse_day(text("recordedDate")));
+                    if let (Some(start), Some(code)) = (
+                        start,
+                        resource.get("code").and_then(|c| coding_code(c, "snomed")),
+                    ) {
+                        export.conditions.push(ExportCondition {
+                            patient: subject,
+                            start,
+                            code,
+                        });
+                    }
+                }
+                "Observation" => {
+                    let Some(code) = resource.get("code").and_then(|c| coding_code(c, "loinc"))
+                    else {
+                        continue;
+                    };
+                    let quantity = resource.get("valueQuantity");
+                    export.observations.push(ExportObservation {
+                        patient: subject,
+                        encounter,
+                        code,
+                        value: quantity
+                            .and_then(|q| q.get("value"))
+                            .and_then(Value::as_f64),
+                        unit: quantity
+                            .and_then(|q| q.get("unit").or_else(|| q.get("code")))
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        origin,
+                    });
+                }
+                "MedicationRequest" => {
+                    let concept = resource.get("medicationCodeableConcept");
+                    let description = concept
+                        .and_then(|c| {
+                            c.get("text")
+                                .and_then(Value::as_str)
+                                .map(str::to_string)
+                                .or_else(|| {
+                                    c.get("coding")?.as_array()?.iter().find_map(|c| {
+                                        c.get("display")?.as_str().map(str::to_string)
+                                    })
+                                })
+                        })
+                        .unwrap_or_default();
+                    export.medications.push(ExportMedication {
+                        patient: subject,
+                        encounter,
+                        description,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    problems.finish(export)
+}
+
+/// A patient's and its timepoints' values, by column name, before they are encoded.
+type Cells = BTreeMap<&'static str, String>;
+
+/// Maps an export onto the schema and writes it; everything or nothing.
+pub fn import(
+    store: &NodeStore,
+    export: &ClinicalExport,
+    assume_consent: bool,
+    dry_run: bool,
+) -> Result<IngestReport, NodeError> {
+    let schema = store.schema()?;
+    let secret = pseudonym_secret(store)?;
+    let mut problems = Problems::new();
+    let mut encounters: HashMap<&str, Vec<&ExportEncounter>> = HashMap::new();
+    for encounter in &export.encounters {
+        encounters
+            .entry(encounter.patient.as_str())
+            .or_default()
+            .push(encounter);
+    }
+    let mut conditions: HashMap<&str, Vec<&ExportCondition>> = HashMap::new();
+    for condition in &export.conditions {
+        conditions
+            .entry(condition.patient.as_str())
+            .or_default()
+            .push(condition);
+    }
+    let mut by_encounter: HashMap<&str, (Vec<&ExportObservation>, Vec<&ExportMedication>)> =
+        HashMap::new();
+    for observation in &export.observations {
+        if let Some(e) = &observation.encounter {
+            by_encounter
+                .entry(e.as_str())
+                .or_default()
+                .0
+                .push(observation);
+        }
+    }
+    for medication in &export.medications {
+        if let Some(e) = &medication.encounter {
+            by_encounter
+                .entry(e.as_str())
+                .or_default()
+                .1
+                .push(medication);
+        }
+    }
+    let mut patient_rows = Vec::new();
+    let mut timepoint_rows = Vec::new();
+    for patient in &export.patients {
+        let mut visits = encounters
+            .get(patient.id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        visits.sort_by_key(|e| (e.start, e.id.clone()));
+        let reference = patient
+            .death
+            .or_else(|| visits.last().map(|e| e.start))
+            .unwrap_or(patient.birth);
+        let mut cells = Cells::new();
+        cells.insert(
+            "age",
+            ((reference - patient.birth).max(0) * 400 / 146_097).to_string(),
+        );
+        cells.insert(
+            "sex",
+            match patient.gender.as_str() {
+                "F" => "female",
+                "M" => "male",
+                _ => "other",
+            }
+            .to_string(),
+        );
+        if patient.death.is_some() {
+            cells.insert("outcome", "died".into());
+        }
+        let diagnoses = conditions
+            .get(patient.id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        for (column, codes) in COMORBIDITY_CODES {
+            let has = diagnoses.iter().any(|c| codes.contains(&c.code.as_str()));
+            cells.insert(column, has.to_string());
+        }
+        let onset = diagnoses
+            .iter()
+            .filter(|c| c.code == COVID19_CODE)
+            .map(|c| c.start)
+            .min();
+        let mut worst: Option<usize> = None;
+        let levels = ["mild", "moderate", "severe", "critical"];
+        for (number, visit) in visits.iter().enumerate().take(usize::from(u16::MAX)) {
+            let mut t = Cells::new();
+            let hospital = matches!(
+                visit.class.as_str(),
+                "inpatient" | "emergency" | "urgentcare"
+            );
+            t.insert(
+                "care_level",
+                if hospital {
+                    "hospitalized"
+                } else {
+                    "outpatient"
+                }
+                .into(),
+            );
+            if visit.class == "inpatient" {
+                t.insert("days_since_admission", "0".into());
+            }
+            if let Some(onset) = onset {
+                let days = visit.start - onset;
+                // Encounters far outside the disease course keep no onset-relative day.
+                if let Some((_, def)) = schema.timepoint_column("days_since_onset")
+                    && let crate::schema::ColumnType::Integer { min, max } = def.kind
+                    && (min..=max).contains(&days)
+                {
+                    t.insert("days_since_onset", days.to_string());
+                }
+                if days >= 0 {
+                    let mut level = match visit.class.as_str() {
+                        "inpatient" => 2,
+                        "emergency" | "urgentcare" => 1,
+                        _ => 0,
+                    };
+                    let last = number + 1 == visits.len();
+                    if last && patient.death.is_some_and(|d| d - onset <= 28) {
+                        level = 3;
+                    }
+                    t.insert("severity", levels[level].into());
+                    worst = Some(worst.map_or(level, |w| w.max(level)));
+                }
+            }
+            let (observations, medications) = by_encounter
+                .get(visit.id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            for (code, column, units) in LAB_CODES {
+                let Some(observation) = observations.iter().rev().find(|o| o.code == *code) else {
+                    continue;
+                };
+                let Some(value) = observation.value else {
+                    continue;
+                };
+                match units
+                    .iter()
+                    .find(|(unit, _)| unit.eq_ignore_ascii_case(&observation.unit))
+                {
+                    Some((_, factor)) => {
+                        t.insert(column, format!("{:.4}", value * factor));
+                    }
+                    None => problems.push(
+                        &observation.origin,
+                        Some(column),
+                        format!(
+                            "unit `{}` of LOINC {code} is not one of: {}",
+                            observation.unit,
+                            units.iter().map(|(u, _)| *u).collect::<Vec<_>>().join(", ")
+                        ),
+                    ),
+                }
+            }
+            for drug in [
+                "favipiravir",
+                "nafamostat",
+                "camostat",
+                "tocilizumab",
+                "remdesivir",
+                "dexamethasone",
+                "baricitinib",
+            ] {
+                if schema.timepoint_column(drug).is_some() {
+                    let given = medications
+                        .iter()
+                        .any(|m| m.description.to_ascii_lowercase().contains(drug));
+                    t.insert(drug, given.to_string());
+                }
+            }
+            timepoint_rows.push((patient, number as u16, visit.origin.clone(), t));
+        }
+        if let Some(worst) = worst {
+            cells.insert("severity", levels[worst].into());
+        }
+        patient_rows.push((patient, cells));
+    }
+    // Encode through the schema, as CSV cells are.
+    let encode = |defs: &[crate::schema::ColumnDef],
+                  cells: &Cells,
+                  origin: &str,
+                  problems: &mut Problems| {
+        let mut values = vec![None; defs.len()];
+        for (name, text) in cells {
+            let Some(position) = defs.iter().position(|d| d.name == *name) else {
+                continue; // a column this schema does not have
+            };
+            match defs[position].parse_cell(text) {
+                Ok(value) => values[position] = value,
+                Err(e) => problems.push(origin, Some(name), e.0),
+            }
+        }
+        values
+    };
+    let mut patients = Vec::with_capacity(patient_rows.len());
+    for (patient, cells) in &patient_rows {
+        let values = encode(&schema.patients, cells, &patient.origin, &mut problems);
+        let mut record = PatientRecord {
+            values,
+            ..PatientRecord::default()
+        };
+        if assume_consent {
+            record.consents.insert(SECONDARY_USE.to_string());
+        }
+        patients.push((pseudonym(&secret, &patient.id)?, record));
+    }
+    let mut timepoints = Vec::with_capacity(timepoint_rows.len());
+    for (patient, number, origin, cells) in &timepoint_rows {
+        let values = encode(&schema.timepoints, cells, origin, &mut problems);
+        let pseudonym = pseudonym(&secret, &patient.id)?;
+        timepoints.push((
+            records::timepoint_key(&pseudonym, *number),
+            TimepointRecord { values },
+        ));
+    }
+    problems.finish(())?;
+    let mut report = IngestReport {
+        rows: patients.len() + timepoints.len(),
+        dry_run,
+        consented: if assume_consent { patients.len() } else { 0 },
+        ..IngestReport::default()
+    };
+    let mut patient_writes = Vec::with_capacity(patients.len());
+    for (pseudonym, mut record) in patients {
+        let key = records::patient_key(&pseudonym);
+        match store.patients.get(key)? {
+            Some(bytes) => {
+                report.updated += 1;
+                // Keep consents given before; the export carries none.
+                let old: PatientRecord = records::decode(&bytes, "patient record", &key)?;
+                record.consents.extend(old.consents);
+            }
+            None => report.added += 1,
+        }
+        patient_writes.push((key, records::encode(&record)?));
+    }
+    let mut timepoint_writes = Vec::with_capacity(timepoints.len());
+    for (key, record) in timepoints {
+        if store.timepoints.contains_key(key)? {
+            report.updated += 1;
+        } else {
+            report.added += 1;
+        }
+        timepoint_writes.push((key, records::encode(&record)?));
+    }
+    if !dry_run {
+        (&store.patients, &store.timepoints)
+            .transaction(|(patients, timepoints)| {
+                for (key, bytes) in &patient_writes {
+                    patients.insert(&key[..], bytes.clone())?;
+                }
+                for (key, bytes) in &timepoint_writes {
+                    timepoints.insert(&key[..], bytes.clone())?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => NodeError::Store(e),
+                sled::transaction::TransactionError::Abort(()) => NodeError::CorruptStore {
+                    what: "import transaction".into(),
+                    reason: "aborted".into(),
+                },
+            })?;
+        store.flush()?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_days_are_exact() {
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(parse_day("2000-03-01T10:00:00Z"), Some(11_017));
+        assert_eq!(parse_day("2020-02-29"), Some(18_321));
+        assert_eq!(parse_day("2020-13-01"), None);
+        assert_eq!(parse_day(""), None);
+    }
+
+    #[test]
+    fn references_and_classes_map() {
+        let value: Value = serde_json::json!({"reference": "urn:uuid:abc-123"});
+        assert_eq!(reference_id(&value).as_deref(), Some("abc-123"));
+        let value: Value = serde_json::json!({"reference": "Patient/p7"});
+        assert_eq!(reference_id(&value).as_deref(), Some("p7"));
+        assert_eq!(fhir_class("IMP"), "inpatient");
+        assert_eq!(fhir_class("EMER"), "emergency");
+    }
+}

@@ -1,0 +1,196 @@
+//! Exports in other shapes: Synthea's CSV output and FHIR R4 bundles are mapped onto the
+//! covid19 schema (comorbidities from SNOMED CT, labs from LOINC with unit conversion, drugs
+//! from medication names, severity and days since onset from the COVID-19 course), without
+//! keeping any identifier; broken exports are refused whole.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use renkei_node::NodeHome;
+use renkei_node::dataset::Dataset;
+use renkei_node::import;
+use renkei_protocol::{CmpOp, Filter, Literal, Query};
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(path)
+}
+
+fn count(data: &Dataset, view: &str, filter: Filter) -> u64 {
+    data.evaluate(&data.compile(&Query::count_patients(view, filter)).unwrap())
+}
+
+fn flag(column: &str) -> Filter {
+    Filter::eq(column, Literal::Bool(true))
+}
+
+fn text(column: &str, value: &str) -> Filter {
+    Filter::eq(column, Literal::Text(value.into()))
+}
+
+#[test]
+fn a_synthea_export_is_mapped_onto_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, _) = NodeHome::init(dir.path()).unwrap();
+    let store = home.open_store().unwrap();
+    let export = import::read_synthea(&fixture("synthea")).unwrap();
+    let report = import::import(&store, &export, true, false).unwrap();
+    assert_eq!((report.added, report.consented), (5, 2)); // 2 patients, 3 encounters
+    let data = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    assert_eq!((data.consented(), data.timepoints()), (2, 3));
+    assert_eq!(count(&data, "patients", flag("hypertension")), 1);
+    assert_eq!(count(&data, "patients", flag("obesity")), 1);
+    assert_eq!(count(&data, "patients", text("outcome", "died")), 1);
+    // Died 19 days after onset: critical at the last encounter, the worst of the course.
+    assert_eq!(count(&data, "patients", text("severity", "critical")), 1);
+    assert_eq!(
+        count(
+            &data,
+            "patients",
+            Filter::cmp("age", CmpOp::Eq, Literal::Integer(80))
+        ),
+        1
+    );
+    // CRP 210.4 mg/L is 21.04 mg/dL; remdesivir given at that encounter.
+    let crp = Filter::cmp(
+        "crp",
+        CmpOp::Gt,
+        Literal::Decimal(renkei_protocol::Decimal {
+            digits: 2100,
+            scale: 2,
+        }),
+    );
+    assert_eq!(
+        count(
+            &data,
+            "timepoints",
+            Filter::And(vec![crp, flag("remdesivir")])
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &data,
+            "timepoints",
+            Filter::cmp("days_since_onset", CmpOp::Eq, Literal::Integer(4))
+        ),
+        1
+    );
+    // No identifier reached the store.
+    drop(data);
+    drop(store);
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        for secret in [&b"Ichiro123"[..], b"999-11-1111", b"1 Main St", b"p-a"] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "{} holds {:?}",
+                entry.display(),
+                String::from_utf8_lossy(secret)
+            );
+        }
+    }
+    // Loading the same export again changes nothing.
+    let store = home.open_store().unwrap();
+    let again = import::import(&store, &export, true, false).unwrap();
+    assert_eq!((again.added, again.updated), (0, 5));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn a_fhir_bundle_is_mapped_and_consent_is_not_assumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, _) = NodeHome::init(dir.path()).unwrap();
+    let store = home.open_store().unwrap();
+    let path = fixture("fhir/covid_patient.json");
+    let export = import::read_fhir(&[path.as_path()]).unwrap();
+    let report = import::import(&store, &export, false, false).unwrap();
+    assert_eq!((report.added, report.consented), (3, 0));
+    let data = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    // Without consent nothing is counted.
+    assert_eq!(data.consented(), 0);
+    assert_eq!(data.withheld(), 1);
+    drop(data);
+    let consent = dir.path().join("consent.csv");
+    std::fs::write(
+        &consent,
+        "patient_id,scope,granted\npat-1,secondary_use,yes\n",
+    )
+    .unwrap();
+    renkei_node::ingest::ingest_consent(&store, &consent, false).unwrap();
+    let data = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    assert_eq!(count(&data, "patients", flag("diabetes")), 1);
+    assert_eq!(count(&data, "patients", text("severity", "severe")), 1);
+    let il6 = Filter::cmp(
+        "il6",
+        CmpOp::Eq,
+        Literal::Decimal(renkei_protocol::Decimal {
+            digits: 875,
+            scale: 1,
+        }),
+    );
+    assert_eq!(
+        count(
+            &data,
+            "timepoints",
+            Filter::And(vec![
+                il6,
+                flag("dexamethasone"),
+                text("care_level", "hospitalized")
+            ])
+        ),
+        1
+    );
+}
+
+#[test]
+fn broken_exports_are_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"resourceType": "Patient", "id": "x"}"#).unwrap();
+    let err = import::read_fhir(&[bad.as_path()]).unwrap_err().to_string();
+    assert!(err.contains("not a FHIR Bundle"), "{err}");
+    std::fs::write(&bad, r#"{"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient", "id": "q", "gender": "female"}}]}"#).unwrap();
+    let err = import::read_fhir(&[bad.as_path()]).unwrap_err().to_string();
+    assert!(err.contains("Patient/q column `birthDate`"), "{err}");
+
+    let synthea = dir.path().join("synthea");
+    std::fs::create_dir_all(&synthea).unwrap();
+    std::fs::copy(
+        fixture("synthea/patients.csv"),
+        synthea.join("patients.csv"),
+    )
+    .unwrap();
+    let err = import::read_synthea(&synthea).unwrap_err().to_string();
+    assert!(err.contains("encounters.csv: file is missing"), "{err}");
+    std::fs::copy(
+        fixture("synthea/encounters.csv"),
+        synthea.join("encounters.csv"),
+    )
+    .unwrap();
+    std::fs::write(synthea.join("observations.csv"), "DATE,PATIENT,ENCOUNTER,CODE,DESCRIPTION,VALUE,UNITS,TYPE\n2020-04-05,p-a,e-a2,1988-5,CRP,2.0,g/L,numeric\n").unwrap();
+    let export = import::read_synthea(&synthea).unwrap();
+    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
+    let store = home.open_store().unwrap();
+    let err = import::import(&store, &export, true, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unit `g/L` of LOINC 1988-5"), "{err}");
+    assert_eq!(store.record_counts(), (0, 0, 0));
+}
