@@ -93,8 +93,12 @@ pub const COMORBIDITY_CODES: &[(&str, &[&str])] = &[
 /// SNOMED CT code of COVID-19.
 pub const COVID19_CODE: &str = "840539006";
 
-/// LOINC code, schema column, and (unit, factor) conversions into the schema's unit.
-pub const LAB_CODES: &[(&str, &str, &[(&str, f64)])] = &[
+/// A lab's LOINC code, its schema column, and (unit, factor) conversions into the schema's
+/// unit.
+pub type LabCode = (&'static str, &'static str, &'static [(&'static str, f64)]);
+
+/// The labs mapped from LOINC-coded observations.
+pub const LAB_CODES: &[LabCode] = &[
     ("1988-5", "crp", &[("mg/L", 0.1), ("mg/dL", 1.0)]),
     ("2532-0", "ldh", &[("U/L", 1.0)]),
     (
