@@ -21,15 +21,15 @@ use renkei_protocol::limits::{MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES};
 use renkei_protocol::messages::request_digest;
 use renkei_protocol::{
     Answer, Mechanism, MicroRho, PrivacyRequest, PublicKey, Purpose, Query, QueryRequest,
-    QueryResponse, RefusalCode, RequestId, SecretKey, SignedEnvelope,
+    QueryResponse, RefusalCode, Release, RequestId, SecretKey, SignedEnvelope,
 };
 use serde::Serialize;
 
 use crate::client::NetworkClient;
 use crate::error::AggregatorError;
 
-/// z for a two-sided 95% normal interval.
-pub const Z_95: f64 = 1.959_963_984_540_054;
+pub use crate::combine::Z_95;
+use crate::combine::{Estimate, GroupEstimate, combine, same_shape};
 
 /// A node to ask: its peer id and a full address ending in `/p2p/<peer id>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,19 +127,26 @@ impl PreparedQuery {
 pub struct NodeAnswer {
     pub node: String,
     pub institution: String,
-    /// The node's noisy value (0 when `suppressed`).
-    pub value: i64,
-    /// The noisy value fell below the policy's minimum cell size and was withheld.
+    /// The node's noisy number in the column's unit (counts and sums; `null` otherwise or
+    /// when `suppressed`).
+    pub value: Option<f64>,
+    /// The node's count fell below the policy's minimum cell size and was withheld.
     pub suppressed: bool,
     pub min_cell_size: u64,
+    /// Everything the node released, as it released it.
+    pub release: Release,
+    /// Digits after the point of the released sums and bins.
+    pub value_scale: u8,
     pub mechanism: Mechanism,
-    pub sensitivity: u64,
+    pub sensitivity: f64,
     /// The mechanism's scale parameter, as opendp names it.
     pub noise_scale: f64,
-    /// The noise's exact standard deviation.
+    /// The noise's exact standard deviation (in released units).
     pub noise_std: f64,
-    /// 95% interval for this node's true value (normal approximation).
-    pub ci95: [f64; 2],
+    /// For a mean, the count's noise standard deviation.
+    pub count_noise_std: Option<f64>,
+    /// 95% interval for this node's true value (counts and sums).
+    pub ci95: Option<[f64; 2]>,
     /// zCDP rho charged at this node.
     pub rho: MicroRho,
     /// The same release as (epsilon, delta)-DP.
@@ -171,13 +178,22 @@ pub struct FederatedAnswer {
     pub query: String,
     pub study: String,
     pub request_id: String,
-    /// Sum of the nodes' noisy values (raw: it may be negative for tiny cohorts, which keeps
-    /// it unbiased); `null` when no node answered.
-    pub estimate: Option<i64>,
+    /// What was computed: `count`, `sum`, `mean`, `median`, `quantile` or `histogram`.
+    pub aggregate: String,
+    /// The network-wide estimate (counts: the raw sum of the nodes' noisy counts, which may
+    /// be negative for tiny cohorts and so stays unbiased); `null` when no node answered or
+    /// for GROUP BY (see `groups`).
+    pub estimate: Option<Estimate>,
     /// Standard deviation of the estimate's noise.
     pub std_dev: Option<f64>,
-    /// 95% interval `[low, high]` for the true total over the answering nodes.
+    /// 95% interval `[low, high]` for the true value over the answering nodes.
     pub ci95: Option<[f64; 2]>,
+    /// GROUP BY cells, each with its estimate and interval.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupEstimate>,
+    /// Why there is no estimate although nodes answered, if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub answered: Vec<NodeAnswer>,
     pub missing: Vec<MissingNode>,
     pub refused: Vec<RefusedNode>,
@@ -239,22 +255,11 @@ pub async fn fan_out(
                 }),
                 Ok(QueryResponse::Answered(envelope)) => {
                     match check_answer(&envelope, node.peer_id, prepared) {
-                        Ok(answer) => Outcome::Answered(NodeAnswer {
-                            node: node.peer_id.to_base58(),
-                            institution: member.institution.clone(),
-                            value: answer.value,
-                            suppressed: answer.suppressed,
-                            min_cell_size: answer.min_cell_size,
-                            mechanism: answer.mechanism,
-                            sensitivity: answer.sensitivity,
-                            noise_scale: answer.noise_scale,
-                            noise_std: answer.noise_std,
-                            ci95: interval(&answer),
-                            rho: answer.rho_spent,
-                            epsilon: answer.epsilon,
-                            delta: answer.delta,
-                            budget_remaining: answer.budget_remaining,
-                        }),
+                        Ok(answer) => Outcome::Answered(node_answer(
+                            node.peer_id.to_base58(),
+                            member.institution.clone(),
+                            answer,
+                        )),
                         Err(reason) => missing(format!("answer rejected: {reason}")),
                     }
                 }
@@ -265,26 +270,87 @@ pub async fn fan_out(
         query: prepared.request.query.to_string(),
         study: prepared.request.study.clone(),
         request_id: prepared.request.request_id.to_string(),
+        aggregate: prepared.request.query.aggregation_name().to_string(),
         estimate: None,
         std_dev: None,
         ci95: None,
+        groups: Vec::new(),
+        note: None,
         answered: Vec::new(),
         missing: Vec::new(),
         refused: Vec::new(),
     };
     for outcome in join_all(asks).await {
         match outcome {
-            Outcome::Answered(a) => result.answered.push(a),
+            Outcome::Answered(a) => {
+                // Every node must release the same shape (same bins, same cells).
+                match result.answered.first() {
+                    Some(first) if !same_shape(&first.release, &a.release) => {
+                        result.missing.push(MissingNode {
+                            node: a.node,
+                            address: String::new(),
+                            reason: "answer rejected: its release does not match the other nodes' (different schema?)".into(),
+                        })
+                    }
+                    _ => result.answered.push(a),
+                }
+            }
             Outcome::Missing(m) => result.missing.push(m),
             Outcome::Refused(r) => result.refused.push(r),
         }
     }
-    if let Some(combined) = combine(&result.answered) {
-        result.estimate = Some(combined.estimate);
-        result.std_dev = Some(combined.std_dev);
-        result.ci95 = Some(combined.ci95);
+    if let Some(combined) = combine(&prepared.request.query.aggregate, &result.answered) {
+        result.estimate = combined.estimate;
+        result.std_dev = combined.std_dev;
+        result.ci95 = combined.ci95;
+        result.groups = combined.groups;
+        result.note = combined.note;
     }
     Ok(result)
+}
+
+/// A verified answer as reported per node.
+pub fn node_answer(node: String, institution: String, answer: Answer) -> NodeAnswer {
+    let scale = 10f64.powi(i32::from(answer.value_scale));
+    let (value, suppressed, ci95) = match &answer.release {
+        Release::Scalar {
+            value,
+            suppressed: true,
+        } => {
+            let _ = value;
+            let below = answer.min_cell_size.saturating_sub(1) as f64;
+            (None, true, Some([0.0, below + Z_95 * answer.noise_std]))
+        }
+        Release::Scalar { value, .. } => {
+            let half = Z_95 * answer.noise_std;
+            let v = *value as f64;
+            (
+                Some(v / scale),
+                false,
+                Some([(v - half) / scale, (v + half) / scale]),
+            )
+        }
+        _ => (None, false, None),
+    };
+    NodeAnswer {
+        node,
+        institution,
+        value,
+        suppressed,
+        min_cell_size: answer.min_cell_size,
+        release: answer.release,
+        value_scale: answer.value_scale,
+        mechanism: answer.mechanism,
+        sensitivity: answer.sensitivity,
+        noise_scale: answer.noise_scale,
+        noise_std: answer.noise_std,
+        count_noise_std: answer.count_noise_std,
+        ci95,
+        rho: answer.rho_spent,
+        epsilon: answer.epsilon,
+        delta: answer.delta,
+        budget_remaining: answer.budget_remaining,
+    }
 }
 
 /// Pause between resends of a request whose reply was lost.
@@ -317,61 +383,6 @@ async fn ask_until(
         }
         tokio::time::sleep(RESEND_PAUSE).await;
     }
-}
-
-/// One node's 95% interval: value ± z·sd; for a withheld cell, what it could have been.
-fn interval(answer: &Answer) -> [f64; 2] {
-    let half = Z_95 * answer.noise_std;
-    if answer.suppressed {
-        let below = answer.min_cell_size.saturating_sub(1) as f64;
-        [0.0, below + half]
-    } else {
-        [answer.value as f64 - half, answer.value as f64 + half]
-    }
-}
-
-/// The network-wide estimate from the nodes' answers.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Combined {
-    pub estimate: i64,
-    pub std_dev: f64,
-    pub ci95: [f64; 2],
-}
-
-/// Sums the nodes' noisy values; their noise is independent, so variances add. A withheld
-/// cell (below the minimum cell size `k`) contributes the middle of `[0, k-1]` to the
-/// estimate and that whole range to the interval, so the interval stays conservative.
-pub fn combine(answers: &[NodeAnswer]) -> Option<Combined> {
-    if answers.is_empty() {
-        return None;
-    }
-    let mut estimate = 0i64;
-    let mut variance = 0.0;
-    let mut withheld_span = 0.0;
-    for answer in answers {
-        variance += answer.noise_std.powi(2);
-        if answer.suppressed {
-            let below = answer.min_cell_size.saturating_sub(1);
-            estimate = estimate.saturating_add(i64::try_from(below / 2).unwrap_or(i64::MAX));
-            withheld_span += below as f64;
-        } else {
-            estimate = estimate.saturating_add(answer.value);
-        }
-    }
-    let std_dev = variance.sqrt();
-    let reported: f64 = answers
-        .iter()
-        .filter(|a| !a.suppressed)
-        .map(|a| a.value as f64)
-        .sum();
-    Some(Combined {
-        estimate,
-        std_dev,
-        ci95: [
-            reported - Z_95 * std_dev,
-            reported + withheld_span + Z_95 * std_dev,
-        ],
-    })
 }
 
 /// Verifies a node's signed answer against who we asked and what we asked.

@@ -4,7 +4,8 @@
 //!
 //! - [`sql`]: SQL → canonical query AST.
 //! - [`client`]: the libp2p task and its handle.
-//! - [`federation`]: signing, fan-out, answer verification, combination.
+//! - [`federation`]: signing, fan-out, answer verification.
+//! - [`combine`]: the network-wide estimate and its interval from the nodes' releases.
 //! - [`researcher`]: the researcher's session: key, policy, defaults.
 //! - [`passphrase`]: where a person's passphrase comes from.
 
@@ -12,6 +13,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod client;
+pub mod combine;
 pub mod error;
 pub mod federation;
 pub mod passphrase;

@@ -29,6 +29,7 @@ struct Cli {
 enum Format {
     Table,
     Json,
+    Csv,
 }
 
 #[derive(Subcommand)]
@@ -179,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
                 Format::Table => print_table(&answer),
+                Format::Csv => print_csv(&answer)?,
             }
             if answer.answered.is_empty() {
                 return Ok(ExitCode::from(EXIT_NO_ANSWER));
@@ -201,26 +203,51 @@ fn print_table(answer: &FederatedAnswer) {
         "study     {}   (request {})",
         answer.study, answer.request_id
     );
+    let partial = if answer.is_partial() {
+        "   (PARTIAL: not every node answered)"
+    } else {
+        ""
+    };
     match (answer.estimate, answer.ci95, answer.std_dev) {
-        (Some(estimate), Some([low, high]), Some(sd)) => println!(
-            "estimate  {estimate}   95% CI [{low:.1}, {high:.1}]   sd {sd:.2}{}",
-            if answer.is_partial() {
-                "   (PARTIAL: not every node answered)"
-            } else {
-                ""
+        (Some(estimate), Some([low, high]), Some(sd)) => {
+            println!("estimate  {estimate}   95% CI [{low:.2}, {high:.2}]   sd {sd:.3}{partial}")
+        }
+        _ if !answer.groups.is_empty() => {
+            println!("groups    {} cells{partial}", answer.groups.len());
+            for group in &answer.groups {
+                println!(
+                    "  {:<32} {:>8}   95% CI [{:.1}, {:.1}]{}",
+                    group.group.join(" / "),
+                    group.estimate.to_string(),
+                    group.ci95[0],
+                    group.ci95[1],
+                    if group.withheld_by > 0 {
+                        format!("   ({} node(s) below the minimum cell)", group.withheld_by)
+                    } else {
+                        String::new()
+                    }
+                );
             }
-        ),
-        _ => println!("estimate  none: no node answered"),
+        }
+        _ => match &answer.note {
+            Some(note) => println!("estimate  none: {note}"),
+            None => println!("estimate  none: no node answered"),
+        },
     }
-    println!("answered  {} of {asked} node(s)", answer.answered.len());
+    let spent: u64 = answer.answered.iter().map(|a| a.rho.0).max().unwrap_or(0);
+    println!(
+        "answered  {} of {asked} node(s); privacy spent at each: rho {}",
+        answer.answered.len(),
+        renkei_protocol::MicroRho(spent)
+    );
     for a in &answer.answered {
-        let value = if a.suppressed {
-            format!("<{}", a.min_cell_size)
-        } else {
-            a.value.to_string()
+        let value = match (a.suppressed, a.value) {
+            (true, _) => format!("<{}", a.min_cell_size),
+            (false, Some(value)) => format!("{value}"),
+            (false, None) => "-".into(),
         };
         println!(
-            "  {:<24} {}  value {:>6}  {} sd {:.2}  rho {} (eps {:.3}, delta {:e})  budget left {}",
+            "  {:<24} {}  value {:>8}  {} sd {:.2}  rho {} (eps {:.3}, delta {:e})  budget left {}",
             a.institution,
             a.node,
             value,
@@ -244,7 +271,87 @@ fn print_table(answer: &FederatedAnswer) {
     if !answer.missing.is_empty() {
         println!("missing   {}", answer.missing.len());
         for m in &answer.missing {
-            println!("  {}  {}", m.address, m.reason);
+            println!("  {} {}  {}", m.node, m.address, m.reason);
         }
     }
+}
+
+/// One CSV table for scripts: the estimate rows (one per group, or one), then one row per
+/// node that answered, refused or was missing.
+fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
+    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
+    out.write_record([
+        "row",
+        "group",
+        "node",
+        "estimate",
+        "ci95_low",
+        "ci95_high",
+        "std_dev",
+        "rho",
+        "code",
+        "reason",
+    ])?;
+    let number = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
+    if answer.groups.is_empty() {
+        out.write_record([
+            "estimate",
+            "",
+            "",
+            &answer.estimate.map(|e| e.to_string()).unwrap_or_default(),
+            &number(answer.ci95.map(|c| c[0])),
+            &number(answer.ci95.map(|c| c[1])),
+            &number(answer.std_dev),
+            "",
+            "",
+            answer.note.as_deref().unwrap_or(""),
+        ])?;
+    }
+    for group in &answer.groups {
+        out.write_record([
+            "estimate",
+            &group.group.join("/"),
+            "",
+            &group.estimate.to_string(),
+            &group.ci95[0].to_string(),
+            &group.ci95[1].to_string(),
+            &group.std_dev.to_string(),
+            "",
+            "",
+            "",
+        ])?;
+    }
+    for a in &answer.answered {
+        out.write_record([
+            "answered",
+            "",
+            &a.node,
+            &number(a.value),
+            &number(a.ci95.map(|c| c[0])),
+            &number(a.ci95.map(|c| c[1])),
+            &a.noise_std.to_string(),
+            &a.rho.to_string(),
+            "",
+            "",
+        ])?;
+    }
+    for r in &answer.refused {
+        out.write_record([
+            "refused",
+            "",
+            &r.node,
+            "",
+            "",
+            "",
+            "",
+            "",
+            r.code.as_str(),
+            &r.reason,
+        ])?;
+    }
+    for m in &answer.missing {
+        out.write_record(["missing", "", &m.node, "", "", "", "", "", "", &m.reason])?;
+    }
+    out.flush()?;
+    Ok(())
 }

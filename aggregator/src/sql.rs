@@ -158,27 +158,31 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
             "this SELECT uses a clause renkei does not support (TOP, INTO, QUALIFY, WINDOW, …)",
         ));
     }
-    if !matches!(&select.group_by, GroupByExpr::Expressions(exprs, _) if exprs.is_empty()) {
-        return Err(SqlError::at(
-            select.as_ref(),
-            "GROUP BY is not supported yet",
-        ));
-    }
     let view = view_name(select)?;
-    let distinct_patients = check_projection(select)?;
+    let group_by = match &select.group_by {
+        GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs
+            .iter()
+            .map(|e| {
+                column_name(e, &view)?.ok_or_else(|| SqlError::at(e, "GROUP BY takes column names"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => {
+            return Err(SqlError::at(
+                select.as_ref(),
+                "GROUP BY ALL and ROLLUP/CUBE are not supported",
+            ));
+        }
+    };
+    let aggregate = projection(select, &view, &group_by)?;
     let filter = match &select.selection {
         Some(condition) => filter(condition, &view)?,
         None => Filter::True,
-    };
-    let aggregate = if distinct_patients || view == "patients" {
-        Aggregate::CountPatients
-    } else {
-        Aggregate::CountRows
     };
     let query = Query {
         view,
         aggregate,
         filter,
+        group_by,
     }
     .canonical();
     query.check_shape()?;
@@ -259,46 +263,150 @@ fn view_name(select: &ast::Select) -> Result<String, SqlError> {
     }
 }
 
-/// Accepts `COUNT(*)` (false) or `COUNT(DISTINCT patient_id)` (true).
-fn check_projection(select: &ast::Select) -> Result<bool, SqlError> {
-    let only_count = || {
+/// The SELECT list: the GROUP BY columns (if any) and one aggregate: `COUNT(*)`,
+/// `COUNT(DISTINCT patient_id)`, `SUM(col)`, `AVG(col)`, `MEDIAN(col)` or
+/// `PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY col)`.
+fn projection(
+    select: &ast::Select,
+    view: &str,
+    group_by: &[String],
+) -> Result<Aggregate, SqlError> {
+    let expected = || {
         SqlError::at(
             select,
-            "expected SELECT COUNT(*) or COUNT(DISTINCT patient_id) (other aggregates come later)",
+            "expected SELECT [group columns,] COUNT(*) | COUNT(DISTINCT patient_id) | SUM(col) | AVG(col) | MEDIAN(col) | PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY col)",
         )
     };
-    let [SelectItem::UnnamedExpr(Expr::Function(function))] = select.projection.as_slice() else {
-        return Err(only_count());
-    };
-    let is_count = matches!(function.name.0.as_slice(),
-        [ObjectNamePart::Identifier(ident)] if ident.value.eq_ignore_ascii_case("count"));
-    let FunctionArguments::List(list) = &function.args else {
-        return Err(SqlError::at(function, "expected COUNT(*)"));
-    };
-    if !is_count || !list.clauses.is_empty() {
-        return Err(only_count());
+    let mut aggregate = None;
+    let mut listed = Vec::new();
+    for item in &select.projection {
+        match item {
+            SelectItem::UnnamedExpr(Expr::Function(function)) if aggregate.is_none() => {
+                aggregate = Some(function_aggregate(function, view)?);
+            }
+            SelectItem::UnnamedExpr(expr) => match column_name(expr, view)? {
+                Some(column) => listed.push(column),
+                None => return Err(expected()),
+            },
+            _ => return Err(expected()),
+        }
     }
-    if function.filter.is_some()
+    let aggregate = aggregate.ok_or_else(expected)?;
+    let mut sorted_listed = listed.clone();
+    sorted_listed.sort();
+    let mut sorted_groups = group_by.to_vec();
+    sorted_groups.sort();
+    if sorted_listed != sorted_groups {
+        return Err(SqlError::at(
+            select,
+            "the columns selected besides the aggregate must be exactly the GROUP BY columns",
+        ));
+    }
+    if !group_by.is_empty() && !matches!(aggregate, Aggregate::CountPatients | Aggregate::CountRows)
+    {
+        return Err(SqlError::at(
+            select,
+            "GROUP BY works with COUNT only, for now",
+        ));
+    }
+    Ok(aggregate)
+}
+
+/// The aggregate a function call in the SELECT list asks for.
+fn function_aggregate(function: &ast::Function, view: &str) -> Result<Aggregate, SqlError> {
+    let name = match function.name.0.as_slice() {
+        [ObjectNamePart::Identifier(ident)] => ident.value.to_ascii_lowercase(),
+        _ => return Err(SqlError::at(function, "unknown aggregate")),
+    };
+    let FunctionArguments::List(list) = &function.args else {
+        return Err(SqlError::at(function, format!("{name} needs arguments")));
+    };
+    if !list.clauses.is_empty()
+        || function.filter.is_some()
         || function.over.is_some()
-        || !function.within_group.is_empty()
         || function.null_treatment.is_some()
         || function.uses_odbc_syntax
         || !matches!(function.parameters, FunctionArguments::None)
+        || (!function.within_group.is_empty() && name != "percentile_cont")
     {
         return Err(SqlError::at(
             function,
-            "COUNT takes no FILTER, OVER or WITHIN GROUP; put conditions in WHERE",
+            "aggregates take no FILTER, OVER or extra clauses; put conditions in WHERE",
         ));
     }
-    match (list.duplicate_treatment, list.args.as_slice()) {
-        (None, [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]) => Ok(false),
-        (
-            Some(ast::DuplicateTreatment::Distinct),
-            [FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Identifier(ident)))],
-        ) if ident.value.eq_ignore_ascii_case("patient_id") => Ok(true),
-        _ => Err(SqlError::at(
+    let one_column = || -> Result<String, SqlError> {
+        match list.args.as_slice() {
+            [FunctionArg::Unnamed(FunctionArgExpr::Expr(expr))]
+                if list.duplicate_treatment.is_none() =>
+            {
+                column_name(expr, view)?.ok_or_else(|| SqlError::at(expr, "expected a column name"))
+            }
+            _ => Err(SqlError::at(
+                function,
+                format!("{} takes one column", name.to_uppercase()),
+            )),
+        }
+    };
+    match name.as_str() {
+        "count" => match (list.duplicate_treatment, list.args.as_slice()) {
+            (None, [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]) => {
+                Ok(if view == "patients" {
+                    Aggregate::CountPatients
+                } else {
+                    Aggregate::CountRows
+                })
+            }
+            (
+                Some(ast::DuplicateTreatment::Distinct),
+                [FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Identifier(ident)))],
+            ) if ident.value.eq_ignore_ascii_case("patient_id") => Ok(Aggregate::CountPatients),
+            _ => Err(SqlError::at(
+                function,
+                "expected COUNT(*) or COUNT(DISTINCT patient_id)",
+            )),
+        },
+        "sum" => Ok(Aggregate::Sum {
+            column: one_column()?,
+        }),
+        "avg" => Ok(Aggregate::Mean {
+            column: one_column()?,
+        }),
+        "median" => Ok(Aggregate::Quantile {
+            column: one_column()?,
+            per_mille: 500,
+        }),
+        "percentile_cont" => {
+            let p = match list.args.as_slice() {
+                [FunctionArg::Unnamed(FunctionArgExpr::Expr(expr))] => match literal(expr)? {
+                    Literal::Decimal(d) => renkei_protocol::query::Decimal::to_per_mille(&d),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let p = p.filter(|p| (1..1000).contains(p)).ok_or_else(|| {
+                SqlError::at(
+                    function,
+                    "PERCENTILE_CONT takes a fraction strictly between 0 and 1, e.g. 0.9",
+                )
+            })?;
+            let [order] = function.within_group.as_slice() else {
+                return Err(SqlError::at(
+                    function,
+                    "PERCENTILE_CONT needs WITHIN GROUP (ORDER BY column)",
+                ));
+            };
+            let column = column_name(&order.expr, view)?
+                .ok_or_else(|| SqlError::at(&order.expr, "expected a column name"))?;
+            Ok(Aggregate::Quantile {
+                column,
+                per_mille: p,
+            })
+        }
+        other => Err(SqlError::at(
             function,
-            "expected COUNT(*) or COUNT(DISTINCT patient_id)",
+            format!(
+                "`{other}` is not an aggregate renkei computes; use COUNT, SUM, AVG, MEDIAN or PERCENTILE_CONT"
+            ),
         )),
     }
 }
@@ -565,6 +673,60 @@ mod tests {
     }
 
     #[test]
+    fn compiles_numeric_aggregates_and_groups() {
+        let q = compile("SELECT AVG(crp) FROM timepoints WHERE dexamethasone").unwrap();
+        assert_eq!(
+            q.aggregate,
+            Aggregate::Mean {
+                column: "crp".into()
+            }
+        );
+        let q = compile("SELECT MEDIAN(age) FROM patients").unwrap();
+        assert_eq!(
+            q.aggregate,
+            Aggregate::Quantile {
+                column: "age".into(),
+                per_mille: 500
+            }
+        );
+        let q = compile("SELECT PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY il6) FROM timepoints")
+            .unwrap();
+        assert_eq!(
+            q.aggregate,
+            Aggregate::Quantile {
+                column: "il6".into(),
+                per_mille: 900
+            }
+        );
+        assert_eq!(
+            q.to_string(),
+            "SELECT PERCENTILE_CONT(0.900) WITHIN GROUP (ORDER BY il6) FROM timepoints"
+        );
+        let q = compile("SELECT SUM(ldh) FROM timepoints").unwrap();
+        assert_eq!(
+            q.aggregate,
+            Aggregate::Sum {
+                column: "ldh".into()
+            }
+        );
+        let q = compile(
+            "SELECT sex, severity, COUNT(*) FROM patients WHERE age >= 65 GROUP BY sex, severity",
+        )
+        .unwrap();
+        assert_eq!(q.group_by, vec!["sex", "severity"]);
+        assert_eq!(q.aggregation_name(), "histogram");
+        for bad in [
+            "SELECT sex, COUNT(*) FROM patients",
+            "SELECT COUNT(*) FROM patients GROUP BY sex, severity, outcome",
+            "SELECT sex, AVG(age) FROM patients GROUP BY sex",
+            "SELECT PERCENTILE_CONT(1.5) WITHIN GROUP (ORDER BY age) FROM patients",
+            "SELECT STDDEV(age) FROM patients",
+        ] {
+            assert!(compile(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
     fn errors_point_at_the_offending_sql() {
         let sql = "SELECT COUNT(*) FROM patients\nWHERE age > 3 OR sex LIKE 'm%'";
         let err = compile(sql).unwrap_err();
@@ -575,8 +737,8 @@ mod tests {
         assert_eq!((err.line, err.column), (1, 36), "{err:?}");
         let err = compile("SELECT COUNT(*) FORM patients").unwrap_err();
         assert_eq!((err.line, err.column), (1, 22), "{err:?}");
-        let err = compile("SELECT AVG(age) FROM patients").unwrap_err();
-        assert!(err.message.contains("COUNT(*)"), "{err}");
+        let err = compile("SELECT MODE(age) FROM patients").unwrap_err();
+        assert!(err.message.contains("COUNT, SUM, AVG"), "{err}");
         let err = compile("DELETE FROM patients").unwrap_err();
         assert!(err.message.contains("SELECT"), "{err}");
         let err = compile("SELECT COUNT(*) FROM patients WHERE age > 1e3").unwrap_err();
@@ -590,6 +752,7 @@ mod tests {
             "SELECT COUNT(*) FROM patients p",
             "SELECT COUNT(*) FROM patients WHERE visits.age > 3",
             "SELECT COUNT(DISTINCT age) FROM patients",
+            "SELECT SUM(DISTINCT age) FROM patients",
         ] {
             assert!(compile(ignored).is_err(), "{ignored} was accepted");
         }

@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use renkei_protocol::{Aggregate, CmpOp, Filter, Literal, Query};
 
+// `Exact::Scalar` values of counts fit i64; sums saturate (bounds make that unreachable).
+
 use crate::bitset::Bitset;
 use crate::error::NodeError;
 use crate::records::{self, ItemRecord, PatientRecord, TimepointRecord};
@@ -106,23 +108,90 @@ enum Node {
     Test(Source, Test),
 }
 
-/// What a compiled query computes.
+/// A numeric column read by an aggregate: where it lives and its bounds (stored units).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Computation {
-    CountPatients,
-    CountRows { cap: u32 },
+struct Measure {
+    source: Source,
+    low: i64,
+    high: i64,
 }
 
-/// A query the dataset accepts, ready to run.
+/// What a compiled query computes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+enum Computation {
+    CountPatients,
+    /// Matching rows, at most `cap` per patient.
+    CountRows {
+        cap: u32,
+    },
+    /// Clamped values of matching rows, at most `cap` per patient.
+    Sum {
+        measure: Measure,
+        cap: u32,
+    },
+    /// Clamped sum and count of non-missing values, at most `cap` rows per patient.
+    Mean {
+        measure: Measure,
+        cap: u32,
+    },
+    /// Counts of clamped values in `bins` equal bins, at most `cap` rows per patient.
+    Histogram {
+        measure: Measure,
+        cap: u32,
+        width: i64,
+        bins: usize,
+    },
+    /// Patients (or rows, `rows`) per combination of the groups' levels.
+    Groups {
+        columns: Vec<(Source, Vec<String>)>,
+        rows: bool,
+        cap: u32,
+    },
+}
+
+/// The exact answer of a query: never leaves the node without noise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exact {
+    Scalar(i64),
+    SumAndCount {
+        sum: i64,
+        count: i64,
+    },
+    Histogram {
+        low: i64,
+        width: i64,
+        counts: Vec<i64>,
+    },
+    Groups {
+        labels: Vec<Vec<String>>,
+        counts: Vec<i64>,
+    },
+}
+
+/// Bins of the histogram a quantile is read from.
+pub const QUANTILE_BINS: usize = 64;
+
+/// Most cells a GROUP BY may produce.
+pub const MAX_GROUP_CELLS: usize = 1024;
+
+/// A query the dataset accepts, ready to run.
+#[derive(Debug, Clone, PartialEq)]
 pub struct CompiledQuery {
     view: View,
     filter: Node,
     computation: Computation,
     /// Consent scopes a patient must have given to be counted.
     pub required_consents: Vec<String>,
-    /// How much one patient can change the result.
-    pub sensitivity: u64,
+    /// How much one patient can change the released numbers (L2; of the sum for a mean).
+    pub sensitivity: f64,
+    /// For a mean, how much one patient can change the count.
+    pub count_sensitivity: Option<f64>,
+    /// Digits after the point of sums and bins (the measured column's scale).
+    pub value_scale: u8,
+    /// Whether the release is counts (to which a minimum cell size applies).
+    pub counts: bool,
+    /// Whether the release is a vector (histogram or groups): zCDP only.
+    pub vector: bool,
 }
 
 /// Why a query does not fit the dataset.
@@ -397,30 +466,166 @@ impl Dataset {
             consents.push(scope.clone());
         }
         let filter = self.bind(&query.filter, &query.view, &columns, &mut consents)?;
-        let computation = match (&query.aggregate, view) {
-            (Aggregate::CountPatients, _) => Computation::CountPatients,
-            (Aggregate::CountRows, View::Patients) => Computation::CountPatients,
-            (Aggregate::CountRows, _) => Computation::CountRows {
-                cap: self.schema.max_timepoints_per_patient,
-            },
-            (other, _) => {
+        let cap = match view {
+            View::Patients => 1,
+            _ => self.schema.max_timepoints_per_patient,
+        };
+        let lookup = |name: &str| {
+            columns
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, source, def)| (*source, def.clone()))
+                .ok_or_else(|| SchemaError::UnknownColumn {
+                    view: query.view.clone(),
+                    column: name.to_string(),
+                    known: columns
+                        .iter()
+                        .map(|(n, _, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
+        };
+        let measure = |name: &str| -> Result<(Measure, u8), SchemaError> {
+            let (source, def) = lookup(name)?;
+            let (low, high, scale) = match def.kind {
+                ColumnType::Integer { min, max } => (min, max, 0),
+                ColumnType::Decimal { min, max, scale } => {
+                    let factor = 10f64.powi(i32::from(scale));
+                    (
+                        (min * factor).floor() as i64,
+                        (max * factor).ceil() as i64,
+                        scale,
+                    )
+                }
+                _ => {
+                    return Err(SchemaError::Value(format!(
+                        "`{name}` is {}; sums, means and quantiles need a numeric column",
+                        def.kind
+                    )));
+                }
+            };
+            Ok((Measure { source, low, high }, scale))
+        };
+        let groups = query
+            .group_by
+            .iter()
+            .map(|name| {
+                let (source, def) = lookup(name)?;
+                let levels = match def.kind {
+                    ColumnType::Categorical { levels } => levels,
+                    ColumnType::Boolean => vec!["false".into(), "true".into()],
+                    other => {
+                        return Err(SchemaError::Value(format!(
+                            "`{name}` is {other}; GROUP BY needs a categorical or true/false column"
+                        )));
+                    }
+                };
+                if let Source::PatientHas(k) | Source::TimepointHas(k) = source
+                    && let Some(scope) = &self.schema.items[k].consent
+                {
+                    consents.push(scope.clone());
+                }
+                Ok((source, levels))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cells: usize = groups.iter().map(|(_, levels)| levels.len()).product();
+        if cells > MAX_GROUP_CELLS {
+            return Err(SchemaError::Unsupported(format!(
+                "GROUP BY {} makes {cells} groups; at most {MAX_GROUP_CELLS} are allowed",
+                query.group_by.join(", ")
+            )));
+        }
+        let largest = |m: &Measure| m.low.unsigned_abs().max(m.high.unsigned_abs()) as f64;
+        let (computation, sensitivity, count_sensitivity, value_scale) = match &query.aggregate {
+            Aggregate::CountPatients | Aggregate::CountRows if !groups.is_empty() => {
+                let rows =
+                    matches!(query.aggregate, Aggregate::CountRows) && view != View::Patients;
+                let patient_level = groups.iter().all(|(source, _)| {
+                    matches!(source, Source::Patient(_) | Source::PatientHas(_))
+                });
+                let sensitivity = if rows {
+                    f64::from(cap)
+                } else if patient_level || view == View::Patients {
+                    1.0
+                } else {
+                    // A patient's rows may fall in different cells, one count each.
+                    (cells.min(cap as usize) as f64).sqrt()
+                };
+                (
+                    Computation::Groups {
+                        columns: groups,
+                        rows,
+                        cap,
+                    },
+                    sensitivity,
+                    None,
+                    0,
+                )
+            }
+            Aggregate::CountPatients => (Computation::CountPatients, 1.0, None, 0),
+            Aggregate::CountRows if view == View::Patients => {
+                (Computation::CountPatients, 1.0, None, 0)
+            }
+            Aggregate::CountRows => (Computation::CountRows { cap }, f64::from(cap), None, 0),
+            Aggregate::Sum { column } => {
+                let (measure, scale) = measure(column)?;
+                let sensitivity = f64::from(cap) * largest(&measure);
+                (Computation::Sum { measure, cap }, sensitivity, None, scale)
+            }
+            Aggregate::Mean { column } => {
+                let (measure, scale) = measure(column)?;
+                let sensitivity = f64::from(cap) * largest(&measure);
+                (
+                    Computation::Mean { measure, cap },
+                    sensitivity,
+                    Some(f64::from(cap)),
+                    scale,
+                )
+            }
+            Aggregate::Quantile { column, .. } => {
+                let (measure, scale) = measure(column)?;
+                let span = measure.high - measure.low + 1;
+                let width = (span + QUANTILE_BINS as i64 - 1) / QUANTILE_BINS as i64;
+                let bins = usize::try_from((span + width - 1) / width).unwrap_or(QUANTILE_BINS);
+                // A patient's capped rows may all land in one bin.
+                (
+                    Computation::Histogram {
+                        measure,
+                        cap,
+                        width,
+                        bins,
+                    },
+                    f64::from(cap),
+                    None,
+                    scale,
+                )
+            }
+            other => {
                 return Err(SchemaError::Unsupported(format!(
                     "aggregate {other:?} is not supported by this node"
                 )));
             }
         };
-        let sensitivity = match computation {
-            Computation::CountPatients => 1,
-            Computation::CountRows { cap } => u64::from(cap),
-        };
         consents.sort();
         consents.dedup();
+        let counts = matches!(
+            computation,
+            Computation::CountPatients | Computation::CountRows { .. } | Computation::Groups { .. }
+        );
+        let vector = matches!(
+            computation,
+            Computation::Histogram { .. } | Computation::Groups { .. }
+        );
         Ok(CompiledQuery {
             view,
             filter,
             computation,
             required_consents: consents,
             sensitivity,
+            count_sensitivity,
+            value_scale,
+            counts,
+            vector,
         })
     }
 
@@ -521,53 +726,176 @@ impl Dataset {
 
     /// The exact answer of a compiled query over consenting patients. Never leaves the node
     /// without noise.
-    pub fn evaluate(&self, query: &CompiledQuery) -> u64 {
-        let rows = self.eval(&query.filter, query.view).0;
+    pub fn evaluate(&self, query: &CompiledQuery) -> Exact {
         let mut consenting = Bitset::full(self.patients.len);
         for scope in &query.required_consents {
             match self.patients.consents.get(scope) {
                 Some(set) => consenting.and(set),
-                None => return 0,
+                None => consenting = Bitset::empty(self.patients.len),
             }
         }
-        let parents = match query.view {
+        let rows = self.eval(&query.filter, query.view).0;
+        let parent: Option<&[u32]> = match query.view {
             View::Patients => None,
             View::Timepoints => Some(&self.timepoints.patient),
             View::Items(k) => Some(&self.items[k].patient),
         };
-        match (query.computation, parents) {
-            (Computation::CountPatients, None) => {
-                let mut patients = rows;
-                patients.and(&consenting);
-                patients.count()
-            }
-            (Computation::CountPatients, Some(parent)) => {
-                let mut patients = rows.scatter(parent, self.patients.len);
-                patients.and(&consenting);
-                patients.count()
-            }
-            (Computation::CountRows { .. }, None) => {
-                let mut patients = rows;
-                patients.and(&consenting);
-                patients.count()
-            }
-            (Computation::CountRows { cap }, Some(parent)) => {
-                // Each patient's rows count up to the cap: that bounds the sensitivity.
-                let mut per_patient: HashMap<u32, u32> = HashMap::new();
-                let mut total = 0u64;
-                for row in rows.iter() {
-                    let patient = parent[row];
-                    if !consenting.contains(patient as usize) {
-                        continue;
-                    }
-                    let seen = per_patient.entry(patient).or_insert(0);
-                    if *seen < cap {
+        let patient_of = |row: usize| parent.map_or(row, |p| p[row] as usize);
+        // The matching rows of consenting patients, at most `cap` per patient.
+        let capped = |cap: u32, keep: &dyn Fn(usize) -> bool| -> Vec<usize> {
+            let mut taken: HashMap<usize, u32> = HashMap::new();
+            rows.iter()
+                .filter(|&row| consenting.contains(patient_of(row)) && keep(row))
+                .filter(|&row| {
+                    let seen = taken.entry(patient_of(row)).or_insert(0);
+                    *seen < cap && {
                         *seen += 1;
-                        total += 1;
+                        true
+                    }
+                })
+                .collect()
+        };
+        match &query.computation {
+            Computation::CountPatients => {
+                let mut patients = match parent {
+                    None => rows.clone(),
+                    Some(parent) => rows.scatter(parent, self.patients.len),
+                };
+                patients.and(&consenting);
+                Exact::Scalar(patients.count() as i64)
+            }
+            Computation::CountRows { cap } => Exact::Scalar(capped(*cap, &|_| true).len() as i64),
+            Computation::Sum { measure, cap } | Computation::Mean { measure, cap } => {
+                let values = self.values(measure.source, query.view);
+                let kept = capped(*cap, &|row| values[row] != NULL);
+                let sum: i128 = kept
+                    .iter()
+                    .map(|&row| i128::from(values[row].clamp(measure.low, measure.high)))
+                    .sum();
+                let sum = i64::try_from(sum).unwrap_or(if sum < 0 { i64::MIN } else { i64::MAX });
+                match query.computation {
+                    Computation::Mean { .. } => Exact::SumAndCount {
+                        sum,
+                        count: kept.len() as i64,
+                    },
+                    _ => Exact::Scalar(sum),
+                }
+            }
+            Computation::Histogram {
+                measure,
+                cap,
+                width,
+                bins,
+            } => {
+                let values = self.values(measure.source, query.view);
+                let mut counts = vec![0i64; *bins];
+                for row in capped(*cap, &|row| values[row] != NULL) {
+                    let value = values[row].clamp(measure.low, measure.high);
+                    let bin = usize::try_from((value - measure.low) / width).unwrap_or(0);
+                    counts[bin.min(bins - 1)] += 1;
+                }
+                Exact::Histogram {
+                    low: measure.low,
+                    width: *width,
+                    counts,
+                }
+            }
+            Computation::Groups {
+                columns,
+                rows: count_rows,
+                cap,
+            } => {
+                let values: Vec<Vec<i64>> = columns
+                    .iter()
+                    .map(|(source, _)| self.values(*source, query.view))
+                    .collect();
+                let cell_of = |row: usize| -> Option<usize> {
+                    let mut cell = 0usize;
+                    for ((_, levels), column) in columns.iter().zip(&values) {
+                        let level = usize::try_from(column[row])
+                            .ok()
+                            .filter(|l| *l < levels.len())?;
+                        cell = cell * levels.len() + level;
+                    }
+                    Some(cell)
+                };
+                let cells: usize = columns.iter().map(|(_, l)| l.len()).product();
+                let mut counts = vec![0i64; cells];
+                if *count_rows {
+                    for row in capped(*cap, &|row| cell_of(row).is_some()) {
+                        if let Some(cell) = cell_of(row) {
+                            counts[cell] += 1;
+                        }
+                    }
+                } else {
+                    // Distinct patients per cell.
+                    let mut pairs: Vec<(usize, usize)> = rows
+                        .iter()
+                        .filter(|&row| consenting.contains(patient_of(row)))
+                        .filter_map(|row| Some((cell_of(row)?, patient_of(row))))
+                        .collect();
+                    pairs.sort_unstable();
+                    pairs.dedup();
+                    for (cell, _) in pairs {
+                        counts[cell] += 1;
                     }
                 }
-                total
+                let mut labels = vec![Vec::new()];
+                for (_, levels) in columns {
+                    labels = labels
+                        .into_iter()
+                        .flat_map(|prefix: Vec<String>| {
+                            levels.iter().map(move |level| {
+                                let mut label = prefix.clone();
+                                label.push(level.clone());
+                                label
+                            })
+                        })
+                        .collect();
+                }
+                Exact::Groups { labels, counts }
             }
+        }
+    }
+
+    /// A column's values for each row of `view` (gathered from the layer it lives in).
+    fn values(&self, source: Source, view: View) -> Vec<i64> {
+        let (level, values): (View, Vec<i64>) = match source {
+            Source::Patient(i) => (View::Patients, self.patients.columns[i].clone()),
+            Source::Timepoint(i) => (View::Timepoints, self.timepoints.columns[i].clone()),
+            Source::TimepointNumber => (View::Timepoints, self.timepoints.number.clone()),
+            Source::Item(i) => match view {
+                View::Items(k) => (view, self.items[k].columns[i].clone()),
+                _ => (view, vec![NULL; self.rows(view)]),
+            },
+            Source::PatientHas(k) => {
+                let has = Bitset::full(self.items[k].len)
+                    .scatter(&self.items[k].patient, self.patients.len);
+                (
+                    View::Patients,
+                    (0..self.patients.len)
+                        .map(|i| i64::from(has.contains(i)))
+                        .collect(),
+                )
+            }
+            Source::TimepointHas(k) => {
+                let has = Bitset::full(self.items[k].len)
+                    .scatter(&self.items[k].timepoint, self.timepoints.len);
+                (
+                    View::Timepoints,
+                    (0..self.timepoints.len)
+                        .map(|i| i64::from(has.contains(i)))
+                        .collect(),
+                )
+            }
+        };
+        let gather = |parent: &[u32]| parent.iter().map(|p| values[*p as usize]).collect();
+        match (level, view) {
+            (from, to) if from == to => values,
+            (View::Patients, View::Timepoints) => gather(&self.timepoints.patient),
+            (View::Patients, View::Items(k)) => gather(&self.items[k].patient),
+            (View::Timepoints, View::Items(k)) => gather(&self.items[k].timepoint),
+            _ => vec![NULL; self.rows(view)],
         }
     }
 

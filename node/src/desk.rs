@@ -23,14 +23,15 @@ use renkei_protocol::limits::{
 };
 use renkei_protocol::messages::request_digest;
 use renkei_protocol::{
-    Answer, PolicyResponse, PolicyTransfer, PublicKey, Purpose, QueryRequest, QueryResponse,
-    Refusal, RefusalCode, RequestId, SecretKey, SignedEnvelope,
+    Answer, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey, Purpose,
+    QueryRequest, QueryResponse, Refusal, RefusalCode, Release, RequestId, SecretKey,
+    SignedEnvelope,
 };
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, AuditLog, hex_hash};
-use crate::dataset::{CompiledQuery, Dataset};
+use crate::dataset::{CompiledQuery, Dataset, Exact};
 use crate::dp::Calibration;
 use crate::error::NodeError;
 use crate::governance::{Offered, PolicyKeeper};
@@ -83,7 +84,10 @@ struct Checked {
     researcher: PublicKey,
     request: QueryRequest,
     compiled: CompiledQuery,
-    calibration: Calibration,
+    /// One mechanism per released quantity (two for a mean: sum and count).
+    calibrations: Vec<Calibration>,
+    /// Their total cost.
+    cost: MicroRho,
     grant: Grant,
 }
 
@@ -260,18 +264,37 @@ impl QueryDesk {
             .dataset
             .compile(&request.query)
             .map_err(|e| Refusal::new(RefusalCode::InvalidQuery, e.to_string()))?;
-        let calibration =
-            Calibration::for_request(request.privacy, compiled.sensitivity, grant.report_delta)
-                .map_err(|e| {
-                    Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
-                })?;
-        grant.check_cost(calibration.cost)?;
+        let out_of_range = |e: crate::dp::DpError| {
+            Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
+        };
+        if compiled.vector && matches!(request.privacy, PrivacyRequest::PureDp { .. }) {
+            return Err(Refusal::new(
+                RefusalCode::PrivacyParameterOutOfRange,
+                "histograms, quantiles and GROUP BY are released under zCDP only; ask with a rho",
+            ));
+        }
+        let calibrations = match compiled.count_sensitivity {
+            Some(count_sensitivity) => Calibration::split(
+                request.privacy,
+                [compiled.sensitivity, count_sensitivity],
+                grant.report_delta,
+            )
+            .map_err(out_of_range)?
+            .to_vec(),
+            None => vec![
+                Calibration::for_request(request.privacy, compiled.sensitivity, grant.report_delta)
+                    .map_err(out_of_range)?,
+            ],
+        };
+        let cost = MicroRho(calibrations.iter().map(|c| c.cost.0).sum());
+        grant.check_cost(cost)?;
         Ok(Checked {
             digest,
             researcher,
             request,
             compiled,
-            calibration,
+            calibrations,
+            cost,
             grant,
         })
     }
@@ -307,7 +330,8 @@ impl QueryDesk {
             researcher,
             request,
             compiled,
-            calibration,
+            calibrations,
+            cost,
             grant,
         } = checked;
         let _guard = self.hold(&researcher, &request.request_id)?;
@@ -320,7 +344,7 @@ impl QueryDesk {
                 nonce: &request.nonce,
                 digest: &digest,
                 expires_at: request.expires_at,
-                cost: calibration.cost,
+                cost,
                 budget: grant.budget_per_researcher,
                 study_budget: grant.study_budget,
                 dataset_budget: grant.dataset_budget,
@@ -338,7 +362,7 @@ impl QueryDesk {
                         study: request.study.clone(),
                         request_id: request.request_id.to_string(),
                         query_hash: hex_hash(&digest),
-                        rho: renkei_protocol::MicroRho(0),
+                        rho: MicroRho(0),
                         answer_hash: hex_hash(&Sha256::digest(&bytes).into()),
                         resent: true,
                     },
@@ -347,25 +371,65 @@ impl QueryDesk {
             }
             Admission::Charged(charge) | Admission::ChargedUnanswered(charge) => charge,
         };
-        let true_count = self.dataset.evaluate(&compiled);
-        let noisy = calibration
-            .release(i64::try_from(true_count).unwrap_or(i64::MAX))
-            .map_err(|e| internal("noise", &e))?;
-        // Post-processing of the noisy value: costs no privacy.
-        let suppressed = grant.min_cell_size > 0 && noisy < grant.min_cell_size as i64;
+        let exact = self.dataset.evaluate(&compiled);
+        let noise = |e: crate::dp::DpError| internal("noise", &e);
+        let main = &calibrations[0];
+        // A noisy count below the minimum cell size is withheld: post-processing, free.
+        let min_cell = i64::try_from(grant.min_cell_size).unwrap_or(i64::MAX);
+        let withhold = |noisy: i64| compiled.counts && grant.min_cell_size > 0 && noisy < min_cell;
+        let release = match exact {
+            Exact::Scalar(value) => {
+                let noisy = main.release_one(value).map_err(noise)?;
+                let suppressed = withhold(noisy);
+                Release::Scalar {
+                    value: if suppressed { 0 } else { noisy },
+                    suppressed,
+                }
+            }
+            Exact::SumAndCount { sum, count } => {
+                let count_mechanism = calibrations.get(1).unwrap_or(main);
+                Release::SumAndCount {
+                    sum: main.release_one(sum).map_err(noise)?,
+                    count: count_mechanism.release_one(count).map_err(noise)?,
+                }
+            }
+            Exact::Histogram { low, width, counts } => Release::Histogram {
+                low,
+                width,
+                counts: main.release(counts).map_err(noise)?,
+            },
+            Exact::Groups { labels, counts } => {
+                let noisy = main.release(counts).map_err(noise)?;
+                let suppressed: Vec<bool> = noisy.iter().map(|n| withhold(*n)).collect();
+                Release::Groups {
+                    labels,
+                    counts: noisy
+                        .iter()
+                        .zip(&suppressed)
+                        .map(|(n, s)| if *s { 0 } else { *n })
+                        .collect(),
+                    suppressed,
+                }
+            }
+        };
         let answer = Answer {
             request_id: request.request_id,
             request_digest: digest,
-            value: if suppressed { 0 } else { noisy },
-            suppressed,
-            min_cell_size: grant.min_cell_size,
-            mechanism: calibration.mechanism,
-            sensitivity: calibration.sensitivity,
-            noise_scale: calibration.scale,
-            noise_std: calibration.noise_std,
-            rho_spent: calibration.cost,
-            epsilon: calibration.epsilon,
-            delta: calibration.delta,
+            release,
+            value_scale: compiled.value_scale,
+            min_cell_size: if compiled.counts {
+                grant.min_cell_size
+            } else {
+                0
+            },
+            mechanism: main.mechanism,
+            sensitivity: main.sensitivity,
+            noise_scale: main.scale,
+            noise_std: main.noise_std,
+            count_noise_std: calibrations.get(1).map(|c| c.noise_std),
+            rho_spent: cost,
+            epsilon: calibrations.iter().map(|c| c.epsilon).sum(),
+            delta: calibrations.iter().map(|c| c.delta).sum(),
             budget_remaining: charge.remaining,
             answered_at: now,
         };
@@ -381,7 +445,7 @@ impl QueryDesk {
                 study: request.study.clone(),
                 request_id: request.request_id.to_string(),
                 query_hash: hex_hash(&digest),
-                rho: calibration.cost,
+                rho: cost,
                 answer_hash: hex_hash(&Sha256::digest(&encoded).into()),
                 resent: false,
             },
@@ -395,9 +459,8 @@ impl QueryDesk {
             researcher = %researcher,
             study = %request.study,
             query = %request.query,
-            rho = %calibration.cost,
+            rho = %cost,
             spent = %charge.spent,
-            suppressed,
             "answered"
         );
         Ok(QueryResponse::Answered(sealed))

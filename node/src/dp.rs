@@ -17,10 +17,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use opendp::combinators::{make_fix_delta, make_pureDP_to_zCDP, make_zCDP_to_approxDP};
 use opendp::core::Measurement;
-use opendp::domains::AtomDomain;
+use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::{make_gaussian, make_laplace};
 use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
-use opendp::metrics::AbsoluteDistance;
+use opendp::metrics::{L1Distance, L2Distance};
 use renkei_protocol::{Mechanism, MicroEpsilon, MicroRho, PrivacyRequest};
 
 /// The source of the noise's random bits in this build.
@@ -39,7 +39,7 @@ pub enum DpError {
     #[error("cannot calibrate noise for {request} at sensitivity {sensitivity}")]
     Calibration {
         request: PrivacyRequest,
-        sensitivity: u64,
+        sensitivity: f64,
     },
 }
 
@@ -64,15 +64,16 @@ fn opendp_lock() -> MutexGuard<'static, ()> {
     OPENDP.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-type IntDomain = AtomDomain<i64>;
-type IntMetric = AbsoluteDistance<i64>;
+/// Every release is a vector of integers (one number is a vector of one).
+type IntVectors = VectorDomain<AtomDomain<i64>>;
 
 fn discrete_gaussian(
     scale: f64,
-) -> Result<Measurement<IntDomain, IntMetric, ZeroConcentratedDivergence, i64>, DpError> {
+) -> Result<Measurement<IntVectors, L2Distance<f64>, ZeroConcentratedDivergence, Vec<i64>>, DpError>
+{
     Ok(make_gaussian::<_, _, ZeroConcentratedDivergence>(
-        IntDomain::default(),
-        IntMetric::default(),
+        VectorDomain::new(AtomDomain::default()),
+        L2Distance::default(),
         scale,
         None,
     )?)
@@ -80,10 +81,10 @@ fn discrete_gaussian(
 
 fn discrete_laplace(
     scale: f64,
-) -> Result<Measurement<IntDomain, IntMetric, MaxDivergence, i64>, DpError> {
+) -> Result<Measurement<IntVectors, L1Distance<f64>, MaxDivergence, Vec<i64>>, DpError> {
     Ok(make_laplace::<_, _, MaxDivergence>(
-        IntDomain::default(),
-        IntMetric::default(),
+        VectorDomain::new(AtomDomain::default()),
+        L1Distance::default(),
         scale,
         None,
     )?)
@@ -99,8 +100,9 @@ const WIDENING: f64 = 1e-12;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Calibration {
     pub mechanism: Mechanism,
-    /// Largest change one patient can make to the true value.
-    pub sensitivity: u64,
+    /// Largest change one patient can make to the released numbers (L2 for the Gaussian, L1
+    /// for the Laplace).
+    pub sensitivity: f64,
     /// opendp's `scale` parameter of the mechanism.
     pub scale: f64,
     /// The cost in zCDP rho by opendp's privacy map, rounded up to a whole micro-rho.
@@ -117,7 +119,7 @@ impl Calibration {
     /// which a zCDP cost is also stated as (epsilon, delta).
     pub fn for_request(
         request: PrivacyRequest,
-        sensitivity: u64,
+        sensitivity: f64,
         report_delta: f64,
     ) -> Result<Self, DpError> {
         match request {
@@ -131,7 +133,7 @@ impl Calibration {
     /// widens by a relative 1e-12 until the map agrees, so the charge is what was asked
     /// rather than one micro-rho more through rounding.
     pub fn gaussian(
-        sensitivity: u64,
+        sensitivity: f64,
         budget: MicroRho,
         report_delta: f64,
     ) -> Result<Self, DpError> {
@@ -139,12 +141,12 @@ impl Calibration {
             request: PrivacyRequest::Zcdp { rho: budget },
             sensitivity,
         };
-        if budget.0 == 0 || sensitivity == 0 {
+        if budget.0 == 0 || !(sensitivity.is_finite() && sensitivity > 0.0) {
             return Err(failed());
         }
-        let d_in = i64::try_from(sensitivity).map_err(|_| failed())?;
+        let d_in = sensitivity;
         let _opendp = opendp_lock();
-        let mut scale = sensitivity as f64 / (2.0 * budget.as_rho()).sqrt();
+        let mut scale = sensitivity / (2.0 * budget.as_rho()).sqrt();
         for _ in 0..MAX_WIDENINGS {
             let measurement = discrete_gaussian(scale)?;
             let cost = MicroRho::from_rho_ceil(measurement.map(&d_in)?).map_err(|_| failed())?;
@@ -169,22 +171,22 @@ impl Calibration {
     /// The discrete Laplace with the smallest scale that is `epsilon`-DP by opendp's map and
     /// whose zCDP cost by `make_pureDP_to_zCDP` (epsilon² / 2, rounded up to micro-rho) is
     /// that of the epsilon asked; widened like [`Calibration::gaussian`] to absorb rounding.
-    pub fn laplace(sensitivity: u64, epsilon: MicroEpsilon) -> Result<Self, DpError> {
+    pub fn laplace(sensitivity: f64, epsilon: MicroEpsilon) -> Result<Self, DpError> {
         let failed = || DpError::Calibration {
             request: PrivacyRequest::PureDp { epsilon },
             sensitivity,
         };
-        if epsilon.0 == 0 || sensitivity == 0 {
+        if epsilon.0 == 0 || !(sensitivity.is_finite() && sensitivity > 0.0) {
             return Err(failed());
         }
-        let d_in = i64::try_from(sensitivity).map_err(|_| failed())?;
+        let d_in = sensitivity;
         // epsilon² / 2 in micro-rho, exactly, rounded up: (ε·10⁶)² / (2·10⁶).
         let per = u128::from(MicroEpsilon::PER_UNIT);
         let target = u64::try_from((u128::from(epsilon.0).pow(2)).div_ceil(2 * per))
             .map(MicroRho)
             .map_err(|_| failed())?;
         let _opendp = opendp_lock();
-        let mut scale = sensitivity as f64 / epsilon.as_f64();
+        let mut scale = sensitivity / epsilon.as_f64();
         for _ in 0..MAX_WIDENINGS {
             let measurement = discrete_laplace(scale)?;
             let spent = measurement.map(&d_in)?;
@@ -208,18 +210,53 @@ impl Calibration {
         Err(failed())
     }
 
-    /// Draws the noisy value for `true_value`. Call only after the cost is on disk.
-    pub fn release(&self, true_value: i64) -> Result<i64, DpError> {
+    /// Draws noisy values for `true_values` (independent noise on each). Call only after
+    /// the cost is on disk.
+    pub fn release(&self, true_values: Vec<i64>) -> Result<Vec<i64>, DpError> {
         let _opendp = opendp_lock();
         match self.mechanism {
-            Mechanism::DiscreteGaussian => Ok(discrete_gaussian(self.scale)?.invoke(&true_value)?),
-            Mechanism::DiscreteLaplace => Ok(discrete_laplace(self.scale)?.invoke(&true_value)?),
+            Mechanism::DiscreteGaussian => Ok(discrete_gaussian(self.scale)?.invoke(&true_values)?),
+            Mechanism::DiscreteLaplace => Ok(discrete_laplace(self.scale)?.invoke(&true_values)?),
             // A mechanism this build cannot draw from is never approximated by another.
             other => Err(DpError::OpenDp {
                 variant: "NotImplemented".into(),
                 message: format!("no sampler for {other}"),
             }),
         }
+    }
+
+    /// Draws one noisy value.
+    pub fn release_one(&self, true_value: i64) -> Result<i64, DpError> {
+        self.release(vec![true_value])?
+            .pop()
+            .ok_or_else(|| DpError::OpenDp {
+                variant: "FailedFunction".into(),
+                message: "the mechanism returned nothing".into(),
+            })
+    }
+
+    /// Two mechanisms sharing one request's privacy (a mean's sum and count): each gets half
+    /// the rho (or epsilon); together they cost no more than asked.
+    pub fn split(
+        request: PrivacyRequest,
+        sensitivities: [f64; 2],
+        report_delta: f64,
+    ) -> Result<[Self; 2], DpError> {
+        let halves = |total: u64| [total / 2, total - total / 2];
+        let [a, b] = match request {
+            PrivacyRequest::Zcdp { rho } => {
+                halves(rho.0).map(|r| PrivacyRequest::Zcdp { rho: MicroRho(r) })
+            }
+            PrivacyRequest::PureDp { epsilon } => {
+                halves(epsilon.0).map(|e| PrivacyRequest::PureDp {
+                    epsilon: MicroEpsilon(e),
+                })
+            }
+        };
+        Ok([
+            Self::for_request(a, sensitivities[0], report_delta)?,
+            Self::for_request(b, sensitivities[1], report_delta)?,
+        ])
     }
 }
 
@@ -257,13 +294,13 @@ mod tests {
     #[test]
     fn gaussian_cost_matches_the_requested_rho_and_the_closed_form() {
         for micro in [1_000u64, 10_000, 50_000, 123_457, 1_000_000] {
-            let c = Calibration::gaussian(1, MicroRho(micro), 1e-6).unwrap();
+            let c = Calibration::gaussian(1.0, MicroRho(micro), 1e-6).unwrap();
             assert_eq!(c.cost, MicroRho(micro));
             // rho = Δ² / (2σ²)
             let rho = 1.0 / (2.0 * c.scale * c.scale);
             assert!((rho - MicroRho(micro).as_rho()).abs() < 1e-9, "{rho}");
         }
-        let c = Calibration::gaussian(3, MicroRho(50_000), 1e-6).unwrap();
+        let c = Calibration::gaussian(3.0, MicroRho(50_000), 1e-6).unwrap();
         assert!((c.scale - 3.0 / 0.1f64.sqrt()).abs() < 1e-6);
     }
 
@@ -278,7 +315,7 @@ mod tests {
             (10_000, 7.0710678118654755, 0.6216926545596027),
         ];
         for (micro, scale, epsilon) in recorded {
-            let c = Calibration::gaussian(1, MicroRho(micro), 1e-6).unwrap();
+            let c = Calibration::gaussian(1.0, MicroRho(micro), 1e-6).unwrap();
             assert!(
                 (c.scale - scale).abs() / scale < 1e-9,
                 "{micro}: {} vs {scale}",
@@ -292,20 +329,20 @@ mod tests {
             assert_eq!(c.delta, 1e-6);
         }
         // make_laplace(atom_domain(T=int), absolute_distance(T=int), 2.0).map(1) == 0.5
-        let c = Calibration::laplace(1, MicroEpsilon(500_000)).unwrap();
+        let c = Calibration::laplace(1.0, MicroEpsilon(500_000)).unwrap();
         assert!((c.scale - 2.0).abs() < 1e-9);
         assert!((c.epsilon - 0.5).abs() < 1e-9);
         // pure 0.5-DP is 0.125-zCDP; 0.4 is 0.08 (where floating point rounds up).
         assert_eq!(c.cost, MicroRho(125_000));
-        let c = Calibration::laplace(1, MicroEpsilon(400_000)).unwrap();
+        let c = Calibration::laplace(1.0, MicroEpsilon(400_000)).unwrap();
         assert_eq!(c.cost, MicroRho(80_000));
     }
 
     #[test]
     fn nonsense_budgets_are_refused() {
-        assert!(Calibration::gaussian(1, MicroRho(0), 1e-6).is_err());
-        assert!(Calibration::gaussian(0, MicroRho(10), 1e-6).is_err());
-        assert!(Calibration::laplace(1, MicroEpsilon(0)).is_err());
+        assert!(Calibration::gaussian(1.0, MicroRho(0), 1e-6).is_err());
+        assert!(Calibration::gaussian(0.0, MicroRho(10), 1e-6).is_err());
+        assert!(Calibration::laplace(1.0, MicroEpsilon(0)).is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use renkei_node::NodeHome;
 use renkei_node::ingest::ingest_patients;
 use renkei_node::ledger::PrivacyLedger;
 use renkei_policies::{Member, PolicyBundle, QueryLimits, Researcher, SignedPolicy};
+use renkei_protocol::Release;
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::MAX_RESPONSE_BYTES;
 use renkei_protocol::{
@@ -105,7 +106,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
     let client = NetworkClient::start(None).await.unwrap();
     // Every answer received, by request: a request answered twice (a resend) must come back
     // with the same value and count once.
-    let released: Arc<Mutex<HashMap<RequestId, (i64, MicroRho)>>> = Arc::default();
+    let released: Arc<Mutex<HashMap<RequestId, (Release, MicroRho)>>> = Arc::default();
     // Requests whose reply was lost when the node died; they are resent after the restart.
     let lost: Arc<Mutex<Vec<PreparedQuery>>> = Arc::default();
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
@@ -131,9 +132,9 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                         .unwrap();
                     let mut released = released.lock().unwrap();
                     if let Some((value, _)) = released.get(&answer.request_id) {
-                        assert_eq!(*value, answer.value, "a resent request drew fresh noise");
+                        assert_eq!(*value, answer.release, "a resent request drew fresh noise");
                     }
-                    released.insert(answer.request_id, (answer.value, answer.rho_spent));
+                    released.insert(answer.request_id, (answer.release, answer.rho_spent));
                     resent_answered += 1;
                 }
                 other => panic!("a resent request was not answered: {other:?}"),
@@ -178,7 +179,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                             released
                                 .lock()
                                 .unwrap()
-                                .insert(answer.request_id, (answer.value, answer.rho_spent));
+                                .insert(answer.request_id, (answer.release, answer.rho_spent));
                         }
                         Ok(QueryResponse::Refused(refusal)) => panic!("refused: {refusal}"),
                         // The node died under us: resend this one after the restart.

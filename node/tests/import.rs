@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use renkei_node::NodeHome;
-use renkei_node::dataset::Dataset;
+use renkei_node::dataset::{Dataset, Exact};
 use renkei_node::import;
 use renkei_protocol::{CmpOp, Filter, Literal, Query};
 
@@ -21,7 +21,10 @@ fn fixture(path: &str) -> PathBuf {
 }
 
 fn count(data: &Dataset, view: &str, filter: Filter) -> u64 {
-    data.evaluate(&data.compile(&Query::count_patients(view, filter)).unwrap())
+    match data.evaluate(&data.compile(&Query::count_patients(view, filter)).unwrap()) {
+        Exact::Scalar(n) => n as u64,
+        other => panic!("a count should be one number, not {other:?}"),
+    }
 }
 
 fn flag(column: &str) -> Filter {

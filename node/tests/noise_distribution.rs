@@ -52,10 +52,9 @@ fn chi_square(draws: &[i64], weight: impl Fn(i64) -> f64) -> (f64, f64) {
 
 #[test]
 fn discrete_gaussian_noise_matches_its_declared_scale() {
-    let calibration = Calibration::gaussian(1, MicroRho(50_000), 1e-6).unwrap();
-    let draws: Vec<i64> = (0..DRAWS)
-        .map(|_| calibration.release(0).unwrap())
-        .collect();
+    let calibration = Calibration::gaussian(1.0, MicroRho(50_000), 1e-6).unwrap();
+    // One vector release: DRAWS independent draws.
+    let draws: Vec<i64> = calibration.release(vec![0; DRAWS]).unwrap();
     let gaussian = |scale: f64| move |x: i64| (-(x as f64).powi(2) / (2.0 * scale * scale)).exp();
 
     let (statistic, df) = chi_square(&draws, gaussian(calibration.scale));
@@ -77,10 +76,9 @@ fn discrete_gaussian_noise_matches_its_declared_scale() {
 
 #[test]
 fn discrete_laplace_noise_matches_its_declared_scale() {
-    let calibration = Calibration::laplace(1, MicroEpsilon(400_000)).unwrap();
-    let draws: Vec<i64> = (0..DRAWS)
-        .map(|_| calibration.release(0).unwrap())
-        .collect();
+    let calibration = Calibration::laplace(1.0, MicroEpsilon(400_000)).unwrap();
+    // One vector release: DRAWS independent draws.
+    let draws: Vec<i64> = calibration.release(vec![0; DRAWS]).unwrap();
     let laplace = |scale: f64| move |x: i64| (-(x.abs() as f64) / scale).exp();
 
     let (statistic, df) = chi_square(&draws, laplace(calibration.scale));

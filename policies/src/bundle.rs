@@ -375,7 +375,7 @@ impl PolicyBundle {
                 .map(String::from)
                 .to_vec(),
                 columns: vec![],
-                aggregations: vec!["count".into()],
+                aggregations: AGGREGATIONS.iter().map(|a| a.to_string()).collect(),
                 budget_rho_per_researcher: budget,
                 budget_rho: None,
                 min_cell_size: None,

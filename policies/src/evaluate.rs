@@ -97,7 +97,7 @@ impl VerifiedPolicy {
             );
         }
         let view = query.view.as_str();
-        let aggregation = query.aggregate.name();
+        let aggregation = query.aggregation_name();
         let mut min_cell_size = bundle
             .limits
             .min_cell_size

@@ -22,7 +22,8 @@ pub use envelope::{EnvelopeError, Purpose, SignedEnvelope};
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
     AdminSignature, Answer, Mechanism, MicroEpsilon, MicroRho, PolicyRequest, PolicyResponse,
-    PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Refusal, RefusalCode, RequestId,
+    PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Refusal, RefusalCode, Release,
+    RequestId,
 };
 pub use query::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
 

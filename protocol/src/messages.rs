@@ -226,6 +226,29 @@ impl fmt::Display for Mechanism {
     }
 }
 
+/// The noisy numbers of an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Release {
+    /// One noisy count, or a noisy sum in fixed point (see [`Answer::value_scale`]). A count
+    /// below the minimum cell size is withheld (`suppressed`, value 0).
+    Scalar { value: i64, suppressed: bool },
+    /// A noisy sum and a noisy count of the non-missing values, for a mean.
+    SumAndCount { sum: i64, count: i64 },
+    /// Noisy counts of values in equal bins from `low` (fixed point), each `width` wide.
+    Histogram {
+        low: i64,
+        width: i64,
+        counts: Vec<i64>,
+    },
+    /// Noisy counts per group (GROUP BY), cells in the order of `labels`; a cell below the
+    /// minimum cell size is withheld (`suppressed`, count 0).
+    Groups {
+        labels: Vec<Vec<String>>,
+        counts: Vec<i64>,
+        suppressed: Vec<bool>,
+    },
+}
+
 /// A node's differentially private answer. Sent signed by the node's key
 /// ([`crate::Purpose::NodeAnswer`]); the signer's peer id names the node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,20 +256,21 @@ pub struct Answer {
     pub request_id: RequestId,
     /// [`request_digest`] of the request payload this answers.
     pub request_digest: [u8; 32],
-    /// The noisy value (true value plus noise); 0 when `suppressed`.
-    pub value: i64,
-    /// True when the noisy value fell below the policy's minimum cell size and is withheld;
-    /// the researcher learns only that it was below `min_cell_size`.
-    pub suppressed: bool,
-    /// The minimum cell size applied (0: none).
+    pub release: Release,
+    /// Digits after the point of released sums and bins (the column's fixed-point scale).
+    pub value_scale: u8,
+    /// The minimum cell size applied to counts (0: none).
     pub min_cell_size: u64,
     pub mechanism: Mechanism,
-    /// How much one patient can change the true value.
-    pub sensitivity: u64,
-    /// The mechanism's scale parameter, as opendp names it.
+    /// How much one patient can change the released numbers (L2, in released units): of
+    /// the sum for [`Release::SumAndCount`].
+    pub sensitivity: f64,
+    /// The mechanism's scale parameter, as opendp names it (of the sum for a mean).
     pub noise_scale: f64,
-    /// The exact standard deviation of the noise distribution (for intervals).
+    /// The exact standard deviation of each released number's noise (of the sum for a mean).
     pub noise_std: f64,
+    /// For a mean, the standard deviation of the count's noise.
+    pub count_noise_std: Option<f64>,
     /// Privacy charged for this answer at this node (from the mechanism's privacy map).
     pub rho_spent: MicroRho,
     /// The same release stated as (epsilon, delta)-DP at the policy's delta (delta 0 for

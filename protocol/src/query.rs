@@ -25,6 +25,14 @@ pub enum Aggregate {
     /// The number of matching rows of a timepoint or item view; each patient contributes at
     /// most the schema's bound on rows per patient, which is the sensitivity.
     CountRows,
+    /// The sum of a numeric column over matching rows, each value clamped to the column's
+    /// declared bounds.
+    Sum { column: String },
+    /// The mean of a numeric column: a noisy sum over a noisy count of non-missing values.
+    Mean { column: String },
+    /// A quantile (`per_mille` / 1000; 500 is the median) of a numeric column, read from a
+    /// noisy histogram over the column's declared bounds.
+    Quantile { column: String, per_mille: u16 },
 }
 
 impl Aggregate {
@@ -32,6 +40,20 @@ impl Aggregate {
     pub fn name(&self) -> &'static str {
         match self {
             Aggregate::CountPatients | Aggregate::CountRows => "count",
+            Aggregate::Sum { .. } => "sum",
+            Aggregate::Mean { .. } => "mean",
+            Aggregate::Quantile { per_mille: 500, .. } => "median",
+            Aggregate::Quantile { .. } => "quantile",
+        }
+    }
+
+    /// The column it reads, if any.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            Aggregate::Sum { column }
+            | Aggregate::Mean { column }
+            | Aggregate::Quantile { column, .. } => Some(column),
+            _ => None,
         }
     }
 }
@@ -41,6 +63,20 @@ impl Aggregate {
 pub struct Decimal {
     pub digits: i64,
     pub scale: u8,
+}
+
+impl Decimal {
+    /// The fraction in thousandths, when it is exact (`0.9` → 900).
+    pub fn to_per_mille(&self) -> Option<u16> {
+        let scale = u32::from(self.scale);
+        let value = if scale <= 3 {
+            self.digits.checked_mul(10i64.pow(3 - scale))?
+        } else {
+            let divisor = 10i64.pow(scale - 3);
+            (self.digits % divisor == 0).then_some(self.digits / divisor)?
+        };
+        u16::try_from(value).ok()
+    }
 }
 
 impl fmt::Display for Decimal {
@@ -298,6 +334,8 @@ pub struct Query {
     pub view: String,
     pub aggregate: Aggregate,
     pub filter: Filter,
+    /// Categorical columns to count by (at most two): a histogram or contingency table.
+    pub group_by: Vec<String>,
 }
 
 /// A structural problem with a query, found before any schema is consulted.
@@ -312,6 +350,10 @@ pub enum QueryShapeError {
     TooManyValues { count: usize, max: usize },
     #[error("identifier `{prefix}…` is longer than {max} bytes")]
     IdentifierTooLong { prefix: String, max: usize },
+    #[error("GROUP BY takes one or two columns and only with COUNT")]
+    BadGrouping,
+    #[error("a quantile must lie strictly between 0 and 1")]
+    BadQuantile,
 }
 
 impl Query {
@@ -321,12 +363,25 @@ impl Query {
             view: view.into(),
             aggregate: Aggregate::CountPatients,
             filter,
+            group_by: Vec::new(),
         }
     }
 
-    /// Every column the query reads.
+    /// Every column the query reads: the filter's, the aggregate's and the groups'.
     pub fn columns(&self) -> BTreeSet<&str> {
-        self.filter.columns()
+        let mut columns = self.filter.columns();
+        columns.extend(self.aggregate.column());
+        columns.extend(self.group_by.iter().map(String::as_str));
+        columns
+    }
+
+    /// The aggregation's name as policies list it (`histogram` for grouped counts).
+    pub fn aggregation_name(&self) -> &'static str {
+        if self.group_by.is_empty() {
+            self.aggregate.name()
+        } else {
+            "histogram"
+        }
     }
 
     /// Checks limits that need no schema: size, depth, list lengths, identifier lengths.
@@ -353,6 +408,26 @@ impl Query {
         };
         if let Some(e) = too_long(&self.view) {
             return Err(e);
+        }
+        let counting = matches!(
+            self.aggregate,
+            Aggregate::CountPatients | Aggregate::CountRows
+        );
+        if self.group_by.len() > 2 || !self.group_by.is_empty() && !counting {
+            return Err(QueryShapeError::BadGrouping);
+        }
+        if let Some(e) = self
+            .group_by
+            .iter()
+            .chain(self.aggregate.column().map(|_| &self.view))
+            .find_map(|c| too_long(c))
+        {
+            return Err(e);
+        }
+        if let Aggregate::Quantile { per_mille, .. } = self.aggregate
+            && !(1..1000).contains(&per_mille)
+        {
+            return Err(QueryShapeError::BadQuantile);
         }
         let mut problem = None;
         self.filter.visit(&mut |f| {
@@ -390,18 +465,36 @@ impl Query {
 
 impl fmt::Display for Query {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.aggregate {
-            Aggregate::CountPatients if self.view == "patients" => {
-                write!(f, "SELECT COUNT(*) FROM {}", self.view)?
-            }
-            Aggregate::CountPatients => {
-                write!(f, "SELECT COUNT(DISTINCT patient_id) FROM {}", self.view)?
-            }
-            Aggregate::CountRows => write!(f, "SELECT COUNT(*) FROM {}", self.view)?,
+        f.write_str("SELECT ")?;
+        for group in &self.group_by {
+            write!(f, "{group}, ")?;
         }
+        match &self.aggregate {
+            Aggregate::CountPatients if self.view == "patients" => f.write_str("COUNT(*)")?,
+            Aggregate::CountPatients => f.write_str("COUNT(DISTINCT patient_id)")?,
+            Aggregate::CountRows => f.write_str("COUNT(*)")?,
+            Aggregate::Sum { column } => write!(f, "SUM({column})")?,
+            Aggregate::Mean { column } => write!(f, "AVG({column})")?,
+            Aggregate::Quantile {
+                column,
+                per_mille: 500,
+            } => write!(f, "MEDIAN({column})")?,
+            Aggregate::Quantile { column, per_mille } => write!(
+                f,
+                "PERCENTILE_CONT({}) WITHIN GROUP (ORDER BY {column})",
+                Decimal {
+                    digits: i64::from(*per_mille),
+                    scale: 3
+                }
+            )?,
+        }
+        write!(f, " FROM {}", self.view)?;
         if self.filter != Filter::True {
             f.write_str(" WHERE ")?;
             self.filter.write(f, false)?;
+        }
+        if !self.group_by.is_empty() {
+            write!(f, " GROUP BY {}", self.group_by.join(", "))?;
         }
         Ok(())
     }
@@ -456,6 +549,7 @@ mod tests {
         let q = Query {
             view: "timepoints".into(),
             aggregate: Aggregate::CountPatients,
+            group_by: vec![],
             filter: Filter::And(vec![
                 Filter::Or(vec![
                     Filter::cmp(

@@ -4,12 +4,14 @@
 
 use std::path::Path;
 
+use renkei_aggregator::combine::{Estimate, GroupEstimate};
 use renkei_aggregator::sql;
 use renkei_aggregator::{NetworkClient, ResearcherSession};
 use renkei_policies::SignedPolicy;
 use renkei_protocol::SecretKey;
 
 use crate::network::{Testnet, TestnetConfig};
+use crate::synth::TrueValue;
 
 /// The questions the demo asks.
 pub const DEMO_QUERIES: &[&str] = &[
@@ -22,15 +24,20 @@ pub const DEMO_QUERIES: &[&str] = &[
     "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE il6 > 100 AND dexamethasone",
     "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE care_level IN ('icu_ventilation', 'ecmo') OR crp >= 20",
     "SELECT COUNT(*) FROM patients WHERE has_ct AND severity >= 'severe'",
+    "SELECT AVG(il6) FROM timepoints WHERE severity = 'critical'",
+    "SELECT MEDIAN(age) FROM patients WHERE severity >= 'severe'",
+    "SELECT sex, severity, COUNT(*) FROM patients WHERE age >= 65 GROUP BY sex, severity",
 ];
 
 /// One line of the demo's report.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct DemoRow {
     pub sql: String,
-    pub true_count: u64,
-    pub estimate: Option<i64>,
+    /// Known only because the data is synthetic.
+    pub truth: TrueValue,
+    pub estimate: Option<Estimate>,
     pub ci95: Option<[f64; 2]>,
+    pub groups: Vec<GroupEstimate>,
     pub answered: Vec<String>,
     pub missing_or_refused: Vec<String>,
 }
@@ -56,13 +63,14 @@ async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
     let nodes = testnet.addresses();
     let mut rows = Vec::with_capacity(DEMO_QUERIES.len());
     for sql_text in DEMO_QUERIES {
-        let truth = testnet.true_count(&sql::compile(sql_text)?);
+        let truth = testnet.true_value(&sql::compile(sql_text)?);
         let answer = session.query(&nodes, sql_text, &options).await?;
         rows.push(DemoRow {
             sql: sql_text.to_string(),
-            true_count: truth,
+            truth,
             estimate: answer.estimate,
             ci95: answer.ci95,
+            groups: answer.groups,
             answered: answer
                 .answered
                 .iter()

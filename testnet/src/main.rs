@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use renkei_testnet::demo;
+use renkei_testnet::synth::TrueValue;
 use renkei_testnet::{Testnet, TestnetConfig};
 
 #[derive(Parser)]
@@ -89,20 +90,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let rows = demo::run(&dir, patients, seed).await?;
             for row in &rows {
                 println!("{}", row.sql);
-                match (row.estimate, row.ci95) {
-                    (Some(estimate), Some([low, high])) => println!(
-                        "  true {:>6}   estimate {:>6}   95% CI [{:.1}, {:.1}]{}",
-                        row.true_count,
-                        estimate,
+                match (&row.truth, row.estimate, row.ci95) {
+                    (TrueValue::Number(truth), Some(estimate), Some([low, high])) => println!(
+                        "  true {:>9.2}   estimate {:>9}   95% CI [{:.1}, {:.1}]{}",
+                        truth,
+                        estimate.to_string(),
                         low,
                         high,
-                        if (low..=high).contains(&(row.true_count as f64)) {
+                        if (low..=high).contains(truth) {
                             ""
                         } else {
                             "   (truth outside the interval: expected 1 time in 20)"
                         }
                     ),
-                    _ => println!("  true {:>6}   no answer", row.true_count),
+                    (TrueValue::Groups(cells), _, _) => {
+                        for group in &row.groups {
+                            let truth = cells
+                                .iter()
+                                .find(|(labels, _)| *labels == group.group)
+                                .map_or(0, |(_, n)| *n);
+                            println!(
+                                "  {:<24} true {:>5}   estimate {:>5}   95% CI [{:.1}, {:.1}]",
+                                group.group.join(" / "),
+                                truth,
+                                group.estimate.to_string(),
+                                group.ci95[0],
+                                group.ci95[1]
+                            );
+                        }
+                    }
+                    (truth, _, _) => println!("  true {truth:?}   no answer"),
                 }
                 println!("  answered by: {}", row.answered.join(", "));
                 if !row.missing_or_refused.is_empty() {
@@ -113,7 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 println!();
             }
-            if rows.iter().any(|r| r.estimate.is_none()) {
+            if rows.iter().any(|r| r.answered.is_empty()) {
                 bail!("some queries got no answer");
             }
         }

@@ -178,6 +178,11 @@ impl Testnet {
         synth::true_count(self.nodes.iter().flat_map(|n| &n.patients), query)
     }
 
+    /// The true answer of any query (counts, sums, means, quantiles, groups) over all nodes.
+    pub fn true_value(&self, query: &Query) -> synth::TrueValue {
+        synth::true_value(self.nodes.iter().flat_map(|n| &n.patients), query)
+    }
+
     /// The true answer over the given nodes only.
     pub fn true_count_on(&self, nodes: &[usize], query: &Query) -> u64 {
         synth::true_count(nodes.iter().flat_map(|i| &self.nodes[*i].patients), query)

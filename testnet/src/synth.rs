@@ -682,53 +682,36 @@ fn has_kind(timepoints: &[&SyntheticTimepoint], name: &str) -> Option<Cell> {
     })
 }
 
-/// The exact answer of `query` over `patients`, computed directly on the synthetic records.
-pub fn true_count<'a>(
-    patients: impl IntoIterator<Item = &'a SyntheticPatient>,
-    query: &Query,
-) -> u64 {
-    let genome_view = query.view == "host_genome" || query.columns().contains("has_host_genome");
-    let mut total = 0u64;
-    for p in patients {
-        if !p.consent_secondary_use || genome_view && !p.consent_genome {
-            continue;
+/// The rows of `query`'s view for one patient that match its filter, in order.
+fn matching_rows<'a>(p: &'a SyntheticPatient, query: &Query) -> Vec<Row<'a>> {
+    let patient_cell = move |name: &str| p.get(name);
+    let mut rows: Vec<Row<'a>> = Vec::new();
+    match query.view.as_str() {
+        "patients" => {
+            let all: Vec<&SyntheticTimepoint> = p.timepoints.iter().collect();
+            rows.push(Box::new(move |n| {
+                patient_cell(n).or_else(|| has_kind(&all, n))
+            }));
         }
-        let patient_cell = |name: &str| p.get(name);
-        let matches: u64 = match query.view.as_str() {
-            "patients" => {
-                let all: Vec<&SyntheticTimepoint> = p.timepoints.iter().collect();
-                let row: Row<'_> = Box::new(move |n| patient_cell(n).or_else(|| has_kind(&all, n)));
-                u64::from(eval(&row, &query.filter) == Some(true))
+        "timepoints" => {
+            for t in &p.timepoints {
+                rows.push(Box::new(move |n| {
+                    if n == "timepoint" {
+                        return Some(Cell::Int(i64::from(t.number)));
+                    }
+                    if let Some(patient_column) = n.strip_prefix("patients.") {
+                        return patient_cell(patient_column);
+                    }
+                    lookup(&t.cells, n)
+                        .or_else(|| has_kind(&[t], n))
+                        .or_else(|| patient_cell(n))
+                }));
             }
-            "timepoints" => p
-                .timepoints
-                .iter()
-                .filter(|t| {
-                    let row: Row<'_> = Box::new(move |n| {
-                        if n == "timepoint" {
-                            return Some(Cell::Int(i64::from(t.number)));
-                        }
-                        if let Some(patient_column) = n.strip_prefix("patients.") {
-                            return patient_cell(patient_column);
-                        }
-                        lookup(&t.cells, n)
-                            .or_else(|| has_kind(&[*t], n))
-                            .or_else(|| patient_cell(n))
-                    });
-                    eval(&row, &query.filter) == Some(true)
-                })
-                .count() as u64,
-            kind => p
-                .timepoints
-                .iter()
-                .flat_map(|t| {
-                    t.items
-                        .iter()
-                        .filter(move |i| i.kind == kind)
-                        .map(move |i| (t, i))
-                })
-                .filter(|(t, i)| {
-                    let row: Row<'_> = Box::new(move |n| {
+        }
+        kind => {
+            for t in &p.timepoints {
+                for i in t.items.iter().filter(|i| i.kind == kind) {
+                    rows.push(Box::new(move |n| {
                         if n == "timepoint" {
                             return Some(Cell::Int(i64::from(t.number)));
                         }
@@ -741,19 +724,134 @@ pub fn true_count<'a>(
                         lookup(&i.cells, n)
                             .or_else(|| lookup(&t.cells, n))
                             .or_else(|| patient_cell(n))
-                    });
-                    eval(&row, &query.filter) == Some(true)
-                })
-                .count() as u64,
-        };
-        total += match query.aggregate {
-            Aggregate::CountRows if query.view != "patients" => {
-                matches.min(MAX_ROWS_PER_PATIENT as u64)
+                    }));
+                }
             }
-            _ => u64::from(matches > 0),
-        };
+        }
     }
-    total
+    rows.retain(|row| eval(row, &query.filter) == Some(true));
+    rows
+}
+
+/// The consenting patients a query may count.
+fn counted<'a>(
+    patients: impl IntoIterator<Item = &'a SyntheticPatient>,
+    query: &Query,
+) -> impl Iterator<Item = &'a SyntheticPatient> {
+    let genome = query.view == "host_genome" || query.columns().contains("has_host_genome");
+    patients
+        .into_iter()
+        .filter(move |p| p.consent_secondary_use && (!genome || p.consent_genome))
+}
+
+fn numeric(cell: Option<Cell>) -> Option<f64> {
+    match cell? {
+        Cell::Int(n) => Some(n as f64),
+        Cell::Fixed(d, s) => Some(d as f64 / 10f64.powi(i32::from(s))),
+        _ => None,
+    }
+}
+
+fn label(cell: Option<Cell>) -> Option<String> {
+    match cell? {
+        Cell::Text(t) => Some(t.to_string()),
+        Cell::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// The exact answer of a query, computed directly on the synthetic records.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrueValue {
+    Number(f64),
+    /// Cells of a GROUP BY: labels and counts (only non-empty cells).
+    Groups(Vec<(Vec<String>, u64)>),
+    /// No value (a mean or quantile of nothing).
+    Nothing,
+}
+
+/// The exact answer of a counting `query` over `patients`.
+pub fn true_count<'a>(
+    patients: impl IntoIterator<Item = &'a SyntheticPatient>,
+    query: &Query,
+) -> u64 {
+    match true_value(patients, query) {
+        TrueValue::Number(n) => n as u64,
+        _ => 0,
+    }
+}
+
+/// The exact answer of `query` over `patients`: counts, sums, means, quantiles (interpolated
+/// like PERCENTILE_CONT) and GROUP BY counts.
+pub fn true_value<'a>(
+    patients: impl IntoIterator<Item = &'a SyntheticPatient>,
+    query: &Query,
+) -> TrueValue {
+    let rows_per_patient = if query.view == "patients" {
+        1
+    } else {
+        MAX_ROWS_PER_PATIENT
+    };
+    let mut patients_counted = 0u64;
+    let mut rows_counted = 0u64;
+    let mut values = Vec::new();
+    let mut cells: std::collections::BTreeMap<Vec<String>, (u64, u64)> = Default::default();
+    let column = query.aggregate.column().map(str::to_string);
+    for p in counted(patients, query) {
+        let rows = matching_rows(p, query);
+        if rows.is_empty() {
+            continue;
+        }
+        patients_counted += 1;
+        let mut seen_cells = std::collections::BTreeSet::new();
+        for row in rows.iter().take(rows_per_patient) {
+            rows_counted += 1;
+            if let Some(column) = &column
+                && let Some(v) = numeric(row(column))
+            {
+                values.push(v);
+            }
+            let cell: Option<Vec<String>> = query.group_by.iter().map(|g| label(row(g))).collect();
+            if let Some(cell) = cell {
+                let entry = cells.entry(cell.clone()).or_default();
+                entry.1 += 1;
+                if seen_cells.insert(cell) {
+                    entry.0 += 1;
+                }
+            }
+        }
+    }
+    if !query.group_by.is_empty() {
+        let rows = matches!(query.aggregate, Aggregate::CountRows) && query.view != "patients";
+        return TrueValue::Groups(
+            cells
+                .into_iter()
+                .map(|(cell, (patients, rows_in))| (cell, if rows { rows_in } else { patients }))
+                .collect(),
+        );
+    }
+    match &query.aggregate {
+        Aggregate::CountRows if query.view != "patients" => TrueValue::Number(rows_counted as f64),
+        Aggregate::CountPatients | Aggregate::CountRows => {
+            TrueValue::Number(patients_counted as f64)
+        }
+        Aggregate::Sum { .. } => TrueValue::Number(values.iter().sum()),
+        Aggregate::Mean { .. } if values.is_empty() => TrueValue::Nothing,
+        Aggregate::Mean { .. } => {
+            TrueValue::Number(values.iter().sum::<f64>() / values.len() as f64)
+        }
+        Aggregate::Quantile { per_mille, .. } => {
+            if values.is_empty() {
+                return TrueValue::Nothing;
+            }
+            values.sort_by(f64::total_cmp);
+            let position = f64::from(*per_mille) / 1000.0 * (values.len() - 1) as f64;
+            let (below, above) = (position.floor() as usize, position.ceil() as usize);
+            let fraction = position - below as f64;
+            TrueValue::Number(values[below] + fraction * (values[above] - values[below]))
+        }
+        _ => TrueValue::Nothing,
+    }
 }
 
 #[cfg(test)]

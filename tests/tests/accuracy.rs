@@ -4,22 +4,29 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use renkei_aggregator::federation::{NodeAnswer, combine};
+use renkei_aggregator::combine::combine;
+use renkei_aggregator::federation::NodeAnswer;
 use renkei_node::dp::Calibration;
-use renkei_protocol::{MicroRho, PrivacyRequest};
+use renkei_protocol::{Aggregate, MicroRho, PrivacyRequest, Release};
 
 fn node_answer(calibration: &Calibration, value: i64) -> NodeAnswer {
     NodeAnswer {
         node: "node".into(),
         institution: "Hospital".into(),
-        value,
+        value: Some(value as f64),
         suppressed: false,
         min_cell_size: 0,
+        release: Release::Scalar {
+            value,
+            suppressed: false,
+        },
+        value_scale: 0,
         mechanism: calibration.mechanism,
         sensitivity: calibration.sensitivity,
         noise_scale: calibration.scale,
         noise_std: calibration.noise_std,
-        ci95: [0.0, 0.0],
+        count_noise_std: None,
+        ci95: None,
         rho: calibration.cost,
         epsilon: calibration.epsilon,
         delta: calibration.delta,
@@ -28,15 +35,23 @@ fn node_answer(calibration: &Calibration, value: i64) -> NodeAnswer {
 }
 
 fn coverage(request: PrivacyRequest, truths: &[i64], trials: usize) -> f64 {
-    let calibration = Calibration::for_request(request, 1, 1e-6).expect("calibrates");
+    let calibration = Calibration::for_request(request, 1.0, 1e-6).expect("calibrates");
     let total: i64 = truths.iter().sum();
     let mut covered = 0;
     for _ in 0..trials {
         let answers: Vec<NodeAnswer> = truths
             .iter()
-            .map(|truth| node_answer(&calibration, calibration.release(*truth).expect("draws")))
+            .map(|truth| {
+                node_answer(
+                    &calibration,
+                    calibration.release_one(*truth).expect("draws"),
+                )
+            })
             .collect();
-        let [low, high] = combine(&answers).expect("answers").ci95;
+        let [low, high] = combine(&Aggregate::CountPatients, &answers)
+            .expect("answers")
+            .ci95
+            .expect("an interval");
         covered += usize::from(low <= total as f64 && total as f64 <= high);
     }
     covered as f64 / trials as f64

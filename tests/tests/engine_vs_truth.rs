@@ -8,8 +8,9 @@
 #![allow(clippy::unwrap_used)]
 
 use renkei_aggregator::sql;
+use renkei_node::dataset::Exact;
 use renkei_protocol::MicroRho;
-use renkei_testnet::synth;
+use renkei_testnet::synth::{self, TrueValue};
 use renkei_tests::start_testnet_with;
 
 const QUERIES: &[&str] = &[
@@ -58,9 +59,11 @@ async fn the_engine_agrees_with_an_independent_evaluator() {
         let compiled = dataset
             .compile(&query)
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-        let engine = dataset.evaluate(&compiled);
+        let Exact::Scalar(engine) = dataset.evaluate(&compiled) else {
+            panic!("{text}: a count should be one number");
+        };
         let truth = synth::true_count(&testnet.nodes[0].patients, &query);
-        assert_eq!(engine, truth, "{text}");
+        assert_eq!(engine as u64, truth, "{text}");
         nonzero += usize::from(truth > 0);
     }
     // The queries must select something, or the comparison proves little.
@@ -68,5 +71,66 @@ async fn the_engine_agrees_with_an_independent_evaluator() {
         nonzero >= QUERIES.len() - 3,
         "only {nonzero} queries matched anything"
     );
+
+    // Sums, means, histograms and groups, exactly.
+    let patients = &testnet.nodes[0].patients;
+    let number = |text: &str| match synth::true_value(patients, &sql::compile(text).unwrap()) {
+        TrueValue::Number(n) => n,
+        other => panic!("{text}: {other:?}"),
+    };
+    let exact =
+        |text: &str| dataset.evaluate(&dataset.compile(&sql::compile(text).unwrap()).unwrap());
+    let sum = "SELECT SUM(crp) FROM timepoints WHERE severity >= 'severe'";
+    let Exact::Scalar(engine_sum) = exact(sum) else {
+        panic!("{sum}")
+    };
+    assert_eq!(engine_sum, (number(sum) * 100.0).round() as i64, "{sum}");
+    let mean = "SELECT AVG(age) FROM patients WHERE diabetes";
+    let Exact::SumAndCount { sum: s, count: c } = exact(mean) else {
+        panic!("{mean}")
+    };
+    assert!((s as f64 / c as f64 - number(mean)).abs() < 1e-9, "{mean}");
+    let median = "SELECT MEDIAN(il6) FROM timepoints";
+    let Exact::Histogram { low, width, counts } = exact(median) else {
+        panic!("{median}")
+    };
+    let truth = number(median) * 10.0; // il6 keeps one digit
+    let values: i64 = counts.iter().sum();
+    let with_il6 = sql::compile("SELECT COUNT(*) FROM timepoints WHERE il6 IS NOT NULL").unwrap();
+    assert_eq!(values as u64, synth::true_count(patients, &with_il6));
+    // The true median lies in the bin where the cumulative count crosses half.
+    let mut below = 0;
+    let bin = counts
+        .iter()
+        .position(|c| {
+            below += c;
+            below * 2 >= values
+        })
+        .unwrap() as i64;
+    assert!(
+        (low + bin * width) as f64 <= truth && truth <= (low + (bin + 1) * width) as f64,
+        "{median}: {truth} not in bin {bin}"
+    );
+    for grouped in [
+        "SELECT severity, has_ct, COUNT(*) FROM patients WHERE age >= 50 GROUP BY severity, has_ct",
+        "SELECT care_level, COUNT(DISTINCT patient_id) FROM timepoints GROUP BY care_level",
+        "SELECT care_level, COUNT(*) FROM timepoints WHERE dexamethasone GROUP BY care_level",
+    ] {
+        let Exact::Groups { labels, counts } = exact(grouped) else {
+            panic!("{grouped}")
+        };
+        let TrueValue::Groups(cells) = synth::true_value(patients, &sql::compile(grouped).unwrap())
+        else {
+            panic!()
+        };
+        for (label, count) in labels.iter().zip(&counts) {
+            let truth = cells
+                .iter()
+                .find(|(l, _)| l == label)
+                .map_or(0, |(_, n)| *n);
+            assert_eq!(*count as u64, truth, "{grouped} {label:?}");
+        }
+        assert!(counts.iter().filter(|c| **c > 0).count() >= 3, "{grouped}");
+    }
     fixture.testnet.shutdown().await;
 }

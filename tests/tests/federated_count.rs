@@ -32,7 +32,7 @@ async fn three_nodes_answer_a_count_near_the_truth() {
     assert_eq!(answer.answered.len(), 3, "{answer:#?}");
     assert!(answer.missing.is_empty() && answer.refused.is_empty());
 
-    let estimate = answer.estimate.unwrap() as f64;
+    let estimate = answer.estimate.unwrap().as_f64();
     let sd = answer.std_dev.unwrap();
     // Each node spent the default rho at sensitivity 1: scale = 1/sqrt(2 rho).
     let expected_scale = 1.0 / (2.0 * rho.as_rho()).sqrt();
@@ -43,7 +43,7 @@ async fn three_nodes_answer_a_count_near_the_truth() {
         assert_eq!(node.rho, rho);
         assert!(node.epsilon > 0.0 && node.delta == 1e-6, "{node:?}");
         assert!(!node.suppressed);
-        assert_eq!(node.sensitivity, 1);
+        assert_eq!(node.sensitivity, 1.0);
         assert_eq!(node.mechanism.to_string(), "discrete_gaussian");
     }
     // Independent noise: variances add.
@@ -99,7 +99,7 @@ async fn three_nodes_answer_a_count_near_the_truth() {
         assert_eq!(node.rho, MicroRho(80_000));
     }
     let sd = pure.std_dev.unwrap();
-    let estimate = pure.estimate.unwrap() as f64;
+    let estimate = pure.estimate.unwrap().as_f64();
     assert!(
         (estimate - truth as f64).abs() <= 6.0 * sd,
         "{estimate} vs {truth} (sd {sd})"
@@ -142,9 +142,9 @@ async fn a_node_never_counts_patients_without_consent() {
     )
     .await
     .unwrap();
-    let estimate = answer.estimate.unwrap();
+    let estimate = answer.estimate.unwrap().as_f64();
     assert!(
-        (estimate - consented as i64).abs() <= 6,
+        (estimate - consented as f64).abs() <= 6.0,
         "estimate {estimate}, consented {consented}, stored {stored}"
     );
     fixture.testnet.shutdown().await;

@@ -40,7 +40,7 @@ async fn a_stopped_node_yields_a_partial_answer_naming_it() {
         .testnet
         .true_count_on(&[0, 2], &sql::compile(sql_text).unwrap());
     let sd = answer.std_dev.unwrap();
-    let estimate = answer.estimate.unwrap() as f64;
+    let estimate = answer.estimate.unwrap().as_f64();
     assert!(
         (estimate - truth as f64).abs() <= 6.0 * sd,
         "{estimate} vs {truth}"
