@@ -13,7 +13,8 @@
 //! OpenSSL's `RAND_priv_bytes`; without it, from `rand` 0.7's `thread_rng` (ChaCha20
 //! reseeded from the operating system). [`RANDOMNESS`] says which one this build uses.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 
 use opendp::combinators::{make_fix_delta, make_pureDP_to_zCDP, make_zCDP_to_approxDP};
 use opendp::core::Measurement;
@@ -90,6 +91,15 @@ fn discrete_laplace(
     )?)
 }
 
+/// Calibrations remembered, by (request, sensitivity bits, delta bits).
+type CalibrationKey = (PrivacyRequest, u64, u64);
+
+static CALIBRATIONS: LazyLock<Mutex<HashMap<CalibrationKey, Calibration>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Most calibrations remembered (researchers use few distinct privacy settings).
+const CALIBRATION_CACHE: usize = 1024;
+
 /// How many times calibration widens the scale to absorb floating-point rounding.
 const MAX_WIDENINGS: usize = 16;
 
@@ -116,8 +126,33 @@ pub struct Calibration {
 
 impl Calibration {
     /// Calibrates the mechanism the researcher asked for; `report_delta` is the delta at
-    /// which a zCDP cost is also stated as (epsilon, delta).
+    /// which a zCDP cost is also stated as (epsilon, delta). Calibration is a pure function
+    /// of its inputs and costs about a millisecond of opendp arithmetic (the (epsilon,
+    /// delta) conversion searches), so results are remembered.
     pub fn for_request(
+        request: PrivacyRequest,
+        sensitivity: f64,
+        report_delta: f64,
+    ) -> Result<Self, DpError> {
+        let key = (request, sensitivity.to_bits(), report_delta.to_bits());
+        if let Some(known) = CALIBRATIONS
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(&key).copied())
+        {
+            return Ok(known);
+        }
+        let calibration = Self::calibrate(request, sensitivity, report_delta)?;
+        if let Ok(mut cache) = CALIBRATIONS.lock() {
+            if cache.len() >= CALIBRATION_CACHE {
+                cache.clear();
+            }
+            cache.insert(key, calibration);
+        }
+        Ok(calibration)
+    }
+
+    fn calibrate(
         request: PrivacyRequest,
         sensitivity: f64,
         report_delta: f64,

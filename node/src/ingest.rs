@@ -456,11 +456,25 @@ pub fn ingest_timepoints(
     };
     let mut seen = HashSet::new();
     let mut rows = Vec::with_capacity(table.rows.len());
+    // A patient's rows usually come together: hash and look each patient up once.
+    let mut patients: HashMap<&str, ([u8; 32], bool)> = HashMap::new();
     for (line, row) in &table.rows {
         let line = *line;
         let id = table.cell(row, "patient_id").unwrap_or_default();
-        let pseudonym = pseudonym(&secret, id)?;
-        let known = require_patient(store, &pseudonym, line, &mut problems)?;
+        let (pseudonym, known) = match patients.get(id) {
+            Some(&(pseudonym, known)) => {
+                if !known {
+                    require_patient(store, &pseudonym, line, &mut problems)?;
+                }
+                (pseudonym, known)
+            }
+            None => {
+                let pseudonym = pseudonym(&secret, id)?;
+                let known = require_patient(store, &pseudonym, line, &mut problems)?;
+                patients.insert(id, (pseudonym, known));
+                (pseudonym, known)
+            }
+        };
         let timepoint = parse_timepoint(table.cell(row, TIMEPOINT_COLUMN), line, &mut problems);
         let updates = parse_columns(&table, row, line, &schema.timepoints, &mut problems);
         if let (true, Some(timepoint)) = (known, timepoint) {
@@ -474,7 +488,9 @@ pub fn ingest_timepoints(
             rows.push((records::timepoint_key(&pseudonym, timepoint), updates));
         }
     }
-    let rows = problems.finish(rows)?;
+    let mut rows = problems.finish(rows)?;
+    // In key order, the store's reads and writes walk its tree instead of jumping about.
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut report = IngestReport {
         rows: rows.len(),
         dry_run,

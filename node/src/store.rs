@@ -9,6 +9,7 @@
 //! ([`crate::cohort`], [`crate::ledger`]), never to sled directly.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::NodeError;
@@ -32,6 +33,26 @@ pub struct NodeStore {
     pub(crate) requests: sled::Tree,
     pub(crate) audit: sled::Tree,
     pub(crate) meta: sled::Tree,
+    /// Shared by every clone: concurrent flushes are coalesced into one fsync.
+    commits: Arc<GroupCommit>,
+}
+
+/// Group commit: a caller whose writes are done asks for durability; if an fsync is already
+/// running it waits for the next one, which covers its writes and those of everyone else
+/// waiting, so N concurrent callers cost about two fsyncs, not N.
+#[derive(Debug, Default)]
+struct GroupCommit {
+    state: Mutex<CommitState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct CommitState {
+    /// Tickets handed out; a ticket is taken after the caller's writes.
+    issued: u64,
+    /// Every ticket up to this one is durable.
+    durable: u64,
+    flushing: bool,
 }
 
 impl NodeStore {
@@ -71,6 +92,7 @@ impl NodeStore {
             audit: db.open_tree("audit")?,
             meta: db.open_tree("meta")?,
             path: path.to_path_buf(),
+            commits: Arc::default(),
             db,
         })
     }
@@ -103,9 +125,37 @@ impl NodeStore {
         (self.patients.len(), self.timepoints.len(), self.items.len())
     }
 
-    /// Writes every dirty buffer to disk and fsyncs.
+    /// Returns once every write made before the call is on disk (fsynced), sharing the
+    /// fsync with concurrent callers.
     pub fn flush(&self) -> Result<(), NodeError> {
-        self.db.flush()?;
-        Ok(())
+        let poisoned = || NodeError::CorruptStore {
+            what: "commit coordinator".into(),
+            reason: "a flushing thread panicked".into(),
+        };
+        let commits = &*self.commits;
+        let mut state = commits.state.lock().map_err(|_| poisoned())?;
+        state.issued += 1;
+        let ticket = state.issued;
+        loop {
+            if state.durable >= ticket {
+                return Ok(());
+            }
+            if state.flushing {
+                state = commits.done.wait(state).map_err(|_| poisoned())?;
+                continue;
+            }
+            // This flush covers every ticket issued so far.
+            let target = state.issued;
+            state.flushing = true;
+            drop(state);
+            let flushed = self.db.flush();
+            state = commits.state.lock().map_err(|_| poisoned())?;
+            state.flushing = false;
+            if flushed.is_ok() {
+                state.durable = state.durable.max(target);
+            }
+            commits.done.notify_all();
+            flushed?;
+        }
     }
 }

@@ -161,7 +161,7 @@ impl MicroRho {
 
 /// The kind of privacy a researcher asks a node to spend on one answer. Whatever is asked,
 /// the node charges its ledger in zCDP rho, computed from its own mechanism's privacy map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrivacyRequest {
     /// Discrete Gaussian noise spending `rho` under zero-concentrated DP.

@@ -5,9 +5,12 @@
 //! - [`consortium`]: a development consortium (admin, researcher, signed policy).
 //! - [`network`]: N real nodes on 127.0.0.1, started, stopped and restarted in-process.
 //! - [`demo`]: the `renkei-testnet demo` walk-through.
+//! - [`bench`]: the figures of BENCHMARKS.md (ingest and query throughput against sqlite3
+//!   and DuckDB).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod bench;
 pub mod consortium;
 pub mod demo;
 pub mod network;

@@ -33,6 +33,11 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure ingestion and query speed (see BENCHMARKS.md); prints JSON.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
     /// Start a testnet, write DIR/testnet.json, and run until interrupted.
     Up {
         #[arg(long)]
@@ -44,6 +49,35 @@ enum Command {
         patients: usize,
         #[arg(long, default_value_t = 2020)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// A lab CSV loaded into a node, against `sqlite3 .import` and DuckDB's read_csv.
+    Ingest {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// Work directory [default: a temporary one].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Engine latency on one node with everyone, then N nodes over libp2p, and DuckDB.
+    Query {
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        patients: usize,
+        #[arg(long, default_value_t = 5)]
+        timepoints_per_patient: usize,
+        /// Federated queries to time.
+        #[arg(long, default_value_t = 500)]
+        queries: usize,
+        /// Queries in flight for the throughput figure.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -133,6 +167,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if rows.iter().any(|r| r.answered.is_empty()) {
                 bail!("some queries got no answer");
             }
+        }
+        Command::Bench { which } => {
+            let temp = tempfile::tempdir().context("creating a temporary directory")?;
+            let report = match which {
+                BenchCommand::Ingest { rows, dir } => {
+                    let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
+                    serde_json::to_string_pretty(&renkei_testnet::bench::ingest(&dir, rows)?)?
+                }
+                BenchCommand::Query {
+                    nodes,
+                    patients,
+                    timepoints_per_patient,
+                    queries,
+                    concurrency,
+                    dir,
+                } => {
+                    let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
+                    let report = renkei_testnet::bench::queries(
+                        &dir,
+                        nodes,
+                        patients,
+                        timepoints_per_patient,
+                        queries,
+                        concurrency,
+                    )
+                    .await?;
+                    serde_json::to_string_pretty(&report)?
+                }
+            };
+            println!("{report}");
         }
         Command::Up {
             dir,

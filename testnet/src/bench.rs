@@ -1,0 +1,394 @@
+//! Benchmarks, with the figures BENCHMARKS.md reports (timing goals live here, not in tests).
+//!
+//! - [`ingest`]: a lab CSV of N rows loaded into a node, against `sqlite3 .import` and
+//!   DuckDB's `read_csv` on the same file; rows/s and the store's size on disk.
+//! - [`queries`]: one node holding all patients (engine latency of a 3-predicate count, a
+//!   timepoint-level count and a 2-way GROUP BY), then N nodes on 127.0.0.1 sharing them
+//!   (end-to-end p50/p99 through one aggregator, and queries/s with several in flight), and
+//!   the same SQL without noise on the pooled data in DuckDB.
+//!
+//! DuckDB runs through its Python package (`python3 -c 'import duckdb'`; set
+//! `RENKEI_BENCH_PYTHON` to choose the interpreter). A missing tool is reported, not fatal.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use renkei_aggregator::{NetworkClient, NodeAddress, QueryOptions, ResearcherSession};
+use renkei_node::dataset::Dataset;
+use renkei_node::ingest;
+use renkei_node::service::default_listen;
+use renkei_node::{NodeHome, NodeService};
+use renkei_policies::{QueryLimits, SignedPolicy};
+use renkei_protocol::{MicroRho, PrivacyRequest, SecretKey};
+
+use crate::consortium::DevConsortium;
+
+/// The engine's questions, with their DuckDB equivalents on the pooled tables.
+pub const COUNT_3: (&str, &str) = (
+    "SELECT COUNT(*) FROM patients WHERE age >= 65 AND diabetes AND sex = 'female'",
+    "SELECT COUNT(*) FROM patients WHERE age >= 65 AND diabetes AND sex = 'female'",
+);
+pub const TIMEPOINT_COUNT: (&str, &str) = (
+    "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE crp > 10 AND dexamethasone AND severity = 'critical'",
+    "SELECT COUNT(DISTINCT patient_id) FROM timepoints WHERE crp > 10 AND dexamethasone AND severity = 'critical'",
+);
+pub const GROUP_2: (&str, &str) = (
+    "SELECT sex, severity, COUNT(*) FROM patients GROUP BY sex, severity",
+    "SELECT sex, severity, COUNT(*) FROM patients GROUP BY sex, severity",
+);
+
+fn python() -> String {
+    std::env::var("RENKEI_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Size of everything under `dir`, in bytes.
+fn disk_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| {
+                    let path = e.path();
+                    if path.is_dir() {
+                        disk_size(&path)
+                    } else {
+                        e.metadata().map(|m| m.len()).unwrap_or(0)
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn csv_writer(path: &Path) -> anyhow::Result<std::io::BufWriter<std::fs::File>> {
+    Ok(std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    ))
+}
+
+/// Writes `patients` patient rows (ids from `first`) and `per_patient` timepoints each.
+fn write_cohort(
+    dir: &Path,
+    first: usize,
+    patients: usize,
+    per_patient: usize,
+    seed: u64,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let patient_path = dir.join("patients.csv");
+    let timepoint_path = dir.join("timepoints.csv");
+    let mut p = csv_writer(&patient_path)?;
+    let mut t = csv_writer(&timepoint_path)?;
+    writeln!(
+        p,
+        "patient_id,age,sex,severity,diabetes,hypertension,obesity,consent_secondary_use"
+    )?;
+    writeln!(
+        t,
+        "patient_id,timepoint,days_since_onset,severity,care_level,crp,il6,dexamethasone"
+    )?;
+    let sexes = ["female", "male"];
+    let severities = ["mild", "moderate", "severe", "critical"];
+    let cares = [
+        "outpatient",
+        "hospitalized",
+        "oxygen",
+        "icu_ventilation",
+        "ecmo",
+    ];
+    for i in first..first + patients {
+        let age = rng.gen_range(0..100);
+        let worst = rng.gen_range(0..4);
+        writeln!(
+            p,
+            "P{i},{age},{},{},{},{},{},true",
+            sexes[rng.gen_range(0..2)],
+            severities[worst],
+            rng.gen_bool(0.15),
+            rng.gen_bool(0.3),
+            rng.gen_bool(0.2)
+        )?;
+        for n in 0..per_patient {
+            let level = rng.gen_range(0..=worst);
+            writeln!(
+                t,
+                "P{i},{n},{},{},{},{:.2},{:.1},{}",
+                2 + 3 * n,
+                severities[level],
+                cares[level.min(4)],
+                rng.gen_range(0.0..30.0),
+                rng.gen_range(0.0..500.0),
+                rng.gen_bool(0.3)
+            )?;
+        }
+    }
+    p.flush()?;
+    t.flush()?;
+    Ok((patient_path, timepoint_path))
+}
+
+/// Results of the ingest benchmark.
+#[derive(Debug, serde::Serialize)]
+pub struct IngestBench {
+    pub rows: usize,
+    pub renkei_rows_per_s: f64,
+    pub renkei_store_bytes: u64,
+    pub sqlite_rows_per_s: Option<f64>,
+    pub duckdb_rows_per_s: Option<f64>,
+}
+
+/// Loads an N-row lab CSV into a node, and the same file with sqlite3 and DuckDB.
+pub fn ingest(dir: &Path, rows: usize) -> anyhow::Result<IngestBench> {
+    let per_patient = 5;
+    let (patients, labs) = write_cohort(&dir.join("data"), 0, rows / per_patient, per_patient, 42)?;
+    let (home, _) = NodeHome::init(&dir.join("node"))?;
+    let store = home.open_store()?;
+    ingest::ingest_patients(&store, &patients, false)?;
+    let start = Instant::now();
+    ingest::ingest_timepoints(&store, &labs, false)?;
+    let renkei = start.elapsed();
+    drop(store);
+    let renkei_store_bytes = disk_size(&dir.join("node").join("store"));
+
+    let sqlite = {
+        let db = dir.join("bench.sqlite");
+        let _ = std::fs::remove_file(&db);
+        let start = Instant::now();
+        let status = Command::new("sqlite3")
+            .arg(&db)
+            .arg(".mode csv")
+            .arg(format!(".import {} labs", labs.display()))
+            .status();
+        status.ok().filter(|s| s.success()).map(|_| start.elapsed())
+    };
+    let duckdb = duckdb_seconds(&format!(
+        "con = duckdb.connect()\nt = time.perf_counter()\ncon.execute(\"CREATE TABLE labs AS SELECT * FROM read_csv('{}')\")\nprint(time.perf_counter() - t)",
+        labs.display()
+    ));
+    let rate = |d: Duration| rows as f64 / d.as_secs_f64();
+    Ok(IngestBench {
+        rows,
+        renkei_rows_per_s: rate(renkei),
+        renkei_store_bytes,
+        sqlite_rows_per_s: sqlite.map(rate),
+        duckdb_rows_per_s: duckdb.map(|s| rows as f64 / s),
+    })
+}
+
+/// Runs a Python snippet with duckdb and `time` imported; returns the last number it prints.
+fn duckdb_seconds(body: &str) -> Option<f64> {
+    let script = format!("import duckdb, time\n{body}\n");
+    let output = Command::new(python()).arg("-c").arg(script).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Percentiles of durations, in milliseconds.
+fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples
+        .get(index)
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Results of the query benchmark.
+#[derive(Debug, serde::Serialize)]
+pub struct QueryBench {
+    pub patients: usize,
+    pub timepoints: usize,
+    pub nodes: usize,
+    pub engine_count3_p50_ms: f64,
+    pub engine_timepoint_count_p50_ms: f64,
+    pub engine_group2_p50_ms: f64,
+    pub federated_count3_p50_ms: f64,
+    pub federated_count3_p99_ms: f64,
+    pub federated_queries_per_s: f64,
+    pub duckdb_count3_p50_ms: Option<f64>,
+    pub duckdb_group2_p50_ms: Option<f64>,
+    pub ratio_federated_p50_to_duckdb: Option<f64>,
+}
+
+/// The engine, the network and DuckDB on the same synthetic cohort.
+pub async fn queries(
+    dir: &Path,
+    nodes: usize,
+    patients: usize,
+    per_patient: usize,
+    queries: usize,
+    concurrency: usize,
+) -> anyhow::Result<QueryBench> {
+    anyhow::ensure!(
+        nodes > 0 && patients >= nodes,
+        "need at least one patient per node"
+    );
+    // Per-node shares of the cohort, written and ingested.
+    let mut homes = Vec::with_capacity(nodes);
+    let mut files = Vec::with_capacity(nodes);
+    let share = patients / nodes;
+    for i in 0..nodes {
+        let node_dir = dir.join(format!("node-{i}"));
+        let count = if i + 1 == nodes {
+            patients - share * i
+        } else {
+            share
+        };
+        let (p, t) = write_cohort(
+            &node_dir.join("data"),
+            share * i,
+            count,
+            per_patient,
+            7 + i as u64,
+        )?;
+        let (home, peer_id) = NodeHome::init(&node_dir.join("home"))?;
+        let store = home.open_store()?;
+        ingest::ingest_patients(&store, &p, false)?;
+        ingest::ingest_timepoints(&store, &t, false)?;
+        drop(store);
+        homes.push((home, peer_id));
+        files.push((p, t));
+    }
+
+    // Engine: one node's dataset holding everyone (every share loaded into one image).
+    let engine = {
+        let (home, _) = NodeHome::init(&dir.join("all"))?;
+        let store = home.open_store()?;
+        for (p, t) in &files {
+            ingest::ingest_patients(&store, p, false)?;
+            ingest::ingest_timepoints(&store, t, false)?;
+        }
+        Dataset::load(&store, Arc::new(store.schema()?))?
+    };
+    let time_engine = |sql: &str| -> anyhow::Result<f64> {
+        let query = renkei_aggregator::sql::compile(sql)?;
+        let mut samples = Vec::new();
+        for _ in 0..31 {
+            let start = Instant::now();
+            let compiled = engine.compile(&query).map_err(|e| anyhow::anyhow!("{e}"))?;
+            std::hint::black_box(engine.evaluate(&compiled));
+            samples.push(start.elapsed());
+        }
+        Ok(percentile(&mut samples, 0.5))
+    };
+    let engine_count3_p50_ms = time_engine(COUNT_3.0)?;
+    let engine_timepoint_count_p50_ms = time_engine(TIMEPOINT_COUNT.0)?;
+    let engine_group2_p50_ms = time_engine(GROUP_2.0)?;
+    let timepoints = engine.timepoints();
+    drop(engine);
+
+    // The network: N nodes, one aggregator.
+    let members: Vec<_> = homes
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| (*peer, format!("Hospital {i}")))
+        .collect();
+    let consortium = DevConsortium::create(
+        &dir.join("consortium"),
+        &members,
+        MicroRho(1_000_000 * MicroRho::PER_RHO),
+        QueryLimits {
+            min_cell_size: 0,
+            ..QueryLimits::default()
+        },
+    )?;
+    let mut running = Vec::with_capacity(nodes);
+    for (home, _) in &homes {
+        running.push(NodeService::start(home, Some(&consortium.policy), default_listen()).await?);
+    }
+    let addresses: Vec<NodeAddress> = running
+        .iter()
+        .map(|n| NodeAddress {
+            peer_id: n.peer_id(),
+            address: n.listen_addr().clone(),
+        })
+        .collect();
+    let key = SecretKey::read_file(&consortium.researcher_key)?;
+    let policy = SignedPolicy::read_file(&consortium.policy)?.verify_self_anchored()?;
+    let session = Arc::new(ResearcherSession::new(
+        key,
+        policy,
+        NetworkClient::start(None).await?,
+    ));
+    let options = QueryOptions {
+        privacy: PrivacyRequest::Zcdp {
+            rho: MicroRho(1_000),
+        },
+        ..session.default_options()?
+    };
+    // Warm up the connections.
+    session.query(&addresses, COUNT_3.0, &options).await?;
+    let mut latencies = Vec::with_capacity(queries);
+    for _ in 0..queries {
+        let start = Instant::now();
+        let answer = session.query(&addresses, COUNT_3.0, &options).await?;
+        anyhow::ensure!(
+            answer.answered.len() == nodes,
+            "a node did not answer: {answer:?}"
+        );
+        latencies.push(start.elapsed());
+    }
+    let federated_count3_p50_ms = percentile(&mut latencies, 0.5);
+    let federated_count3_p99_ms = percentile(&mut latencies, 0.99);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (session, addresses, options) =
+            (Arc::clone(&session), addresses.clone(), options.clone());
+        let each = queries / concurrency.max(1);
+        tasks.spawn(async move {
+            for _ in 0..each {
+                session.query(&addresses, COUNT_3.0, &options).await?;
+            }
+            anyhow::Ok(each)
+        });
+    }
+    let mut done = 0;
+    while let Some(result) = tasks.join_next().await {
+        done += result??;
+    }
+    let federated_queries_per_s = done as f64 / start.elapsed().as_secs_f64();
+    for node in running {
+        node.shutdown().await;
+    }
+
+    // DuckDB on the pooled CSVs.
+    let globs = |which: &str| format!("{}/node-*/data/{which}.csv", dir.display());
+    let duck = |sql: &str| {
+        duckdb_seconds(&format!(
+            "con = duckdb.connect()\ncon.execute(\"CREATE TABLE patients AS SELECT * FROM read_csv('{}')\")\ncon.execute(\"CREATE TABLE timepoints AS SELECT * FROM read_csv('{}')\")\nsamples = []\nfor _ in range(31):\n    t = time.perf_counter()\n    con.execute(\"{sql}\").fetchall()\n    samples.append(time.perf_counter() - t)\nsamples.sort()\nprint(samples[15] * 1000)",
+            globs("patients"),
+            globs("timepoints")
+        ))
+    };
+    let duckdb_count3_p50_ms = duck(COUNT_3.1);
+    let duckdb_group2_p50_ms = duck(GROUP_2.1);
+    Ok(QueryBench {
+        patients,
+        timepoints,
+        nodes,
+        engine_count3_p50_ms,
+        engine_timepoint_count_p50_ms,
+        engine_group2_p50_ms,
+        federated_count3_p50_ms,
+        federated_count3_p99_ms,
+        federated_queries_per_s,
+        ratio_federated_p50_to_duckdb: duckdb_count3_p50_ms.map(|d| federated_count3_p50_ms / d),
+        duckdb_count3_p50_ms,
+        duckdb_group2_p50_ms,
+    })
+}
