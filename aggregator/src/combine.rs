@@ -12,14 +12,18 @@
 //!   zero) and the quantile interpolated within its bin; the interval comes from redrawing the
 //!   noise around the combined histogram (it reflects the privacy noise, not sampling).
 //! - **groups**: each cell is combined like a count.
+//! - **secure totals**: the nodes' masked words are summed (the masks cancel only when every
+//!   node asked contributed, else the round is aborted) and the sum is read as one release
+//!   whose noise variance is the sum of the shares' variances.
 //!
 //! Sums, means and quantiles are in the column's unit (fixed point undone).
 
 use rand::{Rng, SeedableRng};
-use renkei_protocol::{Aggregate, Release};
+use renkei_protocol::messages::sum_masked;
+use renkei_protocol::{Aggregate, MaskedShape, Release};
 use serde::Serialize;
 
-use crate::federation::NodeAnswer;
+use crate::federation::{FederatedAnswer, NodeAnswer};
 
 /// z for a two-sided 95% normal interval.
 pub const Z_95: f64 = 1.959_963_984_540_054;
@@ -230,6 +234,10 @@ pub fn combine(aggregate: &Aggregate, answers: &[NodeAnswer]) -> Option<Combined
                 ..Combined::default()
             })
         }
+        Release::Masked { .. } => Some(Combined {
+            note: Some("masked contributions can only be read as a secure total".into()),
+            ..Combined::default()
+        }),
         Release::Groups { labels, .. } => {
             let groups = labels
                 .iter()
@@ -267,6 +275,110 @@ pub fn combine(aggregate: &Aggregate, answers: &[NodeAnswer]) -> Option<Combined
     }
 }
 
+/// A secure round's total. Only when every node asked contributed (a missing node's masks
+/// cannot be removed) are the masked words summed; the sum is read like one node's release
+/// whose noise has the shares' combined variance, and a count below the minimum cell size is
+/// withheld from the total. Otherwise the round is aborted with the reason and nothing is
+/// read.
+pub fn secure_total(aggregate: &Aggregate, result: &FederatedAnswer) -> Option<Combined> {
+    let abort = |why: String| {
+        Some(Combined {
+            note: Some(format!(
+                "secure round aborted: {why}. Nothing was revealed (the masks of the nodes that answered cannot be removed without the others) and the charges they made stand; ask again without the missing node(s)"
+            )),
+            ..Combined::default()
+        })
+    };
+    let absent: Vec<String> = result
+        .missing
+        .iter()
+        .map(|m| format!("{} did not contribute ({})", m.node, m.reason))
+        .chain(
+            result
+                .refused
+                .iter()
+                .map(|r| format!("{} ({}) refused: {}", r.institution, r.node, r.code)),
+        )
+        .collect();
+    if !absent.is_empty() {
+        return abort(absent.join("; "));
+    }
+    let first = result.answered.first()?;
+    let Release::Masked { shape, words } = &first.release else {
+        return abort(format!("{} did not send a masked contribution", first.node));
+    };
+    let expected = match shape {
+        MaskedShape::Scalar => 1,
+        MaskedShape::SumAndCount => 2,
+        MaskedShape::Histogram { .. } => words.len().max(1),
+        MaskedShape::Groups { labels } => labels.len(),
+    };
+    let mut contributions = Vec::with_capacity(result.answered.len());
+    let (mut variance, mut count_variance) = (0.0, 0.0);
+    for answer in &result.answered {
+        match &answer.release {
+            Release::Masked { shape: s, words } if s == shape && words.len() == expected => {
+                contributions.push(words.as_slice());
+                variance += answer.noise_std.powi(2);
+                count_variance += answer.count_noise_std.unwrap_or(0.0).powi(2);
+            }
+            _ => {
+                return abort(format!(
+                    "{}'s contribution does not match the others' (different schema?)",
+                    answer.node
+                ));
+            }
+        }
+    }
+    let total = sum_masked(&contributions);
+    let min_cell = result
+        .answered
+        .iter()
+        .map(|a| a.min_cell_size)
+        .max()
+        .unwrap_or(0);
+    let withhold = |n: i64| min_cell > 0 && n < i64::try_from(min_cell).unwrap_or(i64::MAX);
+    let at = |k: usize| total.get(k).copied().unwrap_or(0);
+    let release = match shape {
+        MaskedShape::Scalar => {
+            let suppressed = withhold(at(0));
+            Release::Scalar {
+                value: if suppressed { 0 } else { at(0) },
+                suppressed,
+            }
+        }
+        MaskedShape::SumAndCount => Release::SumAndCount {
+            sum: at(0),
+            count: at(1),
+        },
+        MaskedShape::Histogram { low, width } => Release::Histogram {
+            low: *low,
+            width: *width,
+            counts: total,
+        },
+        MaskedShape::Groups { labels } => {
+            let suppressed: Vec<bool> = total.iter().map(|n| withhold(*n)).collect();
+            Release::Groups {
+                labels: labels.clone(),
+                counts: total
+                    .iter()
+                    .zip(&suppressed)
+                    .map(|(n, s)| if *s { 0 } else { *n })
+                    .collect(),
+                suppressed,
+            }
+        }
+    };
+    let network = NodeAnswer {
+        release,
+        min_cell_size: min_cell,
+        noise_std: variance.sqrt(),
+        count_noise_std: first.count_noise_std.map(|_| count_variance.sqrt()),
+        ..first.clone()
+    };
+    combine(aggregate, &[network])
+}
+
 /// A standard normal draw (Box–Muller), for the quantile's interval only.
 fn standard_normal(rng: &mut impl Rng) -> f64 {
     let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
@@ -292,6 +404,16 @@ pub fn same_shape(a: &Release, b: &Release) -> bool {
             },
         ) => l1 == l2 && w1 == w2 && c1.len() == c2.len(),
         (Release::Groups { labels: a, .. }, Release::Groups { labels: b, .. }) => a == b,
+        (
+            Release::Masked {
+                shape: s1,
+                words: w1,
+            },
+            Release::Masked {
+                shape: s2,
+                words: w2,
+            },
+        ) => s1 == s2 && w1.len() == w2.len(),
         _ => false,
     }
 }

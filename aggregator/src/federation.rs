@@ -29,7 +29,7 @@ use crate::client::NetworkClient;
 use crate::error::AggregatorError;
 
 pub use crate::combine::Z_95;
-use crate::combine::{Estimate, GroupEstimate, combine, same_shape};
+use crate::combine::{Estimate, GroupEstimate, combine, same_shape, secure_total};
 
 /// A node to ask: its peer id and a full address ending in `/p2p/<peer id>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +67,9 @@ pub struct QueryOptions {
     pub privacy: PrivacyRequest,
     /// How long to wait for all nodes.
     pub deadline: Duration,
+    /// Ask for a secure total (only the network-wide sum is ever readable) rather than
+    /// per-site answers.
+    pub secure: bool,
 }
 
 /// A signed request, ready to send to every node.
@@ -85,6 +88,7 @@ impl PreparedQuery {
         query: Query,
         study: &str,
         privacy: PrivacyRequest,
+        secure: bool,
         audience: &[NodeAddress],
         now: u64,
     ) -> Result<Self, AggregatorError> {
@@ -103,6 +107,7 @@ impl PreparedQuery {
             audience,
             query,
             privacy,
+            secure,
         };
         Ok(Self::from_request(key, request)?)
     }
@@ -172,12 +177,33 @@ pub struct RefusedNode {
     pub reason: String,
 }
 
+/// How the nodes answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerMode {
+    /// Each node released its own noisy answer; the estimate is their sum.
+    PerSite,
+    /// Each node released a masked noise share; only the network-wide total was readable.
+    Secure,
+}
+
+impl std::fmt::Display for AnswerMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AnswerMode::PerSite => "per-site",
+            AnswerMode::Secure => "secure",
+        })
+    }
+}
+
 /// The combined result of one federated query.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FederatedAnswer {
     pub query: String,
     pub study: String,
     pub request_id: String,
+    /// `per_site` (each node's noisy answer visible) or `secure` (only the total).
+    pub mode: AnswerMode,
     /// What was computed: `count`, `sum`, `mean`, `median`, `quantile` or `histogram`.
     pub aggregate: String,
     /// The network-wide estimate (counts: the raw sum of the nodes' noisy counts, which may
@@ -270,6 +296,11 @@ pub async fn fan_out(
         query: prepared.request.query.to_string(),
         study: prepared.request.study.clone(),
         request_id: prepared.request.request_id.to_string(),
+        mode: if prepared.request.secure {
+            AnswerMode::Secure
+        } else {
+            AnswerMode::PerSite
+        },
         aggregate: prepared.request.query.aggregation_name().to_string(),
         estimate: None,
         std_dev: None,
@@ -299,7 +330,12 @@ pub async fn fan_out(
             Outcome::Refused(r) => result.refused.push(r),
         }
     }
-    if let Some(combined) = combine(&prepared.request.query.aggregate, &result.answered) {
+    let combined = if prepared.request.secure {
+        secure_total(&prepared.request.query.aggregate, &result)
+    } else {
+        combine(&prepared.request.query.aggregate, &result.answered)
+    };
+    if let Some(combined) = combined {
         result.estimate = combined.estimate;
         result.std_dev = combined.std_dev;
         result.ci95 = combined.ci95;
@@ -404,6 +440,13 @@ fn check_answer(
     if answer.request_id != prepared.request.request_id || answer.request_digest != prepared.digest
     {
         return Err("it answers a different request".into());
+    }
+    if prepared.request.secure != matches!(answer.release, Release::Masked { .. }) {
+        return Err(if prepared.request.secure {
+            "a secure round was asked for but it answered in the clear".into()
+        } else {
+            "it sent a masked contribution to a per-site request".into()
+        });
     }
     if !answer.noise_scale.is_finite() || answer.noise_scale < 0.0 {
         return Err(format!(

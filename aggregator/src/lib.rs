@@ -22,5 +22,7 @@ pub mod sql;
 
 pub use client::{AskError, NetworkClient};
 pub use error::AggregatorError;
-pub use federation::{FederatedAnswer, NodeAddress, PreparedQuery, QueryOptions, fan_out};
+pub use federation::{
+    AnswerMode, FederatedAnswer, NodeAddress, PreparedQuery, QueryOptions, fan_out,
+};
 pub use researcher::ResearcherSession;

@@ -11,7 +11,7 @@ use renkei_aggregator::federation::FederatedAnswer;
 use renkei_aggregator::passphrase::PassphraseSource;
 use renkei_aggregator::researcher::{DEFAULT_DEADLINE, DEFAULT_RHO};
 use renkei_aggregator::sql;
-use renkei_aggregator::{NodeAddress, QueryOptions, ResearcherSession};
+use renkei_aggregator::{AnswerMode, NodeAddress, QueryOptions, ResearcherSession};
 use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest, SecretKey};
 
 #[derive(Parser)]
@@ -71,6 +71,11 @@ enum Command {
         /// Seconds to wait for the slowest node.
         #[arg(long, default_value_t = DEFAULT_DEADLINE.as_secs_f64())]
         timeout: f64,
+        /// Ask for a secure total: each node adds a share of the noise and masks its answer,
+        /// so only the network-wide total is readable (needs every node to answer). Chosen
+        /// automatically for studies that allow only secure totals.
+        #[arg(long)]
+        secure: bool,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         /// Read the SQL from a file instead of the command line.
@@ -127,6 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rho,
             epsilon,
             timeout,
+            secure,
             format,
             file,
             sql: sql_text,
@@ -171,8 +177,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         policy.display()
                     )
                 })?;
+            let study = session.resolve_study(study.as_deref())?;
             let options = QueryOptions {
-                study: session.resolve_study(study.as_deref())?,
+                secure: secure || session.secure_only(&study),
+                study,
                 privacy,
                 deadline: Duration::from_secs_f64(timeout),
             };
@@ -182,7 +190,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Format::Table => print_table(&answer),
                 Format::Csv => print_csv(&answer)?,
             }
-            if answer.answered.is_empty() {
+            let aborted = answer.estimate.is_none() && answer.groups.is_empty();
+            if answer.answered.is_empty() || (answer.mode == AnswerMode::Secure && aborted) {
                 return Ok(ExitCode::from(EXIT_NO_ANSWER));
             }
         }
@@ -202,6 +211,14 @@ fn print_table(answer: &FederatedAnswer) {
     println!(
         "study     {}   (request {})",
         answer.study, answer.request_id
+    );
+    println!(
+        "mode      {}{}",
+        answer.mode,
+        match answer.mode {
+            AnswerMode::Secure => "   (only the network-wide total was readable)",
+            AnswerMode::PerSite => "",
+        }
     );
     let partial = if answer.is_partial() {
         "   (PARTIAL: not every node answered)"
@@ -291,7 +308,9 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
         "rho",
         "code",
         "reason",
+        "mode",
     ])?;
+    let mode = answer.mode.to_string();
     let number = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
     if answer.groups.is_empty() {
         out.write_record([
@@ -305,6 +324,7 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             "",
             "",
             answer.note.as_deref().unwrap_or(""),
+            &mode,
         ])?;
     }
     for group in &answer.groups {
@@ -319,6 +339,7 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             "",
             "",
             "",
+            &mode,
         ])?;
     }
     for a in &answer.answered {
@@ -333,6 +354,7 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             &a.rho.to_string(),
             "",
             "",
+            &mode,
         ])?;
     }
     for r in &answer.refused {
@@ -347,10 +369,13 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             "",
             r.code.as_str(),
             &r.reason,
+            &mode,
         ])?;
     }
     for m in &answer.missing {
-        out.write_record(["missing", "", &m.node, "", "", "", "", "", "", &m.reason])?;
+        out.write_record([
+            "missing", "", &m.node, "", "", "", "", "", "", &m.reason, &mode,
+        ])?;
     }
     out.flush()?;
     Ok(())

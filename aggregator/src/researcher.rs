@@ -94,13 +94,23 @@ impl ResearcherSession {
     }
 
     /// Default options for this researcher (their only study, [`DEFAULT_RHO`],
-    /// [`DEFAULT_DEADLINE`]).
+    /// [`DEFAULT_DEADLINE`], a secure round when the study allows only secure totals).
     pub fn default_options(&self) -> Result<QueryOptions, AggregatorError> {
+        let study = self.resolve_study(None)?;
         Ok(QueryOptions {
-            study: self.resolve_study(None)?,
+            secure: self.secure_only(&study),
+            study,
             privacy: PrivacyRequest::Zcdp { rho: DEFAULT_RHO },
             deadline: DEFAULT_DEADLINE,
         })
+    }
+
+    /// Whether the policy allows `study` only secure totals.
+    pub fn secure_only(&self, study: &str) -> bool {
+        self.policy
+            .bundle()
+            .study(study)
+            .is_some_and(|s| !s.per_site_answers)
     }
 
     /// Compiles `sql`, signs it and asks `nodes`.
@@ -116,6 +126,7 @@ impl ResearcherSession {
             query,
             &options.study,
             options.privacy,
+            options.secure,
             nodes,
             unix_now(),
         )?;

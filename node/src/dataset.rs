@@ -194,6 +194,19 @@ pub struct CompiledQuery {
     pub vector: bool,
 }
 
+impl CompiledQuery {
+    /// How many numbers each released quantity has (bins or cells for a vector, else 1).
+    pub fn dimensions(&self) -> usize {
+        match &self.computation {
+            Computation::Histogram { bins, .. } => *bins,
+            Computation::Groups { columns, .. } => {
+                columns.iter().map(|(_, levels)| levels.len()).product()
+            }
+            _ => 1,
+        }
+    }
+}
+
 /// Why a query does not fit the dataset.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

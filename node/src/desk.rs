@@ -21,10 +21,10 @@ use renkei_protocol::limits::{
     MAX_AUDIENCE, MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, MAX_REQUEST_LIFETIME_SECS,
     MAX_RESPONSE_BYTES,
 };
-use renkei_protocol::messages::request_digest;
+use renkei_protocol::messages::{hide_under_masks, request_digest};
 use renkei_protocol::{
-    Answer, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey, Purpose,
-    QueryRequest, QueryResponse, Refusal, RefusalCode, Release, RequestId, SecretKey,
+    Answer, MaskedShape, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey,
+    Purpose, QueryRequest, QueryResponse, Refusal, RefusalCode, Release, RequestId, SecretKey,
     SignedEnvelope,
 };
 use sha2::{Digest, Sha256};
@@ -36,6 +36,7 @@ use crate::dp::Calibration;
 use crate::error::NodeError;
 use crate::governance::{Offered, PolicyKeeper};
 use crate::ledger::{Admission, ChargeRequest, PrivacyLedger, scoped_key};
+use crate::secure;
 
 /// Audit events also go to their own tracing target.
 const AUDIT: &str = "renkei::audit";
@@ -52,6 +53,8 @@ pub struct QueryDesk {
     /// Requests (researcher key || request id) being answered right now, so two copies of
     /// one request arriving together cannot both draw noise for its single charge.
     answering: Mutex<HashSet<[u8; 48]>>,
+    /// Pairwise secrets with other nodes, for secure rounds' masks.
+    pair_secrets: secure::PairSecrets,
 }
 
 /// Holds a request's place in [`QueryDesk::answering`] until dropped.
@@ -89,6 +92,8 @@ struct Checked {
     /// Their total cost.
     cost: MicroRho,
     grant: Grant,
+    /// For a secure round: every participating node's key, sorted.
+    participants: Option<Vec<PublicKey>>,
 }
 
 impl QueryDesk {
@@ -107,6 +112,7 @@ impl QueryDesk {
             ledger,
             audit,
             answering: Mutex::new(HashSet::new()),
+            pair_secrets: secure::PairSecrets::default(),
         }
     }
 
@@ -267,21 +273,63 @@ impl QueryDesk {
         let out_of_range = |e: crate::dp::DpError| {
             Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
         };
+        let participants = if request.secure {
+            Some(secure_participants(&request, bundle, &grant)?)
+        } else if !grant.per_site_answers {
+            return Err(Refusal::new(
+                RefusalCode::SecureAggregationRequired,
+                format!(
+                    "study `{}` allows only secure totals (no hospital's own answer is released); ask for a secure round",
+                    request.study
+                ),
+            ));
+        } else {
+            None
+        };
         if compiled.vector && matches!(request.privacy, PrivacyRequest::PureDp { .. }) {
             return Err(Refusal::new(
                 RefusalCode::PrivacyParameterOutOfRange,
                 "histograms, quantiles and GROUP BY are released under zCDP only; ask with a rho",
             ));
         }
-        let calibrations = match compiled.count_sensitivity {
-            Some(count_sensitivity) => Calibration::split(
+        let calibrations = match (&participants, compiled.count_sensitivity) {
+            (Some(participants), count_sensitivity) => {
+                let PrivacyRequest::Zcdp { rho } = request.privacy else {
+                    return Err(Refusal::new(
+                        RefusalCode::PrivacyParameterOutOfRange,
+                        "secure totals add distributed discrete Gaussian noise under zCDP; ask with a rho",
+                    ));
+                };
+                let share = |rho: MicroRho, sensitivity: f64| {
+                    secure::share_calibration(
+                        rho,
+                        sensitivity,
+                        compiled.dimensions(),
+                        participants.len(),
+                        grant.secure_colluders as usize,
+                        grant.report_delta,
+                    )
+                    .map_err(out_of_range)
+                };
+                match count_sensitivity {
+                    Some(count_sensitivity) => {
+                        let half = MicroRho(rho.0 / 2);
+                        vec![
+                            share(half, compiled.sensitivity)?,
+                            share(MicroRho(rho.0 - half.0), count_sensitivity)?,
+                        ]
+                    }
+                    None => vec![share(rho, compiled.sensitivity)?],
+                }
+            }
+            (None, Some(count_sensitivity)) => Calibration::split(
                 request.privacy,
                 [compiled.sensitivity, count_sensitivity],
                 grant.report_delta,
             )
             .map_err(out_of_range)?
             .to_vec(),
-            None => vec![
+            (None, None) => vec![
                 Calibration::for_request(request.privacy, compiled.sensitivity, grant.report_delta)
                     .map_err(out_of_range)?,
             ],
@@ -296,6 +344,7 @@ impl QueryDesk {
             calibrations,
             cost,
             grant,
+            participants,
         })
     }
 
@@ -333,6 +382,7 @@ impl QueryDesk {
             calibrations,
             cost,
             grant,
+            participants,
         } = checked;
         let _guard = self.hold(&researcher, &request.request_id)?;
         let admission = self
@@ -372,45 +422,13 @@ impl QueryDesk {
             Admission::Charged(charge) | Admission::ChargedUnanswered(charge) => charge,
         };
         let exact = self.dataset.evaluate(&compiled);
-        let noise = |e: crate::dp::DpError| internal("noise", &e);
         let main = &calibrations[0];
-        // A noisy count below the minimum cell size is withheld: post-processing, free.
-        let min_cell = i64::try_from(grant.min_cell_size).unwrap_or(i64::MAX);
-        let withhold = |noisy: i64| compiled.counts && grant.min_cell_size > 0 && noisy < min_cell;
-        let release = match exact {
-            Exact::Scalar(value) => {
-                let noisy = main.release_one(value).map_err(noise)?;
-                let suppressed = withhold(noisy);
-                Release::Scalar {
-                    value: if suppressed { 0 } else { noisy },
-                    suppressed,
-                }
-            }
-            Exact::SumAndCount { sum, count } => {
-                let count_mechanism = calibrations.get(1).unwrap_or(main);
-                Release::SumAndCount {
-                    sum: main.release_one(sum).map_err(noise)?,
-                    count: count_mechanism.release_one(count).map_err(noise)?,
-                }
-            }
-            Exact::Histogram { low, width, counts } => Release::Histogram {
-                low,
-                width,
-                counts: main.release(counts).map_err(noise)?,
-            },
-            Exact::Groups { labels, counts } => {
-                let noisy = main.release(counts).map_err(noise)?;
-                let suppressed: Vec<bool> = noisy.iter().map(|n| withhold(*n)).collect();
-                Release::Groups {
-                    labels,
-                    counts: noisy
-                        .iter()
-                        .zip(&suppressed)
-                        .map(|(n, s)| if *s { 0 } else { *n })
-                        .collect(),
-                    suppressed,
-                }
-            }
+        let release = match &participants {
+            Some(participants) => self
+                .masked_release(exact, &calibrations, participants, &digest)
+                .map_err(|e| internal("secure contribution", &e))?,
+            None => plain_release(exact, &calibrations, compiled.counts, grant.min_cell_size)
+                .map_err(|e| internal("noise", &e))?,
         };
         let answer = Answer {
             request_id: request.request_id,
@@ -464,6 +482,41 @@ impl QueryDesk {
             "answered"
         );
         Ok(QueryResponse::Answered(sealed))
+    }
+
+    /// A secure round's contribution: the exact numbers plus this node's noise share, under
+    /// the pairwise masks of `participants` for this request.
+    fn masked_release(
+        &self,
+        exact: Exact,
+        calibrations: &[Calibration],
+        participants: &[PublicKey],
+        digest: &[u8; 32],
+    ) -> Result<Release, NodeError> {
+        let main = &calibrations[0];
+        let (shape, noisy) = match exact {
+            Exact::Scalar(value) => (MaskedShape::Scalar, vec![main.release_one(value)?]),
+            Exact::SumAndCount { sum, count } => {
+                let count_mechanism = calibrations.get(1).unwrap_or(main);
+                (
+                    MaskedShape::SumAndCount,
+                    vec![main.release_one(sum)?, count_mechanism.release_one(count)?],
+                )
+            }
+            Exact::Histogram { low, width, counts } => {
+                (MaskedShape::Histogram { low, width }, main.release(counts)?)
+            }
+            Exact::Groups { labels, counts } => {
+                (MaskedShape::Groups { labels }, main.release(counts)?)
+            }
+        };
+        let masks = self
+            .pair_secrets
+            .masks(&self.identity, participants, digest, noisy.len())?;
+        Ok(Release::Masked {
+            shape,
+            words: hide_under_masks(&noisy, &masks),
+        })
     }
 
     /// Marks a request as being answered; refuses a second copy arriving meanwhile.
@@ -539,4 +592,97 @@ impl QueryDesk {
     pub fn active_policy_transfer(&self) -> Result<Option<PolicyTransfer>, NodeError> {
         self.policy.active_transfer()
     }
+}
+
+/// A per-site release: full noise on each number; a noisy count below the minimum cell size
+/// is withheld (post-processing, free).
+fn plain_release(
+    exact: Exact,
+    calibrations: &[Calibration],
+    counts: bool,
+    min_cell_size: u64,
+) -> Result<Release, crate::dp::DpError> {
+    let main = &calibrations[0];
+    let min_cell = i64::try_from(min_cell_size).unwrap_or(i64::MAX);
+    let withhold = |noisy: i64| counts && min_cell_size > 0 && noisy < min_cell;
+    Ok(match exact {
+        Exact::Scalar(value) => {
+            let noisy = main.release_one(value)?;
+            let suppressed = withhold(noisy);
+            Release::Scalar {
+                value: if suppressed { 0 } else { noisy },
+                suppressed,
+            }
+        }
+        Exact::SumAndCount { sum, count } => {
+            let count_mechanism = calibrations.get(1).unwrap_or(main);
+            Release::SumAndCount {
+                sum: main.release_one(sum)?,
+                count: count_mechanism.release_one(count)?,
+            }
+        }
+        Exact::Histogram { low, width, counts } => Release::Histogram {
+            low,
+            width,
+            counts: main.release(counts)?,
+        },
+        Exact::Groups { labels, counts } => {
+            let noisy = main.release(counts)?;
+            let suppressed: Vec<bool> = noisy.iter().map(|n| withhold(*n)).collect();
+            Release::Groups {
+                labels,
+                counts: noisy
+                    .iter()
+                    .zip(&suppressed)
+                    .map(|(n, s)| if *s { 0 } else { *n })
+                    .collect(),
+                suppressed,
+            }
+        }
+    })
+}
+
+/// The nodes of a secure round: the request's audience, each a member node of the policy
+/// (a key outside the consortium could be one whose masks the aggregator knows), at least
+/// two, and more than the policy's tolerated colluders.
+fn secure_participants(
+    request: &QueryRequest,
+    bundle: &renkei_policies::PolicyBundle,
+    grant: &Grant,
+) -> Result<Vec<PublicKey>, Refusal> {
+    let mut participants = request.audience.clone();
+    participants.sort();
+    participants.dedup();
+    if participants.len() != request.audience.len() {
+        return Err(Refusal::new(
+            RefusalCode::MalformedRequest,
+            "a secure round's audience names a node twice",
+        ));
+    }
+    for key in &participants {
+        let member = key
+            .to_peer_id()
+            .ok()
+            .and_then(|peer| bundle.member(&peer).map(|_| ()));
+        if member.is_none() {
+            return Err(Refusal::new(
+                RefusalCode::MalformedRequest,
+                format!(
+                    "secure round participant {key} is not a member node in policy v{}; only member nodes may share masks",
+                    bundle.version
+                ),
+            ));
+        }
+    }
+    let colluders = grant.secure_colluders as usize;
+    if participants.len() < 2 || participants.len() <= colluders {
+        return Err(Refusal::new(
+            RefusalCode::PrivacyParameterOutOfRange,
+            format!(
+                "a secure total needs at least two nodes and more than the {colluders} the policy lets collude; this one names {}",
+                participants.len()
+            ),
+        ));
+    }
+    Ok(participants)
 }

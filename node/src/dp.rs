@@ -245,6 +245,24 @@ impl Calibration {
         Err(failed())
     }
 
+    /// A discrete Gaussian of a given `scale` (a node's share of distributed noise); its
+    /// `cost` and `epsilon` are those of the total it contributes to, set by the caller.
+    pub fn share(scale: f64, sensitivity: f64, report_delta: f64) -> Result<Self, DpError> {
+        {
+            let _opendp = opendp_lock();
+            discrete_gaussian(scale)?;
+        }
+        Ok(Self {
+            mechanism: Mechanism::DiscreteGaussian,
+            sensitivity,
+            scale,
+            cost: MicroRho(0),
+            epsilon: f64::INFINITY,
+            delta: report_delta,
+            noise_std: discrete_gaussian_std(scale),
+        })
+    }
+
     /// Draws noisy values for `true_values` (independent noise on each). Call only after
     /// the cost is on disk.
     pub fn release(&self, true_values: Vec<i64>) -> Result<Vec<i64>, DpError> {

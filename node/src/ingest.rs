@@ -490,7 +490,7 @@ pub fn ingest_timepoints(
     }
     let mut rows = problems.finish(rows)?;
     // In key order, the store's reads and writes walk its tree instead of jumping about.
-    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rows.sort_unstable_by_key(|row| row.0);
     let mut report = IngestReport {
         rows: rows.len(),
         dry_run,

@@ -33,6 +33,7 @@ pub mod ingest;
 pub mod ledger;
 pub mod records;
 pub mod schema;
+pub mod secure;
 pub mod service;
 pub mod store;
 

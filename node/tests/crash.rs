@@ -157,6 +157,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                         query,
                         STUDY,
                         PrivacyRequest::Zcdp { rho: COST },
+                        false,
                         std::slice::from_ref(&node),
                         unix_now(),
                     )

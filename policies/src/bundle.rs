@@ -101,6 +101,14 @@ pub struct Study {
     /// Sensitive views granted to this study (each needs its [`SensitiveRule`]).
     #[serde(default)]
     pub sensitive_views: Vec<String>,
+    /// Whether nodes may answer one by one; when false only secure totals (no node's own
+    /// answer visible to anyone) are allowed.
+    #[serde(default = "yes")]
+    pub per_site_answers: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Stricter terms for a sensitive view.
@@ -132,6 +140,11 @@ pub struct QueryLimits {
     /// dataset's global cap); none when absent.
     #[serde(default)]
     pub dataset_budget_rho: Option<MicroRho>,
+    /// In secure totals, how many nodes may collude with the aggregator without weakening
+    /// the guarantee (each noise share is sized for the others; accuracy costs
+    /// `sqrt(n / (n - t))`).
+    #[serde(default)]
+    pub secure_colluders: u32,
 }
 
 fn default_report_delta() -> f64 {
@@ -149,6 +162,7 @@ impl Default for QueryLimits {
             min_cell_size: default_min_cell_size(),
             report_delta: default_report_delta(),
             dataset_budget_rho: None,
+            secure_colluders: 0,
         }
     }
 }
@@ -382,6 +396,7 @@ impl PolicyBundle {
                 valid_from: Timestamp(now.saturating_sub(DAY)),
                 valid_until: Timestamp(now + 365 * DAY),
                 sensitive_views: vec!["host_genome".into()],
+                per_site_answers: true,
             }],
             researchers: vec![researcher],
             sensitive: vec![SensitiveRule {

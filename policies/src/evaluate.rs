@@ -25,6 +25,10 @@ pub struct Grant {
     /// The largest of the consortium's, the study's and a sensitive view's minimum.
     pub min_cell_size: u64,
     pub report_delta: f64,
+    /// Whether per-site answers are allowed (else only secure totals).
+    pub per_site_answers: bool,
+    /// Nodes that may collude with the aggregator in a secure total.
+    pub secure_colluders: u32,
     policy_version: u64,
 }
 
@@ -184,6 +188,8 @@ impl VerifiedPolicy {
             max_rho_per_query: bundle.limits.max_rho_per_query,
             min_cell_size,
             report_delta: bundle.limits.report_delta,
+            per_site_answers: study.per_site_answers,
+            secure_colluders: bundle.limits.secure_colluders,
             policy_version: v,
         })
     }

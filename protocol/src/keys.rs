@@ -194,6 +194,28 @@ impl SecretKey {
         self.0.sign(message).to_bytes()
     }
 
+    /// X25519 agreement with `peer` (its ed25519 key seen as a Montgomery point, this key's
+    /// scalar as the X25519 secret): both sides get the same 32 bytes, nobody else can.
+    /// Callers must derive keys from it with a KDF and a context naming the purpose.
+    pub fn agree(&self, peer: &PublicKey) -> Result<zeroize::Zeroizing<[u8; 32]>, KeyError> {
+        let bad = |reason: &str| KeyError::BadPublicKey {
+            text: peer.to_string(),
+            reason: reason.to_string(),
+        };
+        let verifying = VerifyingKey::from_bytes(&peer.0).map_err(|e| bad(&e.to_string()))?;
+        if verifying.is_weak() {
+            return Err(bad("a weak (small-order) key"));
+        }
+        let shared = verifying
+            .to_montgomery()
+            .mul_clamped(self.0.to_scalar_bytes())
+            .to_bytes();
+        if shared == [0u8; 32] {
+            return Err(bad("the agreement is degenerate"));
+        }
+        Ok(zeroize::Zeroizing::new(shared))
+    }
+
     /// The libp2p identity with the same key, so a node's peer id and its answer signatures
     /// name the same key.
     pub fn to_libp2p_keypair(&self) -> Result<libp2p_identity::Keypair, KeyError> {
@@ -551,6 +573,19 @@ mod tests {
             with("correct horse battery staple"),
             Err(KeyError::WrongPassphrase { .. })
         ));
+    }
+
+    #[test]
+    fn agreement_is_symmetric_and_private() {
+        let (a, b, c) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let ab = a.agree(&b.public_key()).unwrap();
+        assert_eq!(*ab, *b.agree(&a.public_key()).unwrap());
+        assert_ne!(*ab, *a.agree(&c.public_key()).unwrap());
+        assert_ne!(*ab, *c.agree(&b.public_key()).unwrap());
     }
 
     #[test]

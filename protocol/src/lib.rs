@@ -21,9 +21,9 @@ pub use codec::{CodecError, PolicyCodec, QueryCodec};
 pub use envelope::{EnvelopeError, Purpose, SignedEnvelope};
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
-    AdminSignature, Answer, Mechanism, MicroEpsilon, MicroRho, PolicyRequest, PolicyResponse,
-    PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Refusal, RefusalCode, Release,
-    RequestId,
+    AdminSignature, Answer, MaskedShape, Mechanism, MicroEpsilon, MicroRho, PolicyRequest,
+    PolicyResponse, PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Refusal,
+    RefusalCode, Release, RequestId,
 };
 pub use query::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
 

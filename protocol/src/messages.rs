@@ -199,6 +199,9 @@ pub struct QueryRequest {
     /// The privacy each node is asked to spend on this answer. Nodes compute the actual cost
     /// from their own mechanism's privacy map and never charge less than that.
     pub privacy: PrivacyRequest,
+    /// Ask for a secure total: every node in `audience` answers with a noise share under
+    /// pairwise masks, and only the sum over all of them can be read.
+    pub secure: bool,
 }
 
 /// SHA-256 of the exact signed request payload: binds an answer to the request it answers.
@@ -226,6 +229,15 @@ impl fmt::Display for Mechanism {
     }
 }
 
+/// What a masked contribution adds up to, once every participant's is summed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaskedShape {
+    Scalar,
+    SumAndCount,
+    Histogram { low: i64, width: i64 },
+    Groups { labels: Vec<Vec<String>> },
+}
+
 /// The noisy numbers of an answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Release {
@@ -247,6 +259,33 @@ pub enum Release {
         counts: Vec<i64>,
         suppressed: Vec<bool>,
     },
+    /// A secure round's contribution: this node's numbers plus its noise share, under
+    /// pairwise masks (mod 2^64). Only the sum over every participant means anything.
+    Masked { shape: MaskedShape, words: Vec<u64> },
+}
+
+/// `values` hidden under `masks`, word by word mod 2^64: the words of a
+/// [`Release::Masked`].
+pub fn hide_under_masks(values: &[i64], masks: &[u64]) -> Vec<u64> {
+    values
+        .iter()
+        .zip(masks)
+        .map(|(value, mask)| (*value as u64).wrapping_add(*mask))
+        .collect()
+}
+
+/// The word-by-word sum (mod 2^64) of masked contributions, read as signed numbers: once
+/// every participant's contribution is in, the masks cancel and this is the sum of their
+/// values. Shorter contributions count as zeros.
+pub fn sum_masked(contributions: &[&[u64]]) -> Vec<i64> {
+    let len = contributions.iter().map(|c| c.len()).max().unwrap_or(0);
+    let mut total = vec![0u64; len];
+    for words in contributions {
+        for (sum, word) in total.iter_mut().zip(words.iter()) {
+            *sum = sum.wrapping_add(*word);
+        }
+    }
+    total.into_iter().map(|word| word as i64).collect()
 }
 
 /// A node's differentially private answer. Sent signed by the node's key
@@ -321,6 +360,8 @@ pub enum RefusalCode {
     LifetimeTooLong,
     /// The request is not addressed to this node.
     NotAddressedToThisNode,
+    /// The study allows only secure totals; ask with a secure round.
+    SecureAggregationRequired,
     /// This nonce or request id was already used for a different request.
     Replayed,
     /// The researcher's budget for this study at this node cannot cover the cost.
@@ -366,6 +407,7 @@ impl RefusalCode {
             RefusalCode::NotYetValid => "not_yet_valid",
             RefusalCode::LifetimeTooLong => "lifetime_too_long",
             RefusalCode::NotAddressedToThisNode => "not_addressed_to_this_node",
+            RefusalCode::SecureAggregationRequired => "secure_aggregation_required",
             RefusalCode::Replayed => "replayed",
             RefusalCode::BudgetExhausted => "budget_exhausted",
             RefusalCode::DatasetBudgetExhausted => "dataset_budget_exhausted",

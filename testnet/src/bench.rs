@@ -7,6 +7,10 @@
 //!   (end-to-end p50/p99 through one aggregator, and queries/s with several in flight), and
 //!   the same SQL without noise on the pooled data in DuckDB.
 //!
+//! - [`secure`]: the same count asked of N nodes per site and as a secure total, against one
+//!   central mechanism on the pooled true count: root-mean-square errors side by side, and
+//!   the latency of both modes.
+//!
 //! DuckDB runs through its Python package (`python3 -c 'import duckdb'`; set
 //! `RENKEI_BENCH_PYTHON` to choose the interpreter). A missing tool is reported, not fatal.
 
@@ -390,5 +394,157 @@ pub async fn queries(
         ratio_federated_p50_to_duckdb: duckdb_count3_p50_ms.map(|d| federated_count3_p50_ms / d),
         duckdb_count3_p50_ms,
         duckdb_group2_p50_ms,
+    })
+}
+
+/// Results of the secure aggregation benchmark.
+#[derive(Debug, serde::Serialize)]
+pub struct SecureBench {
+    pub nodes: usize,
+    pub patients: usize,
+    pub queries: usize,
+    pub rho: f64,
+    pub query: String,
+    pub true_count: u64,
+    /// (a) each node adds full noise and the noisy answers are summed.
+    pub rmse_per_site: f64,
+    /// (b) each node adds a noise share under masks; only the total is read.
+    pub rmse_secure: f64,
+    /// (c) one mechanism on the pooled true count (draws from the same opendp calibration).
+    pub rmse_central: f64,
+    pub ratio_secure_to_central: f64,
+    pub ratio_per_site_to_central: f64,
+    pub sqrt_nodes: f64,
+    /// The sd each mode reports for its estimate, and the central mechanism's.
+    pub reported_sd_per_site: f64,
+    pub reported_sd_secure: f64,
+    pub central_sd: f64,
+    pub per_site_p50_ms: f64,
+    pub secure_p50_ms: f64,
+    pub per_site_p99_ms: f64,
+    pub secure_p99_ms: f64,
+    pub latency_ratio_p50: f64,
+}
+
+/// Draws from the central mechanism for the RMSE of (c).
+const CENTRAL_DRAWS: usize = 20_000;
+
+/// Per-site, secure and central answers to one count on the same N-node testnet.
+pub async fn secure(
+    dir: &Path,
+    nodes: usize,
+    patients: usize,
+    queries: usize,
+    rho: MicroRho,
+) -> anyhow::Result<SecureBench> {
+    anyhow::ensure!(nodes >= 2, "a secure total needs at least two nodes");
+    let config = crate::TestnetConfig {
+        nodes,
+        patients,
+        full_data_patients: 0,
+        budget: MicroRho(1_000_000 * MicroRho::PER_RHO),
+        limits: QueryLimits {
+            min_cell_size: 0,
+            ..QueryLimits::default()
+        },
+        ..crate::TestnetConfig::new(dir)
+    };
+    let testnet = crate::Testnet::start(config).await?;
+    let key = SecretKey::read_file(&testnet.consortium.researcher_key)?;
+    let policy = SignedPolicy::read_file(&testnet.consortium.policy)?.verify_self_anchored()?;
+    let session = ResearcherSession::new(key, policy, NetworkClient::start(None).await?);
+    let addresses = testnet.addresses();
+    let sql_text = COUNT_3.0;
+    let truth = testnet.true_count(&renkei_aggregator::sql::compile(sql_text)?);
+    let privacy = PrivacyRequest::Zcdp { rho };
+    let per_site_options = QueryOptions {
+        privacy,
+        secure: false,
+        ..session.default_options()?
+    };
+    let secure_options = QueryOptions {
+        secure: true,
+        ..per_site_options.clone()
+    };
+    // Warm up the connections.
+    session
+        .query(&addresses, sql_text, &per_site_options)
+        .await?;
+
+    let (mut per_site_errors, mut secure_errors) = (Vec::new(), Vec::new());
+    let (mut per_site_latency, mut secure_latency) = (Vec::new(), Vec::new());
+    let (mut per_site_sd, mut secure_sd) = (0.0, 0.0);
+    for _ in 0..queries {
+        // Alternating, so both modes see the same machine load.
+        for (options, errors, latency, sd) in [
+            (
+                &per_site_options,
+                &mut per_site_errors,
+                &mut per_site_latency,
+                &mut per_site_sd,
+            ),
+            (
+                &secure_options,
+                &mut secure_errors,
+                &mut secure_latency,
+                &mut secure_sd,
+            ),
+        ] {
+            let start = Instant::now();
+            let answer = session.query(&addresses, sql_text, options).await?;
+            latency.push(start.elapsed());
+            let (Some(estimate), Some(std_dev)) = (answer.estimate, answer.std_dev) else {
+                anyhow::bail!("no estimate: {answer:?}");
+            };
+            anyhow::ensure!(
+                answer.answered.len() == nodes,
+                "a node did not answer: {answer:?}"
+            );
+            errors.push(estimate.as_f64() - truth as f64);
+            *sd = std_dev;
+        }
+    }
+    testnet.shutdown().await;
+
+    let central = renkei_node::dp::Calibration::for_request(privacy, 1.0, 1e-6)?;
+    let true_count = i64::try_from(truth)?;
+    let central_errors: Vec<f64> = (0..CENTRAL_DRAWS)
+        .map(|_| {
+            central
+                .release_one(true_count)
+                .map(|noisy| (noisy - true_count) as f64)
+        })
+        .collect::<Result<_, _>>()?;
+    let rmse = |errors: &[f64]| {
+        (errors.iter().map(|e| e * e).sum::<f64>() / errors.len().max(1) as f64).sqrt()
+    };
+    let (rmse_per_site, rmse_secure, rmse_central) = (
+        rmse(&per_site_errors),
+        rmse(&secure_errors),
+        rmse(&central_errors),
+    );
+    let per_site_p50_ms = percentile(&mut per_site_latency, 0.5);
+    let secure_p50_ms = percentile(&mut secure_latency, 0.5);
+    Ok(SecureBench {
+        nodes,
+        patients,
+        queries,
+        rho: rho.as_rho(),
+        query: sql_text.to_string(),
+        true_count: truth,
+        rmse_per_site,
+        rmse_secure,
+        rmse_central,
+        ratio_secure_to_central: rmse_secure / rmse_central,
+        ratio_per_site_to_central: rmse_per_site / rmse_central,
+        sqrt_nodes: (nodes as f64).sqrt(),
+        reported_sd_per_site: per_site_sd,
+        reported_sd_secure: secure_sd,
+        central_sd: central.noise_std,
+        per_site_p50_ms,
+        secure_p50_ms,
+        per_site_p99_ms: percentile(&mut per_site_latency, 0.99),
+        secure_p99_ms: percentile(&mut secure_latency, 0.99),
+        latency_ratio_p50: secure_p50_ms / per_site_p50_ms,
     })
 }

@@ -79,6 +79,22 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// One count asked per site, as a secure total and of one central mechanism: RMSE side
+    /// by side, and the latency of both modes.
+    Secure {
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+        #[arg(long, default_value_t = 8_000)]
+        patients: usize,
+        /// Queries asked in each mode.
+        #[arg(long, default_value_t = 500)]
+        queries: usize,
+        /// zCDP rho of each query.
+        #[arg(long, default_value = "0.01")]
+        rho: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn init_tracing() {
@@ -193,6 +209,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         concurrency,
                     )
                     .await?;
+                    serde_json::to_string_pretty(&report)?
+                }
+                BenchCommand::Secure {
+                    nodes,
+                    patients,
+                    queries,
+                    rho,
+                    dir,
+                } => {
+                    let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
+                    let rho: renkei_protocol::MicroRho = rho
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?;
+                    let report =
+                        renkei_testnet::bench::secure(&dir, nodes, patients, queries, rho).await?;
                     serde_json::to_string_pretty(&report)?
                 }
             };

@@ -5,9 +5,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use renkei_aggregator::{NetworkClient, ResearcherSession};
-use renkei_policies::SignedPolicy;
-use renkei_protocol::{MicroRho, SecretKey};
+use renkei_aggregator::{NetworkClient, NodeAddress, ResearcherSession};
+use renkei_policies::{PolicyBundle, SignedPolicy};
+use renkei_protocol::{MicroRho, PolicyRequest, PolicyResponse, SecretKey};
 use renkei_testnet::{Testnet, TestnetConfig};
 
 /// The longest any single step of a test may take.
@@ -67,4 +67,65 @@ pub async fn researcher(testnet: &Testnet) -> ResearcherSession {
         .await
         .expect("client starts");
     ResearcherSession::new(key, policy, client)
+}
+
+/// The dev consortium's admin key.
+pub fn admin(testnet: &Testnet) -> SecretKey {
+    SecretKey::read_file(&testnet.consortium.admin_key).expect("admin key")
+}
+
+/// The testnet's first bundle, to derive new versions from.
+pub fn current(testnet: &Testnet) -> PolicyBundle {
+    SignedPolicy::read_file(&testnet.consortium.policy)
+        .expect("policy file")
+        .verify_self_anchored()
+        .expect("policy verifies")
+        .bundle()
+        .clone()
+}
+
+/// `bundle` signed by each of `by`.
+pub fn signed(bundle: &PolicyBundle, by: &[&SecretKey]) -> SignedPolicy {
+    let mut signed = SignedPolicy::unsigned(bundle).expect("bundle encodes");
+    for key in by {
+        signed.sign(key);
+    }
+    signed
+}
+
+/// Offers `bundle` to `node` and returns its decision.
+pub async fn offer(
+    session: &ResearcherSession,
+    node: &NodeAddress,
+    bundle: &SignedPolicy,
+) -> PolicyResponse {
+    within(
+        "offering a bundle",
+        session.client().policy(
+            node.peer_id,
+            node.address.clone(),
+            PolicyRequest::Offer(bundle.to_transfer()),
+            Duration::from_secs(20),
+        ),
+    )
+    .await
+    .expect("the node answers the offer")
+}
+
+/// Offers `bundle` to every node; each must take it (or already have it from a peer).
+pub async fn publish_all(
+    session: &ResearcherSession,
+    nodes: &[NodeAddress],
+    bundle: &SignedPolicy,
+) {
+    for node in nodes {
+        let response = offer(session, node, bundle).await;
+        assert!(
+            matches!(
+                response,
+                PolicyResponse::Accepted { .. } | PolicyResponse::AlreadyActive { .. }
+            ),
+            "{response:?}"
+        );
+    }
 }

@@ -12,66 +12,10 @@ use std::time::Duration;
 
 use renkei_aggregator::{NodeAddress, QueryOptions, ResearcherSession};
 use renkei_node::audit::{self, AuditEvent};
-use renkei_policies::{PolicyBundle, SensitiveRule, SignedPolicy, Timestamp};
-use renkei_protocol::{MicroRho, PolicyRequest, PolicyResponse, RefusalCode, SecretKey, unix_now};
+use renkei_policies::{SensitiveRule, SignedPolicy, Timestamp};
+use renkei_protocol::{MicroRho, PolicyResponse, RefusalCode, SecretKey, unix_now};
 use renkei_testnet::Testnet;
-use renkei_tests::{researcher, start_testnet, within};
-
-const DEADLINE: Duration = Duration::from_secs(20);
-
-fn admin(testnet: &Testnet) -> SecretKey {
-    SecretKey::read_file(&testnet.consortium.admin_key).unwrap()
-}
-
-/// The testnet's active bundle, to derive new versions from.
-fn current(testnet: &Testnet) -> PolicyBundle {
-    SignedPolicy::read_file(&testnet.consortium.policy)
-        .unwrap()
-        .verify_self_anchored()
-        .unwrap()
-        .bundle()
-        .clone()
-}
-
-fn signed(bundle: &PolicyBundle, by: &[&SecretKey]) -> SignedPolicy {
-    let mut signed = SignedPolicy::unsigned(bundle).unwrap();
-    for key in by {
-        signed.sign(key);
-    }
-    signed
-}
-
-async fn offer(
-    session: &ResearcherSession,
-    node: &NodeAddress,
-    bundle: &SignedPolicy,
-) -> PolicyResponse {
-    within(
-        "offering a bundle",
-        session.client().policy(
-            node.peer_id,
-            node.address.clone(),
-            PolicyRequest::Offer(bundle.to_transfer()),
-            DEADLINE,
-        ),
-    )
-    .await
-    .unwrap()
-}
-
-/// Offers `bundle` to every node; each must take it (or already have it from a peer).
-async fn publish_all(session: &ResearcherSession, nodes: &[NodeAddress], bundle: &SignedPolicy) {
-    for node in nodes {
-        let response = offer(session, node, bundle).await;
-        assert!(
-            matches!(
-                response,
-                PolicyResponse::Accepted { .. } | PolicyResponse::AlreadyActive { .. }
-            ),
-            "{response:?}"
-        );
-    }
-}
+use renkei_tests::{admin, current, offer, publish_all, researcher, signed, start_testnet, within};
 
 fn refused_code(response: PolicyResponse) -> RefusalCode {
     match response {

@@ -34,6 +34,7 @@ fn request(audience: PublicKey, study: &str, issued_at: u64, expires_at: u64) ->
         privacy: PrivacyRequest::Zcdp {
             rho: MicroRho(10_000),
         },
+        secure: false,
     }
 }
 

@@ -198,6 +198,9 @@ enum StudyCommand {
         /// Sensitive views granted (each needs a [[sensitive]] rule and its signatures).
         #[arg(long, value_delimiter = ',')]
         sensitive_views: Vec<String>,
+        /// Allow only secure totals: no node's own answer is ever visible.
+        #[arg(long)]
+        secure_only: bool,
     },
     /// Add the stricter rule for a sensitive view.
     Sensitive {
@@ -348,6 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     from,
                     until,
                     sensitive_views,
+                    secure_only,
                 },
         } => edit(&input, |bundle| {
             bundle.studies.push(Study {
@@ -364,6 +368,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 valid_from: Timestamp::parse(&from)?,
                 valid_until: Timestamp::parse(&until)?,
                 sensitive_views,
+                per_site_answers: !secure_only,
             });
             Ok(())
         })?,

@@ -1,0 +1,257 @@
+//! Secure totals over real nodes: every node sends only a masked contribution (its numbers
+//! plus a share of the noise), the aggregator can read only the network-wide sum, and that
+//! sum carries the noise of one central mechanism, not N of them. A node that does not
+//! contribute aborts the round with its reason and nothing revealed, the charges made stay
+//! made, and a study the policy limits to secure totals refuses per-site answers.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use renkei_aggregator::{AnswerMode, FederatedAnswer, QueryOptions, ResearcherSession, sql};
+use renkei_node::dp::Calibration;
+use renkei_protocol::{MicroRho, PrivacyRequest, RefusalCode, Release};
+use renkei_testnet::synth::TrueValue;
+use renkei_tests::{admin, current, publish_all, researcher, signed, start_testnet, within};
+
+const RHO: MicroRho = MicroRho(20_000);
+const BUDGET: MicroRho = MicroRho(100 * MicroRho::PER_RHO);
+const COUNT: &str = "SELECT COUNT(*) FROM patients WHERE age >= 65";
+
+fn secure_options(session: &ResearcherSession) -> QueryOptions {
+    QueryOptions {
+        privacy: PrivacyRequest::Zcdp { rho: RHO },
+        secure: true,
+        deadline: Duration::from_secs(10),
+        ..session.default_options().unwrap()
+    }
+}
+
+/// The noise sd one trusted party would add for a count at `RHO`.
+fn central_sd() -> f64 {
+    Calibration::for_request(PrivacyRequest::Zcdp { rho: RHO }, 1.0, 1e-6)
+        .unwrap()
+        .noise_std
+}
+
+/// Every node sent a masked contribution and nothing readable on its own.
+fn assert_only_masked(answer: &FederatedAnswer) {
+    assert_eq!(answer.mode, AnswerMode::Secure);
+    for node in &answer.answered {
+        assert!(matches!(node.release, Release::Masked { .. }), "{node:?}");
+        assert_eq!(node.value, None);
+        assert_eq!(node.ci95, None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_total_reveals_only_the_sum_with_central_noise() {
+    let fixture = start_testnet(4, 4_000, BUDGET).await;
+    let testnet = &fixture.testnet;
+    let session = researcher(testnet).await;
+    let nodes = testnet.addresses();
+    let mut options = secure_options(&session);
+
+    let answer = within("a secure count", session.query(&nodes, COUNT, &options))
+        .await
+        .unwrap();
+    assert_eq!(answer.answered.len(), 4, "{answer:#?}");
+    assert_only_masked(&answer);
+    for node in &answer.answered {
+        assert_eq!(node.rho, RHO, "each node charges the total's cost");
+        assert_eq!(node.budget_remaining, MicroRho(BUDGET.0 - RHO.0));
+    }
+    let sd = answer.std_dev.unwrap();
+    let central = central_sd();
+    assert!(
+        sd >= central * 0.999 && sd <= central * 1.05,
+        "secure sd {sd} vs central {central}"
+    );
+    let truth = testnet.true_count(&sql::compile(COUNT).unwrap()) as f64;
+    let estimate = answer.estimate.unwrap().as_f64();
+    assert!(
+        (estimate - truth).abs() <= 6.0 * sd,
+        "{estimate} vs {truth} (sd {sd})"
+    );
+
+    // The same question per site: four nodes' full noises add up to twice the sd.
+    options.secure = false;
+    let plain = within("a per-site count", session.query(&nodes, COUNT, &options))
+        .await
+        .unwrap();
+    assert_eq!(plain.mode, AnswerMode::PerSite);
+    assert!(plain.answered.iter().all(|a| a.value.is_some()));
+    let ratio = plain.std_dev.unwrap() / sd;
+    assert!((ratio - 2.0).abs() < 0.1, "per-site / secure sd = {ratio}");
+    options.secure = true;
+
+    // Means and medians add up through their sums, counts and histograms.
+    for (text, tolerance) in [
+        ("SELECT AVG(age) FROM patients", 2.0),
+        ("SELECT MEDIAN(age) FROM patients", 6.0),
+    ] {
+        let answer = within(text, session.query(&nodes, text, &options))
+            .await
+            .unwrap();
+        assert_only_masked(&answer);
+        let TrueValue::Number(truth) = testnet.true_value(&sql::compile(text).unwrap()) else {
+            panic!("{text} has a true value");
+        };
+        let estimate = answer.estimate.unwrap().as_f64();
+        assert!(
+            (estimate - truth).abs() <= tolerance,
+            "{text}: {estimate} vs {truth}"
+        );
+    }
+
+    // GROUP BY: every cell of the total, none of any site's.
+    let grouped = "SELECT severity, COUNT(*) FROM patients GROUP BY severity";
+    let answer = within(
+        "a secure GROUP BY",
+        session.query(&nodes, grouped, &options),
+    )
+    .await
+    .unwrap();
+    assert_only_masked(&answer);
+    let TrueValue::Groups(cells) = testnet.true_value(&sql::compile(grouped).unwrap()) else {
+        panic!("GROUP BY has cells");
+    };
+    assert_eq!(answer.groups.len(), 4, "{answer:#?}");
+    for group in &answer.groups {
+        let truth = cells
+            .iter()
+            .find(|(label, _)| *label == group.group)
+            .map_or(0, |(_, n)| *n) as f64;
+        let estimate = group.estimate.as_f64();
+        assert!(
+            (estimate - truth).abs() <= 6.0 * group.std_dev,
+            "{:?}: {estimate} vs {truth}",
+            group.group
+        );
+        assert!(group.std_dev <= central * 1.05);
+    }
+    fixture.testnet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_aborts_the_round_cleanly_and_the_charges_stay() {
+    let mut fixture = start_testnet(3, 1_500, BUDGET).await;
+    let session = researcher(&fixture.testnet).await;
+    let options = secure_options(&session);
+    let down = fixture.testnet.nodes[1].peer_id.to_base58();
+    within("stopping a node", fixture.testnet.stop_node(1)).await;
+
+    let nodes = fixture.testnet.addresses();
+    let answer = within("a secure count", session.query(&nodes, COUNT, &options))
+        .await
+        .unwrap();
+    assert_only_masked(&answer);
+    assert_eq!(answer.answered.len(), 2, "{answer:#?}");
+    assert_eq!(answer.missing.len(), 1);
+    assert_eq!(answer.missing[0].node, down);
+    assert_eq!(answer.estimate, None);
+    assert_eq!(answer.std_dev, None);
+    assert_eq!(answer.ci95, None);
+    let note = answer.note.as_deref().unwrap();
+    assert!(note.starts_with("secure round aborted"), "{note}");
+    assert!(note.contains(&down), "{note}");
+    // The nodes that answered spent, and their ledgers say so.
+    for (index, node) in [0, 2].into_iter().zip(&answer.answered) {
+        assert_eq!(node.budget_remaining, MicroRho(BUDGET.0 - RHO.0));
+        let ledger = fixture.testnet.running(index).unwrap().desk().ledger();
+        let spent = ledger
+            .spent(&session.key().public_key(), &options.study)
+            .unwrap();
+        assert_eq!(spent, RHO, "node {index}");
+    }
+
+    // A new round without the missing node answers (and charges again).
+    let present = [nodes[0].clone(), nodes[2].clone()];
+    let answer = within(
+        "a secure count of two",
+        session.query(&present, COUNT, &options),
+    )
+    .await
+    .unwrap();
+    assert_only_masked(&answer);
+    let sd = answer.std_dev.unwrap();
+    let truth = fixture
+        .testnet
+        .true_count_on(&[0, 2], &sql::compile(COUNT).unwrap()) as f64;
+    let estimate = answer.estimate.unwrap().as_f64();
+    assert!(
+        (estimate - truth).abs() <= 6.0 * sd,
+        "{estimate} vs {truth}"
+    );
+    assert!(
+        answer
+            .answered
+            .iter()
+            .all(|a| a.budget_remaining == MicroRho(BUDGET.0 - 2 * RHO.0))
+    );
+    fixture.testnet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_only_study_refuses_per_site_answers() {
+    let fixture = start_testnet(3, 1_500, BUDGET).await;
+    let testnet = &fixture.testnet;
+    let session = researcher(testnet).await;
+    let nodes = testnet.addresses();
+
+    // v2: the study allows only secure totals, and one node may collude with the aggregator.
+    let mut v2 = current(testnet);
+    v2.version = 2;
+    v2.studies[0].per_site_answers = false;
+    v2.limits.secure_colluders = 1;
+    publish_all(&session, &nodes, &signed(&v2, &[&admin(testnet)])).await;
+
+    let mut options = secure_options(&session);
+    options.secure = false;
+    let answer = within("a per-site count", session.query(&nodes, COUNT, &options))
+        .await
+        .unwrap();
+    assert!(answer.answered.is_empty(), "{answer:#?}");
+    assert_eq!(answer.refused.len(), 3);
+    assert!(
+        answer
+            .refused
+            .iter()
+            .all(|r| r.code == RefusalCode::SecureAggregationRequired)
+    );
+
+    // A secure round answers; tolerating one colluder costs sqrt(3 / 2) in sd.
+    options.secure = true;
+    let answer = within("a secure count", session.query(&nodes, COUNT, &options))
+        .await
+        .unwrap();
+    assert_only_masked(&answer);
+    assert_eq!(answer.answered.len(), 3, "{answer:#?}");
+    let ratio = answer.std_dev.unwrap() / central_sd();
+    assert!((ratio - 1.5f64.sqrt()).abs() < 0.06, "{ratio}");
+
+    // With two nodes the honest one must carry all the noise: sqrt(2) times the central sd.
+    let answer = within(
+        "a secure round of two",
+        session.query(&nodes[..2], COUNT, &options),
+    )
+    .await
+    .unwrap();
+    let ratio = answer.std_dev.unwrap() / central_sd();
+    assert!((ratio - 2f64.sqrt()).abs() < 0.06, "{ratio}");
+    // One node alone is never a secure total.
+    let answer = within(
+        "a secure round of one",
+        session.query(&nodes[..1], COUNT, &options),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.estimate, None);
+    assert_eq!(answer.refused.len(), 1, "{answer:#?}");
+    assert_eq!(
+        answer.refused[0].code,
+        RefusalCode::PrivacyParameterOutOfRange
+    );
+    fixture.testnet.shutdown().await;
+}
