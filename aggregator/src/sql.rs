@@ -1,14 +1,16 @@
 //! Researchers' SQL, compiled to the signed query AST.
 //!
-//! Accepted: `SELECT COUNT(*) | COUNT(DISTINCT patient_id) FROM <view> [WHERE …]`, where the
-//! view is `patients`, `timepoints` or an information kind (`ct`, `host_genome`, …) and the
-//! condition combines with AND / OR / NOT: comparisons (`=, <>, <, <=, >, >=`, the column on
-//! either side) with integers, exact decimals, 'levels' and TRUE/FALSE; `IN (…)`;
-//! `[NOT] BETWEEN`; `IS [NOT] NULL`; `IS TRUE / FALSE`; and a bare flag (`diabetes`).
-//! `COUNT(*)` counts patients on `patients` and rows elsewhere (each patient's rows bounded
-//! by the schema); `COUNT(DISTINCT patient_id)` counts patients. Anything else is an error
-//! that points at the offending part of the SQL (line and column). Column names and levels
-//! are checked by each node against its own schema.
+//! Accepted: `SELECT <aggregate> FROM <view> [WHERE …]`, or `SELECT a, [b,] COUNT(*) FROM
+//! <view> [WHERE …] GROUP BY a[, b]` over categorical or boolean columns. The view is
+//! `patients`, `timepoints` or an information kind (`ct`, `host_genome`, …). Aggregates:
+//! `COUNT(*)` (patients on `patients`, rows elsewhere, each patient's rows bounded by the
+//! schema), `COUNT(DISTINCT patient_id)`, `SUM(col)`, `AVG(col)`, `MEDIAN(col)` and
+//! `PERCENTILE_CONT(p) WITHIN GROUP (ORDER BY col)`. The condition combines with AND / OR /
+//! NOT: comparisons (`=, <>, <, <=, >, >=`, the column on either side) with integers, exact
+//! decimals, 'levels' and TRUE/FALSE; `IN (…)`; `[NOT] BETWEEN`; `IS [NOT] NULL`; `IS TRUE /
+//! FALSE`; and a bare flag (`diabetes`). Anything else is an error that points at the
+//! offending part of the SQL (line and column). Column names and levels are checked by each
+//! node against its own schema.
 
 use std::fmt;
 

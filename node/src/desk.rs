@@ -11,6 +11,11 @@
 //! entry; reply. Any failure before the charge spends nothing; any failure after it keeps the
 //! charge. Every failure becomes a [`Refusal`] with its own code, and every decision an
 //! entry in the audit log.
+//!
+//! A secure round ([`QueryRequest::secure`]) differs only in the release: its participants
+//! (the audience, all member nodes) are checked, the noise is a share sized for the total
+//! ([`crate::secure`]), and the numbers leave under pairwise masks; a study that allows only
+//! secure totals refuses per-site requests.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -5,8 +5,10 @@
 //! `ledger` (researcher and study → rho spent), `nonces` (seen
 //! request nonces, for replay refusal), `requests` (each request's charge and signed answer,
 //! for idempotent resends), `audit` (the signed, hash-chained audit log) and `meta` (the
-//! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers go through the modules that own each tree
-//! ([`crate::cohort`], [`crate::ledger`]), never to sled directly.
+//! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers
+//! go through the modules that own each tree ([`crate::ingest`] and [`crate::dataset`] for the
+//! records, [`crate::ledger`], [`crate::audit`], [`crate::governance`]), never to sled
+//! directly.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};

@@ -118,6 +118,27 @@ enum Command {
         #[command(flatten)]
         passphrase: PassphraseArgs,
     },
+    /// Set consortium-wide limits on every query (only the flags given change).
+    Limits {
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// The most rho one query may cost at a node.
+        #[arg(long)]
+        max_rho_per_query: Option<String>,
+        /// Noisy counts below this are withheld.
+        #[arg(long)]
+        min_cell_size: Option<u64>,
+        /// The delta at which zCDP costs are also stated as (epsilon, delta).
+        #[arg(long)]
+        report_delta: Option<f64>,
+        /// Rho all studies together may spend at each node.
+        #[arg(long)]
+        dataset_budget: Option<String>,
+        /// Nodes that may collude with the aggregator in a secure total without weakening
+        /// its guarantee (noise sd grows by sqrt(n / (n - t))).
+        #[arg(long)]
+        secure_colluders: Option<u32>,
+    },
     /// Verify a signed policy against the admins and threshold it names.
     Verify {
         #[arg(long)]
@@ -333,6 +354,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 public_key: key(&public)?,
                 affiliation,
             });
+            Ok(())
+        })?,
+        Command::Limits {
+            input,
+            max_rho_per_query,
+            min_cell_size,
+            report_delta,
+            dataset_budget,
+            secure_colluders,
+        } => edit(&input, |bundle| {
+            let limits = &mut bundle.limits;
+            if let Some(max) = max_rho_per_query {
+                limits.max_rho_per_query = rho(&max, "max-rho-per-query")?;
+            }
+            if let Some(min) = min_cell_size {
+                limits.min_cell_size = min;
+            }
+            if let Some(delta) = report_delta {
+                anyhow::ensure!(
+                    delta > 0.0 && delta < 1.0,
+                    "--report-delta must be between 0 and 1, got {delta}"
+                );
+                limits.report_delta = delta;
+            }
+            if let Some(budget) = dataset_budget {
+                limits.dataset_budget_rho = Some(rho(&budget, "dataset-budget")?);
+            }
+            if let Some(colluders) = secure_colluders {
+                limits.secure_colluders = colluders;
+            }
             Ok(())
         })?,
         Command::Study {

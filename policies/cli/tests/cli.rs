@@ -181,6 +181,53 @@ fn admins_build_sign_and_verify_a_policy() {
     let after = std::fs::read_to_string(&source).unwrap();
     assert!(after.contains("revoked = [\"d75a98"), "{after}");
 
+    // A study limited to secure totals, and a consortium that tolerates one colluding node.
+    stdout(&policy_cli(&[
+        "study",
+        "add",
+        "--in",
+        &source,
+        "--id",
+        "cytokines",
+        "--title",
+        "Cytokine storms",
+        "--pi",
+        "Dr. Sato",
+        "--views",
+        "patients",
+        "--budget-per-researcher",
+        "1",
+        "--from",
+        "2026-01-01T00:00:00Z",
+        "--until",
+        "2027-12-31T00:00:00Z",
+        "--secure-only",
+    ]));
+    stdout(&policy_cli(&[
+        "limits",
+        "--in",
+        &source,
+        "--secure-colluders",
+        "1",
+        "--min-cell-size",
+        "11",
+    ]));
+    let bundle =
+        renkei_policies::PolicyBundle::from_toml(&std::fs::read_to_string(&source).unwrap())
+            .unwrap();
+    assert_eq!(bundle.limits.secure_colluders, 1);
+    assert_eq!(bundle.limits.min_cell_size, 11);
+    assert!(bundle.study("severity").unwrap().per_site_answers);
+    assert!(!bundle.study("cytokines").unwrap().per_site_answers);
+    let bad = stderr(&policy_cli(&[
+        "limits",
+        "--in",
+        &source,
+        "--report-delta",
+        "2",
+    ]));
+    assert!(bad.contains("--report-delta"), "{bad}");
+
     // Change one byte of the signed bundle: verification fails and names the signer.
     let text = std::fs::read_to_string(&signed).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
