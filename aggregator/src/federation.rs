@@ -81,14 +81,15 @@ pub struct PreparedQuery {
 }
 
 impl PreparedQuery {
-    /// Signs `query` for `study`, addressed to the nodes in `audience`, with a fresh request
-    /// id and nonce, valid from `now` for the longest lifetime nodes accept.
+    /// Signs `query` for `options.study` with `options.privacy` (a secure round when
+    /// `options.secure`), under `policy_version` when given, addressed to the nodes in
+    /// `audience`, with a fresh request id and nonce, valid from `now` for the longest
+    /// lifetime nodes accept.
     pub fn sign(
         key: &SecretKey,
         query: Query,
-        study: &str,
-        privacy: PrivacyRequest,
-        secure: bool,
+        options: &QueryOptions,
+        policy_version: Option<u64>,
         audience: &[NodeAddress],
         now: u64,
     ) -> Result<Self, AggregatorError> {
@@ -103,11 +104,12 @@ impl PreparedQuery {
             nonce,
             issued_at: now,
             expires_at: now + MAX_REQUEST_LIFETIME_SECS,
-            study: study.to_string(),
+            study: options.study.clone(),
             audience,
             query,
-            privacy,
-            secure,
+            privacy: options.privacy,
+            secure: options.secure,
+            policy_version,
         };
         Ok(Self::from_request(key, request)?)
     }
@@ -190,7 +192,7 @@ pub enum AnswerMode {
 impl std::fmt::Display for AnswerMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            AnswerMode::PerSite => "per-site",
+            AnswerMode::PerSite => "per_site",
             AnswerMode::Secure => "secure",
         })
     }
@@ -220,6 +222,9 @@ pub struct FederatedAnswer {
     /// Why there is no estimate although nodes answered, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// A secure round that could not be completed (a node did not contribute): nothing was
+    /// revealed, and `note` says why.
+    pub aborted: bool,
     pub answered: Vec<NodeAnswer>,
     pub missing: Vec<MissingNode>,
     pub refused: Vec<RefusedNode>,
@@ -253,6 +258,25 @@ pub async fn fan_out(
             address: twice.address.to_string(),
             reason: format!("node {} is listed more than once", twice.peer_id),
         });
+    }
+    if prepared.request.secure {
+        // The masks cancel only over the request's whole audience: ask exactly it.
+        let asked = nodes
+            .iter()
+            .map(|n| PublicKey::from_peer_id(&n.peer_id))
+            .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
+        let audience: std::collections::BTreeSet<_> =
+            prepared.request.audience.iter().copied().collect();
+        if asked != audience {
+            return Err(AggregatorError::BadNodeAddress {
+                address: nodes
+                    .iter()
+                    .map(|n| n.address.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                reason: "a secure round must ask exactly the nodes its request names".into(),
+            });
+        }
     }
     let encoded = EncodedRequest::encode(&prepared.envelope)?;
     let asks = nodes.iter().map(|node| {
@@ -307,6 +331,7 @@ pub async fn fan_out(
         ci95: None,
         groups: Vec::new(),
         note: None,
+        aborted: false,
         answered: Vec::new(),
         missing: Vec::new(),
         refused: Vec::new(),
@@ -335,6 +360,7 @@ pub async fn fan_out(
     } else {
         combine(&prepared.request.query.aggregate, &result.answered)
     };
+    result.aborted = prepared.request.secure && result.is_partial();
     if let Some(combined) = combined {
         result.estimate = combined.estimate;
         result.std_dev = combined.std_dev;

@@ -190,8 +190,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Format::Table => print_table(&answer),
                 Format::Csv => print_csv(&answer)?,
             }
-            let aborted = answer.estimate.is_none() && answer.groups.is_empty();
-            if answer.answered.is_empty() || (answer.mode == AnswerMode::Secure && aborted) {
+            if answer.answered.is_empty() || answer.aborted {
                 return Ok(ExitCode::from(EXIT_NO_ANSWER));
             }
         }

@@ -124,9 +124,9 @@ impl ResearcherSession {
         let prepared = PreparedQuery::sign(
             &self.key,
             query,
-            &options.study,
-            options.privacy,
-            options.secure,
+            options,
+            // A secure round's nodes must size their noise shares by one policy: this one.
+            options.secure.then(|| self.policy.bundle().version),
             nodes,
             unix_now(),
         )?;

@@ -254,6 +254,9 @@ impl Dataset {
 
     /// Reads every stored record of `store` into memory.
     pub fn load(store: &NodeStore, schema: Arc<DatasetSchema>) -> Result<Self, NodeError> {
+        if let Some(file) = crate::ingest::unfinished_ingest(store)? {
+            return Err(NodeError::UnfinishedIngest { file });
+        }
         let mut data = Self::empty(Arc::clone(&schema));
         let mut patient_rows: HashMap<[u8; 32], u32> = HashMap::new();
         let mut consent_rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();

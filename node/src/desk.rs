@@ -230,6 +230,24 @@ impl QueryDesk {
         known.study = Some(request.study.clone());
         known.request_id = Some(request.request_id);
         known.digest = Some(digest);
+        match request.policy_version {
+            Some(asked) if asked != bundle.version => {
+                return Err(Refusal::new(
+                    RefusalCode::PolicyVersionMismatch,
+                    format!(
+                        "the request is made under policy v{asked}; this node runs v{} ({}); ask again under the node's version",
+                        bundle.version, bundle.consortium
+                    ),
+                ));
+            }
+            None if request.secure => {
+                return Err(Refusal::new(
+                    RefusalCode::MalformedRequest,
+                    "a secure round must name the policy version its nodes share",
+                ));
+            }
+            _ => {}
+        }
         if request.audience.len() > MAX_AUDIENCE {
             return Err(Refusal::new(
                 RefusalCode::MalformedRequest,
@@ -279,7 +297,18 @@ impl QueryDesk {
             Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
         };
         let participants = if request.secure {
-            Some(secure_participants(&request, bundle, &grant)?)
+            let participants = secure_participants(&request, bundle, &grant)?;
+            // Agree with every peer now, so a key unusable for masks is refused before any
+            // charge (and the round's release only runs the cheap part).
+            self.pair_secrets
+                .prepare(&self.identity, &participants)
+                .map_err(|(key, e)| {
+                    Refusal::new(
+                        RefusalCode::MalformedRequest,
+                        format!("participant {key} cannot take part in a secure round: {e}"),
+                    )
+                })?;
+            Some(participants)
         } else if !grant.per_site_answers {
             return Err(Refusal::new(
                 RefusalCode::SecureAggregationRequired,
@@ -648,8 +677,8 @@ fn plain_release(
 }
 
 /// The nodes of a secure round: the request's audience, each a member node of the policy
-/// (a key outside the consortium could be one whose masks the aggregator knows), at least
-/// two, and more than the policy's tolerated colluders.
+/// (a key outside the consortium could be one whose masks the aggregator knows), and at
+/// least two more than the policy's tolerated colluders.
 fn secure_participants(
     request: &QueryRequest,
     bundle: &renkei_policies::PolicyBundle,
@@ -679,12 +708,15 @@ fn secure_participants(
             ));
         }
     }
+    // With one honest node, the colluders and the aggregator could subtract everything
+    // else and read that node's own answer: at least two must remain.
     let colluders = grant.secure_colluders as usize;
-    if participants.len() < 2 || participants.len() <= colluders {
+    let needed = colluders + 2;
+    if participants.len() < needed {
         return Err(Refusal::new(
             RefusalCode::PrivacyParameterOutOfRange,
             format!(
-                "a secure total needs at least two nodes and more than the {colluders} the policy lets collude; this one names {}",
+                "a secure total needs at least {needed} nodes (two more than the {colluders} the policy lets collude); this one names {}",
                 participants.len()
             ),
         ));

@@ -12,6 +12,12 @@
 //!   by its format's reader ([`crate::formats`]); paths are relative to the manifest.
 //!
 //! A row updates only the columns its file has; loading the same file again changes nothing.
+//! Small inputs are written in one atomic step. A large CSV is written in batches of
+//! [`WRITE_BATCH_ROWS`] (one atomic sled batch would hold the whole file in memory several
+//! times over): the file is named in the store before the first batch and cleared after the
+//! last is durable, and while it is named the node will not load its data
+//! ([`NodeError::UnfinishedIngest`]) — after a crash, running the same ingest again
+//! completes it, since loading a file twice changes nothing.
 //! The hospital's patient id is replaced by a keyed hash under the node's secret, so the
 //! store holds no raw identifier; other identifying columns are not accepted at all. Errors
 //! name the file, line (or record) and column, up to [`MAX_REPORTED_ERRORS`] of them.
@@ -30,6 +36,69 @@ use crate::home::pseudonym_secret;
 use crate::records::{self, ItemRecord, PatientRecord, TimepointRecord};
 use crate::schema::{ColumnDef, DatasetSchema, ItemFormat, SECONDARY_USE, TIMEPOINT_COLUMN};
 use crate::store::NodeStore;
+
+/// Rows of a CSV written per sled batch: bounds the memory a large file's write takes.
+pub const WRITE_BATCH_ROWS: usize = 20_000;
+
+/// The `meta` key naming a CSV whose rows are being written.
+const UNFINISHED_INGEST: &[u8] = b"ingest/unfinished";
+
+/// The file whose ingest started but did not finish, if any.
+pub fn unfinished_ingest(store: &NodeStore) -> Result<Option<String>, NodeError> {
+    Ok(store
+        .meta
+        .get(UNFINISHED_INGEST)?
+        .map(|name| String::from_utf8_lossy(&name).into_owned()))
+}
+
+/// Writes a validated file's rows in bounded batches, with the file named in the store
+/// until every batch is durable.
+struct BatchedWrite<'a> {
+    store: &'a NodeStore,
+    tree: &'a sled::Tree,
+    batch: sled::Batch,
+    pending: usize,
+}
+
+impl<'a> BatchedWrite<'a> {
+    fn begin(store: &'a NodeStore, tree: &'a sled::Tree, path: &Path) -> Result<Self, NodeError> {
+        let name = std::fs::canonicalize(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string();
+        if let Some(other) = unfinished_ingest(store)?
+            && other != name
+        {
+            return Err(NodeError::UnfinishedIngest { file: other });
+        }
+        store.meta.insert(UNFINISHED_INGEST, name.as_bytes())?;
+        store.flush()?;
+        Ok(Self {
+            store,
+            tree,
+            batch: sled::Batch::default(),
+            pending: 0,
+        })
+    }
+
+    fn insert(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), NodeError> {
+        self.batch.insert(key, value);
+        self.pending += 1;
+        if self.pending >= WRITE_BATCH_ROWS {
+            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), NodeError> {
+        self.tree.apply_batch(self.batch)?;
+        self.store.flush()?;
+        self.store.meta.remove(UNFINISHED_INGEST)?;
+        self.store.flush()?;
+        Ok(())
+    }
+}
 
 /// How many problems one report lists before summarising the rest.
 pub const MAX_REPORTED_ERRORS: usize = 20;
@@ -347,7 +416,11 @@ pub fn ingest_patients(
         dry_run,
         ..IngestReport::default()
     };
-    let mut batch = sled::Batch::default();
+    let mut write = if dry_run {
+        None
+    } else {
+        Some(BatchedWrite::begin(store, &store.patients, path)?)
+    };
     for row in rows {
         let key = records::patient_key(&row.pseudonym);
         let mut record = match store.patients.get(key)? {
@@ -369,11 +442,12 @@ pub fn ingest_patients(
             }
         }
         report.consented += usize::from(record.consents.contains(SECONDARY_USE));
-        batch.insert(&key[..], records::encode(&record)?);
+        if let Some(write) = &mut write {
+            write.insert(&key[..], records::encode(&record)?)?;
+        }
     }
-    if !dry_run {
-        store.patients.apply_batch(batch)?;
-        store.flush()?;
+    if let Some(write) = write {
+        write.finish()?;
     }
     Ok(report)
 }
@@ -496,7 +570,11 @@ pub fn ingest_timepoints(
         dry_run,
         ..IngestReport::default()
     };
-    let mut batch = sled::Batch::default();
+    let mut write = if dry_run {
+        None
+    } else {
+        Some(BatchedWrite::begin(store, &store.timepoints, path)?)
+    };
     for (key, updates) in rows {
         let mut record = match store.timepoints.get(key)? {
             Some(bytes) => {
@@ -509,11 +587,12 @@ pub fn ingest_timepoints(
             }
         };
         apply(&mut record.values, schema.timepoints.len(), &updates);
-        batch.insert(&key[..], records::encode(&record)?);
+        if let Some(write) = &mut write {
+            write.insert(&key[..], records::encode(&record)?)?;
+        }
     }
-    if !dry_run {
-        store.timepoints.apply_batch(batch)?;
-        store.flush()?;
+    if let Some(write) = write {
+        write.finish()?;
     }
     Ok(report)
 }
@@ -849,6 +928,61 @@ mod tests {
             .to_string();
         assert!(text.contains("bad.csv:3 column `age`"), "{text}");
         assert_eq!(store.patients.len(), 2);
+    }
+
+    /// A file larger than one write batch loads whole; an ingest that stopped midway (its
+    /// file still named in the store) keeps the node from loading until the same file is
+    /// loaded again.
+    #[test]
+    fn a_large_file_is_written_in_batches_and_an_unfinished_one_blocks_loading() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = node(dir.path());
+        let rows = WRITE_BATCH_ROWS + 5;
+        let mut text = format!("{PATIENT_CSV_HEADER}\n");
+        for i in 0..rows {
+            text.push_str(&format!(
+                "P{i},{},female,mild,no,no,0,0,0,0,0,true\n",
+                i % 100
+            ));
+        }
+        let big = write(dir.path(), "big.csv", &text);
+        let report = ingest_patients(&store, &big, false).unwrap();
+        assert_eq!(report.added, rows);
+        assert_eq!(store.patients.len(), rows);
+        assert_eq!(unfinished_ingest(&store).unwrap(), None);
+        assert_eq!(dataset(&store).consented(), rows);
+
+        // As if the process died between two batches of big.csv.
+        let name = std::fs::canonicalize(&big).unwrap().display().to_string();
+        store
+            .meta
+            .insert(UNFINISHED_INGEST, name.as_bytes())
+            .unwrap();
+        let refused = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap_err();
+        assert!(
+            matches!(&refused, NodeError::UnfinishedIngest { file } if *file == name),
+            "{refused}"
+        );
+        assert!(
+            refused
+                .to_string()
+                .contains("run the same `renkei-node ingest` again")
+        );
+        let other = write(
+            dir.path(),
+            "other.csv",
+            &format!("{PATIENT_CSV_HEADER}\nQ1,50,male,mild,no,no,0,0,0,0,0,true\n"),
+        );
+        assert!(matches!(
+            ingest_patients(&store, &other, false),
+            Err(NodeError::UnfinishedIngest { .. })
+        ));
+        // A dry run is still allowed; loading big.csv again completes it.
+        ingest_patients(&store, &other, true).unwrap();
+        let again = ingest_patients(&store, &big, false).unwrap();
+        assert_eq!((again.added, again.updated), (0, rows));
+        assert_eq!(unfinished_ingest(&store).unwrap(), None);
+        assert_eq!(dataset(&store).consented(), rows);
     }
 
     #[test]

@@ -15,9 +15,15 @@
 //!   policy allows to collude with the aggregator. Even if `t` nodes subtract their own
 //!   shares, the total keeps variance `σ²`, so the total is as accurate as one central
 //!   mechanism when `t = 0`, at a cost of `√(n/(n−t))` in its standard deviation otherwise.
-//!   A sum of discrete Gaussians is not exactly one; the charge uses their bound
-//!   `ρ ≤ Δ²/(2(n−t)σᵢ²) + τ`, `τ = 10·Σ_{k=1}^{m−1} e^{−2π²σᵢ²·k/(k+1)}`, and widens `σᵢ` until
-//!   it is within the rho asked.
+//!   A sum of discrete Gaussians is not exactly one; the charge uses KLS21's bound for such
+//!   sums in a conservative form, `ρ ≤ Δ²/(2mσᵢ²) + τ·d` with `m = n−t` honest shares, `d`
+//!   numbers released and `τ = 10·Σ_{k=1}^{m−1} e^{−2π²σᵢ²·k/(k+1)}`, and widens `σᵢ` until it
+//!   is within the rho asked.
+//! - **Participants**: member nodes of the policy only, at least `t + 2` of them (with one
+//!   honest node, the colluders could read its answer). Masks hide computationally (ChaCha20),
+//!   so the guarantee against the aggregator is computational DP. The X25519 secret is the
+//!   node's ed25519 identity key seen as a Montgomery scalar; that key is used for nothing
+//!   else but signatures, and the agreement goes through HKDF with its own context.
 //! - **Dropouts**: a node that does not answer leaves masks that cannot be removed, so the
 //!   round aborts with nothing revealed; every node keeps its charge. The aggregator may start
 //!   a new round without it.
@@ -99,6 +105,20 @@ impl PairSecrets {
             known.insert(*peer, shared.clone());
         }
         Ok(shared)
+    }
+
+    /// Agrees with every other participant ahead of the round (and keeps the secrets);
+    /// names the first key that cannot be used.
+    pub fn prepare(
+        &self,
+        me: &SecretKey,
+        participants: &[PublicKey],
+    ) -> Result<(), (PublicKey, NodeError)> {
+        let mine = me.public_key();
+        for other in participants.iter().filter(|p| **p != mine) {
+            self.with_peer(me, other).map_err(|e| (*other, e))?;
+        }
+        Ok(())
     }
 
     /// The mask `me` applies for `participants` (sorted, distinct keys, `me` among them)
@@ -336,9 +356,11 @@ mod tests {
         let guarded = share_calibration(MicroRho(50_000), 1.0, 1, n, 2, 1e-6).unwrap();
         let ratio = guarded.noise_std / share.noise_std;
         assert!((ratio - (8.0f64 / 6.0).sqrt()).abs() < 0.01, "{ratio}");
-        // Shares never go below scale 1, whatever the rho.
+        // Shares never go below scale 1: 64 nodes at rho 0.9 would otherwise get 0.09 each,
+        // and then the total costs less than asked.
         let small = share_calibration(MicroRho(900_000), 1.0, 1, 64, 0, 1e-6).unwrap();
-        assert!(small.scale >= MIN_SHARE_SCALE);
+        assert_eq!(small.scale, MIN_SHARE_SCALE);
+        assert!(small.cost < MicroRho(900_000), "{:?}", small.cost);
         assert!(share_calibration(MicroRho(50_000), 1.0, 1, 2, 2, 1e-6).is_err());
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use renkei_aggregator::{NetworkClient, NodeAddress, PreparedQuery};
+use renkei_aggregator::{NetworkClient, NodeAddress, PreparedQuery, QueryOptions};
 use renkei_node::NodeHome;
 use renkei_node::ingest::ingest_patients;
 use renkei_node::ledger::PrivacyLedger;
@@ -152,12 +152,17 @@ async fn sigkill_never_releases_an_uncharged_answer() {
             workers.spawn(async move {
                 loop {
                     let query = Query::count_patients("patients", renkei_protocol::Filter::True);
+                    let options = QueryOptions {
+                        study: STUDY.into(),
+                        privacy: PrivacyRequest::Zcdp { rho: COST },
+                        deadline: Duration::from_secs(5),
+                        secure: false,
+                    };
                     let prepared = PreparedQuery::sign(
                         &researcher,
                         query,
-                        STUDY,
-                        PrivacyRequest::Zcdp { rho: COST },
-                        false,
+                        &options,
+                        None,
                         std::slice::from_ref(&node),
                         unix_now(),
                     )

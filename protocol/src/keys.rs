@@ -206,10 +206,8 @@ impl SecretKey {
         if verifying.is_weak() {
             return Err(bad("a weak (small-order) key"));
         }
-        let shared = verifying
-            .to_montgomery()
-            .mul_clamped(self.0.to_scalar_bytes())
-            .to_bytes();
+        let scalar = zeroize::Zeroizing::new(self.0.to_scalar_bytes());
+        let shared = verifying.to_montgomery().mul_clamped(*scalar).to_bytes();
         if shared == [0u8; 32] {
             return Err(bad("the agreement is degenerate"));
         }

@@ -202,6 +202,10 @@ pub struct QueryRequest {
     /// Ask for a secure total: every node in `audience` answers with a noise share under
     /// pairwise masks, and only the sum over all of them can be read.
     pub secure: bool,
+    /// The policy version the researcher asks under; a node running another version
+    /// refuses. Required for secure rounds, whose nodes must all size their noise shares by
+    /// the same policy.
+    pub policy_version: Option<u64>,
 }
 
 /// SHA-256 of the exact signed request payload: binds an answer to the request it answers.
@@ -362,6 +366,8 @@ pub enum RefusalCode {
     NotAddressedToThisNode,
     /// The study allows only secure totals; ask with a secure round.
     SecureAggregationRequired,
+    /// The request names a policy version this node is not running.
+    PolicyVersionMismatch,
     /// This nonce or request id was already used for a different request.
     Replayed,
     /// The researcher's budget for this study at this node cannot cover the cost.
@@ -408,6 +414,7 @@ impl RefusalCode {
             RefusalCode::LifetimeTooLong => "lifetime_too_long",
             RefusalCode::NotAddressedToThisNode => "not_addressed_to_this_node",
             RefusalCode::SecureAggregationRequired => "secure_aggregation_required",
+            RefusalCode::PolicyVersionMismatch => "policy_version_mismatch",
             RefusalCode::Replayed => "replayed",
             RefusalCode::BudgetExhausted => "budget_exhausted",
             RefusalCode::DatasetBudgetExhausted => "dataset_budget_exhausted",

@@ -211,6 +211,51 @@ fn percentile(samples: &mut [Duration], p: f64) -> f64 {
         .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
 }
 
+/// p50 of 31 runs of `sql` on `engine` (compile and evaluate, no noise), in ms.
+fn time_engine(engine: &Dataset, sql: &str) -> anyhow::Result<f64> {
+    let query = renkei_aggregator::sql::compile(sql)?;
+    let mut samples = Vec::new();
+    for _ in 0..31 {
+        let start = Instant::now();
+        let compiled = engine.compile(&query).map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::hint::black_box(engine.evaluate(&compiled));
+        samples.push(start.elapsed());
+    }
+    Ok(percentile(&mut samples, 0.5))
+}
+
+/// Results of the engine-only benchmark.
+#[derive(Debug, serde::Serialize)]
+pub struct EngineBench {
+    pub patients: usize,
+    pub timepoints: usize,
+    pub load_s: f64,
+    pub engine_count3_p50_ms: f64,
+    pub engine_timepoint_count_p50_ms: f64,
+    pub engine_group2_p50_ms: f64,
+}
+
+/// The engine alone: one node holding every patient, the same three questions as
+/// [`queries`], without the network or DuckDB.
+pub fn engine(dir: &Path, patients: usize, per_patient: usize) -> anyhow::Result<EngineBench> {
+    let (p, t) = write_cohort(&dir.join("data"), 0, patients, per_patient, 7)?;
+    let (home, _) = NodeHome::init(&dir.join("home"))?;
+    let store = home.open_store()?;
+    ingest::ingest_patients(&store, &p, false)?;
+    ingest::ingest_timepoints(&store, &t, false)?;
+    let start = Instant::now();
+    let engine = Dataset::load(&store, Arc::new(store.schema()?))?;
+    let load_s = start.elapsed().as_secs_f64();
+    Ok(EngineBench {
+        patients,
+        timepoints: engine.timepoints(),
+        load_s,
+        engine_count3_p50_ms: time_engine(&engine, COUNT_3.0)?,
+        engine_timepoint_count_p50_ms: time_engine(&engine, TIMEPOINT_COUNT.0)?,
+        engine_group2_p50_ms: time_engine(&engine, GROUP_2.0)?,
+    })
+}
+
 /// Results of the query benchmark.
 #[derive(Debug, serde::Serialize)]
 pub struct QueryBench {
@@ -278,20 +323,9 @@ pub async fn queries(
         }
         Dataset::load(&store, Arc::new(store.schema()?))?
     };
-    let time_engine = |sql: &str| -> anyhow::Result<f64> {
-        let query = renkei_aggregator::sql::compile(sql)?;
-        let mut samples = Vec::new();
-        for _ in 0..31 {
-            let start = Instant::now();
-            let compiled = engine.compile(&query).map_err(|e| anyhow::anyhow!("{e}"))?;
-            std::hint::black_box(engine.evaluate(&compiled));
-            samples.push(start.elapsed());
-        }
-        Ok(percentile(&mut samples, 0.5))
-    };
-    let engine_count3_p50_ms = time_engine(COUNT_3.0)?;
-    let engine_timepoint_count_p50_ms = time_engine(TIMEPOINT_COUNT.0)?;
-    let engine_group2_p50_ms = time_engine(GROUP_2.0)?;
+    let engine_count3_p50_ms = time_engine(&engine, COUNT_3.0)?;
+    let engine_timepoint_count_p50_ms = time_engine(&engine, TIMEPOINT_COUNT.0)?;
+    let engine_group2_p50_ms = time_engine(&engine, GROUP_2.0)?;
     let timepoints = engine.timepoints();
     drop(engine);
 

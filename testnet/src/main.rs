@@ -79,6 +79,15 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// The query engine alone: one node holding every patient, no network.
+    Engine {
+        #[arg(long, default_value_t = 1_000_000)]
+        patients: usize,
+        #[arg(long, default_value_t = 5)]
+        timepoints_per_patient: usize,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// One count asked per site, as a secure total and of one central mechanism: RMSE side
     /// by side, and the latency of both modes.
     Secure {
@@ -209,6 +218,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         concurrency,
                     )
                     .await?;
+                    serde_json::to_string_pretty(&report)?
+                }
+                BenchCommand::Engine {
+                    patients,
+                    timepoints_per_patient,
+                    dir,
+                } => {
+                    let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
+                    let report =
+                        renkei_testnet::bench::engine(&dir, patients, timepoints_per_patient)?;
                     serde_json::to_string_pretty(&report)?
                 }
                 BenchCommand::Secure {

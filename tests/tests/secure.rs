@@ -9,9 +9,14 @@
 
 use std::time::Duration;
 
-use renkei_aggregator::{AnswerMode, FederatedAnswer, QueryOptions, ResearcherSession, sql};
+use libp2p::Multiaddr;
+use libp2p::identity::Keypair;
+use renkei_aggregator::{
+    AnswerMode, FederatedAnswer, NodeAddress, QueryOptions, ResearcherSession, sql,
+};
 use renkei_node::dp::Calibration;
-use renkei_protocol::{MicroRho, PrivacyRequest, RefusalCode, Release};
+use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest, RefusalCode, Release, SecretKey};
+use renkei_testnet::Testnet;
 use renkei_testnet::synth::TrueValue;
 use renkei_tests::{admin, current, publish_all, researcher, signed, start_testnet, within};
 
@@ -35,14 +40,42 @@ fn central_sd() -> f64 {
         .noise_std
 }
 
-/// Every node sent a masked contribution and nothing readable on its own.
+/// Every node sent a masked contribution and nothing readable on its own: its words look
+/// nothing like counts (a masked word is uniform over 2^64; one within ±2^40 of zero has
+/// probability 2^-23).
 fn assert_only_masked(answer: &FederatedAnswer) {
     assert_eq!(answer.mode, AnswerMode::Secure);
     for node in &answer.answered {
-        assert!(matches!(node.release, Release::Masked { .. }), "{node:?}");
+        let Release::Masked { words, .. } = &node.release else {
+            panic!("a clear release in a secure round: {node:?}");
+        };
+        assert!(!words.is_empty());
+        assert!(
+            words.iter().all(|w| (*w as i64).unsigned_abs() > 1 << 40),
+            "{} sent a readable word: {words:?}",
+            node.node
+        );
         assert_eq!(node.value, None);
         assert_eq!(node.ci95, None);
     }
+}
+
+/// Every node asked refused, each with `code`.
+fn assert_all_refused(answer: &FederatedAnswer, asked: usize, code: RefusalCode) {
+    assert!(answer.estimate.is_none());
+    assert_eq!(answer.refused.len(), asked, "{answer:#?}");
+    assert!(answer.refused.iter().all(|r| r.code == code), "{answer:#?}");
+}
+
+/// What the dev researcher has spent at node `index`.
+fn spent_at(testnet: &Testnet, index: usize, session: &ResearcherSession) -> MicroRho {
+    testnet
+        .running(index)
+        .unwrap()
+        .desk()
+        .ledger()
+        .spent(&session.key().public_key(), &testnet.consortium.study)
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,6 +183,7 @@ async fn a_node_down_aborts_the_round_cleanly_and_the_charges_stay() {
     assert_eq!(answer.answered.len(), 2, "{answer:#?}");
     assert_eq!(answer.missing.len(), 1);
     assert_eq!(answer.missing[0].node, down);
+    assert!(answer.aborted);
     assert_eq!(answer.estimate, None);
     assert_eq!(answer.std_dev, None);
     assert_eq!(answer.ci95, None);
@@ -159,11 +193,11 @@ async fn a_node_down_aborts_the_round_cleanly_and_the_charges_stay() {
     // The nodes that answered spent, and their ledgers say so.
     for (index, node) in [0, 2].into_iter().zip(&answer.answered) {
         assert_eq!(node.budget_remaining, MicroRho(BUDGET.0 - RHO.0));
-        let ledger = fixture.testnet.running(index).unwrap().desk().ledger();
-        let spent = ledger
-            .spent(&session.key().public_key(), &options.study)
-            .unwrap();
-        assert_eq!(spent, RHO, "node {index}");
+        assert_eq!(
+            spent_at(&fixture.testnet, index, &session),
+            RHO,
+            "node {index}"
+        );
     }
 
     // A new round without the missing node answers (and charges again).
@@ -175,6 +209,7 @@ async fn a_node_down_aborts_the_round_cleanly_and_the_charges_stay() {
     .await
     .unwrap();
     assert_only_masked(&answer);
+    assert!(!answer.aborted);
     let sd = answer.std_dev.unwrap();
     let truth = fixture
         .testnet
@@ -213,17 +248,29 @@ async fn a_secure_only_study_refuses_per_site_answers() {
         .await
         .unwrap();
     assert!(answer.answered.is_empty(), "{answer:#?}");
-    assert_eq!(answer.refused.len(), 3);
-    assert!(
-        answer
-            .refused
-            .iter()
-            .all(|r| r.code == RefusalCode::SecureAggregationRequired)
-    );
+    assert_all_refused(&answer, 3, RefusalCode::SecureAggregationRequired);
 
-    // A secure round answers; tolerating one colluder costs sqrt(3 / 2) in sd.
+    // A secure round names its policy version: asked under v1, every node (on v2) refuses.
     options.secure = true;
-    let answer = within("a secure count", session.query(&nodes, COUNT, &options))
+    let answer = within(
+        "a secure count under v1",
+        session.query(&nodes, COUNT, &options),
+    )
+    .await
+    .unwrap();
+    assert!(answer.aborted);
+    assert_all_refused(&answer, 3, RefusalCode::PolicyVersionMismatch);
+
+    // Under v2 it answers; tolerating one colluder costs sqrt(3 / 2) in sd.
+    let v2_session = ResearcherSession::new(
+        SecretKey::read_file(&testnet.consortium.researcher_key).unwrap(),
+        signed(&v2, &[&admin(testnet)])
+            .verify_self_anchored()
+            .unwrap(),
+        session.client().clone(),
+    );
+    assert!(v2_session.secure_only(&options.study));
+    let answer = within("a secure count", v2_session.query(&nodes, COUNT, &options))
         .await
         .unwrap();
     assert_only_masked(&answer);
@@ -231,27 +278,95 @@ async fn a_secure_only_study_refuses_per_site_answers() {
     let ratio = answer.std_dev.unwrap() / central_sd();
     assert!((ratio - 1.5f64.sqrt()).abs() < 0.06, "{ratio}");
 
-    // With two nodes the honest one must carry all the noise: sqrt(2) times the central sd.
+    // With t = 1, two nodes are not enough: the colluder could read the other's answer.
     let answer = within(
         "a secure round of two",
-        session.query(&nodes[..2], COUNT, &options),
+        v2_session.query(&nodes[..2], COUNT, &options),
     )
     .await
     .unwrap();
-    let ratio = answer.std_dev.unwrap() / central_sd();
-    assert!((ratio - 2f64.sqrt()).abs() < 0.06, "{ratio}");
-    // One node alone is never a secure total.
+    assert_all_refused(&answer, 2, RefusalCode::PrivacyParameterOutOfRange);
+    // None of the refused rounds spent anything.
+    for index in 0..3 {
+        assert_eq!(spent_at(testnet, index, &session), RHO, "node {index}");
+    }
+    fixture.testnet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_rounds_outside_the_rules_are_refused_before_any_charge() {
+    let fixture = start_testnet(3, 900, BUDGET).await;
+    let testnet = &fixture.testnet;
+    let session = researcher(testnet).await;
+    let nodes = testnet.addresses();
+    let mut options = secure_options(&session);
+
+    // Pure DP has no distributed form here.
+    options.privacy = PrivacyRequest::PureDp {
+        epsilon: MicroEpsilon(500_000),
+    };
     let answer = within(
-        "a secure round of one",
-        session.query(&nodes[..1], COUNT, &options),
+        "a pure-DP secure round",
+        session.query(&nodes, COUNT, &options),
     )
     .await
     .unwrap();
-    assert_eq!(answer.estimate, None);
-    assert_eq!(answer.refused.len(), 1, "{answer:#?}");
-    assert_eq!(
-        answer.refused[0].code,
-        RefusalCode::PrivacyParameterOutOfRange
-    );
+    assert!(answer.aborted);
+    assert_all_refused(&answer, 3, RefusalCode::PrivacyParameterOutOfRange);
+
+    // A participant outside the consortium could be a key whose masks the aggregator knows.
+    options.privacy = PrivacyRequest::Zcdp { rho: RHO };
+    let stranger = Keypair::generate_ed25519().public().to_peer_id();
+    let mut with_stranger = nodes.clone();
+    with_stranger.push(NodeAddress {
+        peer_id: stranger,
+        address: format!("/ip4/127.0.0.1/tcp/9/p2p/{stranger}")
+            .parse::<Multiaddr>()
+            .unwrap(),
+    });
+    let answer = within(
+        "a secure round with a stranger",
+        session.query(&with_stranger, COUNT, &options),
+    )
+    .await
+    .unwrap();
+    assert!(answer.aborted);
+    assert_all_refused(&answer, 3, RefusalCode::MalformedRequest);
+    for refusal in &answer.refused {
+        assert!(
+            refusal.reason.contains("not a member node"),
+            "{}",
+            refusal.reason
+        );
+    }
+
+    // A secure round must ask exactly the nodes its request names.
+    let prepared = renkei_aggregator::PreparedQuery::sign(
+        session.key(),
+        sql::compile(COUNT).unwrap(),
+        &options,
+        Some(session.policy().bundle().version),
+        &nodes,
+        renkei_protocol::unix_now(),
+    )
+    .unwrap();
+    let error = renkei_aggregator::fan_out(
+        session.client(),
+        session.policy(),
+        &nodes[..2],
+        &prepared,
+        options.deadline,
+    )
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("exactly the nodes"), "{error}");
+
+    for index in 0..3 {
+        assert_eq!(
+            spent_at(testnet, index, &session),
+            MicroRho(0),
+            "node {index}"
+        );
+    }
     fixture.testnet.shutdown().await;
 }
