@@ -12,7 +12,8 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use renkei_policies::VerifiedPolicy;
@@ -70,6 +71,8 @@ pub struct QueryOptions {
     /// Ask for a secure total (only the network-wide sum is ever readable) rather than
     /// per-site answers.
     pub secure: bool,
+    /// Only ask what the query would cost at each node; nothing is spent.
+    pub dry_run: bool,
 }
 
 /// A signed request, ready to send to every node.
@@ -110,6 +113,7 @@ impl PreparedQuery {
             privacy: options.privacy,
             secure: options.secure,
             policy_version,
+            dry_run: options.dry_run,
         };
         Ok(Self::from_request(key, request)?)
     }
@@ -228,6 +232,10 @@ pub struct FederatedAnswer {
     pub answered: Vec<NodeAnswer>,
     pub missing: Vec<MissingNode>,
     pub refused: Vec<RefusedNode>,
+    /// A dry run: nothing was spent; `quotes` says what the query would cost.
+    pub dry_run: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quotes: Vec<NodeQuote>,
 }
 
 impl FederatedAnswer {
@@ -237,10 +245,52 @@ impl FederatedAnswer {
     }
 }
 
+/// What a node said to a dry run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeQuote {
+    pub node: String,
+    pub institution: String,
+    /// The zCDP rho the query would cost at this node.
+    pub rho: MicroRho,
+    pub epsilon: f64,
+    pub delta: f64,
+    pub mechanism: Mechanism,
+    /// The noise sd the answer would carry (first released number).
+    pub noise_std: f64,
+    /// The researcher's budget for the study at this node now, and after this query.
+    pub budget_remaining: MicroRho,
+    pub budget_after: MicroRho,
+}
+
 enum Outcome {
     Answered(NodeAnswer),
+    Quoted(NodeQuote),
     Missing(MissingNode),
     Refused(RefusedNode),
+}
+
+impl Outcome {
+    fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Answered(_) => "answered",
+            Outcome::Quoted(_) => "quoted",
+            Outcome::Missing(_) => "missing",
+            Outcome::Refused(_) => "refused",
+        }
+    }
+}
+
+/// One node finished (answered, quoted, refused or missing) while a query is out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// The node's institution (or peer id when it is not a member).
+    pub node: String,
+    /// `answered`, `quoted`, `refused` or `missing`.
+    pub outcome: &'static str,
+    pub done: usize,
+    pub total: usize,
+    /// Nodes still pending.
+    pub pending: Vec<String>,
 }
 
 /// Asks every node in `nodes` concurrently and combines the answers.
@@ -250,6 +300,18 @@ pub async fn fan_out(
     nodes: &[NodeAddress],
     prepared: &PreparedQuery,
     deadline: Duration,
+) -> Result<FederatedAnswer, AggregatorError> {
+    fan_out_with_progress(client, policy, nodes, prepared, deadline, &|_| {}).await
+}
+
+/// As [`fan_out`], telling `progress` as each node finishes.
+pub async fn fan_out_with_progress(
+    client: &NetworkClient,
+    policy: &VerifiedPolicy,
+    nodes: &[NodeAddress],
+    prepared: &PreparedQuery,
+    deadline: Duration,
+    progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<FederatedAnswer, AggregatorError> {
     let mut seen = std::collections::HashSet::new();
     if let Some(twice) = nodes.iter().find(|n| !seen.insert(n.peer_id)) {
@@ -279,7 +341,7 @@ pub async fn fan_out(
         }
     }
     let encoded = EncodedRequest::encode(&prepared.envelope)?;
-    let asks = nodes.iter().map(|node| {
+    let asks = nodes.iter().enumerate().map(|(index, node)| {
         let encoded = encoded.clone();
         async move {
             let missing = |reason: String| {
@@ -290,12 +352,15 @@ pub async fn fan_out(
                 })
             };
             let Some(member) = policy.bundle().member(&node.peer_id) else {
-                return missing(format!(
-                    "not asked: not a member node in policy v{}",
-                    policy.bundle().version
-                ));
+                return (
+                    index,
+                    missing(format!(
+                        "not asked: not a member node in policy v{}",
+                        policy.bundle().version
+                    )),
+                );
             };
-            match ask_until(client, node, encoded, deadline).await {
+            let outcome = match ask_until(client, node, encoded, deadline).await {
                 Err(e) => missing(e.to_string()),
                 Ok(QueryResponse::Refused(refusal)) => Outcome::Refused(RefusedNode {
                     node: node.peer_id.to_base58(),
@@ -303,6 +368,28 @@ pub async fn fan_out(
                     code: refusal.code,
                     reason: refusal.reason,
                 }),
+                Ok(QueryResponse::Quoted(quote)) => {
+                    if quote.request_id != prepared.request.request_id
+                        || quote.request_digest != prepared.digest
+                        || !prepared.request.dry_run
+                    {
+                        return (
+                            index,
+                            missing("quote rejected: it quotes a different request".into()),
+                        );
+                    }
+                    Outcome::Quoted(NodeQuote {
+                        node: node.peer_id.to_base58(),
+                        institution: member.institution.clone(),
+                        rho: quote.rho,
+                        epsilon: quote.epsilon,
+                        delta: quote.delta,
+                        mechanism: quote.mechanism,
+                        noise_std: quote.noise_std,
+                        budget_remaining: quote.budget_remaining,
+                        budget_after: quote.budget_remaining.saturating_sub(quote.rho),
+                    })
+                }
                 Ok(QueryResponse::Answered(envelope)) => {
                     match check_answer(&envelope, node.peer_id, prepared) {
                         Ok(answer) => Outcome::Answered(node_answer(
@@ -313,7 +400,8 @@ pub async fn fan_out(
                         Err(reason) => missing(format!("answer rejected: {reason}")),
                     }
                 }
-            }
+            };
+            (index, outcome)
         }
     });
     let mut result = FederatedAnswer {
@@ -335,9 +423,39 @@ pub async fn fan_out(
         answered: Vec::new(),
         missing: Vec::new(),
         refused: Vec::new(),
+        dry_run: prepared.request.dry_run,
+        quotes: Vec::new(),
     };
-    for outcome in join_all(asks).await {
+    let name = |node: &NodeAddress| {
+        policy
+            .bundle()
+            .member(&node.peer_id)
+            .map_or_else(|| node.peer_id.to_base58(), |m| m.institution.clone())
+    };
+    let mut outcomes: Vec<Option<Outcome>> = nodes.iter().map(|_| None).collect();
+    let mut pending: FuturesUnordered<_> = asks.collect();
+    while let Some((index, outcome)) = pending.next().await {
+        let kind = outcome.kind();
+        if let Some(slot) = outcomes.get_mut(index) {
+            *slot = Some(outcome);
+        }
+        progress(Progress {
+            node: nodes.get(index).map(name).unwrap_or_default(),
+            outcome: kind,
+            done: outcomes.iter().filter(|o| o.is_some()).count(),
+            total: nodes.len(),
+            pending: nodes
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| o.is_none())
+                .map(|(n, _)| name(n))
+                .collect(),
+        });
+    }
+    // In the order the nodes were given, whatever order they answered in.
+    for outcome in outcomes.into_iter().flatten() {
         match outcome {
+            Outcome::Quoted(q) => result.quotes.push(q),
             Outcome::Answered(a) => {
                 // Every node must release the same shape (same bins, same cells).
                 match result.answered.first() {
@@ -354,6 +472,9 @@ pub async fn fan_out(
             Outcome::Missing(m) => result.missing.push(m),
             Outcome::Refused(r) => result.refused.push(r),
         }
+    }
+    if prepared.request.dry_run {
+        return Ok(result);
     }
     let combined = if prepared.request.secure {
         secure_total(&prepared.request.query.aggregate, &result)

@@ -23,6 +23,7 @@ pub mod sql;
 pub use client::{AskError, NetworkClient};
 pub use error::AggregatorError;
 pub use federation::{
-    AnswerMode, FederatedAnswer, NodeAddress, PreparedQuery, QueryOptions, fan_out,
+    AnswerMode, FederatedAnswer, NodeAddress, NodeQuote, PreparedQuery, Progress, QueryOptions,
+    fan_out, fan_out_with_progress,
 };
 pub use researcher::ResearcherSession;

@@ -1,6 +1,7 @@
 //! `renkei-aggregator`: the researcher's command line. A thin clap layer over
 //! `renkei_aggregator`.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use renkei_aggregator::federation::FederatedAnswer;
 use renkei_aggregator::passphrase::PassphraseSource;
 use renkei_aggregator::researcher::{DEFAULT_DEADLINE, DEFAULT_RHO};
 use renkei_aggregator::sql;
-use renkei_aggregator::{AnswerMode, NodeAddress, QueryOptions, ResearcherSession};
+use renkei_aggregator::{AnswerMode, NodeAddress, Progress, QueryOptions, ResearcherSession};
 use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest, SecretKey};
 
 #[derive(Parser)]
@@ -76,6 +77,10 @@ enum Command {
         /// automatically for studies that allow only secure totals.
         #[arg(long)]
         secure: bool,
+        /// Only show what the query would cost at each node and the budget left there;
+        /// nothing is spent.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
         /// Read the SQL from a file instead of the command line.
@@ -133,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             epsilon,
             timeout,
             secure,
+            dry_run,
             format,
             file,
             sql: sql_text,
@@ -183,14 +189,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 study,
                 privacy,
                 deadline: Duration::from_secs_f64(timeout),
+                dry_run,
             };
-            let answer = session.query(&nodes, &sql_text, &options).await?;
+            // Progress goes to a terminal only, so scripts read clean output.
+            let show_progress = std::io::stderr().is_terminal();
+            if show_progress {
+                eprintln!("asking {} node(s)…", nodes.len());
+            }
+            let progress = |p: Progress| {
+                if show_progress {
+                    let waiting = if p.pending.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; waiting for {}", p.pending.join(", "))
+                    };
+                    eprintln!(
+                        "  [{}/{}] {} {}{waiting}",
+                        p.done, p.total, p.node, p.outcome
+                    );
+                }
+            };
+            let answer = session
+                .query_with_progress(&nodes, &sql_text, &options, &progress)
+                .await?;
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
                 Format::Table => print_table(&answer),
                 Format::Csv => print_csv(&answer)?,
             }
-            if answer.answered.is_empty() || answer.aborted {
+            if answer.dry_run {
+                if answer.quotes.is_empty() {
+                    return Ok(ExitCode::from(EXIT_NO_ANSWER));
+                }
+            } else if answer.answered.is_empty() || answer.aborted {
                 return Ok(ExitCode::from(EXIT_NO_ANSWER));
             }
         }
@@ -224,7 +255,25 @@ fn print_table(answer: &FederatedAnswer) {
     } else {
         ""
     };
+    if answer.dry_run {
+        println!("dry run   nothing was spent; what the query would cost:");
+        for q in &answer.quotes {
+            println!(
+                "  {:<24} {}  rho {} (eps {:.3}, delta {:e})  {} sd {:.2}  budget left {} -> {}",
+                q.institution,
+                q.node,
+                q.rho,
+                q.epsilon,
+                q.delta,
+                q.mechanism,
+                q.noise_std,
+                q.budget_remaining,
+                q.budget_after
+            );
+        }
+    }
     match (answer.estimate, answer.ci95, answer.std_dev) {
+        _ if answer.dry_run => {}
         (Some(estimate), Some([low, high]), Some(sd)) => {
             println!("estimate  {estimate}   95% CI [{low:.2}, {high:.2}]   sd {sd:.3}{partial}")
         }
@@ -308,10 +357,11 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
         "code",
         "reason",
         "mode",
+        "budget_remaining",
     ])?;
     let mode = answer.mode.to_string();
     let number = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
-    if answer.groups.is_empty() {
+    if answer.groups.is_empty() && !answer.dry_run {
         out.write_record([
             "estimate",
             "",
@@ -324,6 +374,7 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             "",
             answer.note.as_deref().unwrap_or(""),
             &mode,
+            "",
         ])?;
     }
     for group in &answer.groups {
@@ -339,6 +390,7 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             "",
             "",
             &mode,
+            "",
         ])?;
     }
     for a in &answer.answered {
@@ -354,6 +406,23 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             "",
             "",
             &mode,
+            &a.budget_remaining.to_string(),
+        ])?;
+    }
+    for q in &answer.quotes {
+        out.write_record([
+            "quoted",
+            "",
+            &q.node,
+            "",
+            "",
+            "",
+            &q.noise_std.to_string(),
+            &q.rho.to_string(),
+            "",
+            "",
+            &mode,
+            &q.budget_remaining.to_string(),
         ])?;
     }
     for r in &answer.refused {
@@ -369,11 +438,12 @@ fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
             r.code.as_str(),
             &r.reason,
             &mode,
+            "",
         ])?;
     }
     for m in &answer.missing {
         out.write_record([
-            "missing", "", &m.node, "", "", "", "", "", "", &m.reason, &mode,
+            "missing", "", &m.node, "", "", "", "", "", "", &m.reason, &mode, "",
         ])?;
     }
     out.flush()?;

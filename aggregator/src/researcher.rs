@@ -10,7 +10,9 @@ use renkei_protocol::{MicroRho, PrivacyRequest, SecretKey, unix_now};
 
 use crate::client::NetworkClient;
 use crate::error::AggregatorError;
-use crate::federation::{FederatedAnswer, NodeAddress, PreparedQuery, QueryOptions, fan_out};
+use crate::federation::{
+    FederatedAnswer, NodeAddress, PreparedQuery, Progress, QueryOptions, fan_out_with_progress,
+};
 use crate::passphrase::PassphraseSource;
 use crate::sql;
 
@@ -102,6 +104,7 @@ impl ResearcherSession {
             study,
             privacy: PrivacyRequest::Zcdp { rho: DEFAULT_RHO },
             deadline: DEFAULT_DEADLINE,
+            dry_run: false,
         })
     }
 
@@ -120,6 +123,18 @@ impl ResearcherSession {
         sql_text: &str,
         options: &QueryOptions,
     ) -> Result<FederatedAnswer, AggregatorError> {
+        self.query_with_progress(nodes, sql_text, options, &|_| {})
+            .await
+    }
+
+    /// As [`ResearcherSession::query`], telling `progress` as each node finishes.
+    pub async fn query_with_progress(
+        &self,
+        nodes: &[NodeAddress],
+        sql_text: &str,
+        options: &QueryOptions,
+        progress: &(dyn Fn(Progress) + Sync),
+    ) -> Result<FederatedAnswer, AggregatorError> {
         let query = sql::compile(sql_text)?;
         let prepared = PreparedQuery::sign(
             &self.key,
@@ -130,12 +145,13 @@ impl ResearcherSession {
             nodes,
             unix_now(),
         )?;
-        fan_out(
+        fan_out_with_progress(
             &self.client,
             &self.policy,
             nodes,
             &prepared,
             options.deadline,
+            progress,
         )
         .await
     }

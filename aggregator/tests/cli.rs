@@ -109,6 +109,40 @@ async fn json_output_carries_the_contract_fields() {
     assert_eq!(json["missing"].as_array().unwrap().len(), 0);
     assert_eq!(json["refused"].as_array().unwrap().len(), 0);
 
+    assert_eq!(json["mode"], "per_site");
+    assert_eq!(json["dry_run"], false);
+
+    // --dry-run --format csv: the cost and the budget, nothing spent.
+    let dry = aggregator_cli(vec![
+        "query".into(),
+        "--key".into(),
+        key.clone(),
+        "--nodes".into(),
+        node.listen_addr().to_string(),
+        "--rho".into(),
+        "0.5".into(),
+        "--dry-run".into(),
+        "--format".into(),
+        "csv".into(),
+        "SELECT COUNT(*) FROM patients WHERE age >= 50".into(),
+    ])
+    .await;
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let text = String::from_utf8_lossy(&dry.stdout);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    assert!(header.ends_with(",mode,budget_remaining"), "{header}");
+    let quoted: Vec<&str> = lines.collect();
+    assert_eq!(quoted.len(), 1, "{text}");
+    assert!(quoted[0].starts_with("quoted,,"), "{text}");
+    // rho 0.5 already spent of 5: 4.5 left, and still 4.5 after the dry run.
+    assert!(quoted[0].contains(",0.500000,"), "{text}");
+    assert!(quoted[0].ends_with(",per_site,4.500000"), "{text}");
+
     // The node goes away: the same command reports it missing and exits 3.
     let address = node.listen_addr().to_string();
     node.shutdown().await;

@@ -46,6 +46,14 @@ pub enum AuditEvent {
         answer_hash: String,
         resent: bool,
     },
+    /// A dry run was quoted (nothing spent).
+    QueryQuoted {
+        researcher: PublicKey,
+        study: String,
+        request_id: String,
+        query_hash: String,
+        rho: MicroRho,
+    },
     /// A query was refused.
     QueryRefused {
         /// Known once the signature verified.

@@ -42,6 +42,15 @@ impl Bitset {
         Self { words, len }
     }
 
+    /// A set from its words (bit `i % 64` of word `i / 64` is row `i`); bits at or past
+    /// `len` are cleared.
+    pub fn from_words(mut words: Vec<u64>, len: usize) -> Self {
+        words.resize(len.div_ceil(64), 0);
+        let mut set = Self { words, len };
+        set.clear_tail();
+        set
+    }
+
     fn clear_tail(&mut self) {
         let extra = self.words.len() * 64 - self.len;
         if extra > 0

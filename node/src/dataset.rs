@@ -11,6 +11,7 @@
 //! them between the three layers by gathering through parent indices, and counts only
 //! patients who consented to every scope the query needs.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -821,7 +822,7 @@ impl Dataset {
                 rows: count_rows,
                 cap,
             } => {
-                let values: Vec<Vec<i64>> = columns
+                let values: Vec<Cow<'_, [i64]>> = columns
                     .iter()
                     .map(|(source, _)| self.values(*source, query.view))
                     .collect();
@@ -839,6 +840,15 @@ impl Dataset {
                 let mut counts = vec![0i64; cells];
                 if *count_rows {
                     for row in capped(*cap, &|row| cell_of(row).is_some()) {
+                        if let Some(cell) = cell_of(row) {
+                            counts[cell] += 1;
+                        }
+                    }
+                } else if parent.is_none() {
+                    // Rows are patients: each counts once in its cell.
+                    let mut kept = rows.clone();
+                    kept.and(&consenting);
+                    for row in kept.iter() {
                         if let Some(cell) = cell_of(row) {
                             counts[cell] += 1;
                         }
@@ -874,24 +884,27 @@ impl Dataset {
         }
     }
 
-    /// A column's values for each row of `view` (gathered from the layer it lives in).
-    fn values(&self, source: Source, view: View) -> Vec<i64> {
-        let (level, values): (View, Vec<i64>) = match source {
-            Source::Patient(i) => (View::Patients, self.patients.columns[i].clone()),
-            Source::Timepoint(i) => (View::Timepoints, self.timepoints.columns[i].clone()),
-            Source::TimepointNumber => (View::Timepoints, self.timepoints.number.clone()),
+    /// A column's values for each row of `view` (gathered from the layer it lives in;
+    /// borrowed when it lives in the view's own layer).
+    fn values(&self, source: Source, view: View) -> Cow<'_, [i64]> {
+        let (level, values): (View, Cow<'_, [i64]>) = match source {
+            Source::Patient(i) => (View::Patients, Cow::Borrowed(&self.patients.columns[i])),
+            Source::Timepoint(i) => (View::Timepoints, Cow::Borrowed(&self.timepoints.columns[i])),
+            Source::TimepointNumber => (View::Timepoints, Cow::Borrowed(&self.timepoints.number)),
             Source::Item(i) => match view {
-                View::Items(k) => (view, self.items[k].columns[i].clone()),
-                _ => (view, vec![NULL; self.rows(view)]),
+                View::Items(k) => (view, Cow::Borrowed(&self.items[k].columns[i])),
+                _ => (view, Cow::Owned(vec![NULL; self.rows(view)])),
             },
             Source::PatientHas(k) => {
                 let has = Bitset::full(self.items[k].len)
                     .scatter(&self.items[k].patient, self.patients.len);
                 (
                     View::Patients,
-                    (0..self.patients.len)
-                        .map(|i| i64::from(has.contains(i)))
-                        .collect(),
+                    Cow::Owned(
+                        (0..self.patients.len)
+                            .map(|i| i64::from(has.contains(i)))
+                            .collect(),
+                    ),
                 )
             }
             Source::TimepointHas(k) => {
@@ -899,19 +912,22 @@ impl Dataset {
                     .scatter(&self.items[k].timepoint, self.timepoints.len);
                 (
                     View::Timepoints,
-                    (0..self.timepoints.len)
-                        .map(|i| i64::from(has.contains(i)))
-                        .collect(),
+                    Cow::Owned(
+                        (0..self.timepoints.len)
+                            .map(|i| i64::from(has.contains(i)))
+                            .collect(),
+                    ),
                 )
             }
         };
-        let gather = |parent: &[u32]| parent.iter().map(|p| values[*p as usize]).collect();
+        let gather =
+            |parent: &[u32]| Cow::Owned(parent.iter().map(|p| values[*p as usize]).collect());
         match (level, view) {
             (from, to) if from == to => values,
             (View::Patients, View::Timepoints) => gather(&self.timepoints.patient),
             (View::Patients, View::Items(k)) => gather(&self.items[k].patient),
             (View::Timepoints, View::Items(k)) => gather(&self.items[k].timepoint),
-            _ => vec![NULL; self.rows(view)],
+            _ => Cow::Owned(vec![NULL; self.rows(view)]),
         }
     }
 
@@ -1014,32 +1030,56 @@ fn push_values(columns: &mut [Vec<i64>], values: &[Option<i64>]) {
 /// (true, false) rows of a test on a column; a missing value is neither.
 fn column_test(values: &[i64], test: &Test) -> (Bitset, Bitset) {
     let len = values.len();
-    if let Test::IsNull { negated } = test {
-        let null = Bitset::from_fn(len, |i| values[i] == NULL);
-        let mut not_null = Bitset::full(len);
-        not_null.and_not(&null);
-        return if *negated {
-            (not_null, null)
-        } else {
-            (null, not_null)
-        };
+    // One specialised pass per operator: the comparison is fixed inside the loop, so the
+    // compiler can vectorise it.
+    match test {
+        Test::IsNull { negated } => {
+            let (present, _) = split(values, |_| true);
+            let mut missing = Bitset::full(len);
+            missing.and_not(&present);
+            if *negated {
+                (present, missing)
+            } else {
+                (missing, present)
+            }
+        }
+        Test::Cmp(op, x) => {
+            let x = *x;
+            match op {
+                CmpOp::Eq => split(values, |v| v == x),
+                CmpOp::Ne => split(values, |v| v != x),
+                CmpOp::Lt => split(values, |v| v < x),
+                CmpOp::Le => split(values, |v| v <= x),
+                CmpOp::Gt => split(values, |v| v > x),
+                CmpOp::Ge => split(values, |v| v >= x),
+            }
+        }
+        Test::In(set) => split(values, |v| set.contains(&v)),
+        Test::Between(low, high) => {
+            let (low, high) = (*low, *high);
+            split(values, |v| low <= v && v <= high)
+        }
     }
-    let hit = |v: i64| match test {
-        Test::Cmp(op, x) => match op {
-            CmpOp::Eq => v == *x,
-            CmpOp::Ne => v != *x,
-            CmpOp::Lt => v < *x,
-            CmpOp::Le => v <= *x,
-            CmpOp::Gt => v > *x,
-            CmpOp::Ge => v >= *x,
-        },
-        Test::In(set) => set.contains(&v),
-        Test::Between(lo, hi) => *lo <= v && v <= *hi,
-        Test::IsNull { .. } => false,
-    };
-    let t = Bitset::from_fn(len, |i| values[i] != NULL && hit(values[i]));
-    let f = Bitset::from_fn(len, |i| values[i] != NULL && !hit(values[i]));
-    (t, f)
+}
+
+/// (rows whose value satisfies `hit`, rows whose value does not), missing values in
+/// neither; one pass over the column, 64 rows to a word.
+fn split(values: &[i64], hit: impl Fn(i64) -> bool) -> (Bitset, Bitset) {
+    let words = values.len().div_ceil(64);
+    let (mut yes, mut no) = (Vec::with_capacity(words), Vec::with_capacity(words));
+    for chunk in values.chunks(64) {
+        let (mut hits, mut present) = (0u64, 0u64);
+        for (bit, &value) in chunk.iter().enumerate() {
+            hits |= u64::from(hit(value)) << bit;
+            present |= u64::from(value != NULL) << bit;
+        }
+        yes.push(hits & present);
+        no.push(!hits & present);
+    }
+    (
+        Bitset::from_words(yes, values.len()),
+        Bitset::from_words(no, values.len()),
+    )
 }
 
 /// (true, false) rows of a test on a presence flag (never missing).

@@ -29,8 +29,8 @@ use renkei_protocol::limits::{
 use renkei_protocol::messages::{hide_under_masks, request_digest};
 use renkei_protocol::{
     Answer, MaskedShape, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey,
-    Purpose, QueryRequest, QueryResponse, Refusal, RefusalCode, Release, RequestId, SecretKey,
-    SignedEnvelope,
+    Purpose, QueryRequest, QueryResponse, Quote, Refusal, RefusalCode, Release, RequestId,
+    SecretKey, SignedEnvelope,
 };
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
@@ -169,6 +169,9 @@ impl QueryDesk {
                 return QueryResponse::Refused(refusal);
             }
         };
+        if checked.request.dry_run {
+            return self.quote(checked, now);
+        }
         let desk = Arc::clone(&self);
         // sled's fsync and opendp's sampler block; opendp measurements are not Send, so the
         // whole release runs on one blocking thread.
@@ -421,18 +424,7 @@ impl QueryDesk {
         let _guard = self.hold(&researcher, &request.request_id)?;
         let admission = self
             .ledger
-            .admit(ChargeRequest {
-                researcher: &researcher,
-                study: &request.study,
-                request_id: &request.request_id,
-                nonce: &request.nonce,
-                digest: &digest,
-                expires_at: request.expires_at,
-                cost,
-                budget: grant.budget_per_researcher,
-                study_budget: grant.study_budget,
-                dataset_budget: grant.dataset_budget,
-            })
+            .admit(charge_request(&researcher, &request, &digest, cost, &grant))
             .map_err(|e| internal("ledger", &e))??;
         let charge = match admission {
             Admission::Answered(bytes) => {
@@ -516,6 +508,69 @@ impl QueryDesk {
             "answered"
         );
         Ok(QueryResponse::Answered(sealed))
+    }
+
+    /// A dry run's reply: what the checked request would cost and what the budget holds,
+    /// or the refusal its charge would meet. Spends nothing and consumes no nonce.
+    fn quote(&self, checked: Checked, now: u64) -> QueryResponse {
+        let Checked {
+            digest,
+            researcher,
+            request,
+            calibrations,
+            cost,
+            grant,
+            ..
+        } = checked;
+        let quoted = self.ledger.quote(&charge_request(
+            &researcher,
+            &request,
+            &digest,
+            cost,
+            &grant,
+        ));
+        let known = Known {
+            researcher: Some(researcher),
+            study: Some(request.study.clone()),
+            request_id: Some(request.request_id),
+            digest: Some(digest),
+        };
+        match quoted {
+            Err(e) => {
+                warn!("ledger: {e}");
+                QueryResponse::Refused(Refusal::new(
+                    RefusalCode::Internal,
+                    "reading the ledger failed on the node; nothing was spent",
+                ))
+            }
+            Ok(Err(refusal)) => {
+                self.record_refusal(now, known, &refusal);
+                QueryResponse::Refused(refusal)
+            }
+            Ok(Ok(budget_remaining)) => {
+                self.record(
+                    now,
+                    AuditEvent::QueryQuoted {
+                        researcher,
+                        study: request.study.clone(),
+                        request_id: request.request_id.to_string(),
+                        query_hash: hex_hash(&digest),
+                        rho: cost,
+                    },
+                );
+                let main = &calibrations[0];
+                QueryResponse::Quoted(Quote {
+                    request_id: request.request_id,
+                    request_digest: digest,
+                    rho: cost,
+                    epsilon: calibrations.iter().map(|c| c.epsilon).sum(),
+                    delta: calibrations.iter().map(|c| c.delta).sum(),
+                    mechanism: main.mechanism,
+                    noise_std: main.noise_std,
+                    budget_remaining,
+                })
+            }
+        }
     }
 
     /// A secure round's contribution: the exact numbers plus this node's noise share, under
@@ -722,4 +777,26 @@ fn secure_participants(
         ));
     }
     Ok(participants)
+}
+
+/// The ledger's view of a checked request.
+fn charge_request<'a>(
+    researcher: &'a PublicKey,
+    request: &'a QueryRequest,
+    digest: &'a [u8; 32],
+    cost: MicroRho,
+    grant: &Grant,
+) -> ChargeRequest<'a> {
+    ChargeRequest {
+        researcher,
+        study: &request.study,
+        request_id: &request.request_id,
+        nonce: &request.nonce,
+        digest,
+        expires_at: request.expires_at,
+        cost,
+        budget: grant.budget_per_researcher,
+        study_budget: grant.study_budget,
+        dataset_budget: grant.dataset_budget,
+    }
 }

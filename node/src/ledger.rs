@@ -127,6 +127,75 @@ fn decode_record(bytes: &[u8]) -> Option<RequestRecord> {
     renkei_protocol::codec::decode_limited(bytes, MAX_RECORD_BYTES).ok()
 }
 
+/// The researcher's, the study's and the dataset's spend once `request` is charged, or
+/// which of them it would exceed.
+fn totals(
+    request: &ChargeRequest<'_>,
+    spent: u64,
+    study_spent: u64,
+    dataset_spent: u64,
+) -> Result<[u64; 3], Stop> {
+    let total = spent
+        .checked_add(request.cost.0)
+        .filter(|total| *total <= request.budget.0)
+        .ok_or(Stop::Exhausted { spent })?;
+    let study_total = study_spent.saturating_add(request.cost.0);
+    if let Some(cap) = request.study_budget
+        && study_total > cap.0
+    {
+        return Err(Stop::StudyExhausted {
+            spent: study_spent,
+            cap: cap.0,
+        });
+    }
+    let dataset_total = dataset_spent.saturating_add(request.cost.0);
+    if let Some(cap) = request.dataset_budget
+        && dataset_total > cap.0
+    {
+        return Err(Stop::DatasetExhausted {
+            spent: dataset_spent,
+            cap: cap.0,
+        });
+    }
+    Ok([total, study_total, dataset_total])
+}
+
+/// The refusal for a charge that would exceed a budget.
+fn exhausted(stop: Stop, request: &ChargeRequest<'_>) -> Refusal {
+    match stop {
+        Stop::StudyExhausted { spent, cap } => Refusal::new(
+            RefusalCode::StudyBudgetExhausted,
+            format!(
+                "study `{}` has spent rho {} of its {} at this node over all its researchers; this query costs {}",
+                request.study,
+                MicroRho(spent),
+                MicroRho(cap),
+                request.cost
+            ),
+        ),
+        Stop::DatasetExhausted { spent, cap } => Refusal::new(
+            RefusalCode::DatasetBudgetExhausted,
+            format!(
+                "this node's dataset has spent rho {} of its {} cap over all researchers; this query costs {}",
+                MicroRho(spent),
+                MicroRho(cap),
+                request.cost
+            ),
+        ),
+        Stop::Exhausted { spent } => {
+            let left = request.budget.saturating_sub(MicroRho(spent));
+            Refusal::new(
+                RefusalCode::BudgetExhausted,
+                format!(
+                    "study `{}`: this query costs rho {} but only {} of {} is left at this node",
+                    request.study, request.cost, left, request.budget
+                ),
+            )
+        }
+        _ => Refusal::new(RefusalCode::Internal, "the ledger failed"),
+    }
+}
+
 /// Why a transaction stopped.
 #[derive(Debug)]
 enum Stop {
@@ -175,30 +244,10 @@ impl PrivacyLedger {
                 Some(bytes) => decode_u64(&bytes).ok_or(Abort::Abort(Stop::Corrupt(what))),
             };
             let spent = read(ledger.get(&account)?, "ledger account")?;
-            let total = spent
-                .checked_add(request.cost.0)
-                .filter(|total| *total <= request.budget.0)
-                .ok_or(Abort::Abort(Stop::Exhausted { spent }))?;
             let study_spent = read(ledger.get(&study_account)?, "study account")?;
-            let study_total = study_spent.saturating_add(request.cost.0);
-            if let Some(cap) = request.study_budget
-                && study_total > cap.0
-            {
-                return Err(Abort::Abort(Stop::StudyExhausted {
-                    spent: study_spent,
-                    cap: cap.0,
-                }));
-            }
             let dataset_spent = read(ledger.get(DATASET_ACCOUNT)?, "dataset account")?;
-            let dataset_total = dataset_spent.saturating_add(request.cost.0);
-            if let Some(cap) = request.dataset_budget
-                && dataset_total > cap.0
-            {
-                return Err(Abort::Abort(Stop::DatasetExhausted {
-                    spent: dataset_spent,
-                    cap: cap.0,
-                }));
-            }
+            let [total, study_total, dataset_total] =
+                totals(&request, spent, study_spent, dataset_spent).map_err(Abort::Abort)?;
             let record = RequestRecord {
                 digest: *request.digest,
                 expires_at: request.expires_at,
@@ -247,41 +296,34 @@ impl PrivacyLedger {
                 RefusalCode::Replayed,
                 "this request's nonce was already used; sign a new request".into(),
             ),
-            Err(TransactionError::Abort(Stop::Exhausted { spent })) => {
-                let left = request.budget.saturating_sub(MicroRho(spent));
-                refusal(
-                    RefusalCode::BudgetExhausted,
-                    format!(
-                        "study `{}`: this query costs rho {} but only {} of {} is left at this node",
-                        request.study, request.cost, left, request.budget
-                    ),
-                )
-            }
-            Err(TransactionError::Abort(Stop::StudyExhausted { spent, cap })) => refusal(
-                RefusalCode::StudyBudgetExhausted,
-                format!(
-                    "study `{}` has spent rho {} of its {} at this node over all its researchers; this query costs {}",
-                    request.study,
-                    MicroRho(spent),
-                    MicroRho(cap),
-                    request.cost
-                ),
-            ),
-            Err(TransactionError::Abort(Stop::DatasetExhausted { spent, cap })) => refusal(
-                RefusalCode::DatasetBudgetExhausted,
-                format!(
-                    "this node's dataset has spent rho {} of its {} cap over all researchers; this query costs {}",
-                    MicroRho(spent),
-                    MicroRho(cap),
-                    request.cost
-                ),
-            ),
+            Err(TransactionError::Abort(
+                stop @ (Stop::Exhausted { .. }
+                | Stop::StudyExhausted { .. }
+                | Stop::DatasetExhausted { .. }),
+            )) => Ok(Err(exhausted(stop, &request))),
             Err(TransactionError::Abort(Stop::Corrupt(what))) => Err(NodeError::CorruptStore {
                 what: what.into(),
                 reason: "undecodable value".into(),
             }),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+    }
+
+    /// What `request` would leave of the researcher's budget for its study, before it is
+    /// charged, or the refusal a charge would meet. Writes nothing.
+    pub fn quote(
+        &self,
+        request: &ChargeRequest<'_>,
+    ) -> Result<Result<MicroRho, Refusal>, NodeError> {
+        let spent = self.spent(request.researcher, request.study)?;
+        let study_spent = self.study_spent(request.study)?;
+        let dataset_spent = self.dataset_spent()?;
+        Ok(
+            match totals(request, spent.0, study_spent.0, dataset_spent.0) {
+                Ok(_) => Ok(request.budget.saturating_sub(spent)),
+                Err(stop) => Err(exhausted(stop, request)),
+            },
+        )
     }
 
     /// Records the signed answer of an admitted request and fsyncs; call before sending it.

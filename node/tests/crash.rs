@@ -157,6 +157,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                         privacy: PrivacyRequest::Zcdp { rho: COST },
                         deadline: Duration::from_secs(5),
                         secure: false,
+                        dry_run: false,
                     };
                     let prepared = PreparedQuery::sign(
                         &researcher,
@@ -187,7 +188,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                                 .unwrap()
                                 .insert(answer.request_id, (answer.release, answer.rho_spent));
                         }
-                        Ok(QueryResponse::Refused(refusal)) => panic!("refused: {refusal}"),
+                        Ok(other) => panic!("not answered: {other:?}"),
                         // The node died under us: resend this one after the restart.
                         Err(_) => {
                             lost.lock().unwrap().push(prepared);

@@ -22,7 +22,7 @@ pub use envelope::{EnvelopeError, Purpose, SignedEnvelope};
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
     AdminSignature, Answer, MaskedShape, Mechanism, MicroEpsilon, MicroRho, PolicyRequest,
-    PolicyResponse, PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Refusal,
+    PolicyResponse, PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Quote, Refusal,
     RefusalCode, Release, RequestId,
 };
 pub use query::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};

@@ -206,6 +206,9 @@ pub struct QueryRequest {
     /// refuses. Required for secure rounds, whose nodes must all size their noise shares by
     /// the same policy.
     pub policy_version: Option<u64>,
+    /// Only ask what the query would cost: the node checks everything it would check and
+    /// replies with a [`Quote`], spending nothing and consuming no nonce.
+    pub dry_run: bool,
 }
 
 /// SHA-256 of the exact signed request payload: binds an answer to the request it answers.
@@ -454,12 +457,32 @@ impl Refusal {
     }
 }
 
+/// What a query would cost at a node: the reply to a dry run. Nothing was spent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quote {
+    pub request_id: RequestId,
+    /// SHA-256 of the signed request payload quoted.
+    pub request_digest: [u8; 32],
+    /// The zCDP rho the node would charge.
+    pub rho: MicroRho,
+    /// The same as (epsilon, delta)-DP.
+    pub epsilon: f64,
+    pub delta: f64,
+    pub mechanism: Mechanism,
+    /// The noise's standard deviation on the (first) released number.
+    pub noise_std: f64,
+    /// The researcher's budget for the study at this node, before this query.
+    pub budget_remaining: MicroRho,
+}
+
 /// A node's reply to a query request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum QueryResponse {
     /// A signed [`Answer`].
     Answered(SignedEnvelope),
     Refused(Refusal),
+    /// The cost of a dry run.
+    Quoted(Quote),
 }
 
 #[cfg(test)]

@@ -236,18 +236,25 @@ pub struct EngineBench {
 }
 
 /// The engine alone: one node holding every patient, the same three questions as
-/// [`queries`], without the network or DuckDB.
+/// [`queries`], without the network or DuckDB. A `dir` holding a node from an earlier run is
+/// reused as it is (so the engine can be timed again without loading again).
 pub fn engine(dir: &Path, patients: usize, per_patient: usize) -> anyhow::Result<EngineBench> {
-    let (p, t) = write_cohort(&dir.join("data"), 0, patients, per_patient, 7)?;
-    let (home, _) = NodeHome::init(&dir.join("home"))?;
-    let store = home.open_store()?;
-    ingest::ingest_patients(&store, &p, false)?;
-    ingest::ingest_timepoints(&store, &t, false)?;
+    let home_dir = dir.join("home");
+    let store = if home_dir.exists() {
+        NodeHome::open(&home_dir)?.open_store()?
+    } else {
+        let (p, t) = write_cohort(&dir.join("data"), 0, patients, per_patient, 7)?;
+        let (home, _) = NodeHome::init(&home_dir)?;
+        let store = home.open_store()?;
+        ingest::ingest_patients(&store, &p, false)?;
+        ingest::ingest_timepoints(&store, &t, false)?;
+        store
+    };
     let start = Instant::now();
     let engine = Dataset::load(&store, Arc::new(store.schema()?))?;
     let load_s = start.elapsed().as_secs_f64();
     Ok(EngineBench {
-        patients,
+        patients: engine.patients(),
         timepoints: engine.timepoints(),
         load_s,
         engine_count3_p50_ms: time_engine(&engine, COUNT_3.0)?,

@@ -4,6 +4,7 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+use renkei_aggregator::QueryOptions;
 use renkei_protocol::{MicroRho, PrivacyRequest, RefusalCode};
 use renkei_tests::{researcher, start_testnet, within};
 
@@ -17,6 +18,28 @@ async fn budget_runs_out_and_stays_spent_across_a_restart() {
         rho: MicroRho(50_000),
     };
     let sql_text = "SELECT COUNT(*) FROM patients WHERE severity = 'severe'";
+
+    // A dry run says what a query would cost and spends nothing (twice, to be sure).
+    let dry = QueryOptions {
+        dry_run: true,
+        ..options.clone()
+    };
+    for _ in 0..2 {
+        let quoted = within(
+            "a dry run",
+            session.query(&fixture.testnet.addresses(), sql_text, &dry),
+        )
+        .await
+        .unwrap();
+        assert!(quoted.dry_run && quoted.answered.is_empty(), "{quoted:#?}");
+        assert_eq!(quoted.estimate, None);
+        assert_eq!(quoted.quotes.len(), 1, "{quoted:#?}");
+        let quote = &quoted.quotes[0];
+        assert_eq!(quote.rho, MicroRho(50_000));
+        assert_eq!(quote.budget_remaining, MicroRho(200_000));
+        assert_eq!(quote.budget_after, MicroRho(150_000));
+        assert!(quote.noise_std > 3.0 && quote.noise_std < 3.2, "{quote:?}");
+    }
 
     let mut remaining = Vec::new();
     for _ in 0..4 {
@@ -45,6 +68,15 @@ async fn budget_runs_out_and_stays_spent_across_a_restart() {
     assert!(refused.answered.is_empty());
     assert_eq!(refused.refused.len(), 1);
     assert_eq!(refused.refused[0].code, RefusalCode::BudgetExhausted);
+    // A dry run now says so too.
+    let quoted = within(
+        "a dry run when exhausted",
+        session.query(&fixture.testnet.addresses(), sql_text, &dry),
+    )
+    .await
+    .unwrap();
+    assert!(quoted.quotes.is_empty());
+    assert_eq!(quoted.refused[0].code, RefusalCode::BudgetExhausted);
 
     // A smaller query still fits nowhere: the budget is spent, not just rounded.
     let mut tiny = options.clone();

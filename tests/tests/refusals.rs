@@ -36,6 +36,7 @@ fn request(audience: PublicKey, study: &str, issued_at: u64, expires_at: u64) ->
         },
         secure: false,
         policy_version: None,
+        dry_run: false,
     }
 }
 
@@ -69,7 +70,7 @@ async fn each_bad_request_is_refused_with_its_own_code() {
             .unwrap()
         {
             QueryResponse::Refused(refusal) => refusal,
-            QueryResponse::Answered(_) => panic!("expected a refusal, got an answer"),
+            other => panic!("expected a refusal, got {other:?}"),
         }
     };
     let code = |envelope: SignedEnvelope| async move { refusal(envelope).await.code };
