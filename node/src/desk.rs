@@ -18,7 +18,7 @@
 //! secure totals refuses per-site requests.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use renkei_policies::{Grant, SignedPolicy, VerifiedPolicy};
 use renkei_protocol::codec::EncodedRequest;
@@ -52,7 +52,8 @@ pub struct QueryDesk {
     identity: SecretKey,
     node_key: PublicKey,
     policy: PolicyKeeper,
-    dataset: Dataset,
+    /// The in-memory image queries run on; replaced whole when data is loaded while serving.
+    dataset: RwLock<Arc<Dataset>>,
     ledger: PrivacyLedger,
     audit: AuditLog,
     /// Requests (researcher key || request id) being answered right now, so two copies of
@@ -91,6 +92,8 @@ struct Checked {
     digest: [u8; 32],
     researcher: PublicKey,
     request: QueryRequest,
+    /// The image the query was compiled against, and is evaluated on.
+    dataset: Arc<Dataset>,
     compiled: CompiledQuery,
     /// One mechanism per released quantity (two for a mean: sum and count).
     calibrations: Vec<Calibration>,
@@ -113,7 +116,7 @@ impl QueryDesk {
             node_key: identity.public_key(),
             identity,
             policy,
-            dataset,
+            dataset: RwLock::new(Arc::new(dataset)),
             ledger,
             audit,
             answering: Mutex::new(HashSet::new()),
@@ -130,8 +133,30 @@ impl QueryDesk {
         self.policy.active()
     }
 
-    pub fn dataset(&self) -> &Dataset {
-        &self.dataset
+    /// The current data image.
+    pub fn dataset(&self) -> Arc<Dataset> {
+        match self.dataset.read() {
+            Ok(image) => Arc::clone(&image),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Carries out a load (or a consent change) on the node's own store; see
+    /// [`crate::control`]. Blocking; the image is not refreshed here.
+    pub fn load(&self, request: &crate::control::ControlRequest) -> Result<Vec<String>, NodeError> {
+        request.run(self.ledger.store())
+    }
+
+    /// Loads a fresh image from the store and puts it in place of the current one (queries
+    /// already running finish on the old image). Blocking.
+    pub fn refresh_dataset(&self) -> Result<(), NodeError> {
+        let store = self.ledger.store();
+        let fresh = Arc::new(Dataset::load(store, Arc::new(store.schema()?))?);
+        match self.dataset.write() {
+            Ok(mut image) => *image = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(())
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -292,8 +317,8 @@ impl QueryDesk {
             .check_shape()
             .map_err(|e| Refusal::new(RefusalCode::MalformedRequest, e.to_string()))?;
         let grant = policy.authorize(&researcher, &request.study, &request.query, now)?;
-        let compiled = self
-            .dataset
+        let dataset = self.dataset();
+        let compiled = dataset
             .compile(&request.query)
             .map_err(|e| Refusal::new(RefusalCode::InvalidQuery, e.to_string()))?;
         let out_of_range = |e: crate::dp::DpError| {
@@ -377,6 +402,7 @@ impl QueryDesk {
             digest,
             researcher,
             request,
+            dataset,
             compiled,
             calibrations,
             cost,
@@ -415,6 +441,7 @@ impl QueryDesk {
             digest,
             researcher,
             request,
+            dataset,
             compiled,
             calibrations,
             cost,
@@ -447,7 +474,7 @@ impl QueryDesk {
             }
             Admission::Charged(charge) | Admission::ChargedUnanswered(charge) => charge,
         };
-        let exact = self.dataset.evaluate(&compiled);
+        let exact = dataset.evaluate(&compiled);
         let main = &calibrations[0];
         let release = match &participants {
             Some(participants) => self

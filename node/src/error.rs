@@ -58,6 +58,25 @@ pub enum NodeError {
     Dp(#[from] crate::dp::DpError),
     #[error("encoding: {0}")]
     Codec(#[from] renkei_protocol::CodecError),
+    #[error("control socket: {0}")]
+    Control(String),
+    /// An error with what was being done when it happened.
+    #[error("{what}: {source}")]
+    Within {
+        what: String,
+        #[source]
+        source: Box<NodeError>,
+    },
+}
+
+impl NodeError {
+    /// This error, as it happened while doing `what`.
+    pub fn within(self, what: impl Into<String>) -> Self {
+        NodeError::Within {
+            what: what.into(),
+            source: Box::new(self),
+        }
+    }
 }
 
 impl From<crate::ingest::IngestErrors> for NodeError {

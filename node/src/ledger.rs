@@ -215,6 +215,11 @@ impl PrivacyLedger {
         Self { store }
     }
 
+    /// The node's store (the ledger shares it with the data and the audit log).
+    pub(crate) fn store(&self) -> &NodeStore {
+        &self.store
+    }
+
     /// Decides a request: the stored outcome of a request seen before, or a refusal, or a
     /// durable charge. Returns only once a new charge is on disk.
     pub fn admit(

@@ -21,6 +21,7 @@
 
 pub mod audit;
 pub mod bitset;
+pub mod control;
 pub mod dataset;
 pub mod desk;
 pub mod dp;

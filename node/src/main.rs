@@ -7,13 +7,11 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use renkei_node::audit;
+use renkei_node::control::{self, ControlRequest, ControlResponse, IngestPlan};
 use renkei_node::dataset::Dataset;
 use renkei_node::governance::PolicyKeeper;
-use renkei_node::import;
-use renkei_node::ingest::{self, IngestReport};
 use renkei_node::ledger::PrivacyLedger;
 use renkei_node::service::{NodeStatus, STATUS_FILE};
-use renkei_node::store::NodeStore;
 use renkei_node::{NodeError, NodeHome, NodeService};
 
 #[derive(Parser)]
@@ -183,77 +181,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             assume_consent,
             dry_run,
         } => {
-            let store = NodeHome::open(&dir)?.open_store()?;
-            // Exports in other shapes first: they create patients.
-            let mut exports = Vec::new();
-            if let Some(dir) = &synthea {
-                exports.push((
-                    format!("Synthea export {}", dir.display()),
-                    import::read_synthea(dir)?,
-                ));
-            }
-            if !fhir.is_empty() {
-                let paths: Vec<&std::path::Path> = fhir.iter().map(PathBuf::as_path).collect();
-                exports.push((
-                    format!("{} FHIR bundle(s)", fhir.len()),
-                    import::read_fhir(&paths)?,
-                ));
-            }
-            for (what, export) in &exports {
-                let report = import::import(&store, export, assume_consent, dry_run)
-                    .with_context(|| format!("importing {what}"))?;
-                println!(
-                    "{}{what}: {} patients and timepoints, {} added, {} updated, {} consented{}",
-                    if dry_run {
-                        "dry run, nothing written: "
-                    } else {
-                        ""
-                    },
-                    report.rows,
-                    report.added,
-                    report.updated,
-                    report.consented,
-                    if assume_consent {
-                        ""
-                    } else {
-                        " (load consent before they can be counted)"
-                    }
-                );
-            }
-            // Patients first: timepoints, consent and items refer to them.
-            let mut steps: Vec<(&str, PathBuf, IngestFn)> = Vec::new();
-            if let Some(path) = patients {
-                steps.push(("patients", path, ingest::ingest_patients));
-            }
-            for path in timepoints {
-                steps.push(("timepoints", path, ingest::ingest_timepoints));
-            }
-            if let Some(path) = consent {
-                steps.push(("consent", path, ingest::ingest_consent));
-            }
-            if let Some(path) = manifest {
-                steps.push(("items", path, ingest::ingest_manifest));
-            }
-            for (what, path, load) in steps {
-                let report = load(&store, &path, dry_run)
-                    .with_context(|| format!("loading {}", path.display()))?;
-                println!(
-                    "{}{what} from {}: {} rows, {} added, {} updated{}",
-                    if dry_run {
-                        "dry run, nothing written: "
-                    } else {
-                        ""
-                    },
-                    path.display(),
-                    report.rows,
-                    report.added,
-                    report.updated,
-                    if what == "patients" {
-                        format!(", {} consented", report.consented)
-                    } else {
-                        String::new()
-                    }
-                );
+            let plan = IngestPlan {
+                patients,
+                timepoints,
+                consent,
+                manifest,
+                synthea,
+                fhir,
+                assume_consent,
+                dry_run,
+            };
+            for line in load_or_hand_over(&dir, ControlRequest::Ingest(plan.absolute()?))? {
+                println!("{line}");
             }
         }
         Command::Consent {
@@ -264,12 +203,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     scope,
                 },
         } => {
-            let store = NodeHome::open(&dir)?.open_store()?;
-            ingest::withdraw_consent(&store, &patient, scope.as_deref())?;
-            println!(
-                "withdrawn: {} for patient {patient}",
-                scope.as_deref().unwrap_or("every scope")
-            );
+            for line in load_or_hand_over(&dir, ControlRequest::WithdrawConsent { patient, scope })?
+            {
+                println!("{line}");
+            }
         }
         Command::Serve {
             dir,
@@ -343,8 +280,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One of the ingest functions.
-type IngestFn = fn(&NodeStore, &std::path::Path, bool) -> Result<IngestReport, NodeError>;
+/// Carries out `request` on the node's store, or, when a serving node holds the store, hands
+/// it to that node (which then answers from the new data).
+fn load_or_hand_over(
+    dir: &std::path::Path,
+    request: ControlRequest,
+) -> anyhow::Result<Vec<String>> {
+    match NodeHome::open(dir)?.open_store() {
+        Ok(store) => Ok(request.run(&store)?),
+        Err(NodeError::StoreLocked { .. }) => match control::send(dir, &request)? {
+            ControlResponse::Done { mut lines } => {
+                lines.insert(0, "the node is serving: loaded through it".into());
+                Ok(lines)
+            }
+            ControlResponse::Failed { error } => bail!("{error}"),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
 
 fn verified_audit(dir: &std::path::Path) -> anyhow::Result<Vec<audit::AuditEntry>> {
     let home = NodeHome::open(dir)?;

@@ -8,7 +8,8 @@
 //! refused as overloaded instead of queued. A newly activated bundle is offered on to the
 //! other members, and at start the node fetches the active bundle of every member it can
 //! reach, so one that was offline catches up. Shutdown stops accepting, lets in-flight work
-//! finish while still delivering replies, and closes the store.
+//! finish while still delivering replies, and closes the store. Data loaded while serving
+//! arrives through the control socket ([`crate::control`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::audit::{AuditEvent, AuditLog};
+use crate::control::{self, ControlListener};
 use crate::dataset::Dataset;
 use crate::desk::QueryDesk;
 use crate::error::NodeError;
@@ -84,6 +86,8 @@ pub struct RunningNode {
     desk: Arc<QueryDesk>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// Loads handed over by `renkei-node ingest` while serving (socket removed on drop).
+    _control: Option<ControlListener>,
 }
 
 /// What `renkei-node status` shows about a serving node.
@@ -184,6 +188,11 @@ impl NodeService {
         };
         node.write_status();
         node.catch_up();
+        // Without the socket (e.g. a node path too long for one) the node still serves;
+        // loading data then needs it stopped.
+        let control = control::listen(home.dir(), Arc::clone(&desk))
+            .map_err(|e| warn!("no control socket, so data can be loaded only while stopped: {e}"))
+            .ok();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let task = tokio::spawn(node.run(shutdown_rx));
         Ok(RunningNode {
@@ -192,6 +201,7 @@ impl NodeService {
             desk,
             shutdown: Some(shutdown_tx),
             task,
+            _control: control,
         })
     }
 }

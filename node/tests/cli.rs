@@ -71,3 +71,121 @@ fn init_ingest_and_status() {
         "{text}"
     );
 }
+
+/// Loading into a serving node: `renkei-node ingest` finds the store held, hands the files to
+/// the node over its control socket, and the node's next queries see the new patients; a
+/// consent withdrawal goes the same way. A bad file is refused by the node with its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_while_serving_goes_through_the_node() {
+    use renkei_node::service::default_listen;
+    use renkei_node::{NodeHome, NodeService};
+    use renkei_policies::{Member, PolicyBundle, QueryLimits, Researcher, SignedPolicy};
+    use renkei_protocol::{MicroRho, SecretKey};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let (home, peer_id) = NodeHome::init(&node_dir).unwrap();
+    let admin = SecretKey::generate().unwrap();
+    let bundle = PolicyBundle::development(
+        admin.public_key(),
+        vec![Member {
+            peer_id: peer_id.to_base58(),
+            institution: "Hospital Live".into(),
+            addresses: vec![],
+        }],
+        Researcher {
+            name: "Dr. Live".into(),
+            public_key: SecretKey::generate().unwrap().public_key(),
+            affiliation: String::new(),
+        },
+        "live",
+        MicroRho(MicroRho::PER_RHO),
+        QueryLimits::default(),
+        renkei_protocol::unix_now(),
+    );
+    let mut signed = SignedPolicy::unsigned(&bundle).unwrap();
+    signed.sign(&admin);
+    let policy = dir.path().join("policy.json");
+    signed.write_file(&policy).unwrap();
+    let node = NodeService::start(&home, Some(&policy), default_listen())
+        .await
+        .unwrap();
+    assert_eq!(node.desk().dataset().consented(), 0);
+
+    let csv = dir.path().join("patients.csv");
+    let mut rows = String::from(HEADER);
+    for i in 0..30 {
+        rows.push_str(&format!(
+            "P{i},{},male,mild,no,no,no,no,no,no,no,yes\n",
+            20 + i
+        ));
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let node_path = node_dir.to_str().unwrap().to_string();
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            node_cli(&args)
+        })
+    };
+    let loaded = cli(vec![
+        "ingest".into(),
+        "--dir".into(),
+        node_path.clone(),
+        "--patients".into(),
+        csv.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        loaded.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    assert!(stdout.contains("loaded through it"), "{stdout}");
+    assert!(stdout.contains("30 added"), "{stdout}");
+    assert_eq!(node.desk().dataset().consented(), 30);
+
+    // The node refuses a bad file the way the command would, and keeps its data.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        format!("{HEADER}Q1,eighty,male,mild,no,no,no,no,no,no,no,yes\n"),
+    )
+    .unwrap();
+    let refused = cli(vec![
+        "ingest".into(),
+        "--dir".into(),
+        node_path.clone(),
+        "--patients".into(),
+        bad.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("bad.csv:2 column `age`"), "{stderr}");
+    assert_eq!(node.desk().dataset().consented(), 30);
+
+    let withdrawn = cli(vec![
+        "consent".into(),
+        "withdraw".into(),
+        "--dir".into(),
+        node_path,
+        "--patient".into(),
+        "P3".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        withdrawn.status.success(),
+        "{}",
+        String::from_utf8_lossy(&withdrawn.stderr)
+    );
+    assert_eq!(node.desk().dataset().consented(), 29);
+    assert_eq!(node.desk().dataset().withheld(), 1);
+
+    node.shutdown().await;
+    assert!(!node_dir.join(renkei_node::control::SOCKET_FILE).exists());
+}

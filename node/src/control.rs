@@ -1,0 +1,310 @@
+//! Loading data into a node, whether it is stopped or serving.
+//!
+//! An [`IngestPlan`] is what `renkei-node ingest` was asked to load; [`IngestPlan::run`]
+//! loads it into a store. A stopped node's store is opened directly. A serving node holds
+//! its store (sled allows one process), so the command hands the plan to it over a Unix
+//! socket in the node directory ([`SOCKET_FILE`], mode 0600: whoever can use it can already
+//! read the node directory): the node runs the plan on its own store, one plan at a time,
+//! then loads a fresh data image and swaps it in, so later queries see the new data without
+//! a restart. Consent withdrawals go the same way, so they take effect for the next query.
+//!
+//! The exchange is one JSON line each way, at most [`MAX_CONTROL_BYTES`].
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tracing::{info, warn};
+
+use crate::desk::QueryDesk;
+use crate::error::NodeError;
+use crate::import;
+use crate::ingest::{self, IngestReport};
+use crate::store::NodeStore;
+
+/// The control socket, in the node directory while the node serves.
+pub const SOCKET_FILE: &str = "control.sock";
+
+/// Largest control message either way.
+pub const MAX_CONTROL_BYTES: u64 = 1 << 20;
+
+/// What to load, in the order it is loaded: exports (which create patients), patients,
+/// timepoints, consent, items.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestPlan {
+    pub patients: Option<PathBuf>,
+    pub timepoints: Vec<PathBuf>,
+    pub consent: Option<PathBuf>,
+    pub manifest: Option<PathBuf>,
+    pub synthea: Option<PathBuf>,
+    pub fhir: Vec<PathBuf>,
+    pub assume_consent: bool,
+    pub dry_run: bool,
+}
+
+/// A request to a serving node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlRequest {
+    Ingest(IngestPlan),
+    WithdrawConsent {
+        patient: String,
+        scope: Option<String>,
+    },
+}
+
+/// A serving node's reply: what was done, line by line, or why it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlResponse {
+    Done { lines: Vec<String> },
+    Failed { error: String },
+}
+
+type IngestFn = fn(&NodeStore, &Path, bool) -> Result<IngestReport, NodeError>;
+
+impl IngestPlan {
+    /// Makes every path absolute (a serving node has its own working directory).
+    pub fn absolute(mut self) -> Result<Self, NodeError> {
+        let absolute = |path: &mut PathBuf| -> Result<(), NodeError> {
+            *path = std::path::absolute(&*path).map_err(|source| NodeError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(())
+        };
+        for path in self
+            .patients
+            .iter_mut()
+            .chain(self.timepoints.iter_mut())
+            .chain(self.consent.iter_mut())
+            .chain(self.manifest.iter_mut())
+            .chain(self.synthea.iter_mut())
+            .chain(self.fhir.iter_mut())
+        {
+            absolute(path)?;
+        }
+        Ok(self)
+    }
+
+    /// Loads the plan into `store`; one line per file (or export) loaded.
+    pub fn run(&self, store: &NodeStore) -> Result<Vec<String>, NodeError> {
+        let prefix = if self.dry_run {
+            "dry run, nothing written: "
+        } else {
+            ""
+        };
+        let mut lines = Vec::new();
+        // Exports in other shapes first: they create patients.
+        let mut exports = Vec::new();
+        if let Some(dir) = &self.synthea {
+            exports.push((
+                format!("Synthea export {}", dir.display()),
+                import::read_synthea(dir)?,
+            ));
+        }
+        if !self.fhir.is_empty() {
+            let paths: Vec<&Path> = self.fhir.iter().map(PathBuf::as_path).collect();
+            exports.push((
+                format!("{} FHIR bundle(s)", self.fhir.len()),
+                import::read_fhir(&paths)?,
+            ));
+        }
+        for (what, export) in &exports {
+            let report = import::import(store, export, self.assume_consent, self.dry_run)
+                .map_err(|e| e.within(format!("importing {what}")))?;
+            lines.push(format!(
+                "{prefix}{what}: {} patients and timepoints, {} added, {} updated, {} consented{}",
+                report.rows,
+                report.added,
+                report.updated,
+                report.consented,
+                if self.assume_consent {
+                    ""
+                } else {
+                    " (load consent before they can be counted)"
+                }
+            ));
+        }
+        // Patients first: timepoints, consent and items refer to them.
+        let mut steps: Vec<(&str, &Path, IngestFn)> = Vec::new();
+        if let Some(path) = &self.patients {
+            steps.push(("patients", path, ingest::ingest_patients));
+        }
+        for path in &self.timepoints {
+            steps.push(("timepoints", path, ingest::ingest_timepoints));
+        }
+        if let Some(path) = &self.consent {
+            steps.push(("consent", path, ingest::ingest_consent));
+        }
+        if let Some(path) = &self.manifest {
+            steps.push(("items", path, ingest::ingest_manifest));
+        }
+        for (what, path, load) in steps {
+            let report = load(store, path, self.dry_run)
+                .map_err(|e| e.within(format!("loading {}", path.display())))?;
+            lines.push(format!(
+                "{prefix}{what} from {}: {} rows, {} added, {} updated{}",
+                path.display(),
+                report.rows,
+                report.added,
+                report.updated,
+                if what == "patients" {
+                    format!(", {} consented", report.consented)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        Ok(lines)
+    }
+}
+
+impl ControlRequest {
+    /// Carries the request out on `store`.
+    pub fn run(&self, store: &NodeStore) -> Result<Vec<String>, NodeError> {
+        match self {
+            ControlRequest::Ingest(plan) => plan.run(store),
+            ControlRequest::WithdrawConsent { patient, scope } => {
+                ingest::withdraw_consent(store, patient, scope.as_deref())?;
+                Ok(vec![format!(
+                    "withdrawn: {} for patient {patient}",
+                    scope.as_deref().unwrap_or("every scope")
+                )])
+            }
+        }
+    }
+
+    fn changes_data(&self) -> bool {
+        match self {
+            ControlRequest::Ingest(plan) => !plan.dry_run,
+            ControlRequest::WithdrawConsent { .. } => true,
+        }
+    }
+}
+
+/// Hands `request` to the node serving from `dir` and waits for its reply. Blocking.
+pub fn send(dir: &Path, request: &ControlRequest) -> Result<ControlResponse, NodeError> {
+    let path = dir.join(SOCKET_FILE);
+    let io = |source: std::io::Error| NodeError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| NodeError::Control(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    stream.flush().map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(MAX_CONTROL_BYTES))
+        .read_line(&mut reply)
+        .map_err(io)?;
+    serde_json::from_str(&reply).map_err(|e| {
+        NodeError::Control(format!(
+            "the serving node's reply does not decode ({e}); did it stop while loading?"
+        ))
+    })
+}
+
+/// Serves control requests on the socket in `dir` for `desk` until the returned guard is
+/// dropped (which removes the socket file).
+pub fn listen(dir: &Path, desk: Arc<QueryDesk>) -> Result<ControlListener, NodeError> {
+    let path = dir.join(SOCKET_FILE);
+    let io = |source: std::io::Error| NodeError::Io {
+        path: path.clone(),
+        source,
+    };
+    // Only one process can hold the store, so a socket left here is from a node that died.
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(io)?;
+    }
+    let listener = tokio::net::UnixListener::bind(&path).map_err(io)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    let task = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                // One request at a time: loads are serialised.
+                Ok((stream, _)) => serve_one(stream, &desk).await,
+                Err(e) => warn!("control socket: {e}"),
+            }
+        }
+    });
+    Ok(ControlListener { path, task })
+}
+
+/// The control socket of a serving node.
+#[derive(Debug)]
+pub struct ControlListener {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ControlListener {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_one(stream: tokio::net::UnixStream, desk: &Arc<QueryDesk>) {
+    let (reader, mut writer) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::io::BufReader::new(reader.take(MAX_CONTROL_BYTES))
+        .read_line(&mut line)
+        .await;
+    let response = match read {
+        Err(e) => ControlResponse::Failed {
+            error: format!("reading the request: {e}"),
+        },
+        Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
+            Err(e) => ControlResponse::Failed {
+                error: format!("the request does not decode: {e}"),
+            },
+            Ok(request) => {
+                let desk = Arc::clone(desk);
+                // sled and the image load block: on a blocking thread.
+                match tokio::task::spawn_blocking(move || carry_out(&desk, &request)).await {
+                    Ok(response) => response,
+                    Err(e) => ControlResponse::Failed {
+                        error: format!("the load failed on the node: {e}"),
+                    },
+                }
+            }
+        },
+    };
+    let mut reply = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
+    reply.push(b'\n');
+    if let Err(e) = writer.write_all(&reply).await {
+        warn!("control socket reply: {e}");
+    }
+}
+
+fn carry_out(desk: &QueryDesk, request: &ControlRequest) -> ControlResponse {
+    let outcome = desk.load(request).and_then(|mut lines| {
+        if request.changes_data() {
+            desk.refresh_dataset()?;
+            let image = desk.dataset();
+            lines.push(format!(
+                "the serving node now answers from {} consenting patients ({} withheld, {} timepoints)",
+                image.consented(),
+                image.withheld(),
+                image.timepoints()
+            ));
+        }
+        Ok(lines)
+    });
+    match outcome {
+        Ok(lines) => {
+            info!(?request, "loaded while serving");
+            ControlResponse::Done { lines }
+        }
+        Err(e) => ControlResponse::Failed {
+            error: e.to_string(),
+        },
+    }
+}
