@@ -77,6 +77,8 @@ pub struct Combined {
     pub groups: Vec<GroupEstimate>,
     /// Why no estimate could be made, if so.
     pub note: Option<String>,
+    /// A secure round that could not be read (nothing was revealed).
+    pub aborted: bool,
 }
 
 fn unscale(value: f64, scale: u8) -> f64 {
@@ -286,6 +288,7 @@ pub fn secure_total(aggregate: &Aggregate, result: &FederatedAnswer) -> Option<C
             note: Some(format!(
                 "secure round aborted: {why}. Nothing was revealed (the masks of the nodes that answered cannot be removed without the others) and the charges they made stand; ask again without the missing node(s)"
             )),
+            aborted: true,
             ..Combined::default()
         })
     };

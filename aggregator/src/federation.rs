@@ -483,6 +483,7 @@ pub async fn fan_out_with_progress(
     };
     result.aborted = prepared.request.secure && result.is_partial();
     if let Some(combined) = combined {
+        result.aborted |= combined.aborted;
         result.estimate = combined.estimate;
         result.std_dev = combined.std_dev;
         result.ci95 = combined.ci95;
@@ -587,6 +588,9 @@ fn check_answer(
     if answer.request_id != prepared.request.request_id || answer.request_digest != prepared.digest
     {
         return Err("it answers a different request".into());
+    }
+    if prepared.request.dry_run {
+        return Err("it answered a dry run (which must spend nothing)".into());
     }
     if prepared.request.secure != matches!(answer.release, Release::Masked { .. }) {
         return Err(if prepared.request.secure {

@@ -46,14 +46,6 @@ pub enum AuditEvent {
         answer_hash: String,
         resent: bool,
     },
-    /// A dry run was quoted (nothing spent).
-    QueryQuoted {
-        researcher: PublicKey,
-        study: String,
-        request_id: String,
-        query_hash: String,
-        rho: MicroRho,
-    },
     /// A query was refused.
     QueryRefused {
         /// Known once the signature verified.
@@ -72,6 +64,15 @@ pub enum AuditEvent {
     },
     /// An offered policy bundle was refused.
     PolicyRefused { code: RefusalCode, source: String },
+    // New events go last: the position is what the signed log stores.
+    /// A dry run was quoted (nothing spent).
+    QueryQuoted {
+        researcher: PublicKey,
+        study: String,
+        request_id: String,
+        query_hash: String,
+        rho: MicroRho,
+    },
 }
 
 /// One entry as signed.
@@ -250,6 +251,31 @@ pub fn request_text(id: &RequestId) -> String {
 mod tests {
     use super::*;
     use crate::home::NodeHome;
+
+    /// bincode stores an enum variant as its position and the log is signed: an event kind
+    /// must never move, or old logs stop verifying. New kinds go last.
+    #[test]
+    fn event_kinds_keep_their_positions() {
+        let refused = AuditEvent::QueryRefused {
+            researcher: None,
+            study: None,
+            request_id: None,
+            query_hash: None,
+            code: RefusalCode::Replayed,
+        };
+        let quoted = AuditEvent::QueryQuoted {
+            researcher: SecretKey::from_seed(&[1; 32]).public_key(),
+            study: String::new(),
+            request_id: String::new(),
+            query_hash: String::new(),
+            rho: MicroRho(0),
+        };
+        for (event, position) in [(refused, 2u32), (quoted, 5)] {
+            let bytes = renkei_protocol::codec::encode(&event).unwrap();
+            let prefix = renkei_protocol::codec::encode(&position).unwrap();
+            assert!(bytes.starts_with(&prefix), "{event:?}");
+        }
+    }
 
     fn refused(n: u64) -> AuditEvent {
         AuditEvent::QueryRefused {

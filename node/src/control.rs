@@ -7,12 +7,16 @@
 //! read the node directory): the node runs the plan on its own store, one plan at a time,
 //! then loads a fresh data image and swaps it in, so later queries see the new data without
 //! a restart. Consent withdrawals go the same way, so they take effect for the next query.
+//! Only processes of the node's own user may connect (checked by peer credentials), a
+//! client has [`REQUEST_READ_TIMEOUT`] to send its request, and if the fresh image cannot be
+//! loaded the node refuses queries rather than answer from data the store no longer holds.
 //!
 //! The exchange is one JSON line each way, at most [`MAX_CONTROL_BYTES`].
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -53,14 +57,23 @@ pub enum ControlRequest {
         patient: String,
         scope: Option<String>,
     },
+    /// Forget unfinished ingests (files that cannot be loaded again), accepting what is
+    /// stored of them.
+    AbandonUnfinished,
 }
 
 /// A serving node's reply: what was done, line by line, or why it failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ControlResponse {
-    Done { lines: Vec<String> },
-    Failed { error: String },
+    Done {
+        lines: Vec<String>,
+    },
+    /// `lines` says what was done before the failure.
+    Failed {
+        lines: Vec<String>,
+        error: String,
+    },
 }
 
 type IngestFn = fn(&NodeStore, &Path, bool) -> Result<IngestReport, NodeError>;
@@ -89,14 +102,13 @@ impl IngestPlan {
         Ok(self)
     }
 
-    /// Loads the plan into `store`; one line per file (or export) loaded.
-    pub fn run(&self, store: &NodeStore) -> Result<Vec<String>, NodeError> {
+    /// Loads the plan into `store`, telling `done` one line per file (or export) loaded.
+    pub fn run(&self, store: &NodeStore, done: &mut dyn FnMut(String)) -> Result<(), NodeError> {
         let prefix = if self.dry_run {
             "dry run, nothing written: "
         } else {
             ""
         };
-        let mut lines = Vec::new();
         // Exports in other shapes first: they create patients.
         let mut exports = Vec::new();
         if let Some(dir) = &self.synthea {
@@ -115,7 +127,7 @@ impl IngestPlan {
         for (what, export) in &exports {
             let report = import::import(store, export, self.assume_consent, self.dry_run)
                 .map_err(|e| e.within(format!("importing {what}")))?;
-            lines.push(format!(
+            done(format!(
                 "{prefix}{what}: {} patients and timepoints, {} added, {} updated, {} consented{}",
                 report.rows,
                 report.added,
@@ -145,7 +157,7 @@ impl IngestPlan {
         for (what, path, load) in steps {
             let report = load(store, path, self.dry_run)
                 .map_err(|e| e.within(format!("loading {}", path.display())))?;
-            lines.push(format!(
+            done(format!(
                 "{prefix}{what} from {}: {} rows, {} added, {} updated{}",
                 path.display(),
                 report.rows,
@@ -158,31 +170,68 @@ impl IngestPlan {
                 }
             ));
         }
-        Ok(lines)
+        Ok(())
     }
 }
 
 impl ControlRequest {
-    /// Carries the request out on `store`.
-    pub fn run(&self, store: &NodeStore) -> Result<Vec<String>, NodeError> {
+    /// Carries the request out on `store`, telling `done` what it did, line by line.
+    pub fn run(&self, store: &NodeStore, done: &mut dyn FnMut(String)) -> Result<(), NodeError> {
         match self {
-            ControlRequest::Ingest(plan) => plan.run(store),
+            ControlRequest::Ingest(plan) => plan.run(store, done),
             ControlRequest::WithdrawConsent { patient, scope } => {
                 ingest::withdraw_consent(store, patient, scope.as_deref())?;
-                Ok(vec![format!(
+                done(format!(
                     "withdrawn: {} for patient {patient}",
                     scope.as_deref().unwrap_or("every scope")
-                )])
+                ));
+                Ok(())
+            }
+            ControlRequest::AbandonUnfinished => {
+                let files = ingest::abandon_unfinished(store)?;
+                done(if files.is_empty() {
+                    "no unfinished ingest to abandon".into()
+                } else {
+                    format!(
+                        "WARNING: abandoned unfinished ingest of {}; whatever part of it was written stays",
+                        files.join(", ")
+                    )
+                });
+                Ok(())
             }
         }
     }
 
-    fn changes_data(&self) -> bool {
+    /// Whether carrying it out may change the data queries see.
+    fn writes(&self) -> bool {
         match self {
             ControlRequest::Ingest(plan) => !plan.dry_run,
-            ControlRequest::WithdrawConsent { .. } => true,
+            ControlRequest::WithdrawConsent { .. } | ControlRequest::AbandonUnfinished => true,
         }
     }
+
+    /// What kind of request it is, for logs (never its contents: a patient id is an
+    /// identifier).
+    fn kind(&self) -> &'static str {
+        match self {
+            ControlRequest::Ingest(plan) if plan.dry_run => "ingest (dry run)",
+            ControlRequest::Ingest(_) => "ingest",
+            ControlRequest::WithdrawConsent { .. } => "consent withdrawal",
+            ControlRequest::AbandonUnfinished => "abandon unfinished ingest",
+        }
+    }
+}
+
+/// An error with every cause it carries, for a reply that is read far from the node.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// Hands `request` to the node serving from `dir` and waits for its reply. Blocking.
@@ -208,29 +257,52 @@ pub fn send(dir: &Path, request: &ControlRequest) -> Result<ControlResponse, Nod
     })
 }
 
+/// How long a client may take to send its request.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves control requests on the socket in `dir` for `desk` until the returned guard is
-/// dropped (which removes the socket file).
+/// dropped (which removes the socket file). Only processes of this node's user may connect;
+/// requests are carried out one at a time.
 pub fn listen(dir: &Path, desk: Arc<QueryDesk>) -> Result<ControlListener, NodeError> {
     let path = dir.join(SOCKET_FILE);
-    let io = |source: std::io::Error| NodeError::Io {
-        path: path.clone(),
+    let staging = dir.join(format!("{SOCKET_FILE}.{}", std::process::id()));
+    let io = |path: &Path, source: std::io::Error| NodeError::Io {
+        path: path.to_path_buf(),
         source,
     };
     // Only one process can hold the store, so a socket left here is from a node that died.
-    if path.exists() {
-        std::fs::remove_file(&path).map_err(io)?;
+    for old in [&path, &staging] {
+        if old.exists() {
+            std::fs::remove_file(old).map_err(|e| io(old, e))?;
+        }
     }
-    let listener = tokio::net::UnixListener::bind(&path).map_err(io)?;
+    // Bound under another name and restricted before it appears under its own, so nobody
+    // can connect while it still has the umask's permissions.
+    let listener = tokio::net::UnixListener::bind(&staging).map_err(|e| io(&staging, e))?;
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io(&staging, e))?;
     }
+    std::fs::rename(&staging, &path).map_err(|e| io(&path, e))?;
+    // The node's user: the owner of the socket file just made.
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&path).map_err(|e| io(&path, e))?.uid()
+    };
+    let one_at_a_time = Arc::new(tokio::sync::Mutex::new(()));
     let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
         loop {
-            match listener.accept().await {
-                // One request at a time: loads are serialised.
-                Ok((stream, _)) => serve_one(stream, &desk).await,
-                Err(e) => warn!("control socket: {e}"),
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let (desk, lock) = (Arc::clone(&desk), Arc::clone(&one_at_a_time));
+                        connections.spawn(async move { serve_one(stream, owner, &desk, &lock).await });
+                    }
+                    Err(e) => warn!("control socket: {e}"),
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
     });
@@ -251,31 +323,47 @@ impl Drop for ControlListener {
     }
 }
 
-async fn serve_one(stream: tokio::net::UnixStream, desk: &Arc<QueryDesk>) {
+async fn serve_one(
+    stream: tokio::net::UnixStream,
+    owner: u32,
+    desk: &Arc<QueryDesk>,
+    one_at_a_time: &tokio::sync::Mutex<()>,
+) {
+    let failed = |error: String| ControlResponse::Failed {
+        lines: Vec::new(),
+        error,
+    };
+    let peer = stream.peer_cred().map(|c| c.uid());
     let (reader, mut writer) = stream.into_split();
-    let mut line = String::new();
-    let read = tokio::io::BufReader::new(reader.take(MAX_CONTROL_BYTES))
-        .read_line(&mut line)
+    let response = if peer.as_ref().ok() != Some(&owner) {
+        warn!(?peer, "control socket: refused a process of another user");
+        failed("only the node's own user may load data into it".into())
+    } else {
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            REQUEST_READ_TIMEOUT,
+            tokio::io::BufReader::new(reader.take(MAX_CONTROL_BYTES)).read_line(&mut line),
+        )
         .await;
-    let response = match read {
-        Err(e) => ControlResponse::Failed {
-            error: format!("reading the request: {e}"),
-        },
-        Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
-            Err(e) => ControlResponse::Failed {
-                error: format!("the request does not decode: {e}"),
-            },
-            Ok(request) => {
-                let desk = Arc::clone(desk);
-                // sled and the image load block: on a blocking thread.
-                match tokio::task::spawn_blocking(move || carry_out(&desk, &request)).await {
-                    Ok(response) => response,
-                    Err(e) => ControlResponse::Failed {
-                        error: format!("the load failed on the node: {e}"),
-                    },
+        match read {
+            Err(_) => failed(format!(
+                "no request within {}s",
+                REQUEST_READ_TIMEOUT.as_secs()
+            )),
+            Ok(Err(e)) => failed(format!("reading the request: {e}")),
+            Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(&line) {
+                Err(e) => failed(format!("the request does not decode: {e}")),
+                Ok(request) => {
+                    let _turn = one_at_a_time.lock().await;
+                    let desk = Arc::clone(desk);
+                    // sled and the image load block: on a blocking thread.
+                    match tokio::task::spawn_blocking(move || carry_out(&desk, &request)).await {
+                        Ok(response) => response,
+                        Err(e) => failed(format!("the load failed on the node: {e}")),
+                    }
                 }
-            }
-        },
+            },
+        }
     };
     let mut reply = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
     reply.push(b'\n');
@@ -284,27 +372,42 @@ async fn serve_one(stream: tokio::net::UnixStream, desk: &Arc<QueryDesk>) {
     }
 }
 
+/// Carries `request` out on the desk's store; then, if it may have written anything (even
+/// if it failed partway), puts a fresh image in place. If that fails the node stops
+/// answering rather than answer from data the store no longer holds (a withdrawn consent).
 fn carry_out(desk: &QueryDesk, request: &ControlRequest) -> ControlResponse {
-    let outcome = desk.load(request).and_then(|mut lines| {
-        if request.changes_data() {
-            desk.refresh_dataset()?;
-            let image = desk.dataset();
-            lines.push(format!(
-                "the serving node now answers from {} consenting patients ({} withheld, {} timepoints)",
-                image.consented(),
-                image.withheld(),
-                image.timepoints()
-            ));
+    let mut lines = Vec::new();
+    let outcome = desk.load(request, &mut |line| lines.push(line));
+    if request.writes() {
+        match desk.refresh_dataset() {
+            Ok(()) => {
+                let image = desk.dataset();
+                lines.push(format!(
+                    "the serving node now answers from {} consenting patients ({} withheld, {} timepoints)",
+                    image.consented(),
+                    image.withheld(),
+                    image.timepoints()
+                ));
+            }
+            Err(e) => {
+                warn!("reloading the data image failed: {e}; refusing queries until restarted");
+                lines.push(format!(
+                    "the node could not reload its data ({}) and refuses queries until it is restarted",
+                    describe(&e)
+                ));
+            }
         }
-        Ok(lines)
-    });
+    }
+    info!(
+        kind = request.kind(),
+        ok = outcome.is_ok(),
+        "load while serving"
+    );
     match outcome {
-        Ok(lines) => {
-            info!(?request, "loaded while serving");
-            ControlResponse::Done { lines }
-        }
+        Ok(()) => ControlResponse::Done { lines },
         Err(e) => ControlResponse::Failed {
-            error: e.to_string(),
+            lines,
+            error: describe(&e),
         },
     }
 }

@@ -255,8 +255,11 @@ impl Dataset {
 
     /// Reads every stored record of `store` into memory.
     pub fn load(store: &NodeStore, schema: Arc<DatasetSchema>) -> Result<Self, NodeError> {
-        if let Some(file) = crate::ingest::unfinished_ingest(store)? {
-            return Err(NodeError::UnfinishedIngest { file });
+        let unfinished = crate::ingest::unfinished_ingests(store)?;
+        if !unfinished.is_empty() {
+            return Err(NodeError::UnfinishedIngest {
+                file: unfinished.join(", "),
+            });
         }
         let mut data = Self::empty(Arc::clone(&schema));
         let mut patient_rows: HashMap<[u8; 32], u32> = HashMap::new();

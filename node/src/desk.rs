@@ -18,6 +18,7 @@
 //! secure totals refuses per-site requests.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use renkei_policies::{Grant, SignedPolicy, VerifiedPolicy};
@@ -54,6 +55,8 @@ pub struct QueryDesk {
     policy: PolicyKeeper,
     /// The in-memory image queries run on; replaced whole when data is loaded while serving.
     dataset: RwLock<Arc<Dataset>>,
+    /// Set when a load wrote data but no fresh image could be made: answer nothing.
+    stale: AtomicBool,
     ledger: PrivacyLedger,
     audit: AuditLog,
     /// Requests (researcher key || request id) being answered right now, so two copies of
@@ -117,6 +120,7 @@ impl QueryDesk {
             identity,
             policy,
             dataset: RwLock::new(Arc::new(dataset)),
+            stale: AtomicBool::new(false),
             ledger,
             audit,
             answering: Mutex::new(HashSet::new()),
@@ -143,19 +147,35 @@ impl QueryDesk {
 
     /// Carries out a load (or a consent change) on the node's own store; see
     /// [`crate::control`]. Blocking; the image is not refreshed here.
-    pub fn load(&self, request: &crate::control::ControlRequest) -> Result<Vec<String>, NodeError> {
-        request.run(self.ledger.store())
+    pub fn load(
+        &self,
+        request: &crate::control::ControlRequest,
+        done: &mut dyn FnMut(String),
+    ) -> Result<(), NodeError> {
+        request.run(self.ledger.store(), done)
     }
 
     /// Loads a fresh image from the store and puts it in place of the current one (queries
     /// already running finish on the old image). Blocking.
+    /// If it fails, the node refuses every query until an image loads (a withdrawn consent
+    /// must never be answered from the old one).
     pub fn refresh_dataset(&self) -> Result<(), NodeError> {
         let store = self.ledger.store();
-        let fresh = Arc::new(Dataset::load(store, Arc::new(store.schema()?))?);
+        let fresh = match store
+            .schema()
+            .and_then(|schema| Dataset::load(store, Arc::new(schema)))
+        {
+            Ok(fresh) => Arc::new(fresh),
+            Err(e) => {
+                self.stale.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         match self.dataset.write() {
             Ok(mut image) => *image = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
+        self.stale.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -317,6 +337,12 @@ impl QueryDesk {
             .check_shape()
             .map_err(|e| Refusal::new(RefusalCode::MalformedRequest, e.to_string()))?;
         let grant = policy.authorize(&researcher, &request.study, &request.query, now)?;
+        if self.stale.load(Ordering::SeqCst) {
+            return Err(Refusal::new(
+                RefusalCode::Internal,
+                "this node could not reload its data after a load and answers nothing until it is restarted",
+            ));
+        }
         let dataset = self.dataset();
         let compiled = dataset
             .compile(&request.query)

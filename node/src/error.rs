@@ -60,8 +60,8 @@ pub enum NodeError {
     Codec(#[from] renkei_protocol::CodecError),
     #[error("control socket: {0}")]
     Control(String),
-    /// An error with what was being done when it happened.
-    #[error("{what}: {source}")]
+    /// An error with what was being done when it happened (the cause prints as its source).
+    #[error("{what}")]
     Within {
         what: String,
         #[source]

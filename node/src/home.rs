@@ -39,6 +39,12 @@ impl NodeHome {
             move |source| NodeError::Io { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        // The node's key, store and control socket: for the node's user only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
+        }
         let home = Self {
             dir: dir.to_path_buf(),
         };

@@ -15,9 +15,9 @@
 //! Small inputs are written in one atomic step. A large CSV is written in batches of
 //! [`WRITE_BATCH_ROWS`] (one atomic sled batch would hold the whole file in memory several
 //! times over): the file is named in the store before the first batch and cleared after the
-//! last is durable, and while it is named the node will not load its data
+//! last is durable, and while any file is named the node will not load its data
 //! ([`NodeError::UnfinishedIngest`]) — after a crash, running the same ingest again
-//! completes it, since loading a file twice changes nothing.
+//! completes it, since loading a file twice changes nothing. Consent files go the same way.
 //! The hospital's patient id is replaced by a keyed hash under the node's secret, so the
 //! store holds no raw identifier; other identifying columns are not accepted at all. Errors
 //! name the file, line (or record) and column, up to [`MAX_REPORTED_ERRORS`] of them.
@@ -43,19 +43,44 @@ pub const WRITE_BATCH_ROWS: usize = 20_000;
 /// The `meta` key naming a CSV whose rows are being written.
 const UNFINISHED_INGEST: &[u8] = b"ingest/unfinished";
 
-/// The file whose ingest started but did not finish, if any.
-pub fn unfinished_ingest(store: &NodeStore) -> Result<Option<String>, NodeError> {
-    Ok(store
-        .meta
-        .get(UNFINISHED_INGEST)?
-        .map(|name| String::from_utf8_lossy(&name).into_owned()))
+/// The files whose ingest started but did not finish (empty when none).
+pub fn unfinished_ingests(store: &NodeStore) -> Result<Vec<String>, NodeError> {
+    Ok(match store.meta.get(UNFINISHED_INGEST)? {
+        None => Vec::new(),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| vec![String::from_utf8_lossy(&bytes).into_owned()]),
+    })
+}
+
+fn set_unfinished(store: &NodeStore, files: &[String]) -> Result<(), NodeError> {
+    if files.is_empty() {
+        store.meta.remove(UNFINISHED_INGEST)?;
+    } else {
+        let encoded = serde_json::to_vec(files).map_err(|e| NodeError::CorruptStore {
+            what: "unfinished ingest mark".into(),
+            reason: e.to_string(),
+        })?;
+        store.meta.insert(UNFINISHED_INGEST, encoded)?;
+    }
+    store.flush()?;
+    Ok(())
+}
+
+/// Forgets every unfinished ingest, accepting whatever part of those files is stored; for
+/// when a file cannot be loaded again (gone, or replaced). Returns the files forgotten.
+pub fn abandon_unfinished(store: &NodeStore) -> Result<Vec<String>, NodeError> {
+    let files = unfinished_ingests(store)?;
+    set_unfinished(store, &[])?;
+    Ok(files)
 }
 
 /// Writes a validated file's rows in bounded batches, with the file named in the store
-/// until every batch is durable.
+/// until every batch is durable. Other files' marks are left as they are, so rerunning a
+/// plan of several files clears each as it completes.
 struct BatchedWrite<'a> {
     store: &'a NodeStore,
     tree: &'a sled::Tree,
+    name: String,
     batch: sled::Batch,
     pending: usize,
 }
@@ -66,16 +91,15 @@ impl<'a> BatchedWrite<'a> {
             .unwrap_or_else(|_| path.to_path_buf())
             .display()
             .to_string();
-        if let Some(other) = unfinished_ingest(store)?
-            && other != name
-        {
-            return Err(NodeError::UnfinishedIngest { file: other });
+        let mut files = unfinished_ingests(store)?;
+        if !files.contains(&name) {
+            files.push(name.clone());
+            set_unfinished(store, &files)?;
         }
-        store.meta.insert(UNFINISHED_INGEST, name.as_bytes())?;
-        store.flush()?;
         Ok(Self {
             store,
             tree,
+            name,
             batch: sled::Batch::default(),
             pending: 0,
         })
@@ -94,9 +118,9 @@ impl<'a> BatchedWrite<'a> {
     fn finish(self) -> Result<(), NodeError> {
         self.tree.apply_batch(self.batch)?;
         self.store.flush()?;
-        self.store.meta.remove(UNFINISHED_INGEST)?;
-        self.store.flush()?;
-        Ok(())
+        let mut files = unfinished_ingests(self.store)?;
+        files.retain(|f| *f != self.name);
+        set_unfinished(self.store, &files)
     }
 }
 
@@ -658,10 +682,27 @@ pub fn ingest_consent(
         ..IngestReport::default()
     };
     if !dry_run {
+        let mut write = BatchedWrite::begin(store, &store.patients, path)?;
         for (pseudonym, scope_changes) in changes {
-            set_consent(store, &pseudonym, &scope_changes)?;
+            let key = records::patient_key(&pseudonym);
+            let bytes = store
+                .patients
+                .get(key)?
+                .ok_or_else(|| NodeError::CorruptStore {
+                    what: format!("patient record {}", hex::encode(key)),
+                    reason: "missing during a consent change".into(),
+                })?;
+            let mut record: PatientRecord = records::decode(&bytes, "patient record", &key)?;
+            for (scope, granted) in scope_changes {
+                if granted {
+                    record.consents.insert(scope);
+                } else {
+                    record.consents.remove(&scope);
+                }
+            }
+            write.insert(&key, records::encode(&record)?)?;
         }
-        store.flush()?;
+        write.finish()?;
     }
     Ok(report)
 }
@@ -949,7 +990,7 @@ mod tests {
         let report = ingest_patients(&store, &big, false).unwrap();
         assert_eq!(report.added, rows);
         assert_eq!(store.patients.len(), rows);
-        assert_eq!(unfinished_ingest(&store).unwrap(), None);
+        assert!(unfinished_ingests(&store).unwrap().is_empty());
         assert_eq!(dataset(&store).consented(), rows);
 
         // As if the process died between two batches of big.csv.
@@ -960,7 +1001,7 @@ mod tests {
             .unwrap();
         let refused = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap_err();
         assert!(
-            matches!(&refused, NodeError::UnfinishedIngest { file } if *file == name),
+            matches!(&refused, NodeError::UnfinishedIngest { file } if file.contains(&name)),
             "{refused}"
         );
         assert!(
@@ -973,16 +1014,23 @@ mod tests {
             "other.csv",
             &format!("{PATIENT_CSV_HEADER}\nQ1,50,male,mild,no,no,0,0,0,0,0,true\n"),
         );
-        assert!(matches!(
-            ingest_patients(&store, &other, false),
-            Err(NodeError::UnfinishedIngest { .. })
-        ));
-        // A dry run is still allowed; loading big.csv again completes it.
-        ingest_patients(&store, &other, true).unwrap();
+        // Other files still load (a plan of several is rerun whole), but big.csv stays
+        // marked and the node still will not load until big.csv is loaded again.
+        ingest_patients(&store, &other, false).unwrap();
+        assert_eq!(unfinished_ingests(&store).unwrap(), vec![name.clone()]);
+        assert!(Dataset::load(&store, Arc::new(store.schema().unwrap())).is_err());
         let again = ingest_patients(&store, &big, false).unwrap();
         assert_eq!((again.added, again.updated), (0, rows));
-        assert_eq!(unfinished_ingest(&store).unwrap(), None);
-        assert_eq!(dataset(&store).consented(), rows);
+        assert!(unfinished_ingests(&store).unwrap().is_empty());
+        assert_eq!(dataset(&store).consented(), rows + 1);
+
+        // A file that cannot be loaded again can be given up on, explicitly.
+        set_unfinished(&store, &["/gone.csv".to_string()]).unwrap();
+        assert_eq!(
+            abandon_unfinished(&store).unwrap(),
+            vec!["/gone.csv".to_string()]
+        );
+        assert_eq!(dataset(&store).consented(), rows + 1);
     }
 
     #[test]

@@ -67,6 +67,10 @@ enum Command {
         /// Validate and report without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Forget an ingest that did not finish and cannot be run again (its file is gone or
+        /// changed), accepting whatever part of it was written.
+        #[arg(long, group = "input")]
+        abandon_unfinished: bool,
     },
     /// Patients' consent.
     Consent {
@@ -180,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fhir,
             assume_consent,
             dry_run,
+            abandon_unfinished,
         } => {
             let plan = IngestPlan {
                 patients,
@@ -191,9 +196,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 assume_consent,
                 dry_run,
             };
-            for line in load_or_hand_over(&dir, ControlRequest::Ingest(plan.absolute()?))? {
-                println!("{line}");
-            }
+            let request = if abandon_unfinished {
+                ControlRequest::AbandonUnfinished
+            } else {
+                ControlRequest::Ingest(plan.absolute()?)
+            };
+            load_or_hand_over(&dir, request)?;
         }
         Command::Consent {
             command:
@@ -203,10 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     scope,
                 },
         } => {
-            for line in load_or_hand_over(&dir, ControlRequest::WithdrawConsent { patient, scope })?
-            {
-                println!("{line}");
-            }
+            load_or_hand_over(&dir, ControlRequest::WithdrawConsent { patient, scope })?;
         }
         Command::Serve {
             dir,
@@ -281,20 +286,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Carries out `request` on the node's store, or, when a serving node holds the store, hands
-/// it to that node (which then answers from the new data).
-fn load_or_hand_over(
-    dir: &std::path::Path,
-    request: ControlRequest,
-) -> anyhow::Result<Vec<String>> {
+/// it to that node (which then answers from the new data). Prints what was done as it goes.
+fn load_or_hand_over(dir: &std::path::Path, request: ControlRequest) -> anyhow::Result<()> {
     match NodeHome::open(dir)?.open_store() {
-        Ok(store) => Ok(request.run(&store)?),
-        Err(NodeError::StoreLocked { .. }) => match control::send(dir, &request)? {
-            ControlResponse::Done { mut lines } => {
-                lines.insert(0, "the node is serving: loaded through it".into());
-                Ok(lines)
+        Ok(store) => Ok(request.run(&store, &mut |line| println!("{line}"))?),
+        Err(NodeError::StoreLocked { .. }) => {
+            println!("the node is serving: loading through it");
+            match control::send(dir, &request)? {
+                ControlResponse::Done { lines } => {
+                    lines.iter().for_each(|line| println!("{line}"));
+                    Ok(())
+                }
+                ControlResponse::Failed { lines, error } => {
+                    lines.iter().for_each(|line| println!("{line}"));
+                    bail!("{error}")
+                }
             }
-            ControlResponse::Failed { error } => bail!("{error}"),
-        },
+        }
         Err(e) => Err(e.into()),
     }
 }

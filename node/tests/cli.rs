@@ -143,7 +143,7 @@ async fn ingest_while_serving_goes_through_the_node() {
         "{stdout}{}",
         String::from_utf8_lossy(&loaded.stderr)
     );
-    assert!(stdout.contains("loaded through it"), "{stdout}");
+    assert!(stdout.contains("loading through it"), "{stdout}");
     assert!(stdout.contains("30 added"), "{stdout}");
     assert_eq!(node.desk().dataset().consented(), 30);
 

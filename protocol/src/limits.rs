@@ -3,8 +3,9 @@
 //! A limit lives here so the encoder, the decoder, the stream reader and the validators
 //! cannot disagree about it.
 
-/// The query protocol: `/{prefix}/{protocol}/{version}/{encoding}`.
-pub const QUERY_PROTOCOL: &str = "/renkei/query/1/bincode";
+/// The query protocol: `/{prefix}/{protocol}/{version}/{encoding}`. Version 2 added secure
+/// rounds, policy versions and dry runs to requests and quotes to responses.
+pub const QUERY_PROTOCOL: &str = "/renkei/query/2/bincode";
 
 /// The policy protocol: offering and fetching signed bundles.
 pub const POLICY_PROTOCOL: &str = "/renkei/policy/1/bincode";

@@ -367,10 +367,6 @@ pub enum RefusalCode {
     LifetimeTooLong,
     /// The request is not addressed to this node.
     NotAddressedToThisNode,
-    /// The study allows only secure totals; ask with a secure round.
-    SecureAggregationRequired,
-    /// The request names a policy version this node is not running.
-    PolicyVersionMismatch,
     /// This nonce or request id was already used for a different request.
     Replayed,
     /// The researcher's budget for this study at this node cannot cover the cost.
@@ -395,6 +391,11 @@ pub enum RefusalCode {
     PolicyRollback,
     /// An offered policy bundle does not decode or is inconsistent.
     PolicyInvalid,
+    // New codes go last: the position is what goes on the wire and into audit logs.
+    /// The study allows only secure totals; ask with a secure round.
+    SecureAggregationRequired,
+    /// The request names a policy version this node is not running.
+    PolicyVersionMismatch,
 }
 
 impl RefusalCode {
@@ -488,6 +489,29 @@ pub enum QueryResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// bincode stores an enum variant as its position, and refusal codes are kept in signed
+    /// audit logs: a code must never move. New ones go last.
+    #[test]
+    fn refusal_codes_keep_their_positions() {
+        let pinned = [
+            (RefusalCode::MalformedRequest, 0u32),
+            (RefusalCode::StudyBudgetExhausted, 11),
+            (RefusalCode::NotAddressedToThisNode, 15),
+            (RefusalCode::Replayed, 16),
+            (RefusalCode::Internal, 22),
+            (RefusalCode::PolicyInvalid, 27),
+            (RefusalCode::SecureAggregationRequired, 28),
+            (RefusalCode::PolicyVersionMismatch, 29),
+        ];
+        for (code, position) in pinned {
+            assert_eq!(
+                crate::codec::encode(&code).unwrap(),
+                crate::codec::encode(&position).unwrap(),
+                "{code:?}"
+            );
+        }
+    }
 
     #[test]
     fn micro_rho_rounds_up_and_rejects_nonsense() {
