@@ -1,12 +1,13 @@
 //! The demo: a three-hospital testnet, a handful of count queries through the real
 //! aggregator, and for each the true count (known only because the data is synthetic), the
-//! differentially private estimate, its 95% interval and which nodes answered.
+//! differentially private estimate, its 95% interval and which nodes answered; then two of
+//! them again as secure totals.
 
 use std::path::Path;
 
 use renkei_aggregator::combine::{Estimate, GroupEstimate};
 use renkei_aggregator::sql;
-use renkei_aggregator::{NetworkClient, ResearcherSession};
+use renkei_aggregator::{AnswerMode, NetworkClient, QueryOptions, ResearcherSession};
 use renkei_policies::SignedPolicy;
 use renkei_protocol::SecretKey;
 
@@ -29,6 +30,13 @@ pub const DEMO_QUERIES: &[&str] = &[
     "SELECT sex, severity, COUNT(*) FROM patients WHERE age >= 65 GROUP BY sex, severity",
 ];
 
+/// Asked again as secure totals: each hospital adds a share of the noise under pairwise
+/// masks, so only the sum is readable, with a third of the per-site noise variance.
+pub const SECURE_DEMO_QUERIES: &[&str] = &[
+    "SELECT COUNT(*) FROM patients WHERE age >= 65 AND diabetes",
+    "SELECT MEDIAN(age) FROM patients WHERE severity >= 'severe'",
+];
+
 /// One line of the demo's report.
 #[derive(Debug, Clone)]
 pub struct DemoRow {
@@ -40,6 +48,8 @@ pub struct DemoRow {
     pub groups: Vec<GroupEstimate>,
     pub answered: Vec<String>,
     pub missing_or_refused: Vec<String>,
+    /// Per-site answers added up, or a secure total (no hospital's own answer visible).
+    pub mode: AnswerMode,
 }
 
 /// Runs the demo in `dir` and returns its report. Everything is shut down afterwards.
@@ -60,11 +70,19 @@ async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
     let client = NetworkClient::start(Some(renkei_node::service::default_listen())).await?;
     let session = ResearcherSession::new(key, policy, client);
     let options = session.default_options()?;
+    let secure = QueryOptions {
+        secure: true,
+        ..options.clone()
+    };
     let nodes = testnet.addresses();
-    let mut rows = Vec::with_capacity(DEMO_QUERIES.len());
-    for sql_text in DEMO_QUERIES {
+    let mut rows = Vec::with_capacity(DEMO_QUERIES.len() + SECURE_DEMO_QUERIES.len());
+    let asks = DEMO_QUERIES
+        .iter()
+        .map(|q| (q, &options))
+        .chain(SECURE_DEMO_QUERIES.iter().map(|q| (q, &secure)));
+    for (sql_text, options) in asks {
         let truth = testnet.true_value(&sql::compile(sql_text)?);
-        let answer = session.query(&nodes, sql_text, &options).await?;
+        let answer = session.query(&nodes, sql_text, options).await?;
         rows.push(DemoRow {
             sql: sql_text.to_string(),
             truth,
@@ -87,6 +105,7 @@ async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
                         .map(|r| format!("{} ({})", r.institution, r.code)),
                 )
                 .collect(),
+            mode: answer.mode,
         });
     }
     Ok(rows)

@@ -180,7 +180,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     (truth, _, _) => println!("  true {truth:?}   no answer"),
                 }
-                println!("  answered by: {}", row.answered.join(", "));
+                println!(
+                    "  answered by: {}{}",
+                    row.answered.join(", "),
+                    match row.mode {
+                        renkei_aggregator::AnswerMode::Secure =>
+                            "   (secure total: no hospital's own answer was readable)",
+                        renkei_aggregator::AnswerMode::PerSite => "",
+                    }
+                );
                 if !row.missing_or_refused.is_empty() {
                     println!(
                         "  missing or refused: {}",
