@@ -257,13 +257,20 @@ pub fn send(dir: &Path, request: &ControlRequest) -> Result<ControlResponse, Nod
     })
 }
 
+/// Called after a load that changed the data (e.g. to rewrite the status file).
+pub type AfterLoad = Box<dyn Fn(&QueryDesk) + Send + Sync>;
+
 /// How long a client may take to send its request.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves control requests on the socket in `dir` for `desk` until the returned guard is
 /// dropped (which removes the socket file). Only processes of this node's user may connect;
 /// requests are carried out one at a time.
-pub fn listen(dir: &Path, desk: Arc<QueryDesk>) -> Result<ControlListener, NodeError> {
+pub fn listen(
+    dir: &Path,
+    desk: Arc<QueryDesk>,
+    after_load: AfterLoad,
+) -> Result<ControlListener, NodeError> {
     let path = dir.join(SOCKET_FILE);
     let staging = dir.join(format!("{SOCKET_FILE}.{}", std::process::id()));
     let io = |path: &Path, source: std::io::Error| NodeError::Io {
@@ -291,14 +298,18 @@ pub fn listen(dir: &Path, desk: Arc<QueryDesk>) -> Result<ControlListener, NodeE
         std::fs::metadata(&path).map_err(|e| io(&path, e))?.uid()
     };
     let one_at_a_time = Arc::new(tokio::sync::Mutex::new(()));
+    let after_load = Arc::new(after_load);
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let (desk, lock) = (Arc::clone(&desk), Arc::clone(&one_at_a_time));
-                        connections.spawn(async move { serve_one(stream, owner, &desk, &lock).await });
+                        let (desk, lock, after) =
+                            (Arc::clone(&desk), Arc::clone(&one_at_a_time), Arc::clone(&after_load));
+                        connections.spawn(async move {
+                            serve_one(stream, owner, &desk, &lock, &after).await
+                        });
                     }
                     Err(e) => warn!("control socket: {e}"),
                 },
@@ -328,6 +339,7 @@ async fn serve_one(
     owner: u32,
     desk: &Arc<QueryDesk>,
     one_at_a_time: &tokio::sync::Mutex<()>,
+    after_load: &Arc<AfterLoad>,
 ) {
     let failed = |error: String| ControlResponse::Failed {
         lines: Vec::new(),
@@ -355,9 +367,16 @@ async fn serve_one(
                 Err(e) => failed(format!("the request does not decode: {e}")),
                 Ok(request) => {
                     let _turn = one_at_a_time.lock().await;
-                    let desk = Arc::clone(desk);
+                    let (desk, after_load) = (Arc::clone(desk), Arc::clone(after_load));
                     // sled and the image load block: on a blocking thread.
-                    match tokio::task::spawn_blocking(move || carry_out(&desk, &request)).await {
+                    let load = move || {
+                        let response = carry_out(&desk, &request);
+                        if request.writes() {
+                            after_load(&desk);
+                        }
+                        response
+                    };
+                    match tokio::task::spawn_blocking(load).await {
                         Ok(response) => response,
                         Err(e) => failed(format!("the load failed on the node: {e}")),
                     }

@@ -175,22 +175,30 @@ impl NodeService {
         let listen_addr = bound.with(Protocol::P2p(peer_id));
         info!(address = %listen_addr, "node listening");
 
+        let status = Arc::new(StatusFile {
+            path: home.dir().join(STATUS_FILE),
+            peer_id,
+            listen_addr: listen_addr.clone(),
+            started_at: unix_now(),
+        });
         let mut node = Node {
             swarm,
             desk: Arc::clone(&desk),
             peer_id,
-            listen_addr: listen_addr.clone(),
-            status_path: home.dir().join(STATUS_FILE),
-            started_at: unix_now(),
+            status: Arc::clone(&status),
             queries: JoinSet::new(),
             policy_tasks: JoinSet::new(),
             background: JoinSet::new(),
         };
-        node.write_status();
+        status.write(&desk);
         node.catch_up();
         // Without the socket (e.g. a node path too long for one) the node still serves;
         // loading data then needs it stopped.
-        let control = control::listen(home.dir(), Arc::clone(&desk))
+        let after_load: control::AfterLoad = {
+            let status = Arc::clone(&status);
+            Box::new(move |desk| status.write(desk))
+        };
+        let control = control::listen(home.dir(), Arc::clone(&desk), after_load)
             .map_err(|e| warn!("no control socket, so data can be loaded only while stopped: {e}"))
             .ok();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
@@ -316,9 +324,7 @@ struct Node {
     swarm: libp2p::Swarm<NodeBehaviour>,
     desk: Arc<QueryDesk>,
     peer_id: PeerId,
-    listen_addr: Multiaddr,
-    status_path: PathBuf,
-    started_at: u64,
+    status: Arc<StatusFile>,
     queries: JoinSet<QueryReply>,
     /// Offers and fetches being decided; the bundle is kept to forward it when accepted.
     policy_tasks: JoinSet<PolicyReply>,
@@ -376,7 +382,7 @@ impl Node {
             }
         })
         .await;
-        let _ = std::fs::remove_file(&self.status_path);
+        let _ = std::fs::remove_file(&self.status.path);
         info!("node stopped");
     }
 
@@ -520,7 +526,7 @@ impl Node {
                     .send_response(channel, response);
                 if let Some(signed) = forward {
                     self.forward(&signed);
-                    self.write_status();
+                    self.status.write(&self.desk);
                 }
             }
             Err(e) => warn!("policy task failed: {e}"),
@@ -561,28 +567,41 @@ impl Node {
                 .send_request_with_addresses(&peer, PolicyRequest::Fetch, addresses);
         }
     }
+}
 
-    fn write_status(&self) {
-        let Some(policy) = self.desk.policy() else {
+/// `status.json` in the node directory, for `renkei-node status` while the node serves;
+/// rewritten when the policy or the data changes.
+#[derive(Debug)]
+struct StatusFile {
+    path: PathBuf,
+    peer_id: PeerId,
+    listen_addr: Multiaddr,
+    started_at: u64,
+}
+
+impl StatusFile {
+    fn write(&self, desk: &QueryDesk) {
+        let Some(policy) = desk.policy() else {
             return;
         };
+        let image = desk.dataset();
         let status = NodeStatus {
             peer_id: self.peer_id.to_base58(),
             listen_addr: self.listen_addr.to_string(),
             policy_version: policy.bundle().version,
             policy_hash: policy.hash_hex(),
-            consented: self.desk.dataset().consented(),
-            withheld: self.desk.dataset().withheld(),
+            consented: image.consented(),
+            withheld: image.withheld(),
             started_at: self.started_at,
             randomness: crate::dp::RANDOMNESS.to_string(),
         };
-        let tmp = self.status_path.with_extension("json.tmp");
+        let tmp = self.path.with_extension("json.tmp");
         let written = serde_json::to_vec_pretty(&status)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &self.status_path));
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
         if let Err(e) = written {
-            warn!("writing {} failed: {e}", self.status_path.display());
+            warn!("writing {} failed: {e}", self.path.display());
         }
     }
 }

@@ -146,6 +146,12 @@ async fn ingest_while_serving_goes_through_the_node() {
     assert!(stdout.contains("loading through it"), "{stdout}");
     assert!(stdout.contains("30 added"), "{stdout}");
     assert_eq!(node.desk().dataset().consented(), 30);
+    // `status` reads what the serving node wrote after the load.
+    let status = cli(vec!["status".into(), "--dir".into(), node_path.clone()])
+        .await
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("30 consented, 0 withheld"), "{status}");
 
     // The node refuses a bad file the way the command would, and keeps its data.
     let bad = dir.path().join("bad.csv");
