@@ -5,11 +5,12 @@
 //! received payload; check the signer is a known, unrevoked researcher; decode the request;
 //! check it is addressed to this node and within its time window; ask the active policy
 //! whether this query is within the study's terms; bind the query to the schema; calibrate the
-//! mechanism and compute its cost (checked against the per-query limit); admit it at the
-//! ledger (a durable charge, or the answer recorded for this very request before); count; add
-//! noise; withhold a cell below the minimum; sign; record the signed answer and its audit
-//! entry; reply. Any failure before the charge spends nothing; any failure after it keeps the
-//! charge. Every failure becomes a [`Refusal`] with its own code, and every decision an
+//! mechanism and compute its cost (checked against the per-query limit); count; add noise;
+//! withhold a cell below the minimum; admit it at the ledger, which charges and records the
+//! signed answer in one transaction (or returns the answer recorded for this very request
+//! before); write the audit entry; make all of it durable with one fsync; reply. Nothing
+//! leaves the node before that fsync, so any failure before it spends nothing that was
+//! released, and a charge made stays made. Every failure becomes a [`Refusal`] with its own code, and every decision an
 //! entry in the audit log.
 //!
 //! A secure round ([`QueryRequest::secure`]) differs only in the release: its participants
@@ -41,7 +42,7 @@ use crate::dataset::{CompiledQuery, Dataset, Exact};
 use crate::dp::Calibration;
 use crate::error::NodeError;
 use crate::governance::{Offered, PolicyKeeper};
-use crate::ledger::{Admission, ChargeRequest, PrivacyLedger, scoped_key};
+use crate::ledger::{Admission, Charge, ChargeRequest, PrivacyLedger, scoped_key};
 use crate::secure;
 
 /// Audit events also go to their own tracing target.
@@ -475,31 +476,8 @@ impl QueryDesk {
             participants,
         } = checked;
         let _guard = self.hold(&researcher, &request.request_id)?;
-        let admission = self
-            .ledger
-            .admit(charge_request(&researcher, &request, &digest, cost, &grant))
-            .map_err(|e| internal("ledger", &e))??;
-        let charge = match admission {
-            Admission::Answered(bytes) => {
-                let envelope: SignedEnvelope =
-                    renkei_protocol::codec::decode_limited(&bytes, MAX_RESPONSE_BYTES)
-                        .map_err(|e| internal("stored answer", &e))?;
-                self.record(
-                    now,
-                    AuditEvent::QueryAnswered {
-                        researcher,
-                        study: request.study.clone(),
-                        request_id: request.request_id.to_string(),
-                        query_hash: hex_hash(&digest),
-                        rho: MicroRho(0),
-                        answer_hash: hex_hash(&Sha256::digest(&bytes).into()),
-                        resent: true,
-                    },
-                );
-                return Ok(QueryResponse::Answered(envelope));
-            }
-            Admission::Charged(charge) | Admission::ChargedUnanswered(charge) => charge,
-        };
+        // The noise is drawn first; nothing leaves the node until the charge and this answer
+        // are on disk together.
         let exact = dataset.evaluate(&compiled);
         let main = &calibrations[0];
         let release = match &participants {
@@ -509,32 +487,43 @@ impl QueryDesk {
             None => plain_release(exact, &calibrations, compiled.counts, grant.min_cell_size)
                 .map_err(|e| internal("noise", &e))?,
         };
-        let answer = Answer {
-            request_id: request.request_id,
-            request_digest: digest,
-            release,
-            value_scale: compiled.value_scale,
-            min_cell_size: if compiled.counts {
-                grant.min_cell_size
-            } else {
-                0
-            },
-            mechanism: main.mechanism,
-            sensitivity: main.sensitivity,
-            noise_scale: main.scale,
-            noise_std: main.noise_std,
-            count_noise_std: calibrations.get(1).map(|c| c.noise_std),
-            rho_spent: cost,
-            epsilon: calibrations.iter().map(|c| c.epsilon).sum(),
-            delta: calibrations.iter().map(|c| c.delta).sum(),
-            budget_remaining: charge.remaining,
-            answered_at: now,
+        let answer_for = |charge: Charge| -> Result<Vec<u8>, NodeError> {
+            let answer = Answer {
+                request_id: request.request_id,
+                request_digest: digest,
+                release: release.clone(),
+                value_scale: compiled.value_scale,
+                min_cell_size: if compiled.counts {
+                    grant.min_cell_size
+                } else {
+                    0
+                },
+                mechanism: main.mechanism,
+                sensitivity: main.sensitivity,
+                noise_scale: main.scale,
+                noise_std: main.noise_std,
+                count_noise_std: calibrations.get(1).map(|c| c.noise_std),
+                rho_spent: cost,
+                epsilon: calibrations.iter().map(|c| c.epsilon).sum(),
+                delta: calibrations.iter().map(|c| c.delta).sum(),
+                budget_remaining: charge.remaining,
+                answered_at: now,
+            };
+            let sealed = SignedEnvelope::seal(Purpose::NodeAnswer, &self.identity, &answer)?;
+            Ok(renkei_protocol::codec::encode(&sealed)?)
         };
-        let sealed = SignedEnvelope::seal(Purpose::NodeAnswer, &self.identity, &answer)
-            .map_err(|e| internal("signing", &e))?;
-        let encoded =
-            renkei_protocol::codec::encode(&sealed).map_err(|e| internal("encoding", &e))?;
-        // The audit entry goes in before the answer's record, whose fsync makes both durable.
+        let admission = self
+            .ledger
+            .admit(
+                charge_request(&researcher, &request, &digest, cost, &grant),
+                &answer_for,
+            )
+            .map_err(|e| internal("ledger", &e))??;
+        let (encoded, charge) = match admission {
+            // Answered before: the same answer again, never fresh noise.
+            Admission::Answered(bytes) => (bytes, None),
+            Admission::Recorded { charge, answer } => (answer, Some(charge)),
+        };
         self.record(
             now,
             AuditEvent::QueryAnswered {
@@ -542,24 +531,30 @@ impl QueryDesk {
                 study: request.study.clone(),
                 request_id: request.request_id.to_string(),
                 query_hash: hex_hash(&digest),
-                rho: cost,
+                rho: if charge.is_some() { cost } else { MicroRho(0) },
                 answer_hash: hex_hash(&Sha256::digest(&encoded).into()),
-                resent: false,
+                resent: charge.is_none(),
             },
         );
+        // One fsync makes the charge, the answer and the audit entry durable before sending.
         self.ledger
-            .record_answer(&researcher, &request.request_id, encoded)
+            .make_durable()
             .map_err(|e| internal("recording the answer", &e))?;
-        info!(
-            target: AUDIT,
-            request = %request.request_id,
-            researcher = %researcher,
-            study = %request.study,
-            query = %request.query,
-            rho = %cost,
-            spent = %charge.spent,
-            "answered"
-        );
+        let sealed: SignedEnvelope =
+            renkei_protocol::codec::decode_limited(&encoded, MAX_RESPONSE_BYTES)
+                .map_err(|e| internal("the recorded answer", &e))?;
+        if let Some(charge) = charge {
+            info!(
+                target: AUDIT,
+                request = %request.request_id,
+                researcher = %researcher,
+                study = %request.study,
+                query = %request.query,
+                rho = %cost,
+                spent = %charge.spent,
+                "answered"
+            );
+        }
         Ok(QueryResponse::Answered(sealed))
     }
 

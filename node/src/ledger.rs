@@ -3,12 +3,14 @@
 //! answer released for each request.
 //!
 //! Admitting a request is one sled transaction over the `ledger`, `nonces` and `requests`
-//! trees: a request id seen before returns what was recorded for it (never a second charge);
-//! otherwise the nonce must be unseen and both budgets sufficient, and the debit, the nonce
-//! and a request record are written together, then fsynced. This happens **before** any
-//! noise is drawn, and the signed answer is recorded (and fsynced) **before** it is sent: a
-//! crash can lose budget, never leak it, and a resent request gets the stored answer instead
-//! of fresh noise (resending cannot be used to average noise away). There are no refunds.
+//! trees: a request id seen before returns the answer recorded for it (never a second
+//! charge, never fresh noise, so resending cannot be used to average noise away); otherwise
+//! the nonce must be unseen and every budget sufficient, and the debit, the nonce and the
+//! request record **with its signed answer** are written together. The caller draws the
+//! noise before admitting (nothing leaves the node yet) and makes the transaction durable
+//! (one fsync, with its audit entry) before it sends anything: an answer is sent only if its
+//! charge is on disk, and a charge is never on disk without the answer it paid for. A crash
+//! can lose budget, never leak it. There are no refunds.
 //!
 //! Keys: accounts are `R || researcher key (32 bytes) || study` (one researcher on one
 //! study), `S || study` (everyone on one study) and `D` (everyone on everything: the
@@ -42,11 +44,8 @@ pub struct Charge {
 /// What the ledger decided about a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Newly charged: draw the noise, then [`PrivacyLedger::record_answer`], then send.
-    Charged(Charge),
-    /// Charged before, but the node stopped before it recorded an answer (so none was
-    /// sent): draw the noise now, without charging again.
-    ChargedUnanswered(Charge),
+    /// Charged now, with this answer recorded: make it durable, then send it.
+    Recorded { charge: Charge, answer: Vec<u8> },
     /// Answered before: the exact signed answer (an encoded envelope) to send again.
     Answered(Vec<u8>),
 }
@@ -199,12 +198,23 @@ fn exhausted(stop: Stop, request: &ChargeRequest<'_>) -> Refusal {
 /// Why a transaction stopped.
 #[derive(Debug)]
 enum Stop {
-    Seen(RequestRecord),
+    /// The request was answered before: this answer.
+    Seen(Vec<u8>),
+    /// Making the answer failed.
+    Answer(String),
     ReusedId,
     Replayed,
-    Exhausted { spent: u64 },
-    StudyExhausted { spent: u64, cap: u64 },
-    DatasetExhausted { spent: u64, cap: u64 },
+    Exhausted {
+        spent: u64,
+    },
+    StudyExhausted {
+        spent: u64,
+        cap: u64,
+    },
+    DatasetExhausted {
+        spent: u64,
+        cap: u64,
+    },
     Corrupt(&'static str),
 }
 
@@ -220,11 +230,14 @@ impl PrivacyLedger {
         &self.store
     }
 
-    /// Decides a request: the stored outcome of a request seen before, or a refusal, or a
-    /// durable charge. Returns only once a new charge is on disk.
+    /// Decides a request: the answer recorded for it before, or a refusal, or a charge
+    /// written together with the answer `answer` makes for it (called with the charge, so
+    /// the answer can state what is left; it may be called more than once if the
+    /// transaction is retried). Nothing is durable until [`PrivacyLedger::make_durable`].
     pub fn admit(
         &self,
         request: ChargeRequest<'_>,
+        answer: &dyn Fn(Charge) -> Result<Vec<u8>, NodeError>,
     ) -> Result<Result<Admission, Refusal>, NodeError> {
         let account = account_key(request.researcher, request.study);
         let study_account = study_key(request.study);
@@ -232,14 +245,30 @@ impl PrivacyLedger {
         let request_key = scoped_key(request.researcher, &request.request_id.0);
         let trees = (&self.store.ledger, &self.store.nonces, &self.store.requests);
         let outcome = trees.transaction(|(ledger, nonces, requests)| {
+            let answered = |charge: Charge| {
+                answer(charge).map_err(|e| Abort::Abort(Stop::Answer(e.to_string())))
+            };
             if let Some(bytes) = requests.get(request_key)? {
-                let record =
+                let mut record =
                     decode_record(&bytes).ok_or(Abort::Abort(Stop::Corrupt("request record")))?;
-                return Err(Abort::Abort(if &record.digest == request.digest {
-                    Stop::Seen(record)
-                } else {
-                    Stop::ReusedId
-                }));
+                if &record.digest != request.digest {
+                    return Err(Abort::Abort(Stop::ReusedId));
+                }
+                if let Some(sent) = record.answer {
+                    return Err(Abort::Abort(Stop::Seen(sent)));
+                }
+                // Charged but unanswered: only a store written before charges and answers
+                // were recorded together holds this. Answer now, without charging again.
+                let charge = Charge {
+                    spent: record.spent,
+                    remaining: record.remaining,
+                };
+                let bytes = answered(charge)?;
+                record.answer = Some(bytes.clone());
+                let encoded = renkei_protocol::codec::encode(&record)
+                    .map_err(|_| Abort::Abort(Stop::Corrupt("request record")))?;
+                requests.insert(&request_key[..], encoded)?;
+                return Ok((charge, bytes));
             }
             if nonces.get(nonce)?.is_some() {
                 return Err(Abort::Abort(Stop::Replayed));
@@ -253,12 +282,17 @@ impl PrivacyLedger {
             let dataset_spent = read(ledger.get(DATASET_ACCOUNT)?, "dataset account")?;
             let [total, study_total, dataset_total] =
                 totals(&request, spent, study_spent, dataset_spent).map_err(Abort::Abort)?;
+            let charge = Charge {
+                spent: MicroRho(total),
+                remaining: request.budget.saturating_sub(MicroRho(total)),
+            };
+            let bytes = answered(charge)?;
             let record = RequestRecord {
                 digest: *request.digest,
                 expires_at: request.expires_at,
-                spent: MicroRho(total),
-                remaining: request.budget.saturating_sub(MicroRho(total)),
-                answer: None,
+                spent: charge.spent,
+                remaining: charge.remaining,
+                answer: Some(bytes.clone()),
             };
             let encoded = renkei_protocol::codec::encode(&record)
                 .map_err(|_| Abort::Abort(Stop::Corrupt("request record")))?;
@@ -267,29 +301,16 @@ impl PrivacyLedger {
             ledger.insert(DATASET_ACCOUNT, &dataset_total.to_be_bytes()[..])?;
             nonces.insert(&nonce[..], &request.expires_at.to_be_bytes()[..])?;
             requests.insert(&request_key[..], encoded)?;
-            Ok(Charge {
-                spent: record.spent,
-                remaining: record.remaining,
-            })
+            Ok((charge, bytes))
         });
         let refusal = |code, reason: String| Ok(Err(Refusal::new(code, reason)));
         match outcome {
-            Ok(charge) => {
-                self.store.flush()?;
-                Ok(Ok(Admission::Charged(charge)))
-            }
-            Err(TransactionError::Abort(Stop::Seen(record))) => {
-                // What is sent or drawn from now on must rest on disk, even if the flush that
-                // followed the original charge or answer failed.
-                self.store.flush()?;
-                Ok(Ok(match record.answer {
-                    Some(answer) => Admission::Answered(answer),
-                    None => Admission::ChargedUnanswered(Charge {
-                        spent: record.spent,
-                        remaining: record.remaining,
-                    }),
-                }))
-            }
+            Ok((charge, answer)) => Ok(Ok(Admission::Recorded { charge, answer })),
+            Err(TransactionError::Abort(Stop::Seen(answer))) => Ok(Ok(Admission::Answered(answer))),
+            Err(TransactionError::Abort(Stop::Answer(reason))) => Err(NodeError::CorruptStore {
+                what: "the answer being recorded".into(),
+                reason,
+            }),
             Err(TransactionError::Abort(Stop::ReusedId)) => refusal(
                 RefusalCode::Replayed,
                 format!(
@@ -331,24 +352,9 @@ impl PrivacyLedger {
         )
     }
 
-    /// Records the signed answer of an admitted request and fsyncs; call before sending it.
-    pub fn record_answer(
-        &self,
-        researcher: &PublicKey,
-        request_id: &RequestId,
-        answer: Vec<u8>,
-    ) -> Result<(), NodeError> {
-        let key = scoped_key(researcher, &request_id.0);
-        let corrupt = || NodeError::CorruptStore {
-            what: format!("request record {request_id}"),
-            reason: "missing (pruned after expiry?) or undecodable".into(),
-        };
-        let bytes = self.store.requests.get(key)?.ok_or_else(corrupt)?;
-        let mut record = decode_record(&bytes).ok_or_else(corrupt)?;
-        record.answer = Some(answer);
-        self.store
-            .requests
-            .insert(key, renkei_protocol::codec::encode(&record)?)?;
+    /// Makes everything admitted so far durable (and whatever else was written, such as
+    /// audit entries); call before sending an answer. Concurrent calls share one fsync.
+    pub fn make_durable(&self) -> Result<(), NodeError> {
         self.store.flush()
     }
 
@@ -463,6 +469,11 @@ mod tests {
         }
     }
 
+    /// A stand-in for the signed answer: says what it was told is left.
+    fn answer(charge: Charge) -> Result<Vec<u8>, NodeError> {
+        Ok(format!("answer; {} left", charge.remaining).into_bytes())
+    }
+
     fn refusal(outcome: Result<Admission, Refusal>) -> RefusalCode {
         outcome.unwrap_err().code
     }
@@ -474,16 +485,29 @@ mod tests {
         let f = Fixture::new();
         {
             let ledger = PrivacyLedger::new(home.open_store().unwrap());
-            let first = ledger.admit(f.request(0, 40, 100)).unwrap().unwrap();
+            let first = ledger
+                .admit(f.request(0, 40, 100), &answer)
+                .unwrap()
+                .unwrap();
             assert_eq!(
                 first,
-                Admission::Charged(Charge {
-                    spent: MicroRho(40),
-                    remaining: MicroRho(60)
-                })
+                Admission::Recorded {
+                    charge: Charge {
+                        spent: MicroRho(40),
+                        remaining: MicroRho(60)
+                    },
+                    answer: answer(Charge {
+                        spent: MicroRho(40),
+                        remaining: MicroRho(60)
+                    })
+                    .unwrap(),
+                }
             );
-            ledger.admit(f.request(1, 40, 100)).unwrap().unwrap();
-            let broke = ledger.admit(f.request(2, 40, 100)).unwrap();
+            ledger
+                .admit(f.request(1, 40, 100), &answer)
+                .unwrap()
+                .unwrap();
+            let broke = ledger.admit(f.request(2, 40, 100), &answer).unwrap();
             assert_eq!(refusal(broke), RefusalCode::BudgetExhausted);
             assert_eq!(
                 ledger.spent(&f.researcher, "severity").unwrap(),
@@ -505,24 +529,54 @@ mod tests {
         let (home, _) = NodeHome::init(dir.path()).unwrap();
         let f = Fixture::new();
         let ledger = PrivacyLedger::new(home.open_store().unwrap());
-        assert!(matches!(
-            ledger.admit(f.request(0, 30, 100)).unwrap().unwrap(),
-            Admission::Charged(_)
-        ));
-        // Resent before an answer was recorded (the node crashed in between).
+        let Admission::Recorded { answer: first, .. } = ledger
+            .admit(f.request(0, 30, 100), &answer)
+            .unwrap()
+            .unwrap()
+        else {
+            panic!("not charged");
+        };
+        // Resent: the recorded answer, not a new one, and no second charge.
+        let fresh = |_: Charge| -> Result<Vec<u8>, NodeError> { Ok(b"fresh noise".to_vec()) };
         assert_eq!(
-            ledger.admit(f.request(0, 30, 100)).unwrap().unwrap(),
-            Admission::ChargedUnanswered(Charge {
-                spent: MicroRho(30),
-                remaining: MicroRho(70)
-            })
+            ledger
+                .admit(f.request(0, 30, 100), &fresh)
+                .unwrap()
+                .unwrap(),
+            Admission::Answered(first)
         );
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(30)
+        );
+
+        // A store from before charges and answers were written together may hold a charge
+        // without its answer: it is answered now, without charging again.
+        let key = scoped_key(&f.researcher, &f.ids[2].0);
+        let unanswered = RequestRecord {
+            digest: [7; 32],
+            expires_at: 1_000,
+            spent: MicroRho(30),
+            remaining: MicroRho(70),
+            answer: None,
+        };
         ledger
-            .record_answer(&f.researcher, &f.ids[0], b"signed answer".to_vec())
+            .store
+            .requests
+            .insert(key, renkei_protocol::codec::encode(&unanswered).unwrap())
             .unwrap();
         assert_eq!(
-            ledger.admit(f.request(0, 30, 100)).unwrap().unwrap(),
-            Admission::Answered(b"signed answer".to_vec())
+            ledger
+                .admit(f.request(2, 30, 100), &answer)
+                .unwrap()
+                .unwrap(),
+            Admission::Recorded {
+                charge: Charge {
+                    spent: MicroRho(30),
+                    remaining: MicroRho(70)
+                },
+                answer: b"answer; 0.000070 left".to_vec(),
+            }
         );
         assert_eq!(
             ledger.spent(&f.researcher, "severity").unwrap(),
@@ -532,11 +586,14 @@ mod tests {
         // The same id for a different request, or an old nonce under a new id: replays.
         let mut other = f.request(0, 30, 100);
         other.digest = &[8; 32];
-        assert_eq!(refusal(ledger.admit(other).unwrap()), RefusalCode::Replayed);
+        assert_eq!(
+            refusal(ledger.admit(other, &answer).unwrap()),
+            RefusalCode::Replayed
+        );
         let mut reused_nonce = f.request(1, 30, 100);
         reused_nonce.nonce = &f.ids[0].0;
         assert_eq!(
-            refusal(ledger.admit(reused_nonce).unwrap()),
+            refusal(ledger.admit(reused_nonce, &answer).unwrap()),
             RefusalCode::Replayed
         );
         assert_eq!(
@@ -554,7 +611,7 @@ mod tests {
         let capped = |f: &Fixture| {
             let mut r = f.request(0, 60, 1_000);
             r.dataset_budget = Some(MicroRho(100));
-            let outcome = ledger.admit(r).unwrap();
+            let outcome = ledger.admit(r, &answer).unwrap();
             outcome.map(|_| ())
         };
         capped(&a).unwrap();
@@ -578,7 +635,7 @@ mod tests {
         let charge = |f: &Fixture| {
             let mut r = f.request(0, 60, 1_000);
             r.study_budget = Some(MicroRho(100));
-            ledger.admit(r).unwrap().map(|_| ())
+            ledger.admit(r, &answer).unwrap().map(|_| ())
         };
         charge(&a).unwrap();
         assert_eq!(
@@ -594,7 +651,10 @@ mod tests {
         let (home, _) = NodeHome::init(dir.path()).unwrap();
         let ledger = PrivacyLedger::new(home.open_store().unwrap());
         let f = Fixture::new();
-        ledger.admit(f.request(0, 1, 100)).unwrap().unwrap();
+        ledger
+            .admit(f.request(0, 1, 100), &answer)
+            .unwrap()
+            .unwrap();
         assert_eq!(ledger.prune_expired(1_000).unwrap(), 0);
         assert_eq!(
             ledger
