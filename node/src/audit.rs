@@ -41,9 +41,12 @@ pub enum AuditEvent {
         request_id: String,
         /// SHA-256 of the signed request payload.
         query_hash: String,
+        /// What the request costs at this node (charged once, at its first delivery; the
+        /// ledger, not this log, is the authority on spend).
         rho: MicroRho,
-        /// SHA-256 of the signed answer as sent.
+        /// SHA-256 of the signed answer as recorded (and then sent).
         answer_hash: String,
+        /// A delivery of an answer recorded before, which charged nothing new.
         resent: bool,
     },
     /// A query was refused.

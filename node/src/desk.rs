@@ -8,9 +8,10 @@
 //! mechanism and compute its cost (checked against the per-query limit); count; add noise;
 //! withhold a cell below the minimum; admit it at the ledger, which charges and records the
 //! signed answer in one transaction (or returns the answer recorded for this very request
-//! before); write the audit entry; make all of it durable with one fsync; reply. Nothing
-//! leaves the node before that fsync, so any failure before it spends nothing that was
-//! released, and a charge made stays made. Every failure becomes a [`Refusal`] with its own code, and every decision an
+//! before); write the audit entry; make all of it durable with one fsync; reply. A request
+//! the ledger would refuse, or has answered before, is decided before the data is touched.
+//! A failure before the transaction spends nothing; after it, nothing was sent, the charge
+//! may stand, and a resend returns the recorded answer. Every failure becomes a [`Refusal`] with its own code, and every decision an
 //! entry in the audit log.
 //!
 //! A secure round ([`QueryRequest::secure`]) differs only in the release: its participants
@@ -60,8 +61,9 @@ pub struct QueryDesk {
     stale: AtomicBool,
     ledger: PrivacyLedger,
     audit: AuditLog,
-    /// Requests (researcher key || request id) being answered right now, so two copies of
-    /// one request arriving together cannot both draw noise for its single charge.
+    /// Requests (researcher key || request id) being answered right now, so a second copy
+    /// arriving meanwhile is turned away instead of doing the work again (the ledger's
+    /// transaction is what guarantees one answer per charge).
     answering: Mutex<HashSet<[u8; 48]>>,
     /// Pairwise secrets with other nodes, for secure rounds' masks.
     pair_secrets: secure::PairSecrets,
@@ -438,8 +440,8 @@ impl QueryDesk {
         })
     }
 
-    /// Admits the request at the ledger (charging durably), then counts, draws noise, signs
-    /// and records the answer with its audit entry. Blocking.
+    /// Counts, draws noise and signs, then charges and records the answer in one ledger
+    /// transaction, audits and fsyncs; a refusal is audited too. Blocking.
     fn charge_and_release(&self, checked: Checked, now: u64) -> QueryResponse {
         let known = Known {
             researcher: Some(checked.researcher),
@@ -476,8 +478,18 @@ impl QueryDesk {
             participants,
         } = checked;
         let _guard = self.hold(&researcher, &request.request_id)?;
-        // The noise is drawn first; nothing leaves the node until the charge and this answer
-        // are on disk together.
+        let charging = charge_request(&researcher, &request, &digest, cost, &grant);
+        // Refused or answered before: decided without touching the data (its scan time
+        // would otherwise be a signal nobody pays for).
+        let stored = self
+            .ledger
+            .precheck(&charging)
+            .map_err(|e| internal("ledger", &e))??;
+        if let Some(encoded) = stored {
+            return self.send_recorded(encoded, None, cost, &researcher, &request, &digest, now);
+        }
+        // The noise is drawn before the charge; nothing leaves the node until the charge and
+        // this answer are on disk together.
         let exact = dataset.evaluate(&compiled);
         let main = &calibrations[0];
         let release = match &participants {
@@ -509,29 +521,60 @@ impl QueryDesk {
                 budget_remaining: charge.remaining,
                 answered_at: now,
             };
+            // Runs inside the ledger's transaction: no store access here.
             let sealed = SignedEnvelope::seal(Purpose::NodeAnswer, &self.identity, &answer)?;
-            Ok(renkei_protocol::codec::encode(&sealed)?)
+            let bytes = renkei_protocol::codec::encode(&sealed)?;
+            if bytes.len() > MAX_RESPONSE_BYTES {
+                return Err(NodeError::Answer(format!(
+                    "{} bytes, more than the {MAX_RESPONSE_BYTES} an answer may take",
+                    bytes.len()
+                )));
+            }
+            Ok(bytes)
         };
         let admission = self
             .ledger
-            .admit(
-                charge_request(&researcher, &request, &digest, cost, &grant),
-                &answer_for,
-            )
+            .admit(charging, &answer_for)
             .map_err(|e| internal("ledger", &e))??;
         let (encoded, charge) = match admission {
-            // Answered before: the same answer again, never fresh noise.
+            // Answered before (a copy raced this one): the same answer, never fresh noise.
             Admission::Answered(bytes) => (bytes, None),
             Admission::Recorded { charge, answer } => (answer, Some(charge)),
+        };
+        self.send_recorded(encoded, charge, cost, &researcher, &request, &digest, now)
+    }
+
+    /// Audits a recorded answer, makes it durable (with its charge, if `charge` is this
+    /// delivery's) and returns it to send. A failure here sends nothing; the charge may
+    /// stand, and a resend returns the recorded answer.
+    #[allow(clippy::too_many_arguments)]
+    fn send_recorded(
+        &self,
+        encoded: Vec<u8>,
+        charge: Option<Charge>,
+        cost: MicroRho,
+        researcher: &PublicKey,
+        request: &QueryRequest,
+        digest: &[u8; 32],
+        now: u64,
+    ) -> Result<QueryResponse, Refusal> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            warn!("{what}: {e}");
+            Refusal::new(
+                RefusalCode::Internal,
+                format!(
+                    "{what} failed on the node; nothing was sent (a charge may stand: resend the same request to get its answer)"
+                ),
+            )
         };
         self.record(
             now,
             AuditEvent::QueryAnswered {
-                researcher,
+                researcher: *researcher,
                 study: request.study.clone(),
                 request_id: request.request_id.to_string(),
-                query_hash: hex_hash(&digest),
-                rho: if charge.is_some() { cost } else { MicroRho(0) },
+                query_hash: hex_hash(digest),
+                rho: cost,
                 answer_hash: hex_hash(&Sha256::digest(&encoded).into()),
                 resent: charge.is_none(),
             },
@@ -539,10 +582,10 @@ impl QueryDesk {
         // One fsync makes the charge, the answer and the audit entry durable before sending.
         self.ledger
             .make_durable()
-            .map_err(|e| internal("recording the answer", &e))?;
+            .map_err(|e| failed("recording the answer", &e))?;
         let sealed: SignedEnvelope =
             renkei_protocol::codec::decode_limited(&encoded, MAX_RESPONSE_BYTES)
-                .map_err(|e| internal("the recorded answer", &e))?;
+                .map_err(|e| failed("reading the recorded answer", &e))?;
         if let Some(charge) = charge {
             info!(
                 target: AUDIT,

@@ -60,6 +60,8 @@ pub enum NodeError {
     Codec(#[from] renkei_protocol::CodecError),
     #[error("control socket: {0}")]
     Control(String),
+    #[error("making the answer failed: {0}")]
+    Answer(String),
     /// An error with what was being done when it happened (the cause prints as its source).
     #[error("{what}")]
     Within {

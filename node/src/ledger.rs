@@ -30,10 +30,10 @@ use crate::store::NodeStore;
 /// Ledger key of the node's total spend over all researchers and studies.
 const DATASET_ACCOUNT: &[u8] = b"D";
 
-/// Largest request record stored (the signed answer dominates it).
-const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Largest request record stored: the largest answer a node sends, and the record around it.
+const MAX_RECORD_BYTES: usize = renkei_protocol::limits::MAX_RESPONSE_BYTES + 1024;
 
-/// A budget debit that is on disk.
+/// A budget debit (written; durable after [`PrivacyLedger::make_durable`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Charge {
     /// The researcher's spend on the study after this charge.
@@ -57,7 +57,8 @@ pub struct RequestRecord {
     pub expires_at: u64,
     pub spent: MicroRho,
     pub remaining: MicroRho,
-    /// The encoded signed answer, once recorded.
+    /// The encoded signed answer (`None` only in records from before charges and answers
+    /// were written together).
     pub answer: Option<Vec<u8>>,
 }
 
@@ -307,10 +308,7 @@ impl PrivacyLedger {
         match outcome {
             Ok((charge, answer)) => Ok(Ok(Admission::Recorded { charge, answer })),
             Err(TransactionError::Abort(Stop::Seen(answer))) => Ok(Ok(Admission::Answered(answer))),
-            Err(TransactionError::Abort(Stop::Answer(reason))) => Err(NodeError::CorruptStore {
-                what: "the answer being recorded".into(),
-                reason,
-            }),
+            Err(TransactionError::Abort(Stop::Answer(reason))) => Err(NodeError::Answer(reason)),
             Err(TransactionError::Abort(Stop::ReusedId)) => refusal(
                 RefusalCode::Replayed,
                 format!(
@@ -350,6 +348,61 @@ impl PrivacyLedger {
                 Err(stop) => Err(exhausted(stop, request)),
             },
         )
+    }
+
+    /// What admitting `request` would meet, read without writing, so that work for a
+    /// request that will be refused or answered from its record is not done at all: the
+    /// recorded answer of a request seen before, or the refusal, or `None` to go ahead. The
+    /// transaction in [`PrivacyLedger::admit`] decides again.
+    pub fn precheck(
+        &self,
+        request: &ChargeRequest<'_>,
+    ) -> Result<Result<Option<Vec<u8>>, Refusal>, NodeError> {
+        let request_key = scoped_key(request.researcher, &request.request_id.0);
+        if let Some(bytes) = self.store.requests.get(request_key)? {
+            let record = decode_record(&bytes).ok_or_else(|| NodeError::CorruptStore {
+                what: format!("request record {}", request.request_id),
+                reason: "undecodable".into(),
+            })?;
+            if &record.digest != request.digest {
+                return Ok(Err(Refusal::new(
+                    RefusalCode::Replayed,
+                    format!(
+                        "request id {} was already used for a different request",
+                        request.request_id
+                    ),
+                )));
+            }
+            // A record without its answer (older stores) is answered through `admit`.
+            return Ok(Ok(record.answer));
+        }
+        if self
+            .store
+            .nonces
+            .get(scoped_key(request.researcher, request.nonce))?
+            .is_some()
+        {
+            return Ok(Err(Refusal::new(
+                RefusalCode::Replayed,
+                "this request's nonce was already used; sign a new request",
+            )));
+        }
+        Ok(self.quote(request)?.map(|_| None))
+    }
+
+    /// Every request record (for inspection and tests).
+    pub fn requests(&self) -> Result<Vec<RequestRecord>, NodeError> {
+        self.store
+            .requests
+            .iter()
+            .map(|entry| {
+                let (key, bytes) = entry?;
+                decode_record(&bytes).ok_or_else(|| NodeError::CorruptStore {
+                    what: format!("request record {}", hex::encode(&key)),
+                    reason: "undecodable".into(),
+                })
+            })
+            .collect()
     }
 
     /// Makes everything admitted so far durable (and whatever else was written, such as
@@ -599,6 +652,54 @@ mod tests {
         assert_eq!(
             ledger.spent(&f.researcher, "severity").unwrap(),
             MicroRho(30)
+        );
+    }
+
+    /// If the answer cannot be made, the transaction leaves nothing: no charge, no nonce, no
+    /// record.
+    #[test]
+    fn a_failed_answer_charges_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, _) = NodeHome::init(dir.path()).unwrap();
+        let ledger = PrivacyLedger::new(home.open_store().unwrap());
+        let f = Fixture::new();
+        let broken = |_: Charge| -> Result<Vec<u8>, NodeError> {
+            Err(NodeError::Answer("too large".into()))
+        };
+        assert!(matches!(
+            ledger.admit(f.request(0, 30, 100), &broken),
+            Err(NodeError::Answer(_))
+        ));
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(0)
+        );
+        assert!(ledger.requests().unwrap().is_empty());
+        assert_eq!(
+            ledger.precheck(&f.request(0, 30, 100)).unwrap().unwrap(),
+            None
+        );
+        ledger
+            .admit(f.request(0, 30, 100), &answer)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(30)
+        );
+        // Now the precheck finds the recorded answer, and refuses a reused nonce.
+        assert!(
+            ledger
+                .precheck(&f.request(0, 30, 100))
+                .unwrap()
+                .unwrap()
+                .is_some()
+        );
+        let mut reused = f.request(1, 30, 100);
+        reused.nonce = &f.ids[0].0;
+        assert_eq!(
+            ledger.precheck(&reused).unwrap().unwrap_err().code,
+            RefusalCode::Replayed
         );
     }
 

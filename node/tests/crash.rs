@@ -1,8 +1,9 @@
 //! Crash safety of the privacy ledger: a real `renkei-node serve` process is killed with
 //! SIGKILL at random moments while answering a stream of queries, again and again. After
 //! every kill the spend on disk is at least the sum of the answers the researcher received:
-//! nothing is ever released uncharged. Requests whose replies were lost are resent after the
-//! restart: each is answered, and one answered before comes back with the same value.
+//! nothing is ever released uncharged; every charge on disk has its recorded answer and the
+//! spend is exactly the recorded charges. Requests whose replies were lost are resent after
+//! the restart and answered; requests answered before, resent, come back identical.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -109,10 +110,37 @@ async fn sigkill_never_releases_an_uncharged_answer() {
     let released: Arc<Mutex<HashMap<RequestId, (Release, MicroRho)>>> = Arc::default();
     // Requests whose reply was lost when the node died; they are resent after the restart.
     let lost: Arc<Mutex<Vec<PreparedQuery>>> = Arc::default();
+    // A few requests that were answered; resent after the restart, they must come back
+    // identical (from the record, not fresh noise).
+    let answered: Arc<Mutex<Vec<PreparedQuery>>> = Arc::default();
+    let mut resent_identical = 0usize;
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
     let mut resent_answered = 0usize;
     for cycle in 0..CYCLES {
         let (mut child, node) = serve(&node_dir, &policy).await;
+        // Resend some answered before: the very same answer.
+        let to_repeat: Vec<PreparedQuery> = std::mem::take(&mut *answered.lock().unwrap());
+        for prepared in to_repeat {
+            let request = EncodedRequest::encode(&prepared.envelope).unwrap();
+            let reply = client
+                .ask(
+                    node.peer_id,
+                    node.address.clone(),
+                    request,
+                    Duration::from_secs(10),
+                )
+                .await;
+            let Ok(QueryResponse::Answered(envelope)) = reply else {
+                panic!("an answered request, resent, was not answered: {reply:?}");
+            };
+            let answer: Answer = envelope
+                .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
+                .unwrap();
+            let released = released.lock().unwrap();
+            let (first, _) = &released[&answer.request_id];
+            assert_eq!(*first, answer.release, "a resent request drew fresh noise");
+            resent_identical += 1;
+        }
         // Resend what was lost: the node answers each once, from its record or fresh.
         let to_resend: Vec<PreparedQuery> = std::mem::take(&mut *lost.lock().unwrap());
         for prepared in to_resend {
@@ -142,12 +170,13 @@ async fn sigkill_never_releases_an_uncharged_answer() {
         }
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..IN_FLIGHT {
-            let (client, node, researcher, released, lost) = (
+            let (client, node, researcher, released, lost, answered) = (
                 client.clone(),
                 node.clone(),
                 Arc::clone(&researcher),
                 Arc::clone(&released),
                 Arc::clone(&lost),
+                Arc::clone(&answered),
             );
             workers.spawn(async move {
                 loop {
@@ -187,6 +216,10 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                                 .lock()
                                 .unwrap()
                                 .insert(answer.request_id, (answer.release, answer.rho_spent));
+                            let mut answered = answered.lock().unwrap();
+                            if answered.len() < 2 {
+                                answered.push(prepared);
+                            }
                         }
                         Ok(other) => panic!("not answered: {other:?}"),
                         // The node died under us: resend this one after the restart.
@@ -212,9 +245,19 @@ async fn sigkill_never_releases_an_uncharged_answer() {
         }
 
         let store = NodeHome::open(&node_dir).unwrap().open_store().unwrap();
-        let spent = PrivacyLedger::new(store)
-            .spent(&researcher.public_key(), STUDY)
-            .unwrap();
+        let ledger = PrivacyLedger::new(store);
+        let spent = ledger.spent(&researcher.public_key(), STUDY).unwrap();
+        // Every charge on disk has its answer, and the spend is exactly those charges.
+        let records = ledger.requests().unwrap();
+        assert!(
+            records.iter().all(|r| r.answer.is_some()),
+            "cycle {cycle}: a charge on disk without its answer"
+        );
+        assert_eq!(
+            spent.0,
+            records.len() as u64 * COST.0,
+            "cycle {cycle}: the spend is not the sum of the recorded charges"
+        );
         let released_now: u64 = released
             .lock()
             .unwrap()
@@ -231,6 +274,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
     // The test must have exercised the node, not just killed it before it answered, and
     // the resend path must have been taken.
     assert!(resent_answered > 0, "no request was lost and resent");
+    assert!(resent_identical > 0, "no answered request was resent");
     assert!(
         answers_seen >= CYCLES as u64,
         "only {answers_seen} answers in {CYCLES} cycles"
