@@ -121,21 +121,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
         // Resend some answered before: the very same answer.
         let to_repeat: Vec<PreparedQuery> = std::mem::take(&mut *answered.lock().unwrap());
         for prepared in to_repeat {
-            let request = EncodedRequest::encode(&prepared.envelope).unwrap();
-            let reply = client
-                .ask(
-                    node.peer_id,
-                    node.address.clone(),
-                    request,
-                    Duration::from_secs(10),
-                )
-                .await;
-            let Ok(QueryResponse::Answered(envelope)) = reply else {
-                panic!("an answered request, resent, was not answered: {reply:?}");
-            };
-            let answer: Answer = envelope
-                .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
-                .unwrap();
+            let answer = resend(&client, &node, &prepared).await;
             let released = released.lock().unwrap();
             let (first, _) = &released[&answer.request_id];
             assert_eq!(*first, answer.release, "a resent request drew fresh noise");
@@ -144,29 +130,13 @@ async fn sigkill_never_releases_an_uncharged_answer() {
         // Resend what was lost: the node answers each once, from its record or fresh.
         let to_resend: Vec<PreparedQuery> = std::mem::take(&mut *lost.lock().unwrap());
         for prepared in to_resend {
-            let request = EncodedRequest::encode(&prepared.envelope).unwrap();
-            let reply = client
-                .ask(
-                    node.peer_id,
-                    node.address.clone(),
-                    request,
-                    Duration::from_secs(10),
-                )
-                .await;
-            match reply {
-                Ok(QueryResponse::Answered(envelope)) => {
-                    let answer: Answer = envelope
-                        .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
-                        .unwrap();
-                    let mut released = released.lock().unwrap();
-                    if let Some((value, _)) = released.get(&answer.request_id) {
-                        assert_eq!(*value, answer.release, "a resent request drew fresh noise");
-                    }
-                    released.insert(answer.request_id, (answer.release, answer.rho_spent));
-                    resent_answered += 1;
-                }
-                other => panic!("a resent request was not answered: {other:?}"),
+            let answer = resend(&client, &node, &prepared).await;
+            let mut released = released.lock().unwrap();
+            if let Some((value, _)) = released.get(&answer.request_id) {
+                assert_eq!(*value, answer.release, "a resent request drew fresh noise");
             }
+            released.insert(answer.request_id, (answer.release, answer.rho_spent));
+            resent_answered += 1;
         }
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..IN_FLIGHT {
@@ -279,4 +249,23 @@ async fn sigkill_never_releases_an_uncharged_answer() {
         answers_seen >= CYCLES as u64,
         "only {answers_seen} answers in {CYCLES} cycles"
     );
+}
+
+/// Sends `prepared` again to the restarted node; it must be answered.
+async fn resend(client: &NetworkClient, node: &NodeAddress, prepared: &PreparedQuery) -> Answer {
+    let request = EncodedRequest::encode(&prepared.envelope).unwrap();
+    let reply = client
+        .ask(
+            node.peer_id,
+            node.address.clone(),
+            request,
+            Duration::from_secs(10),
+        )
+        .await;
+    let Ok(QueryResponse::Answered(envelope)) = reply else {
+        panic!("a resent request was not answered: {reply:?}");
+    };
+    envelope
+        .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
+        .unwrap()
 }
