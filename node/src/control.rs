@@ -57,9 +57,6 @@ pub enum ControlRequest {
         patient: String,
         scope: Option<String>,
     },
-    /// Forget unfinished ingests (files that cannot be loaded again), accepting what is
-    /// stored of them.
-    AbandonUnfinished,
 }
 
 /// A serving node's reply: what was done, line by line, or why it failed.
@@ -187,18 +184,6 @@ impl ControlRequest {
                 ));
                 Ok(())
             }
-            ControlRequest::AbandonUnfinished => {
-                let files = ingest::abandon_unfinished(store)?;
-                done(if files.is_empty() {
-                    "no unfinished ingest to abandon".into()
-                } else {
-                    format!(
-                        "WARNING: abandoned unfinished ingest of {}; whatever part of it was written stays",
-                        files.join(", ")
-                    )
-                });
-                Ok(())
-            }
         }
     }
 
@@ -206,7 +191,7 @@ impl ControlRequest {
     fn writes(&self) -> bool {
         match self {
             ControlRequest::Ingest(plan) => !plan.dry_run,
-            ControlRequest::WithdrawConsent { .. } | ControlRequest::AbandonUnfinished => true,
+            ControlRequest::WithdrawConsent { .. } => true,
         }
     }
 
@@ -217,7 +202,6 @@ impl ControlRequest {
             ControlRequest::Ingest(plan) if plan.dry_run => "ingest (dry run)",
             ControlRequest::Ingest(_) => "ingest",
             ControlRequest::WithdrawConsent { .. } => "consent withdrawal",
-            ControlRequest::AbandonUnfinished => "abandon unfinished ingest",
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The in-memory image of a node's data that queries run on, column by column, and the
 //! binding of a query to it.
 //!
-//! [`Dataset::load`] reads every stored patient, timepoint and information item into
-//! columnar tables (one `i64` vector per column, [`NULL`] for a missing value; consent scopes
+//! [`Dataset::load`] reads every stored patient, timepoint and information item (see
+//! [`crate::tables`]) into columnar tables (one `i64` vector per column, [`NULL`] for a missing value; consent scopes
 //! as bitsets). A query is compiled against the dataset schema ([`Dataset::compile`]): its
 //! view and columns resolved, its literals encoded, the consent scopes it needs and its
 //! sensitivity fixed; anything that does not fit is refused with a reason that names it.
@@ -21,12 +21,13 @@ use renkei_protocol::{Aggregate, CmpOp, Filter, Literal, Query};
 
 use crate::bitset::Bitset;
 use crate::error::NodeError;
-use crate::records::{self, ItemRecord, PatientRecord, TimepointRecord};
+use crate::records::{self, ItemRecord};
 use crate::schema::{
     ColumnDef, ColumnType, DatasetSchema, PATIENTS_VIEW, SECONDARY_USE, TIMEPOINT_COLUMN,
     TIMEPOINTS_VIEW,
 };
 use crate::store::NodeStore;
+use crate::tables::{self, Table};
 
 /// The stored value of a missing cell.
 pub const NULL: i64 = i64::MIN;
@@ -253,92 +254,108 @@ impl Dataset {
         }
     }
 
-    /// Reads every stored record of `store` into memory.
+    /// Reads every stored row of `store` into memory.
     pub fn load(store: &NodeStore, schema: Arc<DatasetSchema>) -> Result<Self, NodeError> {
-        let unfinished = crate::ingest::unfinished_ingests(store)?;
-        if !unfinished.is_empty() {
-            return Err(NodeError::UnfinishedIngest {
-                file: unfinished.join(", "),
-            });
-        }
         let mut data = Self::empty(Arc::clone(&schema));
         let mut patient_rows: HashMap<[u8; 32], u32> = HashMap::new();
         let mut consent_rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for entry in store.patients.iter() {
-            let (key, value) = entry?;
-            let record: PatientRecord = records::decode(&value, "patient record", &key)?;
-            let pseudonym: [u8; 32] =
-                key.as_ref()
-                    .try_into()
-                    .map_err(|_| NodeError::CorruptStore {
-                        what: "patient key".into(),
-                        reason: "not 32 bytes".into(),
-                    })?;
-            let row = data.patients.len;
-            patient_rows.insert(pseudonym, u32::try_from(row).map_err(|_| too_many())?);
-            push_values(&mut data.patients.columns, &record.values);
-            for scope in record.consents {
-                consent_rows.entry(scope).or_default().push(row);
+        for shard in tables::shards(store, Table::Patients, schema.patients.len()) {
+            let (_, shard) = shard?;
+            for row in 0..shard.rows() {
+                let index = data.patients.len;
+                patient_rows.insert(
+                    *shard.pseudonym(row),
+                    u32::try_from(index).map_err(|_| too_many())?,
+                );
+                for (bit, scope) in shard.scopes.iter().enumerate() {
+                    if shard.consents[row] & (1 << bit) != 0 {
+                        consent_rows.entry(scope.clone()).or_default().push(index);
+                    }
+                }
+                data.patients.len += 1;
             }
-            data.patients.len += 1;
+            for (column, values) in data.patients.columns.iter_mut().zip(&shard.columns) {
+                column.extend_from_slice(values);
+            }
         }
         for (scope, rows) in consent_rows {
             let mut set = Bitset::empty(data.patients.len);
             rows.into_iter().for_each(|r| set.insert(r));
             data.patients.consents.insert(scope, set);
         }
-        let mut timepoint_rows: HashMap<[u8; 34], u32> = HashMap::new();
-        for entry in store.timepoints.iter() {
-            let (key, value) = entry?;
-            let Some(&patient) = key.get(..32).and_then(|p| {
-                let p: [u8; 32] = p.try_into().ok()?;
-                patient_rows.get(&p)
-            }) else {
-                data.orphans += 1;
-                continue;
-            };
-            let record: TimepointRecord = records::decode(&value, "timepoint record", &key)?;
-            let number = key
-                .get(32..34)
-                .map(|n| i64::from(u16::from_be_bytes([n[0], n[1]])))
-                .unwrap_or(NULL);
-            let full: [u8; 34] = key
-                .as_ref()
-                .try_into()
-                .map_err(|_| NodeError::CorruptStore {
-                    what: "timepoint key".into(),
-                    reason: "not 34 bytes".into(),
-                })?;
-            timepoint_rows.insert(
-                full,
-                u32::try_from(data.timepoints.len).map_err(|_| too_many())?,
-            );
-            data.timepoints.patient.push(patient);
-            data.timepoints.number.push(number);
-            push_values(&mut data.timepoints.columns, &record.values);
-            data.timepoints.len += 1;
-        }
-        for entry in store.items.iter() {
+        // Items, in key order (which is shard order): placed while their shard is read.
+        let mut items = Vec::new();
+        for entry in store.data.scan_prefix([tables::ITEM_PREFIX]) {
             let (key, value) = entry?;
             let record: ItemRecord = records::decode(&value, "item record", &key)?;
-            let located = key.get(..34).and_then(|k| {
-                let k: [u8; 34] = k.try_into().ok()?;
-                let p: [u8; 32] = k[..32].try_into().ok()?;
-                Some((*patient_rows.get(&p)?, *timepoint_rows.get(&k)?))
+            let located = key.get(1..35).and_then(|k| {
+                let pseudonym: [u8; 32] = k[..32].try_into().ok()?;
+                Some((pseudonym, u16::from_be_bytes([k[32], k[33]])))
             });
-            let (Some((patient, timepoint)), Some(kind)) = (
-                located,
-                schema.items.iter().position(|k| k.kind == record.kind),
-            ) else {
-                data.orphans += 1;
-                continue;
-            };
-            let items = &mut data.items[kind];
-            items.patient.push(patient);
-            items.timepoint.push(timepoint);
-            push_values(&mut items.columns, &record.values);
-            items.len += 1;
+            let kind = schema.items.iter().position(|k| k.kind == record.kind);
+            match (located, kind) {
+                (Some((pseudonym, number)), Some(kind)) => {
+                    items.push((pseudonym, number, kind, record));
+                }
+                _ => data.orphans += 1,
+            }
         }
+        let mut items = items.into_iter().peekable();
+        for shard in tables::shards(store, Table::Timepoints, schema.timepoints.len()) {
+            let (shard_number, shard) = shard?;
+            let base = data.timepoints.len;
+            let mut kept = Vec::with_capacity(shard.rows());
+            for (index, pseudonym) in shard.pseudonyms.iter().enumerate() {
+                let rows = shard.patient.partition_point(|p| (*p as usize) < index)
+                    ..shard.patient.partition_point(|p| (*p as usize) <= index);
+                match patient_rows.get(pseudonym) {
+                    Some(&patient) => {
+                        for row in rows {
+                            kept.push(row);
+                            data.timepoints.patient.push(patient);
+                            data.timepoints.number.push(i64::from(shard.number[row]));
+                        }
+                    }
+                    None => data.orphans += rows.len(),
+                }
+            }
+            for (column, values) in data.timepoints.columns.iter_mut().zip(&shard.columns) {
+                if kept.len() == shard.rows() {
+                    column.extend_from_slice(values);
+                } else {
+                    column.extend(kept.iter().map(|row| values[*row]));
+                }
+            }
+            data.timepoints.len += kept.len();
+            // This shard's items; those of earlier shards (none stored) have no timepoint.
+            while let Some((pseudonym, ..)) = items.peek() {
+                let item_shard = tables::shard_of(pseudonym);
+                if item_shard > shard_number {
+                    break;
+                }
+                let Some((pseudonym, number, kind, record)) = items.next() else {
+                    break;
+                };
+                let found = (item_shard == shard_number)
+                    .then(|| shard.find(&pseudonym, number))
+                    .flatten()
+                    .and_then(|row| kept.binary_search(&row).ok())
+                    .and_then(|k| Some((*patient_rows.get(&pseudonym)?, base + k)));
+                let Some((patient, timepoint)) = found else {
+                    data.orphans += 1;
+                    continue;
+                };
+                let items = &mut data.items[kind];
+                items.patient.push(patient);
+                items
+                    .timepoint
+                    .push(u32::try_from(timepoint).map_err(|_| too_many())?);
+                push_values(&mut items.columns, &record.values);
+                items.len += 1;
+            }
+        }
+        // Items past the last stored timepoint.
+        data.orphans += items.count();
         Ok(data)
     }
 

@@ -25,14 +25,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde_json::Value;
-use sled::Transactional;
 
+use crate::dataset::NULL;
 use crate::error::NodeError;
 use crate::home::pseudonym_secret;
 use crate::ingest::{IngestError, IngestErrors, IngestReport, MAX_REPORTED_ERRORS, pseudonym};
-use crate::records::{self, PatientRecord, TimepointRecord};
 use crate::schema::SECONDARY_USE;
 use crate::store::NodeStore;
+use crate::tables::{self, Table, TableWrites};
 
 /// SNOMED CT codes that set each comorbidity flag.
 pub const COMORBIDITY_CODES: &[(&str, &[&str])] = &[
@@ -749,76 +749,68 @@ pub fn import(
         }
         values
     };
-    let mut patients = Vec::with_capacity(patient_rows.len());
-    for (patient, cells) in &patient_rows {
+    let patient_width = schema.patients.len();
+    let scopes = vec![SECONDARY_USE.to_string()];
+    // Consents given before are kept: the export carries none.
+    let grant = u64::from(assume_consent);
+    let mut patients = TableWrites::new(
+        Table::Patients,
+        patient_width,
+        (0..patient_width).collect(),
+        scopes,
+    );
+    for (origin, (patient, cells)) in patient_rows.iter().enumerate() {
         let values = encode(&schema.patients, cells, &patient.origin, &mut problems);
-        let mut record = PatientRecord {
-            values,
-            ..PatientRecord::default()
-        };
-        if assume_consent {
-            record.consents.insert(SECONDARY_USE.to_string());
-        }
-        patients.push((pseudonym(&secret, &patient.id)?, record));
+        let values: Vec<i64> = values.into_iter().map(|v| v.unwrap_or(NULL)).collect();
+        patients.push(
+            pseudonym(&secret, &patient.id)?,
+            0,
+            &values,
+            (grant, 0),
+            origin as u64,
+        );
     }
-    let mut timepoints = Vec::with_capacity(timepoint_rows.len());
-    for (patient, number, origin, cells) in &timepoint_rows {
-        let values = encode(&schema.timepoints, cells, origin, &mut problems);
-        let pseudonym = pseudonym(&secret, &patient.id)?;
-        timepoints.push((
-            records::timepoint_key(&pseudonym, *number),
-            TimepointRecord { values },
-        ));
+    let timepoint_width = schema.timepoints.len();
+    let mut timepoints = TableWrites::new(
+        Table::Timepoints,
+        timepoint_width,
+        (0..timepoint_width).collect(),
+        Vec::new(),
+    );
+    for (origin, (patient, number, visit, cells)) in timepoint_rows.iter().enumerate() {
+        let values = encode(&schema.timepoints, cells, visit, &mut problems);
+        let values: Vec<i64> = values.into_iter().map(|v| v.unwrap_or(NULL)).collect();
+        timepoints.push(
+            pseudonym(&secret, &patient.id)?,
+            *number,
+            &values,
+            (0, 0),
+            origin as u64,
+        );
     }
     problems.finish(())?;
+    // A patient in two bundles: the later one wins, as when loaded one after the other.
+    patients.prepare_last_wins();
+    timepoints.prepare_last_wins();
     let mut report = IngestReport {
         rows: patients.len() + timepoints.len(),
         dry_run,
         consented: if assume_consent { patients.len() } else { 0 },
         ..IngestReport::default()
     };
-    let mut patient_writes = Vec::with_capacity(patients.len());
-    for (pseudonym, mut record) in patients {
-        let key = records::patient_key(&pseudonym);
-        match store.patients.get(key)? {
-            Some(bytes) => {
-                report.updated += 1;
-                // Keep consents given before; the export carries none.
-                let old: PatientRecord = records::decode(&bytes, "patient record", &key)?;
-                record.consents.extend(old.consents);
-            }
-            None => report.added += 1,
-        }
-        patient_writes.push((key, records::encode(&record)?));
-    }
-    let mut timepoint_writes = Vec::with_capacity(timepoints.len());
-    for (key, record) in timepoints {
-        if store.timepoints.contains_key(key)? {
-            report.updated += 1;
+    let mut batch = sled::Batch::default();
+    for writes in [&patients, &timepoints] {
+        let merged = if dry_run {
+            writes.dry_merge(store)?
         } else {
-            report.added += 1;
-        }
-        timepoint_writes.push((key, records::encode(&record)?));
+            writes.merge_into(store, &mut batch)?
+        };
+        report.added += merged.added;
+        report.updated += merged.updated;
     }
     if !dry_run {
-        (&store.patients, &store.timepoints)
-            .transaction(|(patients, timepoints)| {
-                for (key, bytes) in &patient_writes {
-                    patients.insert(&key[..], bytes.clone())?;
-                }
-                for (key, bytes) in &timepoint_writes {
-                    timepoints.insert(&key[..], bytes.clone())?;
-                }
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => NodeError::Store(e),
-                sled::transaction::TransactionError::Abort(()) => NodeError::CorruptStore {
-                    what: "import transaction".into(),
-                    reason: "aborted".into(),
-                },
-            })?;
-        store.flush()?;
+        // Patients and their timepoints, in one atomic write.
+        tables::commit(store, batch)?;
     }
     Ok(report)
 }

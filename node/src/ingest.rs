@@ -12,12 +12,9 @@
 //!   by its format's reader ([`crate::formats`]); paths are relative to the manifest.
 //!
 //! A row updates only the columns its file has; loading the same file again changes nothing.
-//! Small inputs are written in one atomic step. A large CSV is written in batches of
-//! [`WRITE_BATCH_ROWS`] (one atomic sled batch would hold the whole file in memory several
-//! times over): the file is named in the store before the first batch and cleared after the
-//! last is durable, and while any file is named the node will not load its data
-//! ([`NodeError::UnfinishedIngest`]) — after a crash, running the same ingest again
-//! completes it, since loading a file twice changes nothing. Consent files go the same way.
+//! Tables are read as a stream (a row at a time, typed as it is read) and merged into the
+//! stored shards ([`crate::tables`]), which go to the store in one sled batch: a file of a
+//! million rows is one atomic write of the few thousand shards it touches.
 //! The hospital's patient id is replaced by a keyed hash under the node's secret, so the
 //! store holds no raw identifier; other identifying columns are not accepted at all. Errors
 //! name the file, line (or record) and column, up to [`MAX_REPORTED_ERRORS`] of them.
@@ -25,106 +22,20 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use sled::Transactional;
 
+use crate::dataset::NULL;
 use crate::error::NodeError;
 use crate::formats;
 use crate::home::pseudonym_secret;
-use crate::records::{self, ItemRecord, PatientRecord, TimepointRecord};
-use crate::schema::{ColumnDef, DatasetSchema, ItemFormat, SECONDARY_USE, TIMEPOINT_COLUMN};
+use crate::records::{self, ItemRecord};
+use crate::schema::{DatasetSchema, ItemFormat, SECONDARY_USE, TIMEPOINT_COLUMN};
 use crate::store::NodeStore;
+use crate::tables::{self, Merged, Table, TableWrites};
 
-/// Rows of a CSV written per sled batch: bounds the memory a large file's write takes.
-pub const WRITE_BATCH_ROWS: usize = 20_000;
-
-/// The `meta` key naming a CSV whose rows are being written.
-const UNFINISHED_INGEST: &[u8] = b"ingest/unfinished";
-
-/// The files whose ingest started but did not finish (empty when none).
-pub fn unfinished_ingests(store: &NodeStore) -> Result<Vec<String>, NodeError> {
-    Ok(match store.meta.get(UNFINISHED_INGEST)? {
-        None => Vec::new(),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| vec![String::from_utf8_lossy(&bytes).into_owned()]),
-    })
-}
-
-fn set_unfinished(store: &NodeStore, files: &[String]) -> Result<(), NodeError> {
-    if files.is_empty() {
-        store.meta.remove(UNFINISHED_INGEST)?;
-    } else {
-        let encoded = serde_json::to_vec(files).map_err(|e| NodeError::CorruptStore {
-            what: "unfinished ingest mark".into(),
-            reason: e.to_string(),
-        })?;
-        store.meta.insert(UNFINISHED_INGEST, encoded)?;
-    }
-    store.flush()?;
-    Ok(())
-}
-
-/// Forgets every unfinished ingest, accepting whatever part of those files is stored; for
-/// when a file cannot be loaded again (gone, or replaced). Returns the files forgotten.
-pub fn abandon_unfinished(store: &NodeStore) -> Result<Vec<String>, NodeError> {
-    let files = unfinished_ingests(store)?;
-    set_unfinished(store, &[])?;
-    Ok(files)
-}
-
-/// Writes a validated file's rows in bounded batches, with the file named in the store
-/// until every batch is durable. Other files' marks are left as they are, so rerunning a
-/// plan of several files clears each as it completes.
-struct BatchedWrite<'a> {
-    store: &'a NodeStore,
-    tree: &'a sled::Tree,
-    name: String,
-    batch: sled::Batch,
-    pending: usize,
-}
-
-impl<'a> BatchedWrite<'a> {
-    fn begin(store: &'a NodeStore, tree: &'a sled::Tree, path: &Path) -> Result<Self, NodeError> {
-        let name = std::fs::canonicalize(path)
-            .unwrap_or_else(|_| path.to_path_buf())
-            .display()
-            .to_string();
-        let mut files = unfinished_ingests(store)?;
-        if !files.contains(&name) {
-            files.push(name.clone());
-            set_unfinished(store, &files)?;
-        }
-        Ok(Self {
-            store,
-            tree,
-            name,
-            batch: sled::Batch::default(),
-            pending: 0,
-        })
-    }
-
-    fn insert(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), NodeError> {
-        self.batch.insert(key, value);
-        self.pending += 1;
-        if self.pending >= WRITE_BATCH_ROWS {
-            self.tree.apply_batch(std::mem::take(&mut self.batch))?;
-            self.pending = 0;
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> Result<(), NodeError> {
-        self.tree.apply_batch(self.batch)?;
-        self.store.flush()?;
-        let mut files = unfinished_ingests(self.store)?;
-        files.retain(|f| *f != self.name);
-        set_unfinished(self.store, &files)
-    }
-}
-
-/// How many problems one report lists before summarising the rest.
 pub const MAX_REPORTED_ERRORS: usize = 20;
 
 /// The header of the documented patient CSV (the walking skeleton's form).
@@ -194,11 +105,20 @@ struct Problems {
 
 impl Problems {
     fn new(path: &Path) -> Self {
+        Self::named(path.display().to_string())
+    }
+
+    fn named(file: String) -> Self {
         Self {
-            file: path.display().to_string(),
+            file,
             errors: Vec::new(),
             more: 0,
         }
+    }
+
+    /// An empty collection for the same file.
+    fn new_like(other: &Problems) -> Self {
+        Self::named(other.file.clone())
     }
 
     fn push(&mut self, line: Option<u64>, column: Option<&str>, reason: impl Into<String>) {
@@ -218,6 +138,18 @@ impl Problems {
         self.errors.len() + self.more
     }
 
+    /// Takes in the problems another pass over the same file found; the first reported are
+    /// the first by line.
+    fn absorb(&mut self, other: Problems) {
+        self.more += other.more;
+        self.errors.extend(other.errors);
+        self.errors.sort_by_key(|e| e.line);
+        if self.errors.len() > MAX_REPORTED_ERRORS {
+            self.more += self.errors.len() - MAX_REPORTED_ERRORS;
+            self.errors.truncate(MAX_REPORTED_ERRORS);
+        }
+    }
+
     fn finish<T>(self, value: T) -> Result<T, IngestErrors> {
         if self.errors.is_empty() {
             Ok(value)
@@ -230,17 +162,17 @@ impl Problems {
     }
 }
 
-/// A CSV file checked against the columns a table accepts.
-struct CsvTable {
-    rows: Vec<(u64, csv::StringRecord)>,
+/// A CSV file open for reading, its header checked against the columns a table accepts.
+struct CsvFile {
+    reader: csv::Reader<std::fs::File>,
     /// Header name → position.
     index: HashMap<String, usize>,
 }
 
-impl CsvTable {
-    /// Reads `path`, checking that the header has every `required` column, no unknown or
-    /// duplicate column; rows that fail to parse are reported.
-    fn read(
+impl CsvFile {
+    /// Opens `path`, checking that the header has every `required` column and no unknown
+    /// or duplicate column.
+    fn open(
         path: &Path,
         required: &[&str],
         allowed: &dyn Fn(&str) -> bool,
@@ -248,7 +180,7 @@ impl CsvTable {
         problems: &mut Problems,
     ) -> Option<Self> {
         let mut reader = match csv::ReaderBuilder::new()
-            .trim(csv::Trim::All)
+            .trim(csv::Trim::Headers)
             .from_path(path)
         {
             Ok(reader) => reader,
@@ -285,30 +217,172 @@ impl CsvTable {
         if problems.total() > 0 {
             return None;
         }
-        let mut rows = Vec::new();
-        for row in reader.records() {
-            match row {
-                Ok(row) => rows.push((row.position().map_or(0, |p| p.line()), row)),
-                Err(e) => problems.push(e.position().map(|p| p.line()), None, e.to_string()),
+        Some(Self { reader, index })
+    }
+
+    /// Reads the next row into `row` (false at the end); a row that does not parse is
+    /// reported and skipped.
+    fn next(&mut self, row: &mut csv::StringRecord, problems: &mut Problems) -> bool {
+        loop {
+            match self.reader.read_record(row) {
+                Ok(more) => return more,
+                Err(e) => {
+                    problems.push(e.position().map(|p| p.line()), None, e.to_string());
+                    if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                        return false;
+                    }
+                }
             }
         }
-        Some(Self { rows, index })
+    }
+
+    fn position(&self, column: &str) -> usize {
+        self.index.get(column).copied().unwrap_or(usize::MAX)
+    }
+
+    /// Calls `each(row, line, pseudonym, problems)` for every row, in file order, with the
+    /// pseudonym of its patient id (column `id_at`); a row without an id is reported instead.
+    /// The file is read and the ids hashed on a second thread while `each` runs on this one,
+    /// so a file takes about as long as the slower of the two halves.
+    fn for_each_row(
+        mut self,
+        id_at: usize,
+        ids: &mut Pseudonyms,
+        problems: &mut Problems,
+        mut each: impl FnMut(&csv::StringRecord, u64, [u8; 32], &mut Problems),
+    ) {
+        let (full, filled) = mpsc::sync_channel::<RowChunk>(CHUNKS_AHEAD);
+        let (spent, empty) = mpsc::sync_channel::<RowChunk>(CHUNKS_AHEAD + 1);
+        let mut reading = Problems::new_like(problems);
+        let (file, reading_problems) = (&mut self, &mut reading);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(move || {
+                loop {
+                    let mut chunk = empty.try_recv().unwrap_or_default();
+                    let more = chunk.fill(file, id_at, ids, reading_problems);
+                    if full.send(chunk).is_err() || !more {
+                        // Hang up (`full` goes with this thread): the loop below ends once
+                        // it has every chunk.
+                        break;
+                    }
+                }
+            });
+            for chunk in filled {
+                for (row, pseudonym) in chunk.rows.iter().zip(&chunk.patients).take(chunk.len) {
+                    each(row, line_of(row), *pseudonym, problems);
+                }
+                // A full return queue means enough chunks are in use: drop this one.
+                let _ = spent.try_send(chunk);
+            }
+            if let Err(panic) = reader.join() {
+                std::panic::resume_unwind(panic);
+            }
+        });
+        problems.absorb(reading);
+    }
+}
+
+/// Rows handed from the thread reading a file to the one parsing it: how many at a time,
+/// and how many hand-overs may wait.
+const CHUNK_ROWS: usize = 4096;
+const CHUNKS_AHEAD: usize = 2;
+
+/// A run of rows read from a CSV file, with the pseudonyms of their patients. The buffers
+/// are reused from chunk to chunk.
+#[derive(Default)]
+struct RowChunk {
+    rows: Vec<csv::StringRecord>,
+    patients: Vec<[u8; 32]>,
+    /// Rows in use (the buffers may hold more).
+    len: usize,
+}
+
+impl RowChunk {
+    /// Reads up to [`CHUNK_ROWS`] rows that have a patient id; false once the file is done.
+    fn fill(
+        &mut self,
+        file: &mut CsvFile,
+        id_at: usize,
+        ids: &mut Pseudonyms,
+        problems: &mut Problems,
+    ) -> bool {
+        self.len = 0;
+        while self.len < CHUNK_ROWS {
+            if self.rows.len() == self.len {
+                self.rows.push(csv::StringRecord::new());
+                self.patients.push([0; 32]);
+            }
+            let row = &mut self.rows[self.len];
+            if !file.next(row, problems) {
+                return false;
+            }
+            let line = line_of(row);
+            let id = cell(row, id_at);
+            if id.is_empty() {
+                problems.push(Some(line), Some("patient_id"), "empty patient id");
+                continue;
+            }
+            self.patients[self.len] = ids.of(id, line).0;
+            self.len += 1;
+        }
+        true
+    }
+}
+
+/// Cell `at` of `row`, without surrounding blanks (empty if the row is short).
+fn cell(row: &csv::StringRecord, at: usize) -> &str {
+    crate::schema::trim_cell(row.get(at).unwrap_or_default())
+}
+
+/// Where a row came from: its line.
+fn line_of(row: &csv::StringRecord) -> u64 {
+    row.position().map_or(0, |p| p.line())
+}
+
+/// A whole (small) CSV file checked against the columns a table accepts.
+struct CsvTable {
+    rows: Vec<(u64, csv::StringRecord)>,
+    file: CsvFile,
+}
+
+impl CsvTable {
+    fn read(
+        path: &Path,
+        required: &[&str],
+        allowed: &dyn Fn(&str) -> bool,
+        expected: &str,
+        problems: &mut Problems,
+    ) -> Option<Self> {
+        let mut file = CsvFile::open(path, required, allowed, expected, problems)?;
+        let mut rows = Vec::new();
+        let mut row = csv::StringRecord::new();
+        while file.next(&mut row, problems) {
+            rows.push((line_of(&row), row.clone()));
+        }
+        Some(Self { rows, file })
     }
 
     fn cell<'a>(&self, row: &'a csv::StringRecord, column: &str) -> Option<&'a str> {
-        self.index.get(column).and_then(|i| row.get(*i))
+        self.file
+            .index
+            .get(column)
+            .and_then(|i| row.get(*i))
+            .map(str::trim)
     }
 }
 
 /// The stored key of a hospital patient id: HMAC-SHA256 under the node's secret.
 pub fn pseudonym(secret: &[u8; 32], patient_id: &str) -> Result<[u8; 32], NodeError> {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).map_err(|e| NodeError::CorruptStore {
-            what: "pseudonymisation secret".into(),
-            reason: e.to_string(),
-        })?;
+    let mut mac = keyed_hmac(secret)?;
     mac.update(patient_id.as_bytes());
     Ok(mac.finalize().into_bytes().into())
+}
+
+fn keyed_hmac(secret: &[u8; 32]) -> Result<Hmac<Sha256>, NodeError> {
+    <Hmac<Sha256> as Mac>::new_from_slice(secret).map_err(|e| NodeError::CorruptStore {
+        what: "pseudonymisation secret".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// Consent scopes a patient file may set (`consent_<scope>` columns).
@@ -325,45 +399,160 @@ fn consent_scopes(schema: &DatasetSchema) -> Vec<String> {
 }
 
 fn parse_flag(cell: &str) -> Option<bool> {
-    match cell.trim().to_ascii_lowercase().as_str() {
-        "true" | "yes" | "1" | "y" | "t" => Some(true),
-        "false" | "no" | "0" | "n" | "f" => Some(false),
-        _ => None,
-    }
+    crate::schema::parse_flag(crate::schema::trim_cell(cell))
 }
 
-/// Reads the named columns of one row into (position, value) updates.
-fn parse_columns(
-    table: &CsvTable,
-    row: &csv::StringRecord,
-    line: u64,
-    defs: &[ColumnDef],
-    problems: &mut Problems,
-) -> Vec<(usize, Option<i64>)> {
-    let mut updates = Vec::new();
-    for (position, def) in defs.iter().enumerate() {
-        if let Some(cell) = table.cell(row, &def.name) {
-            match def.parse_cell(cell) {
-                Ok(value) => updates.push((position, value)),
-                Err(e) => problems.push(Some(line), Some(&def.name), e.0),
+/// Hashes hospital patient ids, each once: a patient's rows usually come together.
+struct Pseudonyms {
+    /// HMAC keyed with the node's secret, cloned per id (keying costs as much as hashing).
+    keyed: Hmac<Sha256>,
+    known: HashMap<String, usize>,
+    /// (pseudonym, first line) per distinct id, in order of first appearance.
+    list: Vec<([u8; 32], u64)>,
+    last: Option<(String, usize)>,
+}
+
+impl Pseudonyms {
+    fn new(secret: &[u8; 32]) -> Result<Self, NodeError> {
+        Ok(Self {
+            keyed: keyed_hmac(secret)?,
+            known: HashMap::new(),
+            list: Vec::new(),
+            last: None,
+        })
+    }
+
+    /// The pseudonym of `id` and its index among the file's patients.
+    fn of(&mut self, id: &str, line: u64) -> ([u8; 32], usize) {
+        if let Some((last, index)) = &self.last
+            && last == id
+        {
+            return (self.list[*index].0, *index);
+        }
+        // Keep the buffer of the last id.
+        let mut last = self.last.take().map(|(text, _)| text).unwrap_or_default();
+        last.clear();
+        last.push_str(id);
+        let index = match self.known.get(id) {
+            Some(index) => *index,
+            None => {
+                let mut mac = self.keyed.clone();
+                mac.update(id.as_bytes());
+                self.list.push((mac.finalize().into_bytes().into(), line));
+                self.known.insert(id.to_string(), self.list.len() - 1);
+                self.list.len() - 1
+            }
+        };
+        self.last = Some((last, index));
+        (self.list[index].0, index)
+    }
+
+    /// Reports each patient of the file not on the node (at its first line); returns whether
+    /// each is there.
+    fn require_stored(
+        &self,
+        store: &NodeStore,
+        problems: &mut Problems,
+    ) -> Result<Vec<bool>, NodeError> {
+        let pseudonyms: Vec<[u8; 32]> = self.list.iter().map(|(p, _)| *p).collect();
+        let present = tables::patients_present(store, &pseudonyms)?;
+        for ((_, line), present) in self.list.iter().zip(&present) {
+            if !present {
+                problems.push(
+                    Some(*line),
+                    Some("patient_id"),
+                    "no such patient on this node; load the patient file first",
+                );
             }
         }
-    }
-    updates
-}
-
-fn apply(values: &mut Vec<Option<i64>>, width: usize, updates: &[(usize, Option<i64>)]) {
-    values.resize(width, None);
-    for (position, value) in updates {
-        values[*position] = *value;
+        Ok(present)
     }
 }
 
-/// One validated patient row.
-struct PatientRow {
-    pseudonym: [u8; 32],
-    updates: Vec<(usize, Option<i64>)>,
-    consents: Vec<(String, bool)>,
+fn empty_file() -> NodeError {
+    NodeError::Ingest(IngestErrors {
+        errors: Vec::new(),
+        more: 0,
+    })
+}
+
+fn refused(problems: Problems) -> NodeError {
+    problems
+        .finish(())
+        .err()
+        .map(NodeError::from)
+        .unwrap_or_else(empty_file)
+}
+
+/// Reports rows written twice in one file.
+fn report_duplicates(writes: &mut TableWrites, column: &str, what: &str, problems: &mut Problems) {
+    if let Err(duplicates) = writes.prepare() {
+        for duplicate in duplicates {
+            problems.push(
+                Some(duplicate.again),
+                Some(column),
+                format!(
+                    "{what} appears more than once in this file (also on line {})",
+                    duplicate.first
+                ),
+            );
+        }
+    }
+}
+
+/// Merges prepared writes into the store in one atomic, durable batch (or, on a dry run,
+/// only counts what they would do).
+fn write_tables(
+    store: &NodeStore,
+    writes: &[&TableWrites],
+    items: Vec<(Vec<u8>, Vec<u8>)>,
+    dry_run: bool,
+) -> Result<Merged, NodeError> {
+    let mut total = Merged::default();
+    let mut batch = sled::Batch::default();
+    for write in writes {
+        let merged = if dry_run {
+            write.dry_merge(store)?
+        } else {
+            write.merge_into(store, &mut batch)?
+        };
+        total.added += merged.added;
+        total.updated += merged.updated;
+        total.consented += merged.consented;
+    }
+    if !dry_run {
+        for (key, value) in items {
+            batch.insert(key, value);
+        }
+        tables::commit(store, batch)?;
+    }
+    Ok(total)
+}
+
+/// The columns of `defs` a file has: (position in the file, position in the table).
+fn file_columns(file: &CsvFile, defs: &[crate::schema::ColumnDef]) -> Vec<(usize, usize)> {
+    defs.iter()
+        .enumerate()
+        .filter_map(|(position, def)| file.index.get(&def.name).map(|at| (*at, position)))
+        .collect()
+}
+
+/// Parses a row's cells of `columns` into `values`, reporting bad cells.
+fn parse_row(
+    row: &csv::StringRecord,
+    line: u64,
+    columns: &[(usize, usize)],
+    defs: &[crate::schema::ColumnDef],
+    values: &mut [i64],
+    problems: &mut Problems,
+) {
+    for ((at, position), value) in columns.iter().zip(values.iter_mut()) {
+        let def = &defs[*position];
+        match def.parse_cell(cell(row, *at)) {
+            Ok(parsed) => *value = parsed.unwrap_or(NULL),
+            Err(e) => problems.push(Some(line), Some(&def.name), e.0),
+        }
+    }
 }
 
 /// Loads a patient CSV.
@@ -373,7 +562,6 @@ pub fn ingest_patients(
     dry_run: bool,
 ) -> Result<IngestReport, NodeError> {
     let schema = store.schema()?;
-    let secret = pseudonym_secret(store)?;
     let scopes = consent_scopes(&schema);
     let consent_columns: Vec<String> = scopes.iter().map(|s| format!("consent_{s}")).collect();
     let mut problems = Problems::new(path);
@@ -390,123 +578,60 @@ pub fn ingest_patients(
     let allowed = |name: &str| {
         schema.patient_column(name).is_some() || consent_columns.iter().any(|c| c == name)
     };
-    let Some(table) = CsvTable::read(path, &["patient_id"], &allowed, &expected, &mut problems)
+    let Some(file) = CsvFile::open(path, &["patient_id"], &allowed, &expected, &mut problems)
     else {
-        return Err(problems
-            .finish(())
-            .err()
-            .map(NodeError::from)
-            .unwrap_or_else(empty_file));
+        return Err(refused(problems));
     };
-    let mut seen = HashSet::new();
-    let mut rows = Vec::with_capacity(table.rows.len());
-    for (line, row) in &table.rows {
-        let line = *line;
-        let id = table.cell(row, "patient_id").unwrap_or_default();
-        if id.is_empty() {
-            problems.push(Some(line), Some("patient_id"), "empty patient id");
-            continue;
-        }
-        if !seen.insert(id.to_string()) {
-            problems.push(
-                Some(line),
-                Some("patient_id"),
-                "patient id appears more than once in this file",
-            );
-        }
-        let updates = parse_columns(&table, row, line, &schema.patients, &mut problems);
-        let mut consents = Vec::new();
-        for (scope, column) in scopes.iter().zip(&consent_columns) {
-            if let Some(cell) = table.cell(row, column) {
-                match parse_flag(cell) {
-                    Some(granted) => consents.push((scope.clone(), granted)),
+    let columns = file_columns(&file, &schema.patients);
+    let consents: Vec<(usize, usize)> = consent_columns
+        .iter()
+        .enumerate()
+        .filter_map(|(bit, name)| file.index.get(name).map(|at| (*at, bit)))
+        .collect();
+    let id_at = file.position("patient_id");
+    let mut writes = TableWrites::new(
+        Table::Patients,
+        schema.patients.len(),
+        columns.iter().map(|(_, position)| *position).collect(),
+        scopes,
+    );
+    let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
+    let mut values = vec![NULL; columns.len()];
+    file.for_each_row(
+        id_at,
+        &mut ids,
+        &mut problems,
+        |row, line, pseudonym, problems| {
+            parse_row(row, line, &columns, &schema.patients, &mut values, problems);
+            let (mut grant, mut revoke) = (0u64, 0u64);
+            for (at, bit) in &consents {
+                let given = cell(row, *at);
+                match parse_flag(given) {
+                    Some(true) => grant |= 1 << bit,
+                    Some(false) => revoke |= 1 << bit,
                     None => problems.push(
                         Some(line),
-                        Some(column),
-                        format!("`{cell}` is not true/false, yes/no or 1/0"),
+                        Some(&consent_columns[*bit]),
+                        format!("`{given}` is not true/false, yes/no or 1/0"),
                     ),
                 }
             }
-        }
-        rows.push(PatientRow {
-            pseudonym: pseudonym(&secret, id)?,
-            updates,
-            consents,
-        });
-    }
-    let rows = problems.finish(rows)?;
-    let mut report = IngestReport {
-        rows: rows.len(),
+            writes.push(pseudonym, 0, &values, (grant, revoke), line);
+        },
+    );
+    report_duplicates(&mut writes, "patient_id", "this patient id", &mut problems);
+    problems.finish(())?;
+    let merged = write_tables(store, &[&writes], Vec::new(), dry_run)?;
+    Ok(IngestReport {
+        rows: writes.len(),
+        added: merged.added,
+        updated: merged.updated,
+        consented: merged.consented,
         dry_run,
-        ..IngestReport::default()
-    };
-    let mut write = if dry_run {
-        None
-    } else {
-        Some(BatchedWrite::begin(store, &store.patients, path)?)
-    };
-    for row in rows {
-        let key = records::patient_key(&row.pseudonym);
-        let mut record = match store.patients.get(key)? {
-            Some(bytes) => {
-                report.updated += 1;
-                records::decode::<PatientRecord>(&bytes, "patient record", &key)?
-            }
-            None => {
-                report.added += 1;
-                PatientRecord::default()
-            }
-        };
-        apply(&mut record.values, schema.patients.len(), &row.updates);
-        for (scope, granted) in row.consents {
-            if granted {
-                record.consents.insert(scope);
-            } else {
-                record.consents.remove(&scope);
-            }
-        }
-        report.consented += usize::from(record.consents.contains(SECONDARY_USE));
-        if let Some(write) = &mut write {
-            write.insert(&key[..], records::encode(&record)?)?;
-        }
-    }
-    if let Some(write) = write {
-        write.finish()?;
-    }
-    Ok(report)
-}
-
-fn empty_file() -> NodeError {
-    NodeError::Ingest(IngestErrors {
-        errors: Vec::new(),
-        more: 0,
     })
 }
 
-/// The pseudonyms of the patients a file names that are not in the store.
-fn require_patient(
-    store: &NodeStore,
-    pseudonym: &[u8; 32],
-    line: u64,
-    problems: &mut Problems,
-) -> Result<bool, NodeError> {
-    if store
-        .patients
-        .contains_key(records::patient_key(pseudonym))?
-    {
-        Ok(true)
-    } else {
-        problems.push(
-            Some(line),
-            Some("patient_id"),
-            "no such patient on this node; load the patient file first",
-        );
-        Ok(false)
-    }
-}
-
-fn parse_timepoint(cell: Option<&str>, line: u64, problems: &mut Problems) -> Option<u16> {
-    let cell = cell.unwrap_or_default();
+fn parse_timepoint(cell: &str, line: u64, problems: &mut Problems) -> Option<u16> {
     match cell.parse::<u16>() {
         Ok(n) => Some(n),
         Err(_) => {
@@ -527,7 +652,6 @@ pub fn ingest_timepoints(
     dry_run: bool,
 ) -> Result<IngestReport, NodeError> {
     let schema = store.schema()?;
-    let secret = pseudonym_secret(store)?;
     let mut problems = Problems::new(path);
     let expected = format!(
         "patient_id, timepoint, {}",
@@ -539,86 +663,98 @@ pub fn ingest_timepoints(
             .join(", ")
     );
     let allowed = |name: &str| schema.timepoint_column(name).is_some();
-    let Some(table) = CsvTable::read(
+    let Some(file) = CsvFile::open(
         path,
         &["patient_id", TIMEPOINT_COLUMN],
         &allowed,
         &expected,
         &mut problems,
     ) else {
-        return Err(problems
-            .finish(())
-            .err()
-            .map(NodeError::from)
-            .unwrap_or_else(empty_file));
+        return Err(refused(problems));
     };
-    let mut seen = HashSet::new();
-    let mut rows = Vec::with_capacity(table.rows.len());
-    // A patient's rows usually come together: hash and look each patient up once.
-    let mut patients: HashMap<&str, ([u8; 32], bool)> = HashMap::new();
-    for (line, row) in &table.rows {
-        let line = *line;
-        let id = table.cell(row, "patient_id").unwrap_or_default();
-        let (pseudonym, known) = match patients.get(id) {
-            Some(&(pseudonym, known)) => {
-                if !known {
-                    require_patient(store, &pseudonym, line, &mut problems)?;
-                }
-                (pseudonym, known)
+    let columns = file_columns(&file, &schema.timepoints);
+    let (id_at, number_at) = (file.position("patient_id"), file.position(TIMEPOINT_COLUMN));
+    let mut writes = TableWrites::new(
+        Table::Timepoints,
+        schema.timepoints.len(),
+        columns.iter().map(|(_, position)| *position).collect(),
+        Vec::new(),
+    );
+    let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
+    let mut values = vec![NULL; columns.len()];
+    file.for_each_row(
+        id_at,
+        &mut ids,
+        &mut problems,
+        |row, line, pseudonym, problems| {
+            let number = parse_timepoint(cell(row, number_at), line, problems);
+            parse_row(
+                row,
+                line,
+                &columns,
+                &schema.timepoints,
+                &mut values,
+                problems,
+            );
+            if let Some(number) = number {
+                writes.push(pseudonym, number, &values, (0, 0), line);
             }
-            None => {
-                let pseudonym = pseudonym(&secret, id)?;
-                let known = require_patient(store, &pseudonym, line, &mut problems)?;
-                patients.insert(id, (pseudonym, known));
-                (pseudonym, known)
-            }
-        };
-        let timepoint = parse_timepoint(table.cell(row, TIMEPOINT_COLUMN), line, &mut problems);
-        let updates = parse_columns(&table, row, line, &schema.timepoints, &mut problems);
-        if let (true, Some(timepoint)) = (known, timepoint) {
-            if !seen.insert((pseudonym, timepoint)) {
-                problems.push(
-                    Some(line),
-                    Some(TIMEPOINT_COLUMN),
-                    "this patient's timepoint appears more than once in this file",
-                );
-            }
-            rows.push((records::timepoint_key(&pseudonym, timepoint), updates));
-        }
-    }
-    let mut rows = problems.finish(rows)?;
-    // In key order, the store's reads and writes walk its tree instead of jumping about.
-    rows.sort_unstable_by_key(|row| row.0);
-    let mut report = IngestReport {
-        rows: rows.len(),
+        },
+    );
+    ids.require_stored(store, &mut problems)?;
+    report_duplicates(
+        &mut writes,
+        TIMEPOINT_COLUMN,
+        "this patient's timepoint",
+        &mut problems,
+    );
+    problems.finish(())?;
+    let merged = write_tables(store, &[&writes], Vec::new(), dry_run)?;
+    Ok(IngestReport {
+        rows: writes.len(),
+        added: merged.added,
+        updated: merged.updated,
+        consented: 0,
         dry_run,
-        ..IngestReport::default()
-    };
-    let mut write = if dry_run {
-        None
-    } else {
-        Some(BatchedWrite::begin(store, &store.timepoints, path)?)
-    };
-    for (key, updates) in rows {
-        let mut record = match store.timepoints.get(key)? {
-            Some(bytes) => {
-                report.updated += 1;
-                records::decode::<TimepointRecord>(&bytes, "timepoint record", &key)?
+    })
+}
+
+/// Consent changes as (grant, revoke) bits over `scopes`, applied in order.
+fn consent_bits(scopes: &[String], changes: &[(String, bool)]) -> (u64, u64) {
+    let (mut grant, mut revoke) = (0u64, 0u64);
+    for (scope, granted) in changes {
+        if let Some(bit) = scopes.iter().position(|s| s == scope) {
+            if *granted {
+                grant |= 1 << bit;
+                revoke &= !(1 << bit);
+            } else {
+                revoke |= 1 << bit;
+                grant &= !(1 << bit);
             }
-            None => {
-                report.added += 1;
-                TimepointRecord::default()
-            }
-        };
-        apply(&mut record.values, schema.timepoints.len(), &updates);
-        if let Some(write) = &mut write {
-            write.insert(&key[..], records::encode(&record)?)?;
         }
     }
-    if let Some(write) = write {
-        write.finish()?;
+    (grant, revoke)
+}
+
+/// Writes consent changes for patients known to be stored.
+fn change_consent(
+    store: &NodeStore,
+    schema: &DatasetSchema,
+    scopes: Vec<String>,
+    changes: BTreeMap<[u8; 32], Vec<(String, bool)>>,
+    dry_run: bool,
+) -> Result<Merged, NodeError> {
+    let bits: Vec<([u8; 32], (u64, u64))> = changes
+        .iter()
+        .map(|(pseudonym, scope_changes)| (*pseudonym, consent_bits(&scopes, scope_changes)))
+        .collect();
+    let mut writes = TableWrites::new(Table::Patients, schema.patients.len(), Vec::new(), scopes);
+    for (pseudonym, bits) in bits {
+        writes.push(pseudonym, 0, &[], bits, 0);
     }
-    Ok(report)
+    // One row per patient (a map's keys): nothing is written twice.
+    let _ = writes.prepare();
+    write_tables(store, &[&writes], Vec::new(), dry_run)
 }
 
 /// Loads a consent CSV (`patient_id, scope, granted`): grants and withdrawals.
@@ -628,7 +764,6 @@ pub fn ingest_consent(
     dry_run: bool,
 ) -> Result<IngestReport, NodeError> {
     let schema = store.schema()?;
-    let secret = pseudonym_secret(store)?;
     let scopes = consent_scopes(&schema);
     let mut problems = Problems::new(path);
     let Some(table) = CsvTable::read(
@@ -638,18 +773,14 @@ pub fn ingest_consent(
         "patient_id, scope, granted",
         &mut problems,
     ) else {
-        return Err(problems
-            .finish(())
-            .err()
-            .map(NodeError::from)
-            .unwrap_or_else(empty_file));
+        return Err(refused(problems));
     };
-    let mut changes: BTreeMap<[u8; 32], Vec<(String, bool)>> = BTreeMap::new();
+    let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
+    let mut changes: Vec<(usize, String, bool)> = Vec::new();
     for (line, row) in &table.rows {
         let line = *line;
         let id = table.cell(row, "patient_id").unwrap_or_default();
-        let pseudonym = pseudonym(&secret, id)?;
-        let known = require_patient(store, &pseudonym, line, &mut problems)?;
+        let (_, patient) = ids.of(id, line);
         let scope = table.cell(row, "scope").unwrap_or_default();
         if !scopes.iter().any(|s| s == scope) {
             problems.push(
@@ -667,73 +798,25 @@ pub fn ingest_consent(
             );
             continue;
         };
-        if known {
-            changes
-                .entry(pseudonym)
-                .or_default()
-                .push((scope.to_string(), granted));
-        }
+        changes.push((patient, scope.to_string(), granted));
     }
-    let changes = problems.finish(changes)?;
-    let report = IngestReport {
+    ids.require_stored(store, &mut problems)?;
+    problems.finish(())?;
+    let mut by_patient: BTreeMap<[u8; 32], Vec<(String, bool)>> = BTreeMap::new();
+    for (patient, scope, granted) in changes {
+        by_patient
+            .entry(ids.list[patient].0)
+            .or_default()
+            .push((scope, granted));
+    }
+    let patients = by_patient.len();
+    change_consent(store, &schema, scopes, by_patient, dry_run)?;
+    Ok(IngestReport {
         rows: table.rows.len(),
-        updated: changes.len(),
+        updated: patients,
         dry_run,
         ..IngestReport::default()
-    };
-    if !dry_run {
-        let mut write = BatchedWrite::begin(store, &store.patients, path)?;
-        for (pseudonym, scope_changes) in changes {
-            let key = records::patient_key(&pseudonym);
-            let bytes = store
-                .patients
-                .get(key)?
-                .ok_or_else(|| NodeError::CorruptStore {
-                    what: format!("patient record {}", hex::encode(key)),
-                    reason: "missing during a consent change".into(),
-                })?;
-            let mut record: PatientRecord = records::decode(&bytes, "patient record", &key)?;
-            for (scope, granted) in scope_changes {
-                if granted {
-                    record.consents.insert(scope);
-                } else {
-                    record.consents.remove(&scope);
-                }
-            }
-            write.insert(&key, records::encode(&record)?)?;
-        }
-        write.finish()?;
-    }
-    Ok(report)
-}
-
-/// Applies consent changes to one stored patient (atomically for that patient).
-fn set_consent(
-    store: &NodeStore,
-    pseudonym: &[u8; 32],
-    changes: &[(String, bool)],
-) -> Result<(), NodeError> {
-    let key = records::patient_key(pseudonym);
-    let updated = store.patients.update_and_fetch(key, |old| {
-        let mut record: PatientRecord = old.and_then(|bytes| {
-            renkei_protocol::codec::decode_limited(bytes, records::MAX_RECORD_BYTES).ok()
-        })?;
-        for (scope, granted) in changes {
-            if *granted {
-                record.consents.insert(scope.clone());
-            } else {
-                record.consents.remove(scope);
-            }
-        }
-        renkei_protocol::codec::encode(&record).ok()
-    })?;
-    if updated.is_none() {
-        return Err(NodeError::CorruptStore {
-            what: format!("patient record {}", hex::encode(key)),
-            reason: "missing or undecodable during a consent change".into(),
-        });
-    }
-    Ok(())
+    })
 }
 
 /// Withdraws `scope` (all scopes when `None`) for the patient with the hospital id
@@ -746,9 +829,10 @@ pub fn withdraw_consent(
     let schema = store.schema()?;
     let secret = pseudonym_secret(store)?;
     let pseudonym = pseudonym(&secret, patient_id)?;
-    if !store
-        .patients
-        .contains_key(records::patient_key(&pseudonym))?
+    if !tables::patients_present(store, &[pseudonym])?
+        .first()
+        .copied()
+        .unwrap_or(false)
     {
         return Err(NodeError::Ingest(IngestErrors {
             errors: vec![IngestError {
@@ -774,17 +858,16 @@ pub fn withdraw_consent(
                 more: 0,
             }));
         }
-        None => scopes.into_iter().map(|s| (s, false)).collect(),
+        None => scopes.iter().map(|s| (s.clone(), false)).collect(),
     };
-    set_consent(store, &pseudonym, &changes)?;
-    store.flush()
-}
-
-/// One validated manifest row.
-struct ManifestItem {
-    pseudonym: [u8; 32],
-    timepoint: u16,
-    record: ItemRecord,
+    change_consent(
+        store,
+        &schema,
+        scopes,
+        BTreeMap::from([(pseudonym, changes)]),
+        false,
+    )?;
+    Ok(())
 }
 
 /// Loads a manifest CSV (`path, patient_id, timepoint, kind`), reading every file.
@@ -794,7 +877,6 @@ pub fn ingest_manifest(
     dry_run: bool,
 ) -> Result<IngestReport, NodeError> {
     let schema = store.schema()?;
-    let secret = pseudonym_secret(store)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut problems = Problems::new(path);
     let kinds: Vec<&str> = schema.items.iter().map(|i| i.kind.as_str()).collect();
@@ -805,19 +887,19 @@ pub fn ingest_manifest(
         "path, patient_id, timepoint, kind",
         &mut problems,
     ) else {
-        return Err(problems
-            .finish(())
-            .err()
-            .map(NodeError::from)
-            .unwrap_or_else(empty_file));
+        return Err(refused(problems));
     };
+    let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
     let mut items = Vec::new();
     for (line, row) in &table.rows {
         let line = *line;
         let id = table.cell(row, "patient_id").unwrap_or_default();
-        let pseudonym = pseudonym(&secret, id)?;
-        let known = require_patient(store, &pseudonym, line, &mut problems)?;
-        let timepoint = parse_timepoint(table.cell(row, TIMEPOINT_COLUMN), line, &mut problems);
+        let (pseudonym, _) = ids.of(id, line);
+        let timepoint = parse_timepoint(
+            table.cell(row, TIMEPOINT_COLUMN).unwrap_or_default(),
+            line,
+            &mut problems,
+        );
         let kind = table.cell(row, "kind").unwrap_or_default();
         let Some(item_kind) = schema.item(kind) else {
             problems.push(
@@ -851,68 +933,55 @@ pub fn ingest_manifest(
                 continue;
             }
         };
-        if let (true, Some(timepoint)) = (known, timepoint) {
-            items.push(ManifestItem {
+        if let Some(timepoint) = timepoint {
+            items.push((
                 pseudonym,
                 timepoint,
-                record: ItemRecord {
+                ItemRecord {
                     kind: kind.to_string(),
                     values: summary.values,
                     file_digest: Sha256::digest(&bytes).into(),
                     details: summary.details,
                 },
-            });
+            ));
         }
     }
-    let items = problems.finish(items)?;
+    ids.require_stored(store, &mut problems)?;
+    problems.finish(())?;
     let mut report = IngestReport {
         rows: items.len(),
         dry_run,
         ..IngestReport::default()
     };
+    // Each item's timepoint is added (with nothing measured) if not stored yet.
+    let mut timepoints = TableWrites::new(
+        Table::Timepoints,
+        schema.timepoints.len(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut seen = HashSet::new();
     let mut writes = Vec::with_capacity(items.len());
-    for item in items {
-        let key = records::item_key(
-            &item.pseudonym,
-            item.timepoint,
-            &item.record.kind,
-            &item.record.file_digest,
-        );
-        if store.items.contains_key(key)? {
+    for (pseudonym, timepoint, record) in items {
+        if seen.insert((pseudonym, timepoint)) {
+            timepoints.push(pseudonym, timepoint, &[], (0, 0), 0);
+        }
+        let key = tables::item_key(&records::item_key(
+            &pseudonym,
+            timepoint,
+            &record.kind,
+            &record.file_digest,
+        ));
+        if store.data.contains_key(&key)? {
             report.updated += 1;
         } else {
             report.added += 1;
         }
-        writes.push((
-            records::timepoint_key(&item.pseudonym, item.timepoint),
-            key,
-            records::encode(&item.record)?,
-        ));
+        writes.push((key, records::encode(&record)?));
     }
-    if !dry_run {
-        let empty_timepoint = records::encode(&TimepointRecord {
-            values: vec![None; schema.timepoints.len()],
-        })?;
-        // Items and the timepoints they belong to, in one transaction.
-        (&store.timepoints, &store.items)
-            .transaction(|(timepoints, item_tree)| {
-                for (timepoint_key, item_key, record) in &writes {
-                    if timepoints.get(timepoint_key)?.is_none() {
-                        timepoints.insert(&timepoint_key[..], empty_timepoint.clone())?;
-                    }
-                    item_tree.insert(&item_key[..], record.clone())?;
-                }
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => NodeError::Store(e),
-                sled::transaction::TransactionError::Abort(()) => NodeError::CorruptStore {
-                    what: "manifest transaction".into(),
-                    reason: "aborted".into(),
-                },
-            })?;
-        store.flush()?;
-    }
+    let _ = timepoints.prepare();
+    // Items and the timepoints they belong to, in one batch.
+    write_tables(store, &[&timepoints], writes, dry_run)?;
     Ok(report)
 }
 
@@ -968,17 +1037,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(text.contains("bad.csv:3 column `age`"), "{text}");
-        assert_eq!(store.patients.len(), 2);
+        assert_eq!(store.record_counts().unwrap().0, 2);
     }
 
-    /// A file larger than one write batch loads whole; an ingest that stopped midway (its
-    /// file still named in the store) keeps the node from loading until the same file is
-    /// loaded again.
+    /// A large file is one write: every row lands, and a bad last row keeps every row
+    /// before it out of the store too.
     #[test]
-    fn a_large_file_is_written_in_batches_and_an_unfinished_one_blocks_loading() {
+    fn a_large_file_loads_whole_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let store = node(dir.path());
-        let rows = WRITE_BATCH_ROWS + 5;
+        let rows = 3 * tables::SHARDS + 5;
         let mut text = format!("{PATIENT_CSV_HEADER}\n");
         for i in 0..rows {
             text.push_str(&format!(
@@ -989,48 +1057,23 @@ mod tests {
         let big = write(dir.path(), "big.csv", &text);
         let report = ingest_patients(&store, &big, false).unwrap();
         assert_eq!(report.added, rows);
-        assert_eq!(store.patients.len(), rows);
-        assert!(unfinished_ingests(&store).unwrap().is_empty());
+        assert_eq!(store.record_counts().unwrap().0, rows);
         assert_eq!(dataset(&store).consented(), rows);
 
-        // As if the process died between two batches of big.csv.
-        let name = std::fs::canonicalize(&big).unwrap().display().to_string();
-        store
-            .meta
-            .insert(UNFINISHED_INGEST, name.as_bytes())
-            .unwrap();
-        let refused = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap_err();
+        let mut more = format!("{PATIENT_CSV_HEADER}\n");
+        for i in 0..rows {
+            more.push_str(&format!("Q{i},40,male,mild,no,no,0,0,0,0,0,true\n"));
+        }
+        more.push_str("Q-last,old,female,mild,no,no,0,0,0,0,0,true\n");
+        let bad = write(dir.path(), "bad-tail.csv", &more);
+        let text = ingest_patients(&store, &bad, false)
+            .unwrap_err()
+            .to_string();
         assert!(
-            matches!(&refused, NodeError::UnfinishedIngest { file } if file.contains(&name)),
-            "{refused}"
+            text.contains(&format!("bad-tail.csv:{} column `age`", rows + 2)),
+            "{text}"
         );
-        assert!(
-            refused
-                .to_string()
-                .contains("run the same `renkei-node ingest` again")
-        );
-        let other = write(
-            dir.path(),
-            "other.csv",
-            &format!("{PATIENT_CSV_HEADER}\nQ1,50,male,mild,no,no,0,0,0,0,0,true\n"),
-        );
-        // Other files still load (a plan of several is rerun whole), but big.csv stays
-        // marked and the node still will not load until big.csv is loaded again.
-        ingest_patients(&store, &other, false).unwrap();
-        assert_eq!(unfinished_ingests(&store).unwrap(), vec![name.clone()]);
-        assert!(Dataset::load(&store, Arc::new(store.schema().unwrap())).is_err());
-        let again = ingest_patients(&store, &big, false).unwrap();
-        assert_eq!((again.added, again.updated), (0, rows));
-        assert!(unfinished_ingests(&store).unwrap().is_empty());
-        assert_eq!(dataset(&store).consented(), rows + 1);
-
-        // A file that cannot be loaded again can be given up on, explicitly.
-        set_unfinished(&store, &["/gone.csv".to_string()]).unwrap();
-        assert_eq!(
-            abandon_unfinished(&store).unwrap(),
-            vec!["/gone.csv".to_string()]
-        );
-        assert_eq!(dataset(&store).consented(), rows + 1);
+        assert_eq!(store.record_counts().unwrap().0, rows);
     }
 
     #[test]
@@ -1044,7 +1087,7 @@ mod tests {
         );
         let report = ingest_patients(&store, &good, true).unwrap();
         assert_eq!((report.rows, report.added, report.dry_run), (1, 1, true));
-        assert!(store.patients.is_empty());
+        assert_eq!(store.record_counts().unwrap(), (0, 0, 0));
     }
 
     #[test]
@@ -1089,7 +1132,7 @@ mod tests {
             "patient_id,age,consent_secondary_use\nMRN-0042,70,1\n",
         );
         ingest_patients(&store, &path, false).unwrap();
-        for entry in store.patients.iter() {
+        for entry in store.data.iter() {
             let (key, value) = entry.unwrap();
             assert!(!key.windows(8).any(|w| w == b"MRN-0042"));
             assert!(!value.windows(8).any(|w| w == b"MRN-0042"));
@@ -1120,13 +1163,20 @@ mod tests {
         let report = ingest_timepoints(&store, &labs, false).unwrap();
         assert_eq!((report.added, report.updated), (0, 1));
         let schema = store.schema().unwrap();
-        let key = records::timepoint_key(
-            &pseudonym(&pseudonym_secret(&store).unwrap(), "P1").unwrap(),
-            1,
-        );
-        let record: TimepointRecord =
-            records::decode(&store.timepoints.get(key).unwrap().unwrap(), "t", &key).unwrap();
-        let value = |name: &str| record.values[schema.timepoint_column(name).unwrap().0];
+        let p1 = pseudonym(&pseudonym_secret(&store).unwrap(), "P1").unwrap();
+        let width = schema.timepoints.len();
+        let shard = tables::read_shard(
+            &store,
+            tables::Table::Timepoints,
+            tables::shard_of(&p1),
+            width,
+        )
+        .unwrap();
+        let row = shard.find(&p1, 1).unwrap();
+        let value = |name: &str| {
+            let v = shard.columns[schema.timepoint_column(name).unwrap().0][row];
+            (v != crate::dataset::NULL).then_some(v)
+        };
         assert_eq!(value("days_since_onset"), Some(6));
         assert_eq!(value("crp"), Some(725));
         assert_eq!(value("il6"), Some(855));

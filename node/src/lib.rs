@@ -4,7 +4,8 @@
 //! - [`home`]: the node's directory (identity key, store) and `init`.
 //! - [`store`]: the one owner of the sled database and its trees.
 //! - [`schema`]: dataset schemas (views, columns, types, bounds); `covid19` by default.
-//! - [`records`]: the stored patient → timepoint → information records.
+//! - [`tables`]: the stored patient and timepoint tables, in shards; [`records`]: the
+//!   stored information items.
 //! - [`ingest`]: loading CSV tables, consent and DICOM/FASTQ items, atomically.
 //! - [`import`]: Synthea CSV output and FHIR R4 bundles, mapped onto the schema.
 //! - [`formats`]: DICOM and FASTQ readers.
@@ -37,6 +38,7 @@ pub mod schema;
 pub mod secure;
 pub mod service;
 pub mod store;
+pub mod tables;
 
 pub use error::NodeError;
 pub use home::NodeHome;

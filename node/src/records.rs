@@ -1,13 +1,15 @@
-//! What a node stores about its patients, in the three layers of the data model: a
-//! [`PatientRecord`] per patient (its columns and the consent scopes it has given), a
-//! [`TimepointRecord`] per patient-timepoint, and an [`ItemRecord`] per information item (a
-//! file kept at the hospital: its summary, never its content).
+//! What a node stores about its patients' information items, and the record layout of
+//! renkei's first store format.
 //!
-//! Values are positional, following the node's dataset schema (kept in the store at `init`);
-//! `None` is a missing value. Keys start with the patient's pseudonym (a keyed hash of the
-//! hospital's id), so one patient's records sit together and no raw identifier is stored:
-//! patients `pseudonym`, timepoints `pseudonym || timepoint (u16, big-endian)`, items
-//! `pseudonym || timepoint || SHA-256(kind || file digest)[..16]`.
+//! An [`ItemRecord`] per information item (a file kept at the hospital: its summary, never its
+//! content) is stored under `pseudonym || timepoint (u16, big-endian) || SHA-256(kind || file
+//! digest)[..16]` (see [`item_key`]), so one patient's items sit together and no raw
+//! identifier is stored. Values are positional, following the node's dataset schema (kept in
+//! the store at `init`); `None` is a missing value.
+//!
+//! Patients and timepoints are stored in shards ([`crate::tables`]). [`PatientRecord`] and
+//! [`TimepointRecord`] are the one-record-per-row layout stores were first written in; they
+//! are read only to move such a store into shards when it is opened.
 
 use std::collections::BTreeSet;
 

@@ -334,7 +334,7 @@ impl ColumnDef {
 
     /// Parses an input cell (CSV, FHIR) into the stored integer; `None` for an empty cell.
     pub fn parse_cell(&self, cell: &str) -> Result<Option<i64>, ValueError> {
-        let cell = cell.trim();
+        let cell = trim_cell(cell);
         if cell.is_empty() || cell.eq_ignore_ascii_case("na") || cell.eq_ignore_ascii_case("null") {
             return Ok(None);
         }
@@ -367,20 +367,16 @@ impl ColumnDef {
                 }
                 stored
             }
-            ColumnType::Categorical { levels } => {
-                let wanted = cell.to_ascii_lowercase();
-                levels
-                    .iter()
-                    .position(|l| l.to_ascii_lowercase() == wanted)
-                    .map(|i| i as i64)
-                    .ok_or_else(|| {
-                        ValueError(format!("`{cell}` is not one of: {}", levels.join(", ")))
-                    })?
-            }
-            ColumnType::Boolean => match cell.to_ascii_lowercase().as_str() {
-                "true" | "yes" | "1" | "y" | "t" => 1,
-                "false" | "no" | "0" | "n" | "f" => 0,
-                _ => {
+            ColumnType::Categorical { levels } => levels
+                .iter()
+                .position(|l| l.eq_ignore_ascii_case(cell))
+                .map(|i| i as i64)
+                .ok_or_else(|| {
+                    ValueError(format!("`{cell}` is not one of: {}", levels.join(", ")))
+                })?,
+            ColumnType::Boolean => match parse_flag(cell) {
+                Some(flag) => i64::from(flag),
+                None => {
                     return Err(ValueError(format!(
                         "`{cell}` is not true/false, yes/no or 1/0"
                     )));
@@ -428,6 +424,27 @@ impl fmt::Display for ColumnType {
     }
 }
 
+/// `cell` without surrounding whitespace; a cell that starts and ends with a visible ASCII
+/// character (nearly every one) is returned as it is without a scan.
+pub fn trim_cell(cell: &str) -> &str {
+    match (cell.as_bytes().first(), cell.as_bytes().last()) {
+        (Some(first), Some(last)) if first.is_ascii_graphic() && last.is_ascii_graphic() => cell,
+        _ => cell.trim(),
+    }
+}
+
+/// Parses a yes/no cell: true/false, yes/no, 1/0, y/n, t/f in any case.
+pub fn parse_flag(cell: &str) -> Option<bool> {
+    let is = |words: [&str; 5]| words.iter().any(|w| w.eq_ignore_ascii_case(cell));
+    if is(["true", "yes", "1", "y", "t"]) {
+        Some(true)
+    } else if is(["false", "no", "0", "n", "f"]) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Parses `-12.345` exactly.
 pub fn parse_decimal(text: &str) -> Option<Decimal> {
     let (negative, body) = match text.strip_prefix('-') {
@@ -444,18 +461,12 @@ pub fn parse_decimal(text: &str) -> Option<Decimal> {
     {
         return None;
     }
-    let digits: i64 = format!("{whole}{fraction}")
-        .trim_start_matches('0')
-        .parse()
-        .or_else(|_| {
-            // All zeros (or empty after trimming).
-            if format!("{whole}{fraction}").chars().all(|c| c == '0') {
-                Ok(0)
-            } else {
-                Err(())
-            }
-        })
-        .ok()?;
+    let digits = whole
+        .bytes()
+        .chain(fraction.bytes())
+        .try_fold(0i64, |n, digit| {
+            n.checked_mul(10)?.checked_add(i64::from(digit - b'0'))
+        })?;
     Some(Decimal {
         digits: if negative { -digits } else { digits },
         scale: u8::try_from(fraction.len()).ok()?,
@@ -548,6 +559,19 @@ mod tests {
     }
 
     #[test]
+    fn cells_lose_surrounding_whitespace() {
+        for (cell, trimmed) in [
+            ("7", "7"),
+            (" 7\t", "7"),
+            ("\u{a0}yes\u{a0}", "yes"),
+            ("", ""),
+            (" ", ""),
+        ] {
+            assert_eq!(trim_cell(cell), trimmed, "{cell:?}");
+        }
+    }
+
+    #[test]
     fn decimals_parse_exactly() {
         assert_eq!(
             parse_decimal("-12.340"),
@@ -572,5 +596,15 @@ mod tests {
         );
         assert_eq!(parse_decimal("1e3"), None);
         assert_eq!(parse_decimal("."), None);
+        assert_eq!(parse_decimal("1.-5"), None);
+        // Leading zeros cost nothing; more digits than an i64 holds do not parse.
+        assert_eq!(
+            parse_decimal("000000000000000000000001.5"),
+            Some(Decimal {
+                digits: 15,
+                scale: 1
+            })
+        );
+        assert_eq!(parse_decimal("99999999999999999999"), None);
     }
 }

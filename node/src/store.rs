@@ -1,13 +1,13 @@
 //! The node's sled database, its one owner.
 //!
-//! One [`NodeStore`] per process opens the database and hands out its trees: `patients`,
-//! `timepoints` and `items` (the three layers of the data model, see [`crate::records`]),
-//! `ledger` (researcher and study → rho spent), `nonces` (seen
+//! One [`NodeStore`] per process opens the database and hands out its trees: `data` (the
+//! three layers of the data model: patient and timepoint tables in shards, information items;
+//! see [`crate::tables`]), `ledger` (researcher and study → rho spent), `nonces` (seen
 //! request nonces, for replay refusal), `requests` (each request's charge and signed answer,
 //! for idempotent resends), `audit` (the signed, hash-chained audit log) and `meta` (the
 //! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers
 //! go through the modules that own each tree ([`crate::ingest`] and [`crate::dataset`] for the
-//! records, [`crate::ledger`], [`crate::audit`], [`crate::governance`]), never to sled
+//! tables, [`crate::ledger`], [`crate::audit`], [`crate::governance`]), never to sled
 //! directly.
 
 use std::path::{Path, PathBuf};
@@ -27,9 +27,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(3);
 pub struct NodeStore {
     db: sled::Db,
     path: PathBuf,
-    pub(crate) patients: sled::Tree,
-    pub(crate) timepoints: sled::Tree,
-    pub(crate) items: sled::Tree,
+    pub(crate) data: sled::Tree,
     pub(crate) ledger: sled::Tree,
     pub(crate) nonces: sled::Tree,
     pub(crate) requests: sled::Tree,
@@ -84,10 +82,8 @@ impl NodeStore {
                 Err(other) => return Err(NodeError::Store(other)),
             }
         };
-        Ok(Self {
-            patients: db.open_tree("patients")?,
-            timepoints: db.open_tree("timepoints")?,
-            items: db.open_tree("items")?,
+        let store = Self {
+            data: db.open_tree("data")?,
             ledger: db.open_tree("ledger")?,
             nonces: db.open_tree("nonces")?,
             requests: db.open_tree("requests")?,
@@ -96,7 +92,14 @@ impl NodeStore {
             path: path.to_path_buf(),
             commits: Arc::default(),
             db,
-        })
+        };
+        crate::tables::migrate_record_trees(&store)?;
+        Ok(store)
+    }
+
+    /// The database itself, for the one-time move of an older layout.
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     pub fn path(&self) -> &Path {
@@ -122,9 +125,15 @@ impl NodeStore {
         })
     }
 
-    /// How many patient, timepoint and item records are stored.
-    pub fn record_counts(&self) -> (usize, usize, usize) {
-        (self.patients.len(), self.timepoints.len(), self.items.len())
+    /// How many patient, timepoint and item rows are stored.
+    pub fn record_counts(&self) -> Result<(usize, usize, usize), NodeError> {
+        use crate::tables::{Table, count_rows};
+        let schema = self.schema()?;
+        Ok((
+            count_rows(self, Table::Patients, schema.patients.len())?,
+            count_rows(self, Table::Timepoints, schema.timepoints.len())?,
+            self.data.scan_prefix([crate::tables::ITEM_PREFIX]).count(),
+        ))
     }
 
     /// Returns once every write made before the call is on disk (fsynced), sharing the

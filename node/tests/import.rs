@@ -195,5 +195,5 @@ fn broken_exports_are_refused_whole() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("unit `g/L` of LOINC 1988-5"), "{err}");
-    assert_eq!(store.record_counts(), (0, 0, 0));
+    assert_eq!(store.record_counts().unwrap(), (0, 0, 0));
 }

@@ -31,8 +31,13 @@ use crate::messages::{PolicyRequest, PolicyResponse, QueryResponse};
 /// (queries, answers, records): a length prefix cannot make it reserve more.
 const SMALL_DECODE_LIMIT: usize = 128 * 1024;
 
-/// The largest allocation while decoding anything (policy bundles).
+/// The largest allocation while decoding a message (policy bundles).
 const LARGE_DECODE_LIMIT: usize = MAX_POLICY_MESSAGE_BYTES;
+
+/// The largest allocation while decoding a bulk value a node stores for itself (a shard of
+/// its tables): never from the wire, bounded by the caller's size limit times the widest
+/// growth of a varint (1 byte) into an `i64` (8 bytes).
+const BULK_DECODE_LIMIT: usize = 1 << 30;
 
 type Config<const N: usize> = Configuration<LittleEndian, Varint, bincode::config::Limit<N>>;
 
@@ -42,6 +47,10 @@ fn config() -> Config<LARGE_DECODE_LIMIT> {
 
 fn small_config() -> Config<SMALL_DECODE_LIMIT> {
     bincode::config::standard().with_limit::<SMALL_DECODE_LIMIT>()
+}
+
+fn bulk_config() -> Config<BULK_DECODE_LIMIT> {
+    bincode::config::standard().with_limit::<BULK_DECODE_LIMIT>()
 }
 
 /// Why bytes could not be encoded or decoded.
@@ -94,8 +103,10 @@ pub fn decode_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result
     }
     let decoded = if limit <= SMALL_DECODE_LIMIT {
         bincode::serde::decode_from_slice(bytes, small_config())
-    } else {
+    } else if limit <= LARGE_DECODE_LIMIT {
         bincode::serde::decode_from_slice(bytes, config())
+    } else {
+        bincode::serde::decode_from_slice(bytes, bulk_config())
     };
     let (value, read) = decoded.map_err(|e| CodecError::Decode(e.to_string()))?;
     if read != bytes.len() {
@@ -104,6 +115,25 @@ pub fn decode_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result
         });
     }
     Ok(value)
+}
+
+/// Decodes a value from the start of `bytes` (at most `limit` long) and ignores what follows:
+/// for reading the leading fields of a large stored record without decoding the rest.
+pub fn decode_leading<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+    if bytes.len() > limit {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit,
+        });
+    }
+    let decoded = if limit <= LARGE_DECODE_LIMIT {
+        bincode::serde::decode_from_slice(bytes, config())
+    } else {
+        bincode::serde::decode_from_slice(bytes, bulk_config())
+    };
+    decoded
+        .map(|(value, _)| value)
+        .map_err(|e| CodecError::Decode(e.to_string()))
 }
 
 /// A query request as it travels: the encoded [`crate::SignedEnvelope`], at most
