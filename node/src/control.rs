@@ -57,6 +57,9 @@ pub enum ControlRequest {
         patient: String,
         scope: Option<String>,
     },
+    /// Forget unfinished ingests (files that cannot be loaded again), accepting what is
+    /// stored of them.
+    AbandonUnfinished,
 }
 
 /// A serving node's reply: what was done, line by line, or why it failed.
@@ -154,6 +157,9 @@ impl IngestPlan {
         for (what, path, load) in steps {
             let report = load(store, path, self.dry_run)
                 .map_err(|e| e.within(format!("loading {}", path.display())))?;
+            if !self.dry_run {
+                ingest::completed(store, path)?;
+            }
             done(format!(
                 "{prefix}{what} from {}: {} rows, {} added, {} updated{}",
                 path.display(),
@@ -184,6 +190,18 @@ impl ControlRequest {
                 ));
                 Ok(())
             }
+            ControlRequest::AbandonUnfinished => {
+                let files = ingest::abandon_unfinished(store)?;
+                done(if files.is_empty() {
+                    "no unfinished ingest to abandon".into()
+                } else {
+                    format!(
+                        "WARNING: abandoned unfinished ingest of {}; whatever part of it was written stays",
+                        files.join(", ")
+                    )
+                });
+                Ok(())
+            }
         }
     }
 
@@ -191,7 +209,7 @@ impl ControlRequest {
     fn writes(&self) -> bool {
         match self {
             ControlRequest::Ingest(plan) => !plan.dry_run,
-            ControlRequest::WithdrawConsent { .. } => true,
+            ControlRequest::WithdrawConsent { .. } | ControlRequest::AbandonUnfinished => true,
         }
     }
 
@@ -202,6 +220,7 @@ impl ControlRequest {
             ControlRequest::Ingest(plan) if plan.dry_run => "ingest (dry run)",
             ControlRequest::Ingest(_) => "ingest",
             ControlRequest::WithdrawConsent { .. } => "consent withdrawal",
+            ControlRequest::AbandonUnfinished => "abandon unfinished ingest",
         }
     }
 }

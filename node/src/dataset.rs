@@ -256,6 +256,12 @@ impl Dataset {
 
     /// Reads every stored row of `store` into memory.
     pub fn load(store: &NodeStore, schema: Arc<DatasetSchema>) -> Result<Self, NodeError> {
+        let unfinished = crate::ingest::unfinished_ingests(store)?;
+        if !unfinished.is_empty() {
+            return Err(NodeError::UnfinishedIngest {
+                file: unfinished.join(", "),
+            });
+        }
         let mut data = Self::empty(Arc::clone(&schema));
         let mut patient_rows: HashMap<[u8; 32], u32> = HashMap::new();
         let mut consent_rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();

@@ -43,6 +43,10 @@ pub enum NodeError {
     #[error("ingest refused, nothing was written:\n{0}")]
     Ingest(crate::ingest::IngestErrors),
     #[error(
+        "the ingest of {file} did not finish (the store holds part of it); run the same `renkei-node ingest` again to complete it (loading a file twice changes nothing)"
+    )]
+    UnfinishedIngest { file: String },
+    #[error(
         "this node ({peer_id}) is not a member in policy v{version}; ask the consortium admins to add it"
     )]
     NotAMember { peer_id: String, version: u64 },

@@ -38,6 +38,61 @@ use crate::tables::{self, Merged, Table, TableWrites};
 
 pub const MAX_REPORTED_ERRORS: usize = 20;
 
+/// The `meta` key under which renkei before sharded tables (which wrote a large file in
+/// batches) named the files whose ingest had started and not finished. Such a store keeps
+/// the mark when it is moved into shards: it holds part of those files, so it does not
+/// serve ([`crate::dataset::Dataset::load`] refuses) until each is loaded again (now in one
+/// atomic write) or given up with [`abandon_unfinished`].
+const LEGACY_UNFINISHED: &[u8] = b"ingest/unfinished";
+
+/// The files whose ingest started but did not finish (empty when none).
+pub fn unfinished_ingests(store: &NodeStore) -> Result<Vec<String>, NodeError> {
+    Ok(match store.meta.get(LEGACY_UNFINISHED)? {
+        None => Vec::new(),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| vec![String::from_utf8_lossy(&bytes).into_owned()]),
+    })
+}
+
+fn set_unfinished(store: &NodeStore, files: &[String]) -> Result<(), NodeError> {
+    if files.is_empty() {
+        store.meta.remove(LEGACY_UNFINISHED)?;
+    } else {
+        let encoded = serde_json::to_vec(files).map_err(|e| NodeError::CorruptStore {
+            what: "unfinished ingest mark".into(),
+            reason: e.to_string(),
+        })?;
+        store.meta.insert(LEGACY_UNFINISHED, encoded)?;
+    }
+    store.flush()
+}
+
+/// Records that `path` has now loaded completely: it is no longer an unfinished ingest.
+pub fn completed(store: &NodeStore, path: &Path) -> Result<(), NodeError> {
+    let mut files = unfinished_ingests(store)?;
+    if files.is_empty() {
+        return Ok(());
+    }
+    let name = std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string();
+    let before = files.len();
+    files.retain(|file| *file != name);
+    if files.len() == before {
+        return Ok(());
+    }
+    set_unfinished(store, &files)
+}
+
+/// Forgets every unfinished ingest, accepting whatever part of those files is stored; for
+/// when a file cannot be loaded again (gone, or replaced). Returns the files forgotten.
+pub fn abandon_unfinished(store: &NodeStore) -> Result<Vec<String>, NodeError> {
+    let files = unfinished_ingests(store)?;
+    set_unfinished(store, &[])?;
+    Ok(files)
+}
+
 /// The header of the documented patient CSV (the walking skeleton's form).
 pub const PATIENT_CSV_HEADER: &str = "patient_id,age,sex,severity,diabetes,hypertension,chronic_lung_disease,cardiovascular_disease,kidney_disease,cancer,obesity,consent_secondary_use";
 
@@ -121,16 +176,28 @@ impl Problems {
         Self::named(other.file.clone())
     }
 
+    /// Records a problem. Past [`MAX_REPORTED_ERRORS`] only the earliest by line are kept
+    /// (checks that run after the rows are read report lines out of order).
     fn push(&mut self, line: Option<u64>, column: Option<&str>, reason: impl Into<String>) {
+        let error = IngestError {
+            file: self.file.clone(),
+            line,
+            column: column.map(str::to_string),
+            reason: reason.into(),
+        };
+        self.keep(error);
+    }
+
+    fn keep(&mut self, error: IngestError) {
         if self.errors.len() < MAX_REPORTED_ERRORS {
-            self.errors.push(IngestError {
-                file: self.file.clone(),
-                line,
-                column: column.map(str::to_string),
-                reason: reason.into(),
-            });
-        } else {
-            self.more += 1;
+            self.errors.push(error);
+            return;
+        }
+        self.more += 1;
+        if let Some(latest) = self.errors.iter_mut().max_by_key(|e| e.line)
+            && error.line < latest.line
+        {
+            *latest = error;
         }
     }
 
@@ -142,15 +209,13 @@ impl Problems {
     /// the first by line.
     fn absorb(&mut self, other: Problems) {
         self.more += other.more;
-        self.errors.extend(other.errors);
-        self.errors.sort_by_key(|e| e.line);
-        if self.errors.len() > MAX_REPORTED_ERRORS {
-            self.more += self.errors.len() - MAX_REPORTED_ERRORS;
-            self.errors.truncate(MAX_REPORTED_ERRORS);
+        for error in other.errors {
+            self.keep(error);
         }
     }
 
-    fn finish<T>(self, value: T) -> Result<T, IngestErrors> {
+    fn finish<T>(mut self, value: T) -> Result<T, IngestErrors> {
+        self.errors.sort_by_key(|e| e.line);
         if self.errors.is_empty() {
             Ok(value)
         } else {
@@ -510,6 +575,15 @@ fn write_tables(
 ) -> Result<Merged, NodeError> {
     let mut total = Merged::default();
     let mut batch = sled::Batch::default();
+    // Each write reads the shards as stored: two of one table would overwrite each other.
+    for (i, write) in writes.iter().enumerate() {
+        if writes[..i].iter().any(|w| w.table() == write.table()) {
+            return Err(NodeError::CorruptStore {
+                what: "rows to write".into(),
+                reason: "two writes of one table in one batch".into(),
+            });
+        }
+    }
     for write in writes {
         let merged = if dry_run {
             write.dry_merge(store)?
@@ -1074,6 +1148,67 @@ mod tests {
             "{text}"
         );
         assert_eq!(store.record_counts().unwrap().0, rows);
+    }
+
+    /// A store from before shards may name files whose batched ingest stopped midway: it
+    /// does not serve until each is loaded again or given up.
+    #[test]
+    fn an_unfinished_legacy_ingest_blocks_loading_until_loaded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = node(dir.path());
+        let text = format!("{PATIENT_CSV_HEADER}\nP1,50,male,mild,no,no,0,0,0,0,0,true\n");
+        let big = write(dir.path(), "big.csv", &text);
+        let other = write(dir.path(), "other.csv", &text.replace("P1", "P2"));
+        let name = std::fs::canonicalize(&big).unwrap().display().to_string();
+        set_unfinished(&store, std::slice::from_ref(&name)).unwrap();
+        let refused = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap_err();
+        assert!(
+            matches!(&refused, NodeError::UnfinishedIngest { file } if *file == name),
+            "{refused}"
+        );
+        ingest_patients(&store, &other, false).unwrap();
+        completed(&store, &other).unwrap();
+        assert_eq!(unfinished_ingests(&store).unwrap(), vec![name.clone()]);
+        ingest_patients(&store, &big, false).unwrap();
+        completed(&store, &big).unwrap();
+        assert!(unfinished_ingests(&store).unwrap().is_empty());
+        assert_eq!(dataset(&store).consented(), 2);
+
+        set_unfinished(&store, &["/gone.csv".to_string()]).unwrap();
+        assert!(Dataset::load(&store, Arc::new(store.schema().unwrap())).is_err());
+        assert_eq!(
+            abandon_unfinished(&store).unwrap(),
+            vec!["/gone.csv".to_string()]
+        );
+        assert_eq!(dataset(&store).consented(), 2);
+    }
+
+    /// Problems found after the rows are read (unknown patients) still come first when
+    /// their line does, even past the report's limit.
+    #[test]
+    fn the_earliest_problems_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = node(dir.path());
+        let patients = write(
+            dir.path(),
+            "p.csv",
+            "patient_id,age,consent_secondary_use\nP1,70,1\n",
+        );
+        ingest_patients(&store, &patients, false).unwrap();
+        let mut text = String::from("patient_id,timepoint,crp\nP9,0,1.0\n");
+        for i in 0..(MAX_REPORTED_ERRORS + 5) {
+            text.push_str(&format!("P1,{i},high\n"));
+        }
+        let labs = write(dir.path(), "labs.csv", &text);
+        let NodeError::Ingest(errors) = ingest_timepoints(&store, &labs, false).unwrap_err() else {
+            panic!("not an ingest error");
+        };
+        assert_eq!(errors.errors.len(), MAX_REPORTED_ERRORS);
+        assert_eq!(errors.more, 6);
+        assert_eq!(errors.errors[0].line, Some(2));
+        assert!(errors.errors[0].reason.contains("no such patient"));
+        let lines: Vec<_> = errors.errors.iter().map(|e| e.line.unwrap()).collect();
+        assert!(lines.windows(2).all(|w| w[0] < w[1]), "{lines:?}");
     }
 
     #[test]

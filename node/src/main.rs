@@ -67,6 +67,10 @@ enum Command {
         /// Validate and report without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Forget an ingest that did not finish and cannot be run again (its file is gone or
+        /// changed), accepting whatever part of it was written.
+        #[arg(long, group = "input")]
+        abandon_unfinished: bool,
     },
     /// Patients' consent.
     Consent {
@@ -180,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fhir,
             assume_consent,
             dry_run,
+            abandon_unfinished,
         } => {
             let plan = IngestPlan {
                 patients,
@@ -191,7 +196,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 assume_consent,
                 dry_run,
             };
-            load_or_hand_over(&dir, ControlRequest::Ingest(plan.absolute()?))?;
+            let request = if abandon_unfinished {
+                ControlRequest::AbandonUnfinished
+            } else {
+                ControlRequest::Ingest(plan.absolute()?)
+            };
+            load_or_hand_over(&dir, request)?;
         }
         Command::Consent {
             command:

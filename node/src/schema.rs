@@ -152,6 +152,10 @@ pub struct DatasetSchema {
     pub items: Vec<ItemKind>,
 }
 
+/// Most consent scopes a schema may name (`secondary_use` included): each is one bit of a
+/// stored patient row.
+pub const MAX_CONSENT_SCOPES: usize = 64;
+
 /// Names every view and column use that are not schema columns.
 pub const PATIENTS_VIEW: &str = "patients";
 pub const TIMEPOINTS_VIEW: &str = "timepoints";
@@ -228,6 +232,18 @@ impl DatasetSchema {
                 }
                 _ => {}
             }
+        }
+        let scopes: BTreeSet<&str> = self
+            .items
+            .iter()
+            .filter_map(|item| item.consent.as_deref())
+            .chain([SECONDARY_USE])
+            .collect();
+        if scopes.len() > MAX_CONSENT_SCOPES {
+            return invalid(format!(
+                "{} consent scopes (with `{SECONDARY_USE}`); a node tells at most {MAX_CONSENT_SCOPES} apart",
+                scopes.len()
+            ));
         }
         let mut kinds = BTreeSet::new();
         for item in &self.items {
@@ -556,6 +572,23 @@ mod tests {
         assert!(err.0.contains("female, male, other"), "{err}");
         assert_eq!(sex.display_value(1), "male");
         assert_eq!(crp.display_value(-5), "-0.05");
+    }
+
+    #[test]
+    fn a_schema_names_at_most_64_consent_scopes() {
+        let with_scopes = |n: usize| {
+            let mut text = COVID19.to_string();
+            for i in 0..n {
+                text.push_str(&format!(
+                    "\n[[items]]\nkind = \"extra_{i}\"\nformat = \"fastq\"\nconsent = \"scope_{i}\"\n"
+                ));
+            }
+            DatasetSchema::from_toml(&text)
+        };
+        // covid19 has `secondary_use` and `genome`: 62 more fit, 63 do not.
+        assert!(with_scopes(62).is_ok());
+        let error = with_scopes(63).unwrap_err().to_string();
+        assert!(error.contains("65 consent scopes"), "{error}");
     }
 
     #[test]

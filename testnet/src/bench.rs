@@ -11,13 +11,14 @@
 //!   central mechanism on the pooled true count: root-mean-square errors side by side, and
 //!   the latency of both modes.
 //!
-//! DuckDB runs through its Python package (`python3 -c 'import duckdb'`; set
-//! `RENKEI_BENCH_PYTHON` to choose the interpreter). A missing tool is reported, not fatal.
+//! DuckDB runs through its Python package: the bench installs it into a virtual environment
+//! of its own when `python3` lacks it (see [`python`]; set `RENKEI_BENCH_PYTHON` to choose
+//! the interpreter). A missing tool is reported, not fatal.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -47,8 +48,62 @@ pub const GROUP_2: (&str, &str) = (
     "SELECT sex, severity, COUNT(*) FROM patients GROUP BY sex, severity",
 );
 
-fn python() -> String {
-    std::env::var("RENKEI_BENCH_PYTHON").unwrap_or_else(|_| "python3".into())
+/// A Python interpreter that can `import duckdb`, found once per run: `RENKEI_BENCH_PYTHON`
+/// if set; else `python3` if it has DuckDB; else a virtual environment under the user's
+/// cache directory (`renkei/bench-venv`), created and given DuckDB's package with pip the
+/// first time. `None` (DuckDB figures reported as null) when none can be had.
+fn python() -> Option<&'static str> {
+    static PYTHON: OnceLock<Option<String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            if let Ok(chosen) = std::env::var("RENKEI_BENCH_PYTHON") {
+                return Some(chosen);
+            }
+            if has_duckdb("python3") {
+                return Some("python3".into());
+            }
+            let venv = bench_venv()?;
+            let interpreter = venv.join("bin").join("python").display().to_string();
+            if has_duckdb(&interpreter) {
+                return Some(interpreter);
+            }
+            eprintln!(
+                "installing DuckDB's Python package into {} for the comparison",
+                venv.display()
+            );
+            let installed = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .is_ok_and(|s| s.success())
+                && Command::new(venv.join("bin").join("pip"))
+                    .args(["install", "--quiet", "duckdb"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if installed && has_duckdb(&interpreter) {
+                Some(interpreter)
+            } else {
+                eprintln!("DuckDB is not available: its figures are reported as null");
+                None
+            }
+        })
+        .as_deref()
+}
+
+fn has_duckdb(python: &str) -> bool {
+    Command::new(python)
+        .args(["-c", "import duckdb"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Where the benchmark's own Python environment lives.
+fn bench_venv() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(cache.join("renkei").join("bench-venv"))
 }
 
 /// Size of everything under `dir`, in bytes.
@@ -171,6 +226,11 @@ pub fn ingest(dir: &Path, rows: usize) -> anyhow::Result<IngestBench> {
             .arg(".mode csv")
             .arg(format!(".import {} labs", labs.display()))
             .status();
+        if status.is_err() {
+            eprintln!(
+                "the sqlite3 command-line tool is not installed (e.g. `apt-get install sqlite3`): its figure is reported as null"
+            );
+        }
         status.ok().filter(|s| s.success()).map(|_| start.elapsed())
     };
     let duckdb = duckdb_seconds(&format!(
@@ -190,7 +250,11 @@ pub fn ingest(dir: &Path, rows: usize) -> anyhow::Result<IngestBench> {
 /// Runs a Python snippet with duckdb and `time` imported; returns the last number it prints.
 fn duckdb_seconds(body: &str) -> Option<f64> {
     let script = format!("import duckdb, time\n{body}\n");
-    let output = Command::new(python()).arg("-c").arg(script).output().ok()?;
+    let output = Command::new(python()?)
+        .arg("-c")
+        .arg(script)
+        .output()
+        .ok()?;
     if !output.status.success() {
         return None;
     }
