@@ -1077,6 +1077,18 @@ mod tests {
         home.open_store().unwrap()
     }
 
+    /// A node holding one consenting patient, `P1`.
+    fn node_with_p1(dir: &Path) -> NodeStore {
+        let store = node(dir);
+        let patients = write(
+            dir,
+            "p.csv",
+            "patient_id,age,consent_secondary_use\nP1,70,1\n",
+        );
+        ingest_patients(&store, &patients, false).unwrap();
+        store
+    }
+
     fn dataset(store: &NodeStore) -> Dataset {
         Dataset::load(store, Arc::new(store.schema().unwrap())).unwrap()
     }
@@ -1188,13 +1200,7 @@ mod tests {
     #[test]
     fn the_earliest_problems_are_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let store = node(dir.path());
-        let patients = write(
-            dir.path(),
-            "p.csv",
-            "patient_id,age,consent_secondary_use\nP1,70,1\n",
-        );
-        ingest_patients(&store, &patients, false).unwrap();
+        let store = node_with_p1(dir.path());
         let mut text = String::from("patient_id,timepoint,crp\nP9,0,1.0\n");
         for i in 0..(MAX_REPORTED_ERRORS + 5) {
             text.push_str(&format!("P1,{i},high\n"));
@@ -1277,13 +1283,7 @@ mod tests {
     #[test]
     fn timepoint_files_merge_their_columns() {
         let dir = tempfile::tempdir().unwrap();
-        let store = node(dir.path());
-        let patients = write(
-            dir.path(),
-            "p.csv",
-            "patient_id,age,consent_secondary_use\nP1,70,1\n",
-        );
-        ingest_patients(&store, &patients, false).unwrap();
+        let store = node_with_p1(dir.path());
         let course = write(
             dir.path(),
             "course.csv",
