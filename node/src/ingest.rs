@@ -1035,6 +1035,7 @@ pub fn ingest_manifest(
         Vec::new(),
     );
     let mut seen = HashSet::new();
+    let mut written = HashSet::new();
     let mut writes = Vec::with_capacity(items.len());
     for (pseudonym, timepoint, record) in items {
         if seen.insert((pseudonym, timepoint)) {
@@ -1046,6 +1047,10 @@ pub fn ingest_manifest(
             &record.kind,
             &record.file_digest,
         ));
+        // The same file listed twice for one patient, timepoint and kind is one item.
+        if !written.insert(key.clone()) {
+            continue;
+        }
         if store.data.contains_key(&key)? {
             report.updated += 1;
         } else {

@@ -141,4 +141,14 @@ fn a_manifest_with_one_broken_file_writes_nothing() {
     let again = ingest::ingest_manifest(&store, &manifest, false).unwrap();
     assert_eq!((again.added, again.updated), (0, 2));
     assert_eq!(store.record_counts().unwrap(), (1, 2, 2));
+
+    // The same file listed twice for one patient, timepoint and kind is one item.
+    std::fs::write(
+        &manifest,
+        "path,patient_id,timepoint,kind\nCT_small.dcm,P1,2,ct\nCT_small.dcm,P1,2,ct\n",
+    )
+    .unwrap();
+    let twice = ingest::ingest_manifest(&store, &manifest, false).unwrap();
+    assert_eq!((twice.added, twice.updated), (1, 0));
+    assert_eq!(store.record_counts().unwrap(), (1, 3, 3));
 }
