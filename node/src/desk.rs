@@ -45,6 +45,7 @@ use crate::error::NodeError;
 use crate::governance::{Offered, PolicyKeeper};
 use crate::ledger::{Admission, Charge, ChargeRequest, PrivacyLedger, scoped_key};
 use crate::secure;
+use crate::store::FlushPromise;
 
 /// Audit events also go to their own tracing target.
 const AUDIT: &str = "renkei::audit";
@@ -486,8 +487,20 @@ impl QueryDesk {
             .precheck(&charging)
             .map_err(|e| internal("ledger", &e))??;
         if let Some(encoded) = stored {
-            return self.send_recorded(encoded, None, cost, &researcher, &request, &digest, now);
+            let durable = self.ledger.expect_durable();
+            return self.send_recorded(
+                encoded,
+                None,
+                durable,
+                cost,
+                &researcher,
+                &request,
+                &digest,
+                now,
+            );
         }
+        // Answers being computed at the same time share the fsync that makes them durable.
+        let durable = self.ledger.expect_durable();
         // The noise is drawn before the charge; nothing leaves the node until the charge and
         // this answer are on disk together.
         let exact = dataset.evaluate(&compiled);
@@ -541,7 +554,16 @@ impl QueryDesk {
             Admission::Answered(bytes) => (bytes, None),
             Admission::Recorded { charge, answer } => (answer, Some(charge)),
         };
-        self.send_recorded(encoded, charge, cost, &researcher, &request, &digest, now)
+        self.send_recorded(
+            encoded,
+            charge,
+            durable,
+            cost,
+            &researcher,
+            &request,
+            &digest,
+            now,
+        )
     }
 
     /// Audits a recorded answer, makes it durable (with its charge, if `charge` is this
@@ -552,6 +574,7 @@ impl QueryDesk {
         &self,
         encoded: Vec<u8>,
         charge: Option<Charge>,
+        durable: FlushPromise,
         cost: MicroRho,
         researcher: &PublicKey,
         request: &QueryRequest,
@@ -580,8 +603,8 @@ impl QueryDesk {
             },
         );
         // One fsync makes the charge, the answer and the audit entry durable before sending.
-        self.ledger
-            .make_durable()
+        durable
+            .flush()
             .map_err(|e| failed("recording the answer", &e))?;
         let sealed: SignedEnvelope =
             renkei_protocol::codec::decode_limited(&encoded, MAX_RESPONSE_BYTES)

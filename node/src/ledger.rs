@@ -411,6 +411,13 @@ impl PrivacyLedger {
         self.store.flush()
     }
 
+    /// Announces a [`PrivacyLedger::make_durable`] to come (an answer being computed), so
+    /// that answers computed side by side share one fsync; see
+    /// [`crate::store::NodeStore::expect_flush`].
+    pub fn expect_durable(&self) -> crate::store::FlushPromise {
+        self.store.expect_flush()
+    }
+
     /// Spend so far of one researcher on one study.
     pub fn spent(&self, researcher: &PublicKey, study: &str) -> Result<MicroRho, NodeError> {
         self.read_account(&account_key(researcher, study), study)
