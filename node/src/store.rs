@@ -16,6 +16,14 @@ use std::time::{Duration, Instant};
 
 use crate::error::NodeError;
 
+/// An I/O error on `path`, as a [`NodeError`].
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Meta key of the dataset schema's TOML text.
 pub(crate) const META_SCHEMA: &[u8] = b"dataset-schema";
 
@@ -26,6 +34,9 @@ const LOCK_WAIT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 pub struct NodeStore {
     db: sled::Db,
+    /// sled's log file, for `fdatasync`: sled's own flush on Linux only runs
+    /// `sync_file_range`, which neither flushes the drive's cache nor the file's size.
+    log: Arc<std::fs::File>,
     path: PathBuf,
     pub(crate) data: sled::Tree,
     pub(crate) ledger: sled::Tree,
@@ -62,6 +73,21 @@ struct CommitState {
     fsyncs: u64,
     /// How long a flush waits for announced ones ([`GATHER_WAIT`] unless a test says).
     gather: Option<Duration>,
+}
+
+/// While a leader's fsync runs: if it unwinds, others must not wait for it forever.
+struct Leading<'a>(&'a GroupCommit);
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .0
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.flushing = false;
+        self.0.done.notify_all();
+    }
 }
 
 /// Longest an fsync waits for announced flushes to join it.
@@ -144,6 +170,13 @@ impl NodeStore {
             meta: db.open_tree("meta")?,
             path: path.to_path_buf(),
             commits: Arc::default(),
+            log: Arc::new(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path.join("db"))
+                    .map_err(io_at(&path.join("db")))?,
+            ),
             db,
         };
         crate::tables::migrate_record_trees(&store)?;
@@ -217,6 +250,36 @@ impl NodeStore {
         self.commits.state.lock().map_or(0, |state| state.fsyncs)
     }
 
+    /// sled's flush (its log buffers written, `sync_file_range`), then `fdatasync` of the
+    /// log, so a power loss cannot take what was flushed.
+    fn sync(&self) -> Result<(), NodeError> {
+        self.db.flush()?;
+        self.log.sync_data().map_err(io_at(&self.path.join("db")))
+    }
+
+    /// Makes sled's blob files durable (values larger than about 128 KB live in files of
+    /// their own, which sled writes without syncing), and the directory that names them.
+    pub fn sync_blobs(&self) -> Result<(), NodeError> {
+        let blobs = self.path.join("blobs");
+        let entries = match std::fs::read_dir(&blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_at(&blobs)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io_at(&blobs))?.path();
+            match std::fs::File::open(&path) {
+                Ok(file) => file.sync_all().map_err(io_at(&path))?,
+                // Collected by sled meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_at(&path)(e)),
+            }
+        }
+        std::fs::File::open(&blobs)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_at(&blobs))
+    }
+
     /// Returns once every write made before the call is on disk (fsynced), sharing the
     /// fsync with concurrent callers and with announced ones that arrive within
     /// [`GATHER_WAIT`].
@@ -266,7 +329,10 @@ impl NodeStore {
             let target = state.issued;
             state.fsyncs += 1;
             drop(state);
-            let flushed = self.db.flush();
+            // Should sled panic, the guard still hands the leader's role on.
+            let leading = Leading(commits);
+            let flushed = self.sync();
+            std::mem::forget(leading);
             state = commits.state.lock().map_err(|_| poisoned())?;
             state.flushing = false;
             if flushed.is_ok() {
@@ -338,5 +404,18 @@ mod tests {
         store.flush().unwrap();
         assert!(start.elapsed() >= Duration::from_millis(20));
         assert_eq!(store.fsyncs(), 2);
+    }
+
+    /// Large values are sled blob files, which sled does not sync; `sync_blobs` does.
+    #[test]
+    fn large_values_live_in_blob_files_that_are_synced() {
+        let (dir, store) = store();
+        store.sync_blobs().unwrap();
+        store.data.insert("big", vec![7u8; 1 << 20]).unwrap();
+        store.flush().unwrap();
+        store.sync_blobs().unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("store").join("blobs")).unwrap();
+        assert!(blobs.count() >= 1);
+        assert_eq!(store.data.get("big").unwrap().unwrap().len(), 1 << 20);
     }
 }

@@ -793,7 +793,9 @@ impl TableWrites {
 /// Applies a batch to the `data` tree and returns once it is on disk.
 pub fn commit(store: &NodeStore, batch: sled::Batch) -> Result<(), NodeError> {
     store.data.apply_batch(batch)?;
-    store.flush()
+    store.flush()?;
+    // Shards of very large tables are blobs; a file is loaded only once they are durable.
+    store.sync_blobs()
 }
 
 /// Moves a store written in renkei's first layout (one sled record per patient, timepoint
