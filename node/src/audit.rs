@@ -141,11 +141,26 @@ fn read_head(store: &NodeStore) -> Result<Option<(u64, [u8; 32])>, NodeError> {
 
 impl AuditLog {
     /// Opens the log for appending with the node's key.
+    ///
+    /// An entry and the head that names it are two writes: a crash between them leaves one
+    /// entry past the head. If that entry is this node's, signed, and follows the head's hash,
+    /// it is the append that the crash interrupted, and the head moves to it; anything else
+    /// is left for [`verify`] to report.
     pub fn open(store: NodeStore, key: SecretKey) -> Result<Self, NodeError> {
-        let head = match read_head(&store)? {
+        let mut head = match read_head(&store)? {
             Some((last, last_hash)) => (last + 1, last_hash),
             None => (0, [0; 32]),
         };
+        if let Some(value) = store.audit.get(head.0.to_be_bytes())?
+            && let Some(entry_hash) = interrupted_append(&value, head, &key.public_key())
+        {
+            store.meta.insert(
+                META_AUDIT_HEAD,
+                renkei_protocol::codec::encode(&(head.0, entry_hash))?,
+            )?;
+            store.flush()?;
+            head = (head.0 + 1, entry_hash);
+        }
         Ok(Self {
             store,
             key,
@@ -181,6 +196,25 @@ impl AuditLog {
         *head = (seq + 1, entry_hash);
         Ok(())
     }
+}
+
+/// The hash of `value` if it is entry `next.0`, signed by `node_key`, following hash `next.1`.
+fn interrupted_append(
+    value: &[u8],
+    next: (u64, [u8; 32]),
+    node_key: &PublicKey,
+) -> Option<[u8; 32]> {
+    let stored: StoredEntry =
+        renkei_protocol::codec::decode_limited(value, MAX_ENTRY_BYTES).ok()?;
+    if !node_key.verify_strict(
+        &Purpose::AuditEntry.signed_bytes(&stored.payload),
+        &stored.signature.0,
+    ) {
+        return None;
+    }
+    let entry: AuditEntry =
+        renkei_protocol::codec::decode_limited(&stored.payload, MAX_ENTRY_BYTES).ok()?;
+    (entry.seq == next.0 && entry.prev == next.1).then(|| hash(&stored.payload))
 }
 
 /// Every entry in order, after checking the whole log against `node_key`.
@@ -375,5 +409,47 @@ mod tests {
                 head: 4
             }
         );
+    }
+
+    /// A crash between an entry and its head leaves the entry one past the head; reopening
+    /// with the node's key takes it in. One not signed by the node is not taken in.
+    #[test]
+    fn an_append_cut_short_by_a_crash_is_taken_in_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, _) = NodeHome::init(dir.path()).unwrap();
+        let store = home.open_store().unwrap();
+        let key = home.identity().unwrap();
+        let public = key.public_key();
+        let log = AuditLog::open(store.clone(), SecretKey::from_seed(&key.to_seed())).unwrap();
+        for n in 0..5 {
+            log.append(1_000 + n, refused(n)).unwrap();
+            if n == 3 {
+                // The head as it was before entry 4.
+                let head = store.meta.get(META_AUDIT_HEAD).unwrap().unwrap();
+                store.meta.insert("saved-head", head).unwrap();
+            }
+        }
+        drop(log);
+        let saved = store.meta.get("saved-head").unwrap().unwrap();
+        store.meta.insert(META_AUDIT_HEAD, saved.clone()).unwrap();
+        assert_eq!(
+            verify(&store, &public).unwrap().unwrap_err(),
+            AuditViolation::Truncated {
+                last: Some(4),
+                head: 3
+            }
+        );
+
+        // Another key's entry past the head stays a violation.
+        let stranger = AuditLog::open(store.clone(), SecretKey::generate().unwrap()).unwrap();
+        drop(stranger);
+        assert!(verify(&store, &public).unwrap().is_err());
+
+        let log = AuditLog::open(store.clone(), key).unwrap();
+        assert_eq!(verify(&store, &public).unwrap().unwrap().len(), 5);
+        log.append(2_000, refused(5)).unwrap();
+        let entries = verify(&store, &public).unwrap().unwrap();
+        assert_eq!(entries.len(), 6);
+        assert_eq!(entries[5].event, refused(5));
     }
 }
