@@ -431,7 +431,7 @@ mod tests {
         }
         drop(log);
         let saved = store.meta.get("saved-head").unwrap().unwrap();
-        store.meta.insert(META_AUDIT_HEAD, saved.clone()).unwrap();
+        store.meta.insert(META_AUDIT_HEAD, saved).unwrap();
         assert_eq!(
             verify(&store, &public).unwrap().unwrap_err(),
             AuditViolation::Truncated {

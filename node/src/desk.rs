@@ -486,21 +486,23 @@ impl QueryDesk {
             .ledger
             .precheck(&charging)
             .map_err(|e| internal("ledger", &e))??;
-        if let Some(encoded) = stored {
-            let durable = self.ledger.expect_durable();
-            return self.send_recorded(
+        // Answers being computed at the same time share the fsync that makes them durable.
+        let durable = self.ledger.expect_durable();
+        let send = |encoded, charge, durable| {
+            self.send_recorded(
                 encoded,
-                None,
+                charge,
                 durable,
                 cost,
                 &researcher,
                 &request,
                 &digest,
                 now,
-            );
+            )
+        };
+        if let Some(encoded) = stored {
+            return send(encoded, None, durable);
         }
-        // Answers being computed at the same time share the fsync that makes them durable.
-        let durable = self.ledger.expect_durable();
         // The noise is drawn before the charge; nothing leaves the node until the charge and
         // this answer are on disk together.
         let exact = dataset.evaluate(&compiled);
@@ -554,16 +556,7 @@ impl QueryDesk {
             Admission::Answered(bytes) => (bytes, None),
             Admission::Recorded { charge, answer } => (answer, Some(charge)),
         };
-        self.send_recorded(
-            encoded,
-            charge,
-            durable,
-            cost,
-            &researcher,
-            &request,
-            &digest,
-            now,
-        )
+        send(encoded, charge, durable)
     }
 
     /// Audits a recorded answer, makes it durable (with its charge, if `charge` is this

@@ -29,10 +29,12 @@ use serde_json::Value;
 use crate::dataset::NULL;
 use crate::error::NodeError;
 use crate::home::pseudonym_secret;
-use crate::ingest::{IngestError, IngestErrors, IngestReport, MAX_REPORTED_ERRORS, pseudonym};
+use crate::ingest::{
+    IngestError, IngestErrors, IngestReport, MAX_REPORTED_ERRORS, pseudonym, write_tables,
+};
 use crate::schema::SECONDARY_USE;
 use crate::store::NodeStore;
-use crate::tables::{self, Table, TableWrites};
+use crate::tables::{Table, TableWrites};
 
 /// SNOMED CT codes that set each comorbidity flag.
 pub const COMORBIDITY_CODES: &[(&str, &[&str])] = &[
@@ -737,13 +739,13 @@ pub fn import(
                   cells: &Cells,
                   origin: &str,
                   problems: &mut Problems| {
-        let mut values = vec![None; defs.len()];
+        let mut values = vec![NULL; defs.len()];
         for (name, text) in cells {
             let Some(position) = defs.iter().position(|d| d.name == *name) else {
                 continue; // a column this schema does not have
             };
             match defs[position].parse_cell(text) {
-                Ok(value) => values[position] = value,
+                Ok(value) => values[position] = value.unwrap_or(NULL),
                 Err(e) => problems.push(origin, Some(name), e.0),
             }
         }
@@ -761,7 +763,6 @@ pub fn import(
     );
     for (origin, (patient, cells)) in patient_rows.iter().enumerate() {
         let values = encode(&schema.patients, cells, &patient.origin, &mut problems);
-        let values: Vec<i64> = values.into_iter().map(|v| v.unwrap_or(NULL)).collect();
         patients.push(
             pseudonym(&secret, &patient.id)?,
             0,
@@ -779,7 +780,6 @@ pub fn import(
     );
     for (origin, (patient, number, visit, cells)) in timepoint_rows.iter().enumerate() {
         let values = encode(&schema.timepoints, cells, visit, &mut problems);
-        let values: Vec<i64> = values.into_iter().map(|v| v.unwrap_or(NULL)).collect();
         timepoints.push(
             pseudonym(&secret, &patient.id)?,
             *number,
@@ -792,27 +792,15 @@ pub fn import(
     // A patient in two bundles: the later one wins, as when loaded one after the other.
     patients.prepare_last_wins();
     timepoints.prepare_last_wins();
-    let mut report = IngestReport {
+    // Patients and their timepoints, in one atomic write.
+    let merged = write_tables(store, &[&patients, &timepoints], Vec::new(), dry_run)?;
+    Ok(IngestReport {
         rows: patients.len() + timepoints.len(),
-        dry_run,
+        added: merged.added,
+        updated: merged.updated,
         consented: if assume_consent { patients.len() } else { 0 },
-        ..IngestReport::default()
-    };
-    let mut batch = sled::Batch::default();
-    for writes in [&patients, &timepoints] {
-        let merged = if dry_run {
-            writes.dry_merge(store)?
-        } else {
-            writes.merge_into(store, &mut batch)?
-        };
-        report.added += merged.added;
-        report.updated += merged.updated;
-    }
-    if !dry_run {
-        // Patients and their timepoints, in one atomic write.
-        tables::commit(store, batch)?;
-    }
-    Ok(report)
+        dry_run,
+    })
 }
 
 #[cfg(test)]

@@ -32,10 +32,13 @@ use crate::error::NodeError;
 use crate::formats;
 use crate::home::pseudonym_secret;
 use crate::records::{self, ItemRecord};
-use crate::schema::{DatasetSchema, ItemFormat, SECONDARY_USE, TIMEPOINT_COLUMN};
+use crate::schema::{
+    DatasetSchema, ItemFormat, SECONDARY_USE, TIMEPOINT_COLUMN, parse_flag, trim_cell,
+};
 use crate::store::NodeStore;
 use crate::tables::{self, Merged, Table, TableWrites};
 
+/// How many problems one report lists before summarising the rest.
 pub const MAX_REPORTED_ERRORS: usize = 20;
 
 /// The `meta` key under which renkei before sharded tables (which wrote a large file in
@@ -396,7 +399,7 @@ impl RowChunk {
 
 /// Cell `at` of `row`, without surrounding blanks (empty if the row is short).
 fn cell(row: &csv::StringRecord, at: usize) -> &str {
-    crate::schema::trim_cell(row.get(at).unwrap_or_default())
+    trim_cell(row.get(at).unwrap_or_default())
 }
 
 /// Where a row came from: its line.
@@ -432,7 +435,7 @@ impl CsvTable {
             .index
             .get(column)
             .and_then(|i| row.get(*i))
-            .map(str::trim)
+            .map(trim_cell)
     }
 }
 
@@ -461,10 +464,6 @@ fn consent_scopes(schema: &DatasetSchema) -> Vec<String> {
         }
     }
     scopes
-}
-
-fn parse_flag(cell: &str) -> Option<bool> {
-    crate::schema::parse_flag(crate::schema::trim_cell(cell))
 }
 
 /// Hashes hospital patient ids, each once: a patient's rows usually come together.
@@ -512,13 +511,8 @@ impl Pseudonyms {
         (self.list[index].0, index)
     }
 
-    /// Reports each patient of the file not on the node (at its first line); returns whether
-    /// each is there.
-    fn require_stored(
-        &self,
-        store: &NodeStore,
-        problems: &mut Problems,
-    ) -> Result<Vec<bool>, NodeError> {
+    /// Reports each patient of the file not on the node, at its first line.
+    fn require_stored(&self, store: &NodeStore, problems: &mut Problems) -> Result<(), NodeError> {
         let pseudonyms: Vec<[u8; 32]> = self.list.iter().map(|(p, _)| *p).collect();
         let present = tables::patients_present(store, &pseudonyms)?;
         for ((_, line), present) in self.list.iter().zip(&present) {
@@ -530,7 +524,7 @@ impl Pseudonyms {
                 );
             }
         }
-        Ok(present)
+        Ok(())
     }
 }
 
@@ -567,7 +561,7 @@ fn report_duplicates(writes: &mut TableWrites, column: &str, what: &str, problem
 
 /// Merges prepared writes into the store in one atomic, durable batch (or, on a dry run,
 /// only counts what they would do).
-fn write_tables(
+pub(crate) fn write_tables(
     store: &NodeStore,
     writes: &[&TableWrites],
     items: Vec<(Vec<u8>, Vec<u8>)>,
@@ -590,9 +584,7 @@ fn write_tables(
         } else {
             write.merge_into(store, &mut batch)?
         };
-        total.added += merged.added;
-        total.updated += merged.updated;
-        total.consented += merged.consented;
+        total.add(merged);
     }
     if !dry_run {
         for (key, value) in items {
@@ -818,13 +810,14 @@ fn change_consent(
     changes: BTreeMap<[u8; 32], Vec<(String, bool)>>,
     dry_run: bool,
 ) -> Result<Merged, NodeError> {
-    let bits: Vec<([u8; 32], (u64, u64))> = changes
-        .iter()
-        .map(|(pseudonym, scope_changes)| (*pseudonym, consent_bits(&scopes, scope_changes)))
-        .collect();
-    let mut writes = TableWrites::new(Table::Patients, schema.patients.len(), Vec::new(), scopes);
-    for (pseudonym, bits) in bits {
-        writes.push(pseudonym, 0, &[], bits, 0);
+    let mut writes = TableWrites::new(
+        Table::Patients,
+        schema.patients.len(),
+        Vec::new(),
+        scopes.clone(),
+    );
+    for (pseudonym, scope_changes) in &changes {
+        writes.push(*pseudonym, 0, &[], consent_bits(&scopes, scope_changes), 0);
     }
     // One row per patient (a map's keys): nothing is written twice.
     let _ = writes.prepare();
@@ -1034,13 +1027,10 @@ pub fn ingest_manifest(
         Vec::new(),
         Vec::new(),
     );
-    let mut seen = HashSet::new();
     let mut written = HashSet::new();
     let mut writes = Vec::with_capacity(items.len());
     for (pseudonym, timepoint, record) in items {
-        if seen.insert((pseudonym, timepoint)) {
-            timepoints.push(pseudonym, timepoint, &[], (0, 0), 0);
-        }
+        timepoints.push(pseudonym, timepoint, &[], (0, 0), 0);
         let key = tables::item_key(&records::item_key(
             &pseudonym,
             timepoint,
@@ -1058,7 +1048,8 @@ pub fn ingest_manifest(
         }
         writes.push((key, records::encode(&record)?));
     }
-    let _ = timepoints.prepare();
+    // A timepoint with several items is written once.
+    timepoints.prepare_last_wins();
     // Items and the timepoints they belong to, in one batch.
     write_tables(store, &[&timepoints], writes, dry_run)?;
     Ok(report)

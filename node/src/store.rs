@@ -96,6 +96,7 @@ pub const GATHER_WAIT: Duration = Duration::from_millis(2);
 /// A flush announced ahead ([`NodeStore::expect_flush`]): [`FlushPromise::flush`] keeps it;
 /// dropping it withdraws it, so nobody waits for it.
 #[must_use = "an announced flush that is never made only delays others"]
+#[derive(Debug)]
 pub struct FlushPromise {
     store: NodeStore,
     pending: bool,
@@ -123,14 +124,6 @@ impl FlushPromise {
 impl Drop for FlushPromise {
     fn drop(&mut self) {
         self.withdraw();
-    }
-}
-
-impl std::fmt::Debug for FlushPromise {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlushPromise")
-            .field("pending", &self.pending)
-            .finish()
     }
 }
 
@@ -257,27 +250,52 @@ impl NodeStore {
         self.log.sync_data().map_err(io_at(&self.path.join("db")))
     }
 
-    /// Makes sled's blob files durable (values larger than about 128 KB live in files of
-    /// their own, which sled writes without syncing), and the directory that names them.
-    pub fn sync_blobs(&self) -> Result<(), NodeError> {
+    /// Applies `batch` to `tree` and returns once it is on disk, sled's blob files included:
+    /// values larger than about 128 KB live in files of their own (named by their log
+    /// sequence number), which sled writes without syncing. Only the files this batch wrote
+    /// are synced.
+    pub fn apply_durably(&self, tree: &sled::Tree, batch: sled::Batch) -> Result<(), NodeError> {
+        let before = self.blob_numbers()?.max();
+        tree.apply_batch(batch)?;
+        self.flush()?;
         let blobs = self.path.join("blobs");
-        let entries = match std::fs::read_dir(&blobs) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_at(&blobs)(e)),
-        };
-        for entry in entries {
-            let path = entry.map_err(io_at(&blobs))?.path();
+        let mut wrote = false;
+        for number in self.blob_numbers()? {
+            if before.is_some_and(|newest| number <= newest) {
+                continue;
+            }
+            let path = blobs.join(number.to_string());
             match std::fs::File::open(&path) {
                 Ok(file) => file.sync_all().map_err(io_at(&path))?,
                 // Collected by sled meanwhile.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io_at(&path)(e)),
             }
+            wrote = true;
         }
-        std::fs::File::open(&blobs)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_at(&blobs))
+        if wrote {
+            // The directory entries that name them.
+            std::fs::File::open(&blobs)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io_at(&blobs))?;
+        }
+        Ok(())
+    }
+
+    /// The numbers of sled's blob files.
+    fn blob_numbers(&self) -> Result<impl Iterator<Item = u64>, NodeError> {
+        let blobs = self.path.join("blobs");
+        let names = match std::fs::read_dir(&blobs) {
+            Ok(entries) => entries
+                .map(|entry| entry.map(|e| e.file_name()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io_at(&blobs))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io_at(&blobs)(e)),
+        };
+        Ok(names
+            .into_iter()
+            .filter_map(|name| name.to_str()?.parse().ok()))
     }
 
     /// Returns once every write made before the call is on disk (fsynced), sharing the
@@ -406,14 +424,13 @@ mod tests {
         assert_eq!(store.fsyncs(), 2);
     }
 
-    /// Large values are sled blob files, which sled does not sync; `sync_blobs` does.
+    /// Large values are sled blob files, which sled does not sync; `apply_durably` does.
     #[test]
     fn large_values_live_in_blob_files_that_are_synced() {
         let (dir, store) = store();
-        store.sync_blobs().unwrap();
-        store.data.insert("big", vec![7u8; 1 << 20]).unwrap();
-        store.flush().unwrap();
-        store.sync_blobs().unwrap();
+        let mut batch = sled::Batch::default();
+        batch.insert("big", vec![7u8; 1 << 20]);
+        store.apply_durably(&store.data, batch).unwrap();
         let blobs = std::fs::read_dir(dir.path().join("store").join("blobs")).unwrap();
         assert!(blobs.count() >= 1);
         assert_eq!(store.data.get("big").unwrap().unwrap().len(), 1 << 20);

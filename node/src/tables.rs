@@ -253,10 +253,7 @@ fn decode_shard(
     shard: usize,
     width: usize,
 ) -> Result<Shard, NodeError> {
-    let corrupt = |reason: String| NodeError::CorruptStore {
-        what: format!("{} shard {shard}", table.name()),
-        reason,
-    };
+    let corrupt = corrupt_shard(table, shard);
     let stored: StoredShard = renkei_protocol::codec::decode_limited(bytes, MAX_SHARD_BYTES)
         .map_err(|e| corrupt(e.to_string()))?;
     let decoded = stored.into_shard(width).map_err(corrupt)?;
@@ -361,6 +358,14 @@ fn encode_shard(shard: Shard) -> Result<Vec<u8>, NodeError> {
     )?)
 }
 
+/// The error for stored shard `shard` of `table`, with what is wrong with it.
+fn corrupt_shard(table: Table, shard: usize) -> impl Fn(String) -> NodeError + Copy {
+    move |reason| NodeError::CorruptStore {
+        what: format!("{} shard {shard}", table.name()),
+        reason,
+    }
+}
+
 /// Every stored shard of `table` with its number, in key order (so every row in
 /// (pseudonym, number) order).
 pub fn shards(
@@ -417,10 +422,7 @@ fn shard_patients(
     let Some(bytes) = store.data.get(shard_key(table, shard))? else {
         return Ok(Vec::new());
     };
-    let corrupt = |reason: String| NodeError::CorruptStore {
-        what: format!("{} shard {shard}", table.name()),
-        reason,
-    };
+    let corrupt = corrupt_shard(table, shard);
     let patients: Patients = renkei_protocol::codec::decode_leading(&bytes, MAX_SHARD_BYTES)
         .map_err(|e| corrupt(e.to_string()))?;
     if patients.pseudonyms.windows(2).any(|w| w[0] >= w[1]) {
@@ -792,10 +794,8 @@ impl TableWrites {
 
 /// Applies a batch to the `data` tree and returns once it is on disk.
 pub fn commit(store: &NodeStore, batch: sled::Batch) -> Result<(), NodeError> {
-    store.data.apply_batch(batch)?;
-    store.flush()?;
-    // Shards of very large tables are blobs; a file is loaded only once they are durable.
-    store.sync_blobs()
+    // Shards of very large tables are blobs: a file is loaded only once they are durable.
+    store.apply_durably(&store.data, batch)
 }
 
 /// Moves a store written in renkei's first layout (one sled record per patient, timepoint

@@ -95,6 +95,27 @@ pub fn encode_limited<T: Serialize + ?Sized>(
 
 /// Decodes exactly one value from `bytes`, which must be at most `limit` bytes long.
 pub fn decode_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+    let (value, read) = decode_prefix(bytes, limit)?;
+    if read != bytes.len() {
+        return Err(CodecError::TrailingBytes {
+            extra: bytes.len() - read,
+        });
+    }
+    Ok(value)
+}
+
+/// Decodes a value from the start of `bytes` (at most `limit` long) and ignores what follows:
+/// for reading the leading fields of a large stored record without decoding the rest.
+pub fn decode_leading<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+    decode_prefix(bytes, limit).map(|(value, _)| value)
+}
+
+/// A value from the start of `bytes` (at most `limit` long) and how many bytes it took, with
+/// the decoder's allocation bound chosen by `limit`.
+fn decode_prefix<T: DeserializeOwned>(
+    bytes: &[u8],
+    limit: usize,
+) -> Result<(T, usize), CodecError> {
     if bytes.len() > limit {
         return Err(CodecError::TooLarge {
             len: bytes.len(),
@@ -108,32 +129,7 @@ pub fn decode_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result
     } else {
         bincode::serde::decode_from_slice(bytes, bulk_config())
     };
-    let (value, read) = decoded.map_err(|e| CodecError::Decode(e.to_string()))?;
-    if read != bytes.len() {
-        return Err(CodecError::TrailingBytes {
-            extra: bytes.len() - read,
-        });
-    }
-    Ok(value)
-}
-
-/// Decodes a value from the start of `bytes` (at most `limit` long) and ignores what follows:
-/// for reading the leading fields of a large stored record without decoding the rest.
-pub fn decode_leading<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
-    if bytes.len() > limit {
-        return Err(CodecError::TooLarge {
-            len: bytes.len(),
-            limit,
-        });
-    }
-    let decoded = if limit <= LARGE_DECODE_LIMIT {
-        bincode::serde::decode_from_slice(bytes, config())
-    } else {
-        bincode::serde::decode_from_slice(bytes, bulk_config())
-    };
-    decoded
-        .map(|(value, _)| value)
-        .map_err(|e| CodecError::Decode(e.to_string()))
+    decoded.map_err(|e| CodecError::Decode(e.to_string()))
 }
 
 /// A query request as it travels: the encoded [`crate::SignedEnvelope`], at most
