@@ -2,8 +2,8 @@
 //! binding of a query to it.
 //!
 //! [`Dataset::load`] reads every stored patient, timepoint and information item (see
-//! [`crate::tables`]) into columnar tables (one `i64` vector per column, [`NULL`] for a missing value; consent scopes
-//! as bitsets). A query is compiled against the dataset schema ([`Dataset::compile`]): its
+//! [`crate::tables`]) into columnar tables (one [`Column`] per column, each in the narrowest
+//! integer width that holds its values; consent scopes as bitsets). A query is compiled against the dataset schema ([`Dataset::compile`]): its
 //! view and columns resolved, its literals encoded, the consent scopes it needs and its
 //! sensitivity fixed; anything that does not fit is refused with a reason that names it.
 //! Evaluation turns each comparison into bitsets over the view's rows (with SQL's
@@ -20,6 +20,7 @@ use renkei_protocol::{Aggregate, CmpOp, Filter, Literal, Query};
 // `Exact::Scalar` values of counts fit i64; sums saturate (bounds make that unreachable).
 
 use crate::bitset::Bitset;
+use crate::column::{Column, NO_CELL};
 use crate::error::NodeError;
 use crate::records::{self, ItemRecord};
 use crate::schema::{
@@ -35,7 +36,7 @@ pub const NULL: i64 = i64::MIN;
 #[derive(Debug, Default, Clone)]
 struct Patients {
     len: usize,
-    columns: Vec<Vec<i64>>,
+    columns: Vec<Column>,
     /// Patients who gave each consent scope.
     consents: BTreeMap<String, Bitset>,
 }
@@ -44,8 +45,8 @@ struct Patients {
 struct Timepoints {
     len: usize,
     patient: Vec<u32>,
-    number: Vec<i64>,
-    columns: Vec<Vec<i64>>,
+    number: Column,
+    columns: Vec<Column>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -53,7 +54,7 @@ struct Items {
     len: usize,
     patient: Vec<u32>,
     timepoint: Vec<u32>,
-    columns: Vec<Vec<i64>>,
+    columns: Vec<Column>,
     /// The summary columns of this kind's format.
     defs: Vec<ColumnDef>,
 }
@@ -235,17 +236,17 @@ impl Dataset {
             .iter()
             .map(|kind| Items {
                 defs: kind.format.columns(),
-                columns: vec![Vec::new(); kind.format.columns().len()],
+                columns: vec![Column::default(); kind.format.columns().len()],
                 ..Items::default()
             })
             .collect();
         Self {
             patients: Patients {
-                columns: vec![Vec::new(); schema.patients.len()],
+                columns: vec![Column::default(); schema.patients.len()],
                 ..Patients::default()
             },
             timepoints: Timepoints {
-                columns: vec![Vec::new(); schema.timepoints.len()],
+                columns: vec![Column::default(); schema.timepoints.len()],
                 ..Timepoints::default()
             },
             items,
@@ -263,6 +264,15 @@ impl Dataset {
             });
         }
         let mut data = Self::empty(Arc::clone(&schema));
+        // Values are gathered as `i64` and narrowed once every row is in.
+        let mut patient_columns = vec![Vec::new(); schema.patients.len()];
+        let mut timepoint_columns = vec![Vec::new(); schema.timepoints.len()];
+        let mut timepoint_numbers = Vec::new();
+        let mut item_columns: Vec<Vec<Vec<i64>>> = data
+            .items
+            .iter()
+            .map(|i| vec![Vec::new(); i.defs.len()])
+            .collect();
         let mut patient_rows: HashMap<[u8; 32], u32> = HashMap::new();
         let mut consent_rows: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for shard in tables::shards(store, Table::Patients, schema.patients.len()) {
@@ -280,7 +290,7 @@ impl Dataset {
                 }
                 data.patients.len += 1;
             }
-            for (column, values) in data.patients.columns.iter_mut().zip(&shard.columns) {
+            for (column, values) in patient_columns.iter_mut().zip(&shard.columns) {
                 column.extend_from_slice(values);
             }
         }
@@ -319,13 +329,13 @@ impl Dataset {
                         for row in rows {
                             kept.push(row);
                             data.timepoints.patient.push(patient);
-                            data.timepoints.number.push(i64::from(shard.number[row]));
+                            timepoint_numbers.push(i64::from(shard.number[row]));
                         }
                     }
                     None => data.orphans += rows.len(),
                 }
             }
-            for (column, values) in data.timepoints.columns.iter_mut().zip(&shard.columns) {
+            for (column, values) in timepoint_columns.iter_mut().zip(&shard.columns) {
                 if kept.len() == shard.rows() {
                     column.extend_from_slice(values);
                 } else {
@@ -356,12 +366,20 @@ impl Dataset {
                 items
                     .timepoint
                     .push(u32::try_from(timepoint).map_err(|_| too_many())?);
-                push_values(&mut items.columns, &record.values);
+                push_values(&mut item_columns[kind], &record.values);
                 items.len += 1;
             }
         }
         // Items past the last stored timepoint.
         data.orphans += items.count();
+        let narrowest =
+            |columns: Vec<Vec<i64>>| columns.into_iter().map(Column::narrowest).collect();
+        data.patients.columns = narrowest(patient_columns);
+        data.timepoints.columns = narrowest(timepoint_columns);
+        data.timepoints.number = Column::narrowest(timepoint_numbers);
+        for (items, columns) in data.items.iter_mut().zip(item_columns) {
+            items.columns = narrowest(columns);
+        }
         Ok(data)
     }
 
@@ -810,10 +828,10 @@ impl Dataset {
             Computation::CountRows { cap } => Exact::Scalar(capped(*cap, &|_| true).len() as i64),
             Computation::Sum { measure, cap } | Computation::Mean { measure, cap } => {
                 let values = self.values(measure.source, query.view);
-                let kept = capped(*cap, &|row| values[row] != NULL);
+                let kept = capped(*cap, &|row| values.get(row) != NULL);
                 let sum: i128 = kept
                     .iter()
-                    .map(|&row| i128::from(values[row].clamp(measure.low, measure.high)))
+                    .map(|&row| i128::from(values.get(row).clamp(measure.low, measure.high)))
                     .sum();
                 let sum = i64::try_from(sum).unwrap_or(if sum < 0 { i64::MIN } else { i64::MAX });
                 match query.computation {
@@ -832,8 +850,8 @@ impl Dataset {
             } => {
                 let values = self.values(measure.source, query.view);
                 let mut counts = vec![0i64; *bins];
-                for row in capped(*cap, &|row| values[row] != NULL) {
-                    let value = values[row].clamp(measure.low, measure.high);
+                for row in capped(*cap, &|row| values.get(row) != NULL) {
+                    let value = values.get(row).clamp(measure.low, measure.high);
                     let bin = usize::try_from((value - measure.low) / width).unwrap_or(0);
                     counts[bin.min(bins - 1)] += 1;
                 }
@@ -848,19 +866,15 @@ impl Dataset {
                 rows: count_rows,
                 cap,
             } => {
-                let values: Vec<Cow<'_, [i64]>> = columns
-                    .iter()
-                    .map(|(source, _)| self.values(*source, query.view))
-                    .collect();
+                // Each row's cell, one typed pass per column.
+                let mut cell = vec![0u32; self.rows(query.view)];
+                for (source, levels) in columns {
+                    let levels = u32::try_from(levels.len()).unwrap_or(u32::MAX);
+                    self.values(*source, query.view)
+                        .fold_levels(&mut cell, levels);
+                }
                 let cell_of = |row: usize| -> Option<usize> {
-                    let mut cell = 0usize;
-                    for ((_, levels), column) in columns.iter().zip(&values) {
-                        let level = usize::try_from(column[row])
-                            .ok()
-                            .filter(|l| *l < levels.len())?;
-                        cell = cell * levels.len() + level;
-                    }
-                    Some(cell)
+                    (cell[row] != NO_CELL).then_some(cell[row] as usize)
                 };
                 let cells: usize = columns.iter().map(|(_, l)| l.len()).product();
                 let mut counts = vec![0i64; cells];
@@ -912,48 +926,46 @@ impl Dataset {
 
     /// A column's values for each row of `view` (gathered from the layer it lives in;
     /// borrowed when it lives in the view's own layer).
-    fn values(&self, source: Source, view: View) -> Cow<'_, [i64]> {
-        let (level, values): (View, Cow<'_, [i64]>) = match source {
+    fn values(&self, source: Source, view: View) -> Cow<'_, Column> {
+        let (level, values): (View, Cow<'_, Column>) = match source {
             Source::Patient(i) => (View::Patients, Cow::Borrowed(&self.patients.columns[i])),
             Source::Timepoint(i) => (View::Timepoints, Cow::Borrowed(&self.timepoints.columns[i])),
             Source::TimepointNumber => (View::Timepoints, Cow::Borrowed(&self.timepoints.number)),
             Source::Item(i) => match view {
                 View::Items(k) => (view, Cow::Borrowed(&self.items[k].columns[i])),
-                _ => (view, Cow::Owned(vec![NULL; self.rows(view)])),
+                _ => (view, Cow::Owned(Column::missing(self.rows(view)))),
             },
-            Source::PatientHas(k) => {
-                let has = Bitset::full(self.items[k].len)
-                    .scatter(&self.items[k].patient, self.patients.len);
-                (
-                    View::Patients,
-                    Cow::Owned(
-                        (0..self.patients.len)
-                            .map(|i| i64::from(has.contains(i)))
-                            .collect(),
-                    ),
-                )
-            }
-            Source::TimepointHas(k) => {
-                let has = Bitset::full(self.items[k].len)
-                    .scatter(&self.items[k].timepoint, self.timepoints.len);
-                (
-                    View::Timepoints,
-                    Cow::Owned(
-                        (0..self.timepoints.len)
-                            .map(|i| i64::from(has.contains(i)))
-                            .collect(),
-                    ),
-                )
-            }
+            Source::PatientHas(k) => (
+                View::Patients,
+                Cow::Owned(Column::flags(&self.presence(source, k))),
+            ),
+            Source::TimepointHas(k) => (
+                View::Timepoints,
+                Cow::Owned(Column::flags(&self.presence(source, k))),
+            ),
         };
-        let gather =
-            |parent: &[u32]| Cow::Owned(parent.iter().map(|p| values[*p as usize]).collect());
         match (level, view) {
             (from, to) if from == to => values,
-            (View::Patients, View::Timepoints) => gather(&self.timepoints.patient),
-            (View::Patients, View::Items(k)) => gather(&self.items[k].patient),
-            (View::Timepoints, View::Items(k)) => gather(&self.items[k].timepoint),
-            _ => Cow::Owned(vec![NULL; self.rows(view)]),
+            (View::Patients, View::Timepoints) => {
+                Cow::Owned(values.gather(&self.timepoints.patient))
+            }
+            (View::Patients, View::Items(k)) => Cow::Owned(values.gather(&self.items[k].patient)),
+            (View::Timepoints, View::Items(k)) => {
+                Cow::Owned(values.gather(&self.items[k].timepoint))
+            }
+            _ => Cow::Owned(Column::missing(self.rows(view))),
+        }
+    }
+
+    /// The patients (for `PatientHas`) or timepoints (for `TimepointHas`) with an item of
+    /// kind `k`.
+    fn presence(&self, source: Source, k: usize) -> Bitset {
+        let items = &self.items[k];
+        match source {
+            Source::TimepointHas(_) => {
+                Bitset::full(items.len).scatter(&items.timepoint, self.timepoints.len)
+            }
+            _ => Bitset::full(items.len).scatter(&items.patient, self.patients.len),
         }
     }
 
@@ -1000,7 +1012,7 @@ impl Dataset {
 
     /// Evaluates a test where its column lives, then carries the result to the view's rows.
     fn test(&self, source: Source, test: &Test, view: View) -> (Bitset, Bitset) {
-        let (level, values): (View, Option<&[i64]>) = match source {
+        let (level, values): (View, Option<&Column>) = match source {
             Source::Patient(i) => (View::Patients, Some(&self.patients.columns[i])),
             Source::Timepoint(i) => (View::Timepoints, Some(&self.timepoints.columns[i])),
             Source::TimepointNumber => (View::Timepoints, Some(&self.timepoints.number)),
@@ -1013,15 +1025,8 @@ impl Dataset {
         };
         let (t, f) = match (source, values) {
             (_, Some(values)) => column_test(values, test),
-            (Source::PatientHas(k), None) => {
-                let has = Bitset::full(self.items[k].len)
-                    .scatter(&self.items[k].patient, self.patients.len);
-                presence_test(has, test)
-            }
-            (Source::TimepointHas(k), None) => {
-                let has = Bitset::full(self.items[k].len)
-                    .scatter(&self.items[k].timepoint, self.timepoints.len);
-                presence_test(has, test)
+            (Source::PatientHas(k) | Source::TimepointHas(k), None) => {
+                presence_test(self.presence(source, k), test)
             }
             _ => (
                 Bitset::empty(self.rows(view)),
@@ -1054,58 +1059,33 @@ fn push_values(columns: &mut [Vec<i64>], values: &[Option<i64>]) {
 }
 
 /// (true, false) rows of a test on a column; a missing value is neither.
-fn column_test(values: &[i64], test: &Test) -> (Bitset, Bitset) {
-    let len = values.len();
-    // One specialised pass per operator: the comparison is fixed inside the loop, so the
-    // compiler can vectorise it.
-    match test {
+fn column_test(column: &Column, test: &Test) -> (Bitset, Bitset) {
+    // Every comparison is a range of values (or, for `<>`, the outside of one).
+    let (low, high) = match test {
         Test::IsNull { negated } => {
-            let (present, _) = split(values, |_| true);
-            let mut missing = Bitset::full(len);
+            let present = column.present();
+            let mut missing = Bitset::full(column.len());
             missing.and_not(&present);
-            if *negated {
+            return if *negated {
                 (present, missing)
             } else {
                 (missing, present)
-            }
+            };
         }
-        Test::Cmp(op, x) => {
-            let x = *x;
-            match op {
-                CmpOp::Eq => split(values, |v| v == x),
-                CmpOp::Ne => split(values, |v| v != x),
-                CmpOp::Lt => split(values, |v| v < x),
-                CmpOp::Le => split(values, |v| v <= x),
-                CmpOp::Gt => split(values, |v| v > x),
-                CmpOp::Ge => split(values, |v| v >= x),
-            }
+        Test::In(set) => return column.split_in(set),
+        Test::Cmp(CmpOp::Ne, x) => {
+            let (equal, other) = column.split_range(*x, *x);
+            return (other, equal);
         }
-        Test::In(set) => split(values, |v| set.contains(&v)),
-        Test::Between(low, high) => {
-            let (low, high) = (*low, *high);
-            split(values, |v| low <= v && v <= high)
-        }
-    }
-}
-
-/// (rows whose value satisfies `hit`, rows whose value does not), missing values in
-/// neither; one pass over the column, 64 rows to a word.
-fn split(values: &[i64], hit: impl Fn(i64) -> bool) -> (Bitset, Bitset) {
-    let words = values.len().div_ceil(64);
-    let (mut yes, mut no) = (Vec::with_capacity(words), Vec::with_capacity(words));
-    for chunk in values.chunks(64) {
-        let (mut hits, mut present) = (0u64, 0u64);
-        for (bit, &value) in chunk.iter().enumerate() {
-            hits |= u64::from(hit(value)) << bit;
-            present |= u64::from(value != NULL) << bit;
-        }
-        yes.push(hits & present);
-        no.push(!hits & present);
-    }
-    (
-        Bitset::from_words(yes, values.len()),
-        Bitset::from_words(no, values.len()),
-    )
+        Test::Cmp(CmpOp::Eq, x) => (*x, *x),
+        Test::Cmp(CmpOp::Lt, x) => (i64::MIN, x.saturating_sub(1)),
+        Test::Cmp(CmpOp::Le, x) => (i64::MIN, *x),
+        // Above i64::MAX there is nothing: an empty range.
+        Test::Cmp(CmpOp::Gt, x) => x.checked_add(1).map_or((1, 0), |low| (low, i64::MAX)),
+        Test::Cmp(CmpOp::Ge, x) => (*x, i64::MAX),
+        Test::Between(low, high) => (*low, *high),
+    };
+    column.split_range(low, high)
 }
 
 /// (true, false) rows of a test on a presence flag (never missing).
@@ -1121,10 +1101,6 @@ fn presence_test(has: Bitset, test: &Test) -> (Bitset, Bitset) {
         Test::Cmp(CmpOp::Eq, _) => (hasnt, has),
         Test::Cmp(CmpOp::Ne, x) if wants(*x) => (hasnt, has),
         Test::Cmp(CmpOp::Ne, _) => (has, hasnt),
-        other => {
-            // Order comparisons on a flag: evaluate as 0/1 like a column.
-            let values: Vec<i64> = (0..len).map(|i| i64::from(has.contains(i))).collect();
-            column_test(&values, other)
-        }
+        other => column_test(&Column::flags(&has), other),
     }
 }

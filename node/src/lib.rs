@@ -9,7 +9,8 @@
 //! - [`ingest`]: loading CSV tables, consent and DICOM/FASTQ items, atomically.
 //! - [`import`]: Synthea CSV output and FHIR R4 bundles, mapped onto the schema.
 //! - [`formats`]: DICOM and FASTQ readers.
-//! - [`dataset`]: the in-memory columnar image queries run on; [`bitset`]: its cohorts.
+//! - [`dataset`]: the in-memory columnar image queries run on; [`column`]: its columns,
+//!   each in the narrowest integer width; [`bitset`]: its cohorts.
 //! - [`dp`]: noise calibration and release through opendp.
 //! - [`ledger`]: the crash-safe per-researcher privacy budget and replay guard.
 //! - [`governance`]: the active consortium policy: verified, stored, swapped.
@@ -22,6 +23,7 @@
 
 pub mod audit;
 pub mod bitset;
+pub mod column;
 pub mod control;
 pub mod dataset;
 pub mod desk;
