@@ -277,12 +277,18 @@ pub fn combine(aggregate: &Aggregate, answers: &[NodeAnswer]) -> Option<Combined
     }
 }
 
-/// A secure round's total. Only when every node asked contributed (a missing node's masks
-/// cannot be removed) are the masked words summed; the sum is read like one node's release
-/// whose noise has the shares' combined variance, and a count below the minimum cell size is
-/// withheld from the total. Otherwise the round is aborted with the reason and nothing is
-/// read.
-pub fn secure_total(aggregate: &Aggregate, result: &FederatedAnswer) -> Option<Combined> {
+/// A secure round's total. In a round without dropouts, only when every node asked
+/// contributed (a missing node's masks cannot be removed) are the masked words summed. In a
+/// round asked with dropouts, `recovery` is the outcome of its unmasking step: the words to
+/// subtract (the survivors' own masks and their masks with the dropped nodes), or why it
+/// failed. The sum is read like one node's release whose noise has the shares' combined
+/// variance, and a count below the minimum cell size is withheld from the total. Otherwise
+/// the round is aborted with the reason and nothing is read.
+pub fn secure_total(
+    aggregate: &Aggregate,
+    result: &FederatedAnswer,
+    recovery: Option<Result<Vec<u64>, String>>,
+) -> Option<Combined> {
     let abort = |why: String| {
         Some(Combined {
             note: Some(format!(
@@ -291,6 +297,11 @@ pub fn secure_total(aggregate: &Aggregate, result: &FederatedAnswer) -> Option<C
             aborted: true,
             ..Combined::default()
         })
+    };
+    let correction = match recovery {
+        Some(Ok(correction)) => Some(correction),
+        Some(Err(why)) => return abort(why),
+        None => None,
     };
     let absent: Vec<String> = result
         .missing
@@ -303,7 +314,7 @@ pub fn secure_total(aggregate: &Aggregate, result: &FederatedAnswer) -> Option<C
                 .map(|r| format!("{} ({}) refused: {}", r.institution, r.node, r.code)),
         )
         .collect();
-    if !absent.is_empty() {
+    if !absent.is_empty() && correction.is_none() {
         return abort(absent.join("; "));
     }
     let first = result.answered.first()?;
@@ -332,6 +343,15 @@ pub fn secure_total(aggregate: &Aggregate, result: &FederatedAnswer) -> Option<C
                 ));
             }
         }
+    }
+    // Subtracting the unmasked words is adding their two's complement.
+    let undo: Vec<u64> = correction
+        .iter()
+        .flatten()
+        .map(|word| word.wrapping_neg())
+        .collect();
+    if correction.is_some() {
+        contributions.push(undo.as_slice());
     }
     let total = sum_masked(&contributions);
     let min_cell = result

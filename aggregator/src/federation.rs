@@ -8,6 +8,10 @@
 //! noises; a withheld small cell widens it, see [`combine`]). A node that is down, slow or sends something
 //! invalid is reported as missing with the reason; a refusal is reported with its code.
 //! Nothing here waits longer than the caller's deadline.
+//!
+//! A secure round asked with `dropouts > 0` takes a second step ([`unmask_round`]): the
+//! researcher names the nodes whose contributions arrived, each of them reveals its own mask
+//! and its pairwise masks with the nodes that did not, and the survivors' total is read.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,10 +23,11 @@ use libp2p::{Multiaddr, PeerId};
 use renkei_policies::VerifiedPolicy;
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::{MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES};
-use renkei_protocol::messages::request_digest;
+use renkei_protocol::messages::{request_digest, survivors_digest};
 use renkei_protocol::{
     Answer, Mechanism, MicroRho, PrivacyRequest, PublicKey, Purpose, Query, QueryRequest,
-    QueryResponse, RefusalCode, Release, RequestId, SecretKey, SignedEnvelope,
+    QueryResponse, RefusalCode, Release, RequestId, SecretKey, SignedEnvelope, UnmaskRequest,
+    Unmasking,
 };
 use serde::Serialize;
 
@@ -71,6 +76,10 @@ pub struct QueryOptions {
     /// Ask for a secure total (only the network-wide sum is ever readable) rather than
     /// per-site answers.
     pub secure: bool,
+    /// For a secure round: how many nodes may fail to contribute while the total is still
+    /// read (each node's noise share is then sized for that many fewer nodes). 0: a missing
+    /// node aborts the round.
+    pub dropouts: u32,
     /// Only ask what the query would cost at each node; nothing is spent.
     pub dry_run: bool,
 }
@@ -112,6 +121,7 @@ impl PreparedQuery {
             query,
             privacy: options.privacy,
             secure: options.secure,
+            dropouts: options.dropouts,
             policy_version,
             dry_run: options.dry_run,
         };
@@ -229,6 +239,10 @@ pub struct FederatedAnswer {
     /// A secure round that could not be completed (a node did not contribute): nothing was
     /// revealed, and `note` says why.
     pub aborted: bool,
+    /// A secure round asked with dropouts that was read without these nodes (missing or
+    /// refusing): the survivors removed their masks, and the total is over the survivors.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recovered_without: Vec<String>,
     pub answered: Vec<NodeAnswer>,
     pub missing: Vec<MissingNode>,
     pub refused: Vec<RefusedNode>,
@@ -293,15 +307,26 @@ pub struct Progress {
     pub pending: Vec<String>,
 }
 
-/// Asks every node in `nodes` concurrently and combines the answers.
+/// Asks every node in `nodes` concurrently and combines the answers; `researcher` (who
+/// signed `prepared`) signs the unmasking of a secure round asked with dropouts.
 pub async fn fan_out(
     client: &NetworkClient,
     policy: &VerifiedPolicy,
     nodes: &[NodeAddress],
     prepared: &PreparedQuery,
+    researcher: &SecretKey,
     deadline: Duration,
 ) -> Result<FederatedAnswer, AggregatorError> {
-    fan_out_with_progress(client, policy, nodes, prepared, deadline, &|_| {}).await
+    fan_out_with_progress(
+        client,
+        policy,
+        nodes,
+        prepared,
+        researcher,
+        deadline,
+        &|_| {},
+    )
+    .await
 }
 
 /// As [`fan_out`], telling `progress` as each node finishes.
@@ -310,6 +335,7 @@ pub async fn fan_out_with_progress(
     policy: &VerifiedPolicy,
     nodes: &[NodeAddress],
     prepared: &PreparedQuery,
+    researcher: &SecretKey,
     deadline: Duration,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<FederatedAnswer, AggregatorError> {
@@ -390,6 +416,9 @@ pub async fn fan_out_with_progress(
                         budget_after: quote.budget_remaining.saturating_sub(quote.rho),
                     })
                 }
+                Ok(QueryResponse::Unmasked(_)) => {
+                    missing("it replied to a query with an unmasking".into())
+                }
                 Ok(QueryResponse::Answered(envelope)) => {
                     match check_answer(&envelope, node.peer_id, prepared) {
                         Ok(answer) => Outcome::Answered(node_answer(
@@ -420,6 +449,7 @@ pub async fn fan_out_with_progress(
         groups: Vec::new(),
         note: None,
         aborted: false,
+        recovered_without: Vec::new(),
         answered: Vec::new(),
         missing: Vec::new(),
         refused: Vec::new(),
@@ -476,12 +506,35 @@ pub async fn fan_out_with_progress(
     if prepared.request.dry_run {
         return Ok(result);
     }
+    let recoverable = prepared.request.secure && prepared.request.dropouts > 0;
     let combined = if prepared.request.secure {
-        secure_total(&prepared.request.query.aggregate, &result)
+        let recovery = if recoverable && !result.answered.is_empty() {
+            let finished = unmask_round(
+                client,
+                researcher,
+                nodes,
+                prepared,
+                &result.answered,
+                deadline,
+            )
+            .await;
+            if finished.is_ok() {
+                result.recovered_without = result
+                    .missing
+                    .iter()
+                    .map(|m| m.node.clone())
+                    .chain(result.refused.iter().map(|r| r.node.clone()))
+                    .collect();
+            }
+            Some(finished)
+        } else {
+            None
+        };
+        secure_total(&prepared.request.query.aggregate, &result, recovery)
     } else {
         combine(&prepared.request.query.aggregate, &result.answered)
     };
-    result.aborted = prepared.request.secure && result.is_partial();
+    result.aborted = prepared.request.secure && result.is_partial() && !recoverable;
     if let Some(combined) = combined {
         result.aborted |= combined.aborted;
         result.estimate = combined.estimate;
@@ -491,6 +544,114 @@ pub async fn fan_out_with_progress(
         result.note = combined.note;
     }
     Ok(result)
+}
+
+/// Finishes a secure round asked with `dropouts > 0`: names the nodes whose contributions
+/// arrived (the survivors) in an unmasking request signed by `researcher`, asks each survivor
+/// for its own mask and what its pairwise masks with the dropped nodes added, and returns
+/// their sum (to subtract from the survivors' words), or why the total cannot be read. A
+/// survivor that does not unmask leaves its own mask in the total: the round is aborted.
+async fn unmask_round(
+    client: &NetworkClient,
+    researcher: &SecretKey,
+    nodes: &[NodeAddress],
+    prepared: &PreparedQuery,
+    answered: &[NodeAnswer],
+    deadline: Duration,
+) -> Result<Vec<u64>, String> {
+    let audience = prepared.request.audience.len();
+    let dropouts = prepared.request.dropouts as usize;
+    if answered.len() + dropouts < audience {
+        return Err(format!(
+            "{} of {audience} nodes contributed and the round survives at most {dropouts} missing",
+            answered.len()
+        ));
+    }
+    let survivors: Vec<&NodeAddress> = nodes
+        .iter()
+        .filter(|n| answered.iter().any(|a| a.node == n.peer_id.to_base58()))
+        .collect();
+    let mut keys = survivors
+        .iter()
+        .map(|n| PublicKey::from_peer_id(&n.peer_id))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    keys.sort();
+    let settled = survivors_digest(&keys);
+    let len = match answered.first().map(|a| &a.release) {
+        Some(Release::Masked { words, .. }) => words.len(),
+        _ => return Err("the contributions are not masked".into()),
+    };
+    let request = UnmaskRequest {
+        round: prepared.envelope.clone(),
+        survivors: keys,
+    };
+    let encoded = SignedEnvelope::seal(Purpose::UnmaskRequest, researcher, &request)
+        .and_then(|envelope| EncodedRequest::encode(&envelope))
+        .map_err(|e| format!("signing the unmasking: {e}"))?;
+    let asks = survivors.iter().map(|node| {
+        let encoded = encoded.clone();
+        async move {
+            let reply = ask_until(client, node, encoded, deadline).await;
+            let name = node.peer_id.to_base58();
+            match reply {
+                Ok(QueryResponse::Unmasked(envelope)) => {
+                    check_unmasking(&envelope, node.peer_id, prepared, &settled, len)
+                        .map_err(|e| format!("{name}'s unmasking was rejected: {e}"))
+                }
+                Ok(QueryResponse::Refused(refusal)) => Err(format!(
+                    "{name} refused to unmask ({}: {})",
+                    refusal.code, refusal.reason
+                )),
+                Ok(_) => Err(format!("{name} did not reply with an unmasking")),
+                Err(e) => Err(format!("{name} did not unmask ({e})")),
+            }
+        }
+    });
+    let mut correction = vec![0u64; len];
+    for reply in futures::future::join_all(asks).await {
+        let unmasking = reply?;
+        for ((sum, own), dropped) in correction
+            .iter_mut()
+            .zip(&unmasking.own_mask)
+            .zip(&unmasking.dropped_masks)
+        {
+            *sum = sum.wrapping_add(*own).wrapping_add(*dropped);
+        }
+    }
+    Ok(correction)
+}
+
+/// Verifies a survivor's signed unmasking against who we asked, the round and the
+/// survivors we named.
+fn check_unmasking(
+    envelope: &SignedEnvelope,
+    asked: PeerId,
+    prepared: &PreparedQuery,
+    survivors: &[u8; 32],
+    len: usize,
+) -> Result<Unmasking, String> {
+    let unmasking: Unmasking = envelope
+        .open(Purpose::NodeUnmasking, MAX_RESPONSE_BYTES)
+        .map_err(|e| e.to_string())?;
+    let expected = PublicKey::from_peer_id(&asked).map_err(|e| e.to_string())?;
+    if envelope.signer != expected {
+        return Err(format!("signed by {}, not by {asked}", envelope.signer));
+    }
+    if unmasking.request_id != prepared.request.request_id
+        || unmasking.request_digest != prepared.digest
+        || &unmasking.survivors_digest != survivors
+    {
+        return Err("it unmasks another round or another set of survivors".into());
+    }
+    if unmasking.own_mask.len() != len || unmasking.dropped_masks.len() != len {
+        return Err(format!(
+            "it has {} and {} words where the contribution had {len}",
+            unmasking.own_mask.len(),
+            unmasking.dropped_masks.len()
+        ));
+    }
+    Ok(unmasking)
 }
 
 /// A verified answer as reported per node.

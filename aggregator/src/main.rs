@@ -77,6 +77,12 @@ enum Command {
         /// automatically for studies that allow only secure totals.
         #[arg(long)]
         secure: bool,
+        /// With a secure total: how many nodes may fail to contribute while the total is
+        /// still read (from the others; each node's noise share is sized for that many fewer
+        /// nodes, so the total's noise grows by sqrt(n / (n - t - dropouts))). Default 0: a
+        /// missing node aborts the round.
+        #[arg(long, default_value_t = 0)]
+        dropouts: u32,
         /// Only show what the query would cost at each node and the budget left there;
         /// nothing is spent.
         #[arg(long)]
@@ -138,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             epsilon,
             timeout,
             secure,
+            dropouts,
             dry_run,
             format,
             file,
@@ -184,11 +191,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 })?;
             let study = session.resolve_study(study.as_deref())?;
+            let secure = secure || session.secure_only(&study);
+            if dropouts > 0 && !secure {
+                bail!("--dropouts applies to secure totals; add --secure");
+            }
             let options = QueryOptions {
-                secure: secure || session.secure_only(&study),
+                secure,
                 study,
                 privacy,
                 deadline: Duration::from_secs_f64(timeout),
+                dropouts,
                 dry_run,
             };
             // Progress goes to a terminal only, so scripts read clean output.
@@ -250,10 +262,15 @@ fn print_table(answer: &FederatedAnswer) {
             AnswerMode::PerSite => "",
         }
     );
-    let partial = if answer.is_partial() {
-        "   (PARTIAL: not every node answered)"
+    let partial = if !answer.recovered_without.is_empty() {
+        format!(
+            "   (PARTIAL: the total of the nodes that contributed, read without {} that dropped out)",
+            answer.recovered_without.len()
+        )
+    } else if answer.is_partial() {
+        "   (PARTIAL: not every node answered)".to_string()
     } else {
-        ""
+        String::new()
     };
     if answer.dry_run {
         println!("dry run   nothing was spent; what the query would cost:");

@@ -104,6 +104,7 @@ impl ResearcherSession {
             study,
             privacy: PrivacyRequest::Zcdp { rho: DEFAULT_RHO },
             deadline: DEFAULT_DEADLINE,
+            dropouts: 0,
             dry_run: false,
         })
     }
@@ -150,6 +151,7 @@ impl ResearcherSession {
             &self.policy,
             nodes,
             &prepared,
+            &self.key,
             options.deadline,
             progress,
         )

@@ -143,6 +143,25 @@ async fn json_output_carries_the_contract_fields() {
     assert!(quoted[0].contains(",0.500000,"), "{text}");
     assert!(quoted[0].ends_with(",per_site,4.500000"), "{text}");
 
+    // Surviving dropouts is a property of secure totals only.
+    let refused = aggregator_cli(vec![
+        "query".into(),
+        "--key".into(),
+        key.clone(),
+        "--nodes".into(),
+        node.listen_addr().to_string(),
+        "--dropouts".into(),
+        "1".into(),
+        "SELECT COUNT(*) FROM patients".into(),
+    ])
+    .await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--dropouts applies to secure totals"),
+        "{stderr}"
+    );
+
     // The node goes away: the same command reports it missing and exits 3.
     let address = node.listen_addr().to_string();
     node.shutdown().await;

@@ -17,7 +17,7 @@ fn calibration(c: &mut Criterion) {
         b.iter(|| calibrated.release_one(1234))
     });
     c.bench_function("calibrate a noise share (8 nodes, rho 0.05)", |b| {
-        b.iter(|| secure::share_calibration(MicroRho(50_000), 1.0, 1, 8, 0, 1e-6))
+        b.iter(|| secure::share_calibration(MicroRho(50_000), 1.0, 1, 8, 0, 0, 1e-6))
     });
     let keys: Vec<SecretKey> = (0..8)
         .map(|_| SecretKey::generate().expect("key"))

@@ -76,6 +76,15 @@ pub enum AuditEvent {
         query_hash: String,
         rho: MicroRho,
     },
+    /// A recoverable secure round was unmasked: this node revealed its own mask and its
+    /// pairwise masks with the `dropped` nodes.
+    RoundUnmasked {
+        researcher: PublicKey,
+        request_id: String,
+        query_hash: String,
+        survivors: usize,
+        dropped: Vec<PublicKey>,
+    },
 }
 
 /// One entry as signed.

@@ -17,7 +17,10 @@
 //! A secure round ([`QueryRequest::secure`]) differs only in the release: its participants
 //! (the audience, all member nodes) are checked, the noise is a share sized for the total
 //! ([`crate::secure`]), and the numbers leave under pairwise masks; a study that allows only
-//! secure totals refuses per-site requests.
+//! secure totals refuses per-site requests. A round that survives dropouts
+//! (`dropouts > 0`) adds the node's own mask too, and is finished by an
+//! [`UnmaskRequest`] ([`QueryDesk::unmask`]): verified like a query, answered for one set of
+//! survivors per round (settled on disk and audited before the masks leave).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,11 +32,11 @@ use renkei_protocol::limits::{
     MAX_AUDIENCE, MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, MAX_REQUEST_LIFETIME_SECS,
     MAX_RESPONSE_BYTES,
 };
-use renkei_protocol::messages::{hide_under_masks, request_digest};
+use renkei_protocol::messages::{hide_under_masks, request_digest, survivors_digest};
 use renkei_protocol::{
     Answer, MaskedShape, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey,
     Purpose, QueryRequest, QueryResponse, Quote, Refusal, RefusalCode, Release, RequestId,
-    SecretKey, SignedEnvelope,
+    SecretKey, SignedEnvelope, UnmaskRequest, Unmasking,
 };
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
@@ -208,8 +211,25 @@ impl QueryDesk {
         );
     }
 
-    /// Answers one query. Never panics, never returns without a reply.
+    /// Answers one query (or finishes a recoverable secure round). Never panics, never
+    /// returns without a reply.
     pub async fn handle(self: Arc<Self>, request: EncodedRequest, now: u64) -> QueryResponse {
+        if let Ok(envelope) = request.decode()
+            && envelope.verify(Purpose::UnmaskRequest).is_ok()
+        {
+            let desk = Arc::clone(&self);
+            // Settling the survivors is a write made durable before replying.
+            return match tokio::task::spawn_blocking(move || desk.unmask(&envelope, now)).await {
+                Ok(response) => response,
+                Err(join) => {
+                    warn!("unmask task failed: {join}");
+                    QueryResponse::Refused(Refusal::new(
+                        RefusalCode::Internal,
+                        "the node failed while unmasking; ask again",
+                    ))
+                }
+            };
+        }
         let mut known = Known::default();
         let checked = match self.check(&request, now, &mut known) {
             Ok(checked) => checked,
@@ -299,6 +319,12 @@ impl QueryDesk {
                 ));
             }
             _ => {}
+        }
+        if request.dropouts > 0 && !request.secure {
+            return Err(Refusal::new(
+                RefusalCode::MalformedRequest,
+                "dropouts apply to secure rounds only",
+            ));
         }
         if request.audience.len() > MAX_AUDIENCE {
             return Err(Refusal::new(
@@ -399,6 +425,7 @@ impl QueryDesk {
                         compiled.dimensions(),
                         participants.len(),
                         grant.secure_colluders as usize,
+                        request.dropouts as usize,
                         grant.report_delta,
                     )
                     .map_err(out_of_range)
@@ -509,7 +536,13 @@ impl QueryDesk {
         let main = &calibrations[0];
         let release = match &participants {
             Some(participants) => self
-                .masked_release(exact, &calibrations, participants, &digest)
+                .masked_release(
+                    exact,
+                    &calibrations,
+                    participants,
+                    &digest,
+                    request.dropouts > 0,
+                )
                 .map_err(|e| internal("secure contribution", &e))?,
             None => plain_release(exact, &calibrations, compiled.counts, grant.min_cell_size)
                 .map_err(|e| internal("noise", &e))?,
@@ -681,13 +714,15 @@ impl QueryDesk {
     }
 
     /// A secure round's contribution: the exact numbers plus this node's noise share, under
-    /// the pairwise masks of `participants` for this request.
+    /// the pairwise masks of `participants` for this request (and this node's own mask, in a
+    /// round that survives dropouts).
     fn masked_release(
         &self,
         exact: Exact,
         calibrations: &[Calibration],
         participants: &[PublicKey],
         digest: &[u8; 32],
+        own_mask: bool,
     ) -> Result<Release, NodeError> {
         let main = &calibrations[0];
         let (shape, noisy) = match exact {
@@ -706,13 +741,217 @@ impl QueryDesk {
                 (MaskedShape::Groups { labels }, main.release(counts)?)
             }
         };
-        let masks = self
-            .pair_secrets
-            .masks(&self.identity, participants, digest, noisy.len())?;
+        let mut masks =
+            self.pair_secrets
+                .masks(&self.identity, participants, digest, noisy.len())?;
+        if own_mask {
+            let own = secure::own_mask(&self.identity, digest, noisy.len())?;
+            for (mask, own) in masks.iter_mut().zip(own) {
+                *mask = mask.wrapping_add(own);
+            }
+        }
         Ok(Release::Masked {
             shape,
             words: hide_under_masks(&noisy, &masks),
         })
+    }
+
+    /// Finishes a recoverable secure round: checks the researcher's [`UnmaskRequest`] and
+    /// the round it names, settles its survivors (one set per round), audits, makes both
+    /// durable, and replies with this node's own mask and its pairwise masks with the
+    /// dropped nodes. Blocking.
+    fn unmask(&self, envelope: &SignedEnvelope, now: u64) -> QueryResponse {
+        let mut known = Known {
+            researcher: Some(envelope.signer),
+            ..Known::default()
+        };
+        match self.unmasking(envelope, now, &mut known) {
+            Ok(sealed) => QueryResponse::Unmasked(sealed),
+            Err(refusal) => {
+                self.record_refusal(now, known, &refusal);
+                QueryResponse::Refused(refusal)
+            }
+        }
+    }
+
+    fn unmasking(
+        &self,
+        envelope: &SignedEnvelope,
+        now: u64,
+        known: &mut Known,
+    ) -> Result<SignedEnvelope, Refusal> {
+        let malformed = |what: String| Refusal::new(RefusalCode::MalformedRequest, what);
+        let internal = |what: &str, e: &dyn std::fmt::Display| {
+            warn!("{what}: {e}");
+            Refusal::new(
+                RefusalCode::Internal,
+                format!("{what} failed on the node; no mask was revealed"),
+            )
+        };
+        let researcher = envelope.signer;
+        let payload = envelope
+            .verify(Purpose::UnmaskRequest)
+            .map_err(|e| Refusal::new(RefusalCode::BadSignature, e.to_string()))?;
+        let Some(policy) = self.policy.active() else {
+            return Err(Refusal::new(
+                RefusalCode::Internal,
+                "this node has no active policy yet",
+            ));
+        };
+        if policy.bundle().researcher(&researcher).is_none() {
+            return Err(Refusal::new(
+                RefusalCode::UnknownResearcher,
+                format!(
+                    "key {researcher} is not a researcher in policy v{}",
+                    policy.bundle().version
+                ),
+            ));
+        }
+        let unmask: UnmaskRequest =
+            renkei_protocol::codec::decode_limited(payload, MAX_REQUEST_BYTES)
+                .map_err(|e| malformed(format!("unmask request: {e}")))?;
+        if unmask.round.signer != researcher {
+            return Err(Refusal::new(
+                RefusalCode::BadSignature,
+                "the round was signed by another researcher than its unmasking",
+            ));
+        }
+        let round_payload = unmask
+            .round
+            .verify(Purpose::QueryRequest)
+            .map_err(|e| Refusal::new(RefusalCode::BadSignature, format!("the round: {e}")))?;
+        let round: QueryRequest =
+            renkei_protocol::codec::decode_limited(round_payload, MAX_REQUEST_BYTES)
+                .map_err(|e| malformed(format!("the round's request: {e}")))?;
+        let digest = request_digest(round_payload);
+        known.study = Some(round.study.clone());
+        known.request_id = Some(round.request_id);
+        known.digest = Some(digest);
+        if !round.secure || round.dropouts == 0 {
+            return Err(malformed(
+                "only a secure round asked with dropouts > 0 is unmasked".into(),
+            ));
+        }
+        if round.expires_at.saturating_add(MAX_CLOCK_SKEW_SECS) <= now {
+            return Err(Refusal::new(
+                RefusalCode::Expired,
+                format!(
+                    "the round expired at {} and node time is {now}",
+                    round.expires_at
+                ),
+            ));
+        }
+        let mut audience = round.audience.clone();
+        audience.sort();
+        audience.dedup();
+        let mut survivors = unmask.survivors.clone();
+        survivors.sort();
+        survivors.dedup();
+        if survivors.len() != unmask.survivors.len()
+            || survivors.iter().any(|s| audience.binary_search(s).is_err())
+        {
+            return Err(malformed(
+                "the survivors must be distinct members of the round's audience".into(),
+            ));
+        }
+        if survivors.binary_search(&self.node_key).is_err() {
+            return Err(malformed(
+                "this node is not among the survivors named; only a survivor is unmasked".into(),
+            ));
+        }
+        let dropped: Vec<PublicKey> = audience
+            .iter()
+            .filter(|k| survivors.binary_search(k).is_err())
+            .copied()
+            .collect();
+        if dropped.len() > round.dropouts as usize {
+            return Err(malformed(format!(
+                "{} nodes dropped out of a round that survives at most {}; its total cannot be read",
+                dropped.len(),
+                round.dropouts
+            )));
+        }
+        // The words of this node's contribution: from its recorded answer to this round.
+        let recorded = self
+            .ledger
+            .recorded_answer(&researcher, &round.request_id, &digest)
+            .map_err(|e| internal("ledger", &e))?
+            .ok_or_else(|| {
+                Refusal::new(
+                    RefusalCode::RoundConflict,
+                    format!(
+                        "this node has no contribution to round {}; it cannot be a survivor",
+                        round.request_id
+                    ),
+                )
+            })?;
+        let answer: Answer =
+            renkei_protocol::codec::decode_limited::<SignedEnvelope>(&recorded, MAX_RESPONSE_BYTES)
+                .map_err(|e| internal("reading the recorded answer", &e))?
+                .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
+                .map_err(|e| internal("reading the recorded answer", &e))?;
+        let Release::Masked { words, .. } = &answer.release else {
+            return Err(internal(
+                "reading the recorded answer",
+                &"it is not a masked contribution",
+            ));
+        };
+        let settled = survivors_digest(&survivors);
+        let durable = self.ledger.expect_durable();
+        let agreed = self
+            .ledger
+            .settle_survivors(&digest, &settled, round.expires_at)
+            .map_err(|e| internal("ledger", &e))?;
+        if !agreed {
+            return Err(Refusal::new(
+                RefusalCode::RoundConflict,
+                format!(
+                    "round {} was already unmasked for another set of survivors; a node answers one set per round",
+                    round.request_id
+                ),
+            ));
+        }
+        let own_mask = secure::own_mask(&self.identity, &digest, words.len())
+            .map_err(|e| internal("own mask", &e))?;
+        let dropped_masks = self
+            .pair_secrets
+            .masks_toward(&self.identity, &dropped, &digest, words.len())
+            .map_err(|e| internal("pairwise masks", &e))?;
+        let sealed = SignedEnvelope::seal(
+            Purpose::NodeUnmasking,
+            &self.identity,
+            &Unmasking {
+                request_id: round.request_id,
+                request_digest: digest,
+                survivors_digest: settled,
+                own_mask,
+                dropped_masks,
+            },
+        )
+        .map_err(|e| internal("signing the unmasking", &e))?;
+        self.record(
+            now,
+            AuditEvent::RoundUnmasked {
+                researcher,
+                request_id: round.request_id.to_string(),
+                query_hash: hex_hash(&digest),
+                survivors: survivors.len(),
+                dropped: dropped.clone(),
+            },
+        );
+        // The settled set and its audit entry are on disk before any mask leaves.
+        durable
+            .flush()
+            .map_err(|e| internal("recording the unmasking", &e))?;
+        info!(
+            target: AUDIT,
+            request = %round.request_id,
+            researcher = %researcher,
+            survivors = survivors.len(),
+            dropped = dropped.len(),
+            "unmasked"
+        );
+        Ok(sealed)
     }
 
     /// Marks a request as being answered; refuses a second copy arriving meanwhile.
@@ -871,14 +1110,16 @@ fn secure_participants(
         }
     }
     // With one honest node, the colluders and the aggregator could subtract everything
-    // else and read that node's own answer: at least two must remain.
+    // else and read that node's own answer: at least two must remain, after the dropouts
+    // the round is asked to survive.
     let colluders = grant.secure_colluders as usize;
-    let needed = colluders + 2;
+    let dropouts = request.dropouts as usize;
+    let needed = colluders + 2 + dropouts;
     if participants.len() < needed {
         return Err(Refusal::new(
             RefusalCode::PrivacyParameterOutOfRange,
             format!(
-                "a secure total needs at least {needed} nodes (two more than the {colluders} the policy lets collude); this one names {}",
+                "a secure total needs at least {needed} nodes (two more than the {colluders} the policy lets collude, plus the {dropouts} dropouts it is to survive); this one names {}",
                 participants.len()
             ),
         ));

@@ -390,6 +390,53 @@ impl PrivacyLedger {
         Ok(self.quote(request)?.map(|_| None))
     }
 
+    /// The signed answer (an encoded envelope) recorded for `researcher`'s request
+    /// `request_id`, if it answered the request with this `digest`.
+    pub fn recorded_answer(
+        &self,
+        researcher: &PublicKey,
+        request_id: &RequestId,
+        digest: &[u8; 32],
+    ) -> Result<Option<Vec<u8>>, NodeError> {
+        let Some(bytes) = self
+            .store
+            .requests
+            .get(scoped_key(researcher, &request_id.0))?
+        else {
+            return Ok(None);
+        };
+        let record = decode_record(&bytes).ok_or_else(|| NodeError::CorruptStore {
+            what: format!("request record {request_id}"),
+            reason: "undecodable".into(),
+        })?;
+        Ok(record.answer.filter(|_| &record.digest == digest))
+    }
+
+    /// Settles which survivors the recoverable secure round `digest` is unmasked for: the
+    /// first set asked is kept (until the round expires) and only that set is ever answered,
+    /// so a node never reveals both its own mask and a dropped node's pairwise masks for
+    /// one round. True when `survivors` (a [`renkei_protocol::messages::survivors_digest`])
+    /// is the settled set. Written, not yet durable: make it durable before replying.
+    pub fn settle_survivors(
+        &self,
+        digest: &[u8; 32],
+        survivors: &[u8; 32],
+        expires_at: u64,
+    ) -> Result<bool, NodeError> {
+        let mut value = expires_at.to_be_bytes().to_vec();
+        value.extend_from_slice(survivors);
+        match self
+            .store
+            .rounds
+            .compare_and_swap(digest, None as Option<&[u8]>, Some(value))?
+        {
+            Ok(()) => Ok(true),
+            Err(existing) => Ok(existing
+                .current
+                .is_some_and(|settled| settled.get(8..) == Some(&survivors[..]))),
+        }
+    }
+
     /// Every request record (for inspection and tests).
     pub fn requests(&self) -> Result<Vec<RequestRecord>, NodeError> {
         self.store
@@ -487,6 +534,18 @@ impl PrivacyLedger {
             let (key, bytes) = item?;
             if decode_record(&bytes).is_some_and(|r| r.expires_at < horizon) {
                 self.store.requests.remove(key)?;
+                pruned += 1;
+            }
+        }
+        // A settled round is kept while its request can still be answered or unmasked.
+        for item in self.store.rounds.iter() {
+            let (key, value) = item?;
+            if value
+                .get(..8)
+                .and_then(decode_u64)
+                .is_some_and(|e| e < horizon)
+            {
+                self.store.rounds.remove(key)?;
                 pruned += 1;
             }
         }

@@ -4,7 +4,7 @@
 //! result and hides it under pairwise masks, so the aggregator (and any other node) learns
 //! only the network-wide sum:
 //!
-//! - **Masks** (Bonawitz et al. 2017, without dropout recovery): nodes `i` and `j` agree on a
+//! - **Masks** (Bonawitz et al. 2017): nodes `i` and `j` agree on a
 //!   32-byte secret by X25519 between their identity keys, expand it with HKDF-SHA256 under
 //!   the request's digest and the pair, and seed ChaCha20 with it. `i < j` adds the stream,
 //!   `j` subtracts it (mod 2^64), so the masks cancel in the sum and nothing has to be
@@ -24,9 +24,19 @@
 //!   so the guarantee against the aggregator is computational DP. The X25519 secret is the
 //!   node's ed25519 identity key seen as a Montgomery scalar; that key is used for nothing
 //!   else but signatures, and the agreement goes through HKDF with its own context.
-//! - **Dropouts**: a node that does not answer leaves masks that cannot be removed, so the
-//!   round aborts with nothing revealed; every node keeps its charge. The aggregator may start
-//!   a new round without it.
+//! - **Dropouts**: in a round asked with `dropouts = 0`, a node that does not answer leaves
+//!   masks that cannot be removed, so the round aborts with nothing revealed; every node
+//!   keeps its charge. A round asked with `dropouts = d > 0` survives up to `d` missing
+//!   nodes, as in Bonawitz et al.'s double masking: every node also adds a mask of its own
+//!   ([`own_mask`], derived from its identity key and the request), and sizes its noise
+//!   share for `n − t − d` honest shares, so the survivors' total is still fully noised.
+//!   Once the aggregator has the contributions it will get, it names the survivors; each
+//!   survivor reveals its own mask and what its pairwise masks with the dropped nodes
+//!   added ([`PairSecrets::masks_toward`]), and the survivors' total can be read. A node
+//!   reveals its own mask only as a survivor and a dropped node's pairwise masks only when
+//!   it is named dropped, and answers one set of survivors per round (kept on disk): a
+//!   contribution that arrives late, after its node was declared dropped, stays hidden
+//!   under that node's own mask.
 
 use hmac::{Hmac, Mac};
 use std::collections::HashMap;
@@ -43,6 +53,9 @@ use crate::error::NodeError;
 
 /// Context string of every mask derivation.
 const MASK_INFO: &[u8] = b"renkei/secure-aggregation/mask/v1";
+
+/// Context string of a node's own mask.
+const OWN_MASK_INFO: &[u8] = b"renkei/secure-aggregation/own-mask/v1";
 
 /// The smallest share scale: below it a discrete Gaussian is too lumpy to add up well.
 pub const MIN_SHARE_SCALE: f64 = 1.0;
@@ -130,9 +143,22 @@ impl PairSecrets {
         context: &[u8; 32],
         len: usize,
     ) -> Result<Vec<u64>, NodeError> {
+        self.masks_toward(me, participants, context, len)
+    }
+
+    /// What `me`'s pairwise masks with `peers` (a subset of a round's participants) add to
+    /// its contribution under `context`: all of them is [`Self::masks`]; the dropped nodes
+    /// of a round are what a survivor reveals to finish it.
+    pub fn masks_toward(
+        &self,
+        me: &SecretKey,
+        peers: &[PublicKey],
+        context: &[u8; 32],
+        len: usize,
+    ) -> Result<Vec<u64>, NodeError> {
         let mine = me.public_key();
         let mut total = vec![0u64; len];
-        for other in participants.iter().filter(|p| **p != mine) {
+        for other in peers.iter().filter(|p| **p != mine) {
             let shared = self.with_peer(me, other)?;
             let (low, high) = if mine < *other {
                 (mine, *other)
@@ -157,6 +183,20 @@ impl PairSecrets {
         }
         Ok(total)
     }
+}
+
+/// `me`'s own mask for the round with digest `context`, `len` words: a ChaCha20 stream
+/// keyed through HKDF by the node's identity secret, so only the node can make it, and it
+/// makes the same one again for the same round (after a restart too).
+pub fn own_mask(me: &SecretKey, context: &[u8; 32], len: usize) -> Result<Vec<u64>, NodeError> {
+    let secret = me.to_seed();
+    let seed = hkdf(
+        secret.as_ref(),
+        context,
+        &[OWN_MASK_INFO, me.public_key().as_bytes()],
+    )?;
+    let mut stream = ChaCha20Rng::from_seed(seed);
+    Ok((0..len).map(|_| stream.next_u64()).collect())
 }
 
 /// [`PairSecrets::masks`] without keeping the secrets.
@@ -186,15 +226,17 @@ pub fn total_rho(sensitivity: f64, sigma: f64, m: usize, dimensions: usize) -> f
 }
 
 /// This node's noise share for a secure total over `participants` nodes of which `colluders`
-/// may side with the aggregator: a discrete Gaussian (on each of `dimensions` numbers) whose
-/// scale makes the total cost at most `rho`. The returned calibration's `cost` is that of
-/// the total, as charged.
+/// may side with the aggregator and `dropouts` may be missing from the total: a discrete
+/// Gaussian (on each of `dimensions` numbers) whose scale makes the total of the
+/// `participants − colluders − dropouts` honest shares that are sure to be in it cost at
+/// most `rho`. The returned calibration's `cost` is that of the total, as charged.
 pub fn share_calibration(
     rho: MicroRho,
     sensitivity: f64,
     dimensions: usize,
     participants: usize,
     colluders: usize,
+    dropouts: usize,
     report_delta: f64,
 ) -> Result<Calibration, DpError> {
     let failed = || DpError::Calibration {
@@ -203,6 +245,7 @@ pub fn share_calibration(
     };
     let honest = participants
         .checked_sub(colluders)
+        .and_then(|m| m.checked_sub(dropouts))
         .filter(|m| *m >= 1)
         .ok_or_else(failed)?;
     if rho.0 == 0 || !(sensitivity.is_finite() && sensitivity > 0.0) {
@@ -283,6 +326,69 @@ mod tests {
         );
     }
 
+    /// A round that survives dropouts: every node adds its own mask too; with node 2 of 5
+    /// missing, the survivors' own masks and their pairwise masks with node 2 remove
+    /// everything but the survivors' total. Without the own masks revealed (a late
+    /// contribution of a node declared dropped), a contribution stays unreadable.
+    #[test]
+    fn survivors_reveal_what_removes_a_dropped_nodes_masks() {
+        let (secrets, publics) = keys(5);
+        let context = [3u8; 32];
+        let values: [[i64; 2]; 5] = [[10, 1], [20, 2], [30, 3], [40, 4], [50, 5]];
+        // Each node keeps its own secrets (a cache is per node).
+        let toward = |i: usize, peers: &[PublicKey]| {
+            PairSecrets::default()
+                .masks_toward(&secrets[i], peers, &context, 2)
+                .unwrap()
+        };
+        let contribution = |i: usize| {
+            let mut mask = masks(&secrets[i], &publics, &context, 2).unwrap();
+            let own = own_mask(&secrets[i], &context, 2).unwrap();
+            for (m, o) in mask.iter_mut().zip(own) {
+                *m = m.wrapping_add(o);
+            }
+            masked(&values[i], &mask)
+        };
+        let dropped = 2;
+        let survivors: Vec<usize> = (0..5).filter(|i| *i != dropped).collect();
+        let mut words: Vec<Vec<u64>> = survivors.iter().map(|i| contribution(*i)).collect();
+        for i in &survivors {
+            let own = own_mask(&secrets[*i], &context, 2).unwrap();
+            let toward = toward(*i, &[secrets[dropped].public_key()]);
+            // Subtracting is adding the two's complement.
+            let undo: Vec<u64> = own
+                .iter()
+                .zip(&toward)
+                .map(|(o, t)| o.wrapping_add(*t).wrapping_neg())
+                .collect();
+            words.push(undo);
+        }
+        let all: Vec<&[u64]> = words.iter().map(Vec::as_slice).collect();
+        assert_eq!(sum_masked(&all), vec![10 + 20 + 40 + 50, 1 + 2 + 4 + 5]);
+        // The own mask is the node's alone and the same again for the same round.
+        assert_eq!(
+            own_mask(&secrets[0], &context, 3).unwrap(),
+            own_mask(&secrets[0], &context, 3).unwrap()
+        );
+        assert_ne!(
+            own_mask(&secrets[0], &context, 1).unwrap(),
+            own_mask(&secrets[1], &context, 1).unwrap()
+        );
+        // The dropped node's late contribution, with every pairwise mask toward it
+        // revealed, is still hidden under its own mask.
+        let late = contribution(dropped);
+        let pairwise = toward(dropped, &publics);
+        let unpaired: Vec<i64> = late
+            .iter()
+            .zip(&pairwise)
+            .map(|(w, m)| w.wrapping_sub(*m) as i64)
+            .collect();
+        assert!(
+            unpaired.iter().all(|v| v.unsigned_abs() > 1 << 40),
+            "{unpaired:?}"
+        );
+    }
+
     /// The aggregator's view (every node's masked words) has the same distribution for two
     /// splits of the same total between the nodes: a two-sample chi-square test on the joint
     /// top bits of two nodes' words (the third is fixed by the total), and each word alone
@@ -338,7 +444,7 @@ mod tests {
     #[test]
     fn distributed_noise_adds_up_to_the_central_scale() {
         let n = 8;
-        let share = share_calibration(MicroRho(50_000), 1.0, 1, n, 0, 1e-6).unwrap();
+        let share = share_calibration(MicroRho(50_000), 1.0, 1, n, 0, 0, 1e-6).unwrap();
         let central = Calibration::gaussian(1.0, MicroRho(50_000), 1e-6).unwrap();
         let total_sd = (n as f64).sqrt() * share.noise_std;
         assert!(
@@ -353,14 +459,19 @@ mod tests {
         );
         assert!(share.cost <= MicroRho(50_000));
         // Tolerating colluders costs accuracy: sqrt(n / (n - t)).
-        let guarded = share_calibration(MicroRho(50_000), 1.0, 1, n, 2, 1e-6).unwrap();
+        let guarded = share_calibration(MicroRho(50_000), 1.0, 1, n, 2, 0, 1e-6).unwrap();
         let ratio = guarded.noise_std / share.noise_std;
         assert!((ratio - (8.0f64 / 6.0).sqrt()).abs() < 0.01, "{ratio}");
         // Shares never go below scale 1: 64 nodes at rho 0.9 would otherwise get 0.09 each,
         // and then the total costs less than asked.
-        let small = share_calibration(MicroRho(900_000), 1.0, 1, 64, 0, 1e-6).unwrap();
+        let small = share_calibration(MicroRho(900_000), 1.0, 1, 64, 0, 0, 1e-6).unwrap();
         assert_eq!(small.scale, MIN_SHARE_SCALE);
         assert!(small.cost < MicroRho(900_000), "{:?}", small.cost);
-        assert!(share_calibration(MicroRho(50_000), 1.0, 1, 2, 2, 1e-6).is_err());
+        assert!(share_calibration(MicroRho(50_000), 1.0, 1, 2, 2, 0, 1e-6).is_err());
+        // Tolerating dropouts is paid the same way: shares sized for n - t - d.
+        let robust = share_calibration(MicroRho(50_000), 1.0, 1, n, 0, 2, 1e-6).unwrap();
+        let ratio = robust.noise_std / share.noise_std;
+        assert!((ratio - (8.0f64 / 6.0).sqrt()).abs() < 0.01, "{ratio}");
+        assert!(share_calibration(MicroRho(50_000), 1.0, 1, 3, 1, 2, 1e-6).is_err());
     }
 }

@@ -4,7 +4,8 @@
 //! three layers of the data model: patient and timepoint tables in shards, information items;
 //! see [`crate::tables`]), `ledger` (researcher and study → rho spent), `nonces` (seen
 //! request nonces, for replay refusal), `requests` (each request's charge and signed answer,
-//! for idempotent resends), `audit` (the signed, hash-chained audit log) and `meta` (the
+//! for idempotent resends), `rounds` (the survivors each recoverable secure round was
+//! unmasked for), `audit` (the signed, hash-chained audit log) and `meta` (the
 //! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers
 //! go through the modules that own each tree ([`crate::ingest`] and [`crate::dataset`] for the
 //! tables, [`crate::ledger`], [`crate::audit`], [`crate::governance`]), never to sled
@@ -42,6 +43,7 @@ pub struct NodeStore {
     pub(crate) ledger: sled::Tree,
     pub(crate) nonces: sled::Tree,
     pub(crate) requests: sled::Tree,
+    pub(crate) rounds: sled::Tree,
     pub(crate) audit: sled::Tree,
     pub(crate) meta: sled::Tree,
     /// Shared by every clone: concurrent flushes are coalesced into one fsync.
@@ -159,6 +161,7 @@ impl NodeStore {
             ledger: db.open_tree("ledger")?,
             nonces: db.open_tree("nonces")?,
             requests: db.open_tree("requests")?,
+            rounds: db.open_tree("rounds")?,
             audit: db.open_tree("audit")?,
             meta: db.open_tree("meta")?,
             path: path.to_path_buf(),

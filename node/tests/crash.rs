@@ -156,6 +156,7 @@ async fn sigkill_never_releases_an_uncharged_answer() {
                         privacy: PrivacyRequest::Zcdp { rho: COST },
                         deadline: Duration::from_secs(5),
                         secure: false,
+                        dropouts: 0,
                         dry_run: false,
                     };
                     let prepared = PreparedQuery::sign(

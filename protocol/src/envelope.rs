@@ -27,6 +27,10 @@ pub enum Purpose {
     PolicyBundle,
     /// A node's signature on an entry of its audit log.
     AuditEntry,
+    /// A researcher's request to finish a secure round that survives dropouts.
+    UnmaskRequest,
+    /// A node's masks for that step.
+    NodeUnmasking,
 }
 
 impl Purpose {
@@ -36,6 +40,8 @@ impl Purpose {
             Purpose::NodeAnswer => b"node-answer",
             Purpose::PolicyBundle => b"policy-bundle",
             Purpose::AuditEntry => b"audit-entry",
+            Purpose::UnmaskRequest => b"unmask-request",
+            Purpose::NodeUnmasking => b"node-unmasking",
         }
     }
 

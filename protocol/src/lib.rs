@@ -23,7 +23,7 @@ pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
     AdminSignature, Answer, MaskedShape, Mechanism, MicroEpsilon, MicroRho, PolicyRequest,
     PolicyResponse, PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Quote, Refusal,
-    RefusalCode, Release, RequestId,
+    RefusalCode, Release, RequestId, UnmaskRequest, Unmasking,
 };
 pub use query::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
 

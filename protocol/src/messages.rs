@@ -202,6 +202,11 @@ pub struct QueryRequest {
     /// Ask for a secure total: every node in `audience` answers with a noise share under
     /// pairwise masks, and only the sum over all of them can be read.
     pub secure: bool,
+    /// For a secure round: how many nodes of the audience may fail to contribute while the
+    /// total can still be read. Every node then also hides its numbers under a mask of its
+    /// own, sizes its noise share for `dropouts` fewer nodes, and the total is read after an
+    /// unmasking step ([`UnmaskRequest`]). 0: a missing node aborts the round.
+    pub dropouts: u32,
     /// The policy version the researcher asks under; a node running another version
     /// refuses. Required for secure rounds, whose nodes must all size their noise shares by
     /// the same policy.
@@ -396,6 +401,9 @@ pub enum RefusalCode {
     SecureAggregationRequired,
     /// The request names a policy version this node is not running.
     PolicyVersionMismatch,
+    /// An unmasking that contradicts one this node already gave for the same round (another
+    /// set of survivors), or for a round this node has no contribution to.
+    RoundConflict,
 }
 
 impl RefusalCode {
@@ -419,6 +427,7 @@ impl RefusalCode {
             RefusalCode::NotAddressedToThisNode => "not_addressed_to_this_node",
             RefusalCode::SecureAggregationRequired => "secure_aggregation_required",
             RefusalCode::PolicyVersionMismatch => "policy_version_mismatch",
+            RefusalCode::RoundConflict => "round_conflict",
             RefusalCode::Replayed => "replayed",
             RefusalCode::BudgetExhausted => "budget_exhausted",
             RefusalCode::DatasetBudgetExhausted => "dataset_budget_exhausted",
@@ -484,6 +493,50 @@ pub enum QueryResponse {
     Refused(Refusal),
     /// The cost of a dry run.
     Quoted(Quote),
+    /// A signed [`Unmasking`], the reply to an [`UnmaskRequest`].
+    Unmasked(SignedEnvelope),
+}
+
+/// The researcher's request that finishes a secure round asked with `dropouts > 0`: the
+/// aggregator names the nodes whose contributions it holds (the survivors), and each of them
+/// reveals its own mask and the pairwise masks it shares with the nodes that dropped out, so
+/// the survivors' total can be read. Sent signed by the researcher who signed the round
+/// ([`crate::Purpose::UnmaskRequest`]).
+///
+/// A node answers at most one set of survivors per round: revealing its own mask (which
+/// only a survivor does) and a dropped node's pairwise masks for two different sets could
+/// expose that node's contribution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnmaskRequest {
+    /// The round's signed request, exactly as it was sent.
+    pub round: SignedEnvelope,
+    /// The audience members whose contributions are in the total, sorted.
+    pub survivors: Vec<crate::PublicKey>,
+}
+
+/// What a survivor reveals to finish a recoverable secure round. Sent signed by the node
+/// ([`crate::Purpose::NodeUnmasking`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unmasking {
+    pub request_id: RequestId,
+    /// [`request_digest`] of the round's request.
+    pub request_digest: [u8; 32],
+    /// [`survivors_digest`] of the survivors this unmasking is for.
+    pub survivors_digest: [u8; 32],
+    /// The node's own mask, word by word: subtract it from the total.
+    pub own_mask: Vec<u64>,
+    /// What the node's pairwise masks with the dropped nodes added to its contribution:
+    /// subtract it from the total.
+    pub dropped_masks: Vec<u64>,
+}
+
+/// SHA-256 over a set of survivors (sorted keys), binding an unmasking to it.
+pub fn survivors_digest(survivors: &[crate::PublicKey]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for key in survivors {
+        hash.update(key.as_bytes());
+    }
+    hash.finalize().into()
 }
 
 #[cfg(test)]
@@ -503,6 +556,7 @@ mod tests {
             (RefusalCode::PolicyInvalid, 27),
             (RefusalCode::SecureAggregationRequired, 28),
             (RefusalCode::PolicyVersionMismatch, 29),
+            (RefusalCode::RoundConflict, 30),
         ];
         for (code, position) in pinned {
             assert_eq!(

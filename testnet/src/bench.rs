@@ -9,7 +9,8 @@
 //!
 //! - [`secure`]: the same count asked of N nodes per site and as a secure total, against one
 //!   central mechanism on the pooled true count: root-mean-square errors side by side, and
-//!   the latency of both modes.
+//!   the latency of both modes; then as secure rounds that survive dropouts, with every
+//!   node up and with one node stopped.
 //!
 //! DuckDB runs through its Python package: the bench installs it into a virtual environment
 //! of its own when `python3` lacks it (see [`python`]; set `RENKEI_BENCH_PYTHON` to choose
@@ -529,6 +530,19 @@ pub struct SecureBench {
     pub per_site_p99_ms: f64,
     pub secure_p99_ms: f64,
     pub latency_ratio_p50: f64,
+    /// (d) secure rounds asked to survive `dropouts` missing nodes (shares sized for
+    /// `nodes - dropouts`, and an unmasking step), every node up.
+    pub dropouts: u32,
+    pub rmse_recoverable: f64,
+    pub reported_sd_recoverable: f64,
+    pub recoverable_p50_ms: f64,
+    pub recoverable_p99_ms: f64,
+    pub latency_ratio_recoverable_p50: f64,
+    /// (e) the same rounds with one node stopped: read over the others (RMSE against
+    /// their true count).
+    pub rmse_one_down: f64,
+    pub reported_sd_one_down: f64,
+    pub one_down_p50_ms: f64,
 }
 
 /// Draws from the central mechanism for the RMSE of (c).
@@ -541,8 +555,14 @@ pub async fn secure(
     patients: usize,
     queries: usize,
     rho: MicroRho,
+    dropouts: u32,
 ) -> anyhow::Result<SecureBench> {
     anyhow::ensure!(nodes >= 2, "a secure total needs at least two nodes");
+    anyhow::ensure!(
+        dropouts >= 1 && nodes >= 2 + dropouts as usize,
+        "surviving {dropouts} dropouts needs --dropouts of at least 1 and at least {} nodes",
+        2 + dropouts
+    );
     let config = crate::TestnetConfig {
         nodes,
         patients,
@@ -554,7 +574,7 @@ pub async fn secure(
         },
         ..crate::TestnetConfig::new(dir)
     };
-    let testnet = crate::Testnet::start(config).await?;
+    let mut testnet = crate::Testnet::start(config).await?;
     let key = SecretKey::read_file(&testnet.consortium.researcher_key)?;
     let policy = SignedPolicy::read_file(&testnet.consortium.policy)?.verify_self_anchored()?;
     let session = ResearcherSession::new(key, policy, NetworkClient::start(None).await?);
@@ -571,14 +591,20 @@ pub async fn secure(
         secure: true,
         ..per_site_options.clone()
     };
+    let recoverable_options = QueryOptions {
+        dropouts,
+        ..secure_options.clone()
+    };
     // Warm up the connections.
     session
         .query(&addresses, sql_text, &per_site_options)
         .await?;
 
-    let (mut per_site_errors, mut secure_errors) = (Vec::new(), Vec::new());
-    let (mut per_site_latency, mut secure_latency) = (Vec::new(), Vec::new());
-    let (mut per_site_sd, mut secure_sd) = (0.0, 0.0);
+    let (mut per_site_errors, mut secure_errors, mut recoverable_errors) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut per_site_latency, mut secure_latency, mut recoverable_latency) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut per_site_sd, mut secure_sd, mut recoverable_sd) = (0.0, 0.0, 0.0);
     for _ in 0..queries {
         // Alternating, so both modes see the same machine load.
         for (options, errors, latency, sd) in [
@@ -594,6 +620,12 @@ pub async fn secure(
                 &mut secure_latency,
                 &mut secure_sd,
             ),
+            (
+                &recoverable_options,
+                &mut recoverable_errors,
+                &mut recoverable_latency,
+                &mut recoverable_sd,
+            ),
         ] {
             let start = Instant::now();
             let answer = session.query(&addresses, sql_text, options).await?;
@@ -608,6 +640,29 @@ pub async fn secure(
             errors.push(estimate.as_f64() - truth as f64);
             *sd = std_dev;
         }
+    }
+    // One node down: the recoverable rounds read the others' total.
+    testnet.stop_node(0).await;
+    let survivors: Vec<usize> = (1..nodes).collect();
+    let survivors_truth =
+        testnet.true_count_on(&survivors, &renkei_aggregator::sql::compile(sql_text)?) as f64;
+    let (mut one_down_errors, mut one_down_latency, mut one_down_sd) =
+        (Vec::new(), Vec::new(), 0.0);
+    for _ in 0..queries {
+        let start = Instant::now();
+        let answer = session
+            .query(&addresses, sql_text, &recoverable_options)
+            .await?;
+        one_down_latency.push(start.elapsed());
+        let (Some(estimate), Some(std_dev)) = (answer.estimate, answer.std_dev) else {
+            anyhow::bail!("no estimate with one node down: {answer:?}");
+        };
+        anyhow::ensure!(
+            answer.recovered_without.len() == 1,
+            "the round was not read without the stopped node: {answer:?}"
+        );
+        one_down_errors.push(estimate.as_f64() - survivors_truth);
+        one_down_sd = std_dev;
     }
     testnet.shutdown().await;
 
@@ -630,6 +685,7 @@ pub async fn secure(
     );
     let per_site_p50_ms = percentile(&mut per_site_latency, 0.5);
     let secure_p50_ms = percentile(&mut secure_latency, 0.5);
+    let recoverable_p50_ms = percentile(&mut recoverable_latency, 0.5);
     Ok(SecureBench {
         nodes,
         patients,
@@ -651,5 +707,14 @@ pub async fn secure(
         per_site_p99_ms: percentile(&mut per_site_latency, 0.99),
         secure_p99_ms: percentile(&mut secure_latency, 0.99),
         latency_ratio_p50: secure_p50_ms / per_site_p50_ms,
+        dropouts,
+        rmse_recoverable: rmse(&recoverable_errors),
+        reported_sd_recoverable: recoverable_sd,
+        recoverable_p50_ms,
+        recoverable_p99_ms: percentile(&mut recoverable_latency, 0.99),
+        latency_ratio_recoverable_p50: recoverable_p50_ms / per_site_p50_ms,
+        rmse_one_down: rmse(&one_down_errors),
+        reported_sd_one_down: one_down_sd,
+        one_down_p50_ms: percentile(&mut one_down_latency, 0.5),
     })
 }

@@ -101,6 +101,9 @@ enum BenchCommand {
         /// zCDP rho of each query.
         #[arg(long, default_value = "0.01")]
         rho: String,
+        /// Dropouts the recoverable rounds (d, e) are asked to survive.
+        #[arg(long, default_value_t = 1)]
+        dropouts: u32,
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -243,14 +246,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     patients,
                     queries,
                     rho,
+                    dropouts,
                     dir,
                 } => {
                     let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
                     let rho: renkei_protocol::MicroRho = rho
                         .parse()
                         .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?;
-                    let report =
-                        renkei_testnet::bench::secure(&dir, nodes, patients, queries, rho).await?;
+                    let report = renkei_testnet::bench::secure(
+                        &dir, nodes, patients, queries, rho, dropouts,
+                    )
+                    .await?;
                     serde_json::to_string_pretty(&report)?
                 }
             };

@@ -35,6 +35,7 @@ fn request(audience: PublicKey, study: &str, issued_at: u64, expires_at: u64) ->
             rho: MicroRho(10_000),
         },
         secure: false,
+        dropouts: 0,
         policy_version: None,
         dry_run: false,
     }

@@ -60,6 +60,23 @@ fn assert_only_masked(answer: &FederatedAnswer) {
     }
 }
 
+/// `COUNT` signed as one secure round for `nodes`, under the session's policy version.
+fn sign_round(
+    session: &ResearcherSession,
+    options: &QueryOptions,
+    nodes: &[NodeAddress],
+) -> renkei_aggregator::PreparedQuery {
+    renkei_aggregator::PreparedQuery::sign(
+        session.key(),
+        sql::compile(COUNT).unwrap(),
+        options,
+        Some(session.policy().bundle().version),
+        nodes,
+        renkei_protocol::unix_now(),
+    )
+    .unwrap()
+}
+
 /// Every node asked refused, each with `code`.
 fn assert_all_refused(answer: &FederatedAnswer, asked: usize, code: RefusalCode) {
     assert!(answer.estimate.is_none());
@@ -341,20 +358,13 @@ async fn secure_rounds_outside_the_rules_are_refused_before_any_charge() {
     }
 
     // A secure round must ask exactly the nodes its request names.
-    let prepared = renkei_aggregator::PreparedQuery::sign(
-        session.key(),
-        sql::compile(COUNT).unwrap(),
-        &options,
-        Some(session.policy().bundle().version),
-        &nodes,
-        renkei_protocol::unix_now(),
-    )
-    .unwrap();
+    let prepared = sign_round(&session, &options, &nodes);
     let error = renkei_aggregator::fan_out(
         session.client(),
         session.policy(),
         &nodes[..2],
         &prepared,
+        session.key(),
         options.deadline,
     )
     .await
@@ -368,5 +378,169 @@ async fn secure_rounds_outside_the_rules_are_refused_before_any_charge() {
             "node {index}"
         );
     }
+    fixture.testnet.shutdown().await;
+}
+
+/// A round asked with `dropouts = 1` over four nodes: read in full when all contribute
+/// (after the unmasking step removes every node's own mask), read over the other three
+/// when one is down, and aborted with nothing read when two are. Its noise is never below
+/// the central mechanism's: shares are sized for the three nodes sure to be in the total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_asked_with_dropouts_survives_a_node_down() {
+    let mut fixture = start_testnet(4, 2_000, BUDGET).await;
+    let session = researcher(&fixture.testnet).await;
+    let options = QueryOptions {
+        dropouts: 1,
+        ..secure_options(&session)
+    };
+    let nodes = fixture.testnet.addresses();
+    let query = sql::compile(COUNT).unwrap();
+
+    let answer = within(
+        "a secure count of four",
+        session.query(&nodes, COUNT, &options),
+    )
+    .await
+    .unwrap();
+    assert_only_masked(&answer);
+    assert!(!answer.aborted, "{answer:#?}");
+    assert!(answer.recovered_without.is_empty());
+    let sd = answer.std_dev.unwrap();
+    // Four shares sized for three: sqrt(4/3) times the central sd.
+    let expected = central_sd() * (4.0f64 / 3.0).sqrt();
+    assert!((sd / expected - 1.0).abs() < 0.02, "{sd} vs {expected}");
+    let truth = fixture.testnet.true_count(&query) as f64;
+    let estimate = answer.estimate.unwrap().as_f64();
+    assert!(
+        (estimate - truth).abs() <= 6.0 * sd,
+        "{estimate} vs {truth}"
+    );
+
+    let down = fixture.testnet.nodes[1].peer_id.to_base58();
+    within("stopping a node", fixture.testnet.stop_node(1)).await;
+    let answer = within(
+        "a secure count with one node down",
+        session.query(&nodes, COUNT, &options),
+    )
+    .await
+    .unwrap();
+    assert_only_masked(&answer);
+    assert!(!answer.aborted, "{answer:#?}");
+    assert_eq!(answer.answered.len(), 3);
+    assert_eq!(answer.recovered_without, vec![down.clone()]);
+    let sd = answer.std_dev.unwrap();
+    assert!(sd >= central_sd() * 0.999, "{sd} < {}", central_sd());
+    let truth = fixture.testnet.true_count_on(&[0, 2, 3], &query) as f64;
+    let estimate = answer.estimate.unwrap().as_f64();
+    assert!(
+        (estimate - truth).abs() <= 6.0 * sd,
+        "{estimate} vs {truth}"
+    );
+    // The survivors were charged once for the round; the node that was down, never.
+    for index in [0, 2, 3] {
+        assert_eq!(
+            spent_at(&fixture.testnet, index, &session),
+            MicroRho(2 * RHO.0),
+            "node {index}"
+        );
+    }
+
+    within("stopping another node", fixture.testnet.stop_node(2)).await;
+    let answer = within(
+        "a secure count with two nodes down",
+        session.query(&nodes, COUNT, &options),
+    )
+    .await
+    .unwrap();
+    assert!(answer.aborted, "{answer:#?}");
+    assert_eq!(answer.estimate, None);
+    assert!(answer.recovered_without.is_empty());
+    let note = answer.note.as_deref().unwrap();
+    assert!(note.contains("at most 1 missing"), "{note}");
+    fixture.testnet.shutdown().await;
+}
+
+/// A node unmasks one set of survivors per round, only as a survivor, only for the
+/// researcher who signed the round, and only a round it contributed to: a second request
+/// naming another set (which would expose a contribution the aggregator holds) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_unmasks_one_set_of_survivors_per_round() {
+    use renkei_protocol::codec::EncodedRequest;
+    use renkei_protocol::{PublicKey, Purpose, QueryResponse, SignedEnvelope, UnmaskRequest};
+
+    let fixture = start_testnet(3, 1_000, BUDGET).await;
+    let session = researcher(&fixture.testnet).await;
+    let options = QueryOptions {
+        dropouts: 1,
+        ..secure_options(&session)
+    };
+    let nodes = fixture.testnet.addresses();
+    let keys: Vec<PublicKey> = nodes
+        .iter()
+        .map(|n| PublicKey::from_peer_id(&n.peer_id).unwrap())
+        .collect();
+    let prepared = sign_round(&session, &options, &nodes);
+    let answer = within(
+        "a recoverable secure count",
+        renkei_aggregator::fan_out(
+            session.client(),
+            session.policy(),
+            &nodes,
+            &prepared,
+            session.key(),
+            options.deadline,
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!answer.aborted, "{answer:#?}");
+
+    let unmask = |signer: &SecretKey, survivors: &[usize]| {
+        let mut survivors: Vec<PublicKey> = survivors.iter().map(|i| keys[*i]).collect();
+        survivors.sort();
+        let request = UnmaskRequest {
+            round: prepared.envelope.clone(),
+            survivors,
+        };
+        EncodedRequest::encode(
+            &SignedEnvelope::seal(Purpose::UnmaskRequest, signer, &request).unwrap(),
+        )
+        .unwrap()
+    };
+    let ask = |node: usize, request: EncodedRequest| {
+        session.client().ask(
+            nodes[node].peer_id,
+            nodes[node].address.clone(),
+            request,
+            options.deadline,
+        )
+    };
+    let refused = |reply: QueryResponse| match reply {
+        QueryResponse::Refused(refusal) => refusal,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    // Node 0 already unmasked for all three; claiming node 1 dropped is refused.
+    let conflict = refused(ask(0, unmask(session.key(), &[0, 2])).await.unwrap());
+    assert_eq!(conflict.code, RefusalCode::RoundConflict, "{conflict:?}");
+    // The same set again is answered again, with the same masks.
+    let again = |node| ask(node, unmask(session.key(), &[0, 1, 2]));
+    let (QueryResponse::Unmasked(first), QueryResponse::Unmasked(second)) =
+        (again(2).await.unwrap(), again(2).await.unwrap())
+    else {
+        panic!("the settled set is answered");
+    };
+    assert_eq!(first.payload, second.payload);
+    // Node 1 is not a survivor of {0, 2}: it reveals nothing for that set.
+    let outsider = refused(ask(1, unmask(session.key(), &[0, 2])).await.unwrap());
+    assert_eq!(outsider.code, RefusalCode::MalformedRequest, "{outsider:?}");
+    assert!(
+        outsider.reason.contains("not among the survivors"),
+        "{outsider:?}"
+    );
+    // Another key cannot unmask the researcher's round.
+    let stranger = SecretKey::generate().unwrap();
+    let forged = refused(ask(2, unmask(&stranger, &[0, 1, 2])).await.unwrap());
+    assert_eq!(forged.code, RefusalCode::UnknownResearcher, "{forged:?}");
     fixture.testnet.shutdown().await;
 }
