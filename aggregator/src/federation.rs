@@ -9,9 +9,10 @@
 //! invalid is reported as missing with the reason; a refusal is reported with its code.
 //! Nothing here waits longer than the caller's deadline.
 //!
-//! A secure round asked with `dropouts > 0` takes a second step ([`unmask_round`]): the
-//! researcher names the nodes whose contributions arrived, each of them reveals its own mask
-//! and its pairwise masks with the nodes that did not, and the survivors' total is read.
+//! A secure round asked with `dropouts > 0` takes two more steps ([`unmask_round`]): the
+//! researcher names the nodes whose contributions arrived, each of them commits to that set
+//! and reveals its pairwise masks with the nodes that did not; shown all the commitments,
+//! each reveals its own mask, and the survivors' total is read.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -22,8 +23,9 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use renkei_policies::VerifiedPolicy;
 use renkei_protocol::codec::EncodedRequest;
+use renkei_protocol::envelope::Signature;
 use renkei_protocol::limits::{MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES};
-use renkei_protocol::messages::{request_digest, survivors_digest};
+use renkei_protocol::messages::{commitment_message, request_digest, survivors_digest};
 use renkei_protocol::{
     Answer, Mechanism, MicroRho, PrivacyRequest, PublicKey, Purpose, Query, QueryRequest,
     QueryResponse, RefusalCode, Release, RequestId, SecretKey, SignedEnvelope, UnmaskRequest,
@@ -546,11 +548,12 @@ pub async fn fan_out_with_progress(
     Ok(result)
 }
 
-/// Finishes a secure round asked with `dropouts > 0`: names the nodes whose contributions
-/// arrived (the survivors) in an unmasking request signed by `researcher`, asks each survivor
-/// for its own mask and what its pairwise masks with the dropped nodes added, and returns
-/// their sum (to subtract from the survivors' words), or why the total cannot be read. A
-/// survivor that does not unmask leaves its own mask in the total: the round is aborted.
+/// Finishes a secure round asked with `dropouts > 0` in the two steps of an
+/// [`UnmaskRequest`] signed by `researcher`: the nodes whose contributions arrived (the
+/// survivors) settle that set, commit to it and reveal their pairwise masks with the
+/// dropped nodes; then, shown every survivor's commitment, they reveal their own masks.
+/// Returns what to subtract from the survivors' words, or why the total cannot be read. A
+/// survivor that fails either step leaves its masks in the total: the round is aborted.
 async fn unmask_round(
     client: &NetworkClient,
     researcher: &SecretKey,
@@ -582,54 +585,70 @@ async fn unmask_round(
         Some(Release::Masked { words, .. }) => words.len(),
         _ => return Err("the contributions are not masked".into()),
     };
-    let request = UnmaskRequest {
-        round: prepared.envelope.clone(),
-        survivors: keys,
+    let step = |commitments: Vec<(PublicKey, Signature)>| {
+        let request = UnmaskRequest {
+            round: prepared.envelope.clone(),
+            survivors: keys.clone(),
+            commitments,
+        };
+        SignedEnvelope::seal(Purpose::UnmaskRequest, researcher, &request)
+            .and_then(|envelope| EncodedRequest::encode(&envelope))
+            .map_err(|e| format!("signing the unmasking: {e}"))
     };
-    let encoded = SignedEnvelope::seal(Purpose::UnmaskRequest, researcher, &request)
-        .and_then(|envelope| EncodedRequest::encode(&envelope))
-        .map_err(|e| format!("signing the unmasking: {e}"))?;
-    let asks = survivors.iter().map(|node| {
-        let encoded = encoded.clone();
-        async move {
-            let reply = ask_until(client, node, encoded, deadline).await;
-            let name = node.peer_id.to_base58();
-            match reply {
-                Ok(QueryResponse::Unmasked(envelope)) => {
-                    check_unmasking(&envelope, node.peer_id, prepared, &settled, len)
-                        .map_err(|e| format!("{name}'s unmasking was rejected: {e}"))
+    let ask_all = |encoded: EncodedRequest, reveal: bool| {
+        let settled = &settled;
+        futures::future::join_all(survivors.iter().map(move |node| {
+            let encoded = encoded.clone();
+            async move {
+                let name = node.peer_id.to_base58();
+                let what = if reveal { "reveal" } else { "settle" };
+                match ask_until(client, node, encoded, deadline).await {
+                    Ok(QueryResponse::Unmasked(envelope)) => {
+                        check_unmasking(&envelope, node.peer_id, prepared, settled, len, reveal)
+                            .map_err(|e| format!("{name}'s {what} step was rejected: {e}"))
+                    }
+                    Ok(QueryResponse::Refused(refusal)) => Err(format!(
+                        "{name} refused the {what} step ({}: {})",
+                        refusal.code, refusal.reason
+                    )),
+                    Ok(_) => Err(format!("{name} did not reply to the {what} step")),
+                    Err(e) => Err(format!("{name} did not take the {what} step ({e})")),
                 }
-                Ok(QueryResponse::Refused(refusal)) => Err(format!(
-                    "{name} refused to unmask ({}: {})",
-                    refusal.code, refusal.reason
-                )),
-                Ok(_) => Err(format!("{name} did not reply with an unmasking")),
-                Err(e) => Err(format!("{name} did not unmask ({e})")),
             }
-        }
-    });
+        }))
+    };
     let mut correction = vec![0u64; len];
-    for reply in futures::future::join_all(asks).await {
-        let unmasking = reply?;
-        for ((sum, own), dropped) in correction
-            .iter_mut()
-            .zip(&unmasking.own_mask)
-            .zip(&unmasking.dropped_masks)
-        {
-            *sum = sum.wrapping_add(*own).wrapping_add(*dropped);
+    let mut add = |words: &[u64]| {
+        for (sum, word) in correction.iter_mut().zip(words) {
+            *sum = sum.wrapping_add(*word);
         }
+    };
+    let mut commitments = Vec::with_capacity(keys.len());
+    for (node, reply) in survivors
+        .iter()
+        .zip(ask_all(step(Vec::new())?, false).await)
+    {
+        let unmasking = reply?;
+        add(&unmasking.dropped_masks);
+        let key = PublicKey::from_peer_id(&node.peer_id).map_err(|e| e.to_string())?;
+        commitments.push((key, unmasking.commitment));
+    }
+    for reply in ask_all(step(commitments)?, true).await {
+        add(&reply?.own_mask);
     }
     Ok(correction)
 }
 
-/// Verifies a survivor's signed unmasking against who we asked, the round and the
-/// survivors we named.
+/// Verifies a survivor's signed reply to one step of the unmasking against who we asked,
+/// the round, the survivors we named and the step: its commitment to them, and the words
+/// that step reveals.
 fn check_unmasking(
     envelope: &SignedEnvelope,
     asked: PeerId,
     prepared: &PreparedQuery,
     survivors: &[u8; 32],
     len: usize,
+    reveal: bool,
 ) -> Result<Unmasking, String> {
     let unmasking: Unmasking = envelope
         .open(Purpose::NodeUnmasking, MAX_RESPONSE_BYTES)
@@ -644,11 +663,25 @@ fn check_unmasking(
     {
         return Err("it unmasks another round or another set of survivors".into());
     }
-    if unmasking.own_mask.len() != len || unmasking.dropped_masks.len() != len {
+    // Checked once, in the settle step that hands it over.
+    if !reveal
+        && !expected.verify_strict(
+            &commitment_message(&prepared.digest, survivors),
+            &unmasking.commitment.0,
+        )
+    {
+        return Err("its commitment to the survivors does not verify".into());
+    }
+    let (revealed, empty) = if reveal {
+        (&unmasking.own_mask, &unmasking.dropped_masks)
+    } else {
+        (&unmasking.dropped_masks, &unmasking.own_mask)
+    };
+    if revealed.len() != len || !empty.is_empty() {
         return Err(format!(
-            "it has {} and {} words where the contribution had {len}",
-            unmasking.own_mask.len(),
-            unmasking.dropped_masks.len()
+            "it reveals {} and {} words where this step takes {len} and 0",
+            revealed.len(),
+            empty.len()
         ));
     }
     Ok(unmasking)

@@ -76,14 +76,21 @@ pub enum AuditEvent {
         query_hash: String,
         rho: MicroRho,
     },
-    /// A recoverable secure round was unmasked: this node revealed its own mask and its
-    /// pairwise masks with the `dropped` nodes.
-    RoundUnmasked {
+    /// A recoverable secure round's survivors were settled (for good): this node committed
+    /// to them and revealed its pairwise masks with the `dropped` nodes.
+    RoundSettled {
         researcher: PublicKey,
         request_id: String,
         query_hash: String,
         survivors: usize,
         dropped: Vec<PublicKey>,
+    },
+    /// Every survivor of a settled round had committed to it: this node revealed its own
+    /// mask.
+    RoundRevealed {
+        researcher: PublicKey,
+        request_id: String,
+        query_hash: String,
     },
 }
 

@@ -18,9 +18,10 @@
 //! (the audience, all member nodes) are checked, the noise is a share sized for the total
 //! ([`crate::secure`]), and the numbers leave under pairwise masks; a study that allows only
 //! secure totals refuses per-site requests. A round that survives dropouts
-//! (`dropouts > 0`) adds the node's own mask too, and is finished by an
-//! [`UnmaskRequest`] ([`QueryDesk::unmask`]): verified like a query, answered for one set of
-//! survivors per round (settled on disk and audited before the masks leave).
+//! (`dropouts > 0`) adds the node's own mask too, and is finished by the two steps of an
+//! [`UnmaskRequest`] ([`QueryDesk::unmask`]), verified like a query: settle (one set of
+//! survivors per round, on disk and audited before the pairwise masks toward the dropped
+//! nodes leave) and reveal (the own mask, against every survivor's commitment).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,11 +29,14 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use renkei_policies::{Grant, SignedPolicy, VerifiedPolicy};
 use renkei_protocol::codec::EncodedRequest;
+use renkei_protocol::envelope::Signature;
 use renkei_protocol::limits::{
     MAX_AUDIENCE, MAX_CLOCK_SKEW_SECS, MAX_REQUEST_BYTES, MAX_REQUEST_LIFETIME_SECS,
     MAX_RESPONSE_BYTES,
 };
-use renkei_protocol::messages::{hide_under_masks, request_digest, survivors_digest};
+use renkei_protocol::messages::{
+    commitment_message, hide_under_masks, request_digest, survivors_digest,
+};
 use renkei_protocol::{
     Answer, MaskedShape, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey,
     Purpose, QueryRequest, QueryResponse, Quote, Refusal, RefusalCode, Release, RequestId,
@@ -756,10 +760,11 @@ impl QueryDesk {
         })
     }
 
-    /// Finishes a recoverable secure round: checks the researcher's [`UnmaskRequest`] and
-    /// the round it names, settles its survivors (one set per round), audits, makes both
-    /// durable, and replies with this node's own mask and its pairwise masks with the
-    /// dropped nodes. Blocking.
+    /// One step of finishing a recoverable secure round: checks the researcher's
+    /// [`UnmaskRequest`] and the round it names; to settle, settles its survivors (one set
+    /// per round), audits, makes both durable and replies with this node's commitment and
+    /// its pairwise masks with the dropped nodes; to reveal, checks every survivor's
+    /// commitment to the set this node settled and replies with its own mask. Blocking.
     fn unmask(&self, envelope: &SignedEnvelope, now: u64) -> QueryResponse {
         let mut known = Known {
             researcher: Some(envelope.signer),
@@ -885,10 +890,12 @@ impl QueryDesk {
                     ),
                 )
             })?;
+        // This node's own record: read, not verified again.
         let answer: Answer =
             renkei_protocol::codec::decode_limited::<SignedEnvelope>(&recorded, MAX_RESPONSE_BYTES)
-                .map_err(|e| internal("reading the recorded answer", &e))?
-                .open(Purpose::NodeAnswer, MAX_RESPONSE_BYTES)
+                .and_then(|sealed| {
+                    renkei_protocol::codec::decode_limited(&sealed.payload, MAX_RESPONSE_BYTES)
+                })
                 .map_err(|e| internal("reading the recorded answer", &e))?;
         let Release::Masked { words, .. } = &answer.release else {
             return Err(internal(
@@ -897,26 +904,55 @@ impl QueryDesk {
             ));
         };
         let settled = survivors_digest(&survivors);
-        let durable = self.ledger.expect_durable();
-        let agreed = self
-            .ledger
-            .settle_survivors(&digest, &settled, round.expires_at)
-            .map_err(|e| internal("ledger", &e))?;
-        if !agreed {
-            return Err(Refusal::new(
-                RefusalCode::RoundConflict,
-                format!(
-                    "round {} was already unmasked for another set of survivors; a node answers one set per round",
-                    round.request_id
-                ),
-            ));
-        }
-        let own_mask = secure::own_mask(&self.identity, &digest, words.len())
-            .map_err(|e| internal("own mask", &e))?;
-        let dropped_masks = self
-            .pair_secrets
-            .masks_toward(&self.identity, &dropped, &digest, words.len())
-            .map_err(|e| internal("pairwise masks", &e))?;
+        let commitment = Signature(self.identity.sign(&commitment_message(&digest, &settled)));
+        let reveal = !unmask.commitments.is_empty();
+        let (own_mask, dropped_masks) = if reveal {
+            // Every survivor, and only they, committed to this very set.
+            let mut committed: Vec<PublicKey> =
+                unmask.commitments.iter().map(|(key, _)| *key).collect();
+            committed.sort();
+            committed.dedup();
+            if committed != survivors || unmask.commitments.len() != survivors.len() {
+                return Err(malformed(
+                    "the reveal step needs one commitment from each survivor".into(),
+                ));
+            }
+            let message = commitment_message(&digest, &settled);
+            // This node's own commitment is checked against its settled set below.
+            if let Some((key, _)) = unmask
+                .commitments
+                .iter()
+                .filter(|(key, _)| *key != self.node_key)
+                .find(|(key, signature)| !key.verify_strict(&message, &signature.0))
+            {
+                return Err(Refusal::new(
+                    RefusalCode::BadSignature,
+                    format!("{key}'s commitment does not verify for these survivors of this round"),
+                ));
+            }
+            let settled_here = self
+                .ledger
+                .settled_survivors(&digest)
+                .map_err(|e| internal("ledger", &e))?;
+            if settled_here != Some(settled) {
+                return Err(Refusal::new(
+                    RefusalCode::RoundConflict,
+                    format!(
+                        "this node has not settled these survivors for round {}",
+                        round.request_id
+                    ),
+                ));
+            }
+            let own = secure::own_mask(&self.identity, &digest, words.len())
+                .map_err(|e| internal("own mask", &e))?;
+            (own, Vec::new())
+        } else {
+            let dropped_masks = self
+                .pair_secrets
+                .masks_toward(&self.identity, &dropped, &digest, words.len())
+                .map_err(|e| internal("pairwise masks", &e))?;
+            (Vec::new(), dropped_masks)
+        };
         let sealed = SignedEnvelope::seal(
             Purpose::NodeUnmasking,
             &self.identity,
@@ -924,31 +960,62 @@ impl QueryDesk {
                 request_id: round.request_id,
                 request_digest: digest,
                 survivors_digest: settled,
+                commitment,
                 own_mask,
                 dropped_masks,
             },
         )
         .map_err(|e| internal("signing the unmasking", &e))?;
-        self.record(
-            now,
-            AuditEvent::RoundUnmasked {
-                researcher,
-                request_id: round.request_id.to_string(),
-                query_hash: hex_hash(&digest),
-                survivors: survivors.len(),
-                dropped: dropped.clone(),
-            },
-        );
-        // The settled set and its audit entry are on disk before any mask leaves.
-        durable
-            .flush()
-            .map_err(|e| internal("recording the unmasking", &e))?;
+        let event = |settled: bool| {
+            let (request_id, query_hash) = (round.request_id.to_string(), hex_hash(&digest));
+            if settled {
+                AuditEvent::RoundSettled {
+                    researcher,
+                    request_id,
+                    query_hash,
+                    survivors: survivors.len(),
+                    dropped: dropped.clone(),
+                }
+            } else {
+                AuditEvent::RoundRevealed {
+                    researcher,
+                    request_id,
+                    query_hash,
+                }
+            }
+        };
+        if reveal {
+            // Nothing is written: the own mask follows from the settled set, which is on
+            // disk; the entry goes out with the log's next flush.
+            self.record(now, event(false));
+        } else {
+            let durable = self.ledger.expect_durable();
+            let agreed = self
+                .ledger
+                .settle_survivors(&digest, &settled, round.expires_at)
+                .map_err(|e| internal("ledger", &e))?;
+            if !agreed {
+                return Err(Refusal::new(
+                    RefusalCode::RoundConflict,
+                    format!(
+                        "round {} was already settled for another set of survivors; a node settles one set per round",
+                        round.request_id
+                    ),
+                ));
+            }
+            self.record(now, event(true));
+            // The settled set and its audit entry are on disk before any mask leaves.
+            durable
+                .flush()
+                .map_err(|e| internal("recording the settled survivors", &e))?;
+        }
         info!(
             target: AUDIT,
             request = %round.request_id,
             researcher = %researcher,
             survivors = survivors.len(),
             dropped = dropped.len(),
+            step = if reveal { "reveal" } else { "settle" },
             "unmasked"
         );
         Ok(sealed)

@@ -437,6 +437,15 @@ impl PrivacyLedger {
         }
     }
 
+    /// The survivors (digest) settled for round `digest`, if any.
+    pub fn settled_survivors(&self, digest: &[u8; 32]) -> Result<Option<[u8; 32]>, NodeError> {
+        Ok(self
+            .store
+            .rounds
+            .get(digest)?
+            .and_then(|value| value.get(8..).and_then(|s| <[u8; 32]>::try_from(s).ok())))
+    }
+
     /// Every request record (for inspection and tests).
     pub fn requests(&self) -> Result<Vec<RequestRecord>, NodeError> {
         self.store

@@ -31,12 +31,13 @@
 //!   ([`own_mask`], derived from its identity key and the request), and sizes its noise
 //!   share for `n − t − d` honest shares, so the survivors' total is still fully noised.
 //!   Once the aggregator has the contributions it will get, it names the survivors; each
-//!   survivor reveals its own mask and what its pairwise masks with the dropped nodes
-//!   added ([`PairSecrets::masks_toward`]), and the survivors' total can be read. A node
-//!   reveals its own mask only as a survivor and a dropped node's pairwise masks only when
-//!   it is named dropped, and answers one set of survivors per round (kept on disk): a
-//!   contribution that arrives late, after its node was declared dropped, stays hidden
-//!   under that node's own mask.
+//!   survivor settles that set for good (on disk), commits to it and reveals what its
+//!   pairwise masks with the dropped nodes added ([`PairSecrets::masks_toward`]); shown
+//!   every survivor's commitment to the same set, each reveals its own mask, and the
+//!   survivors' total can be read. A contribution that arrives late, after its node was
+//!   declared dropped, stays hidden under that node's own mask, and so does one whose node
+//!   the aggregator names a survivor to itself but dropped to the others: they commit to a
+//!   set without it, so it never sees the commitments its own mask needs.
 
 use hmac::{Hmac, Mac};
 use std::collections::HashMap;

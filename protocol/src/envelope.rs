@@ -31,6 +31,8 @@ pub enum Purpose {
     UnmaskRequest,
     /// A node's masks for that step.
     NodeUnmasking,
+    /// A node's commitment to the survivors of a recoverable secure round.
+    RoundCommitment,
 }
 
 impl Purpose {
@@ -42,6 +44,7 @@ impl Purpose {
             Purpose::AuditEntry => b"audit-entry",
             Purpose::UnmaskRequest => b"unmask-request",
             Purpose::NodeUnmasking => b"node-unmasking",
+            Purpose::RoundCommitment => b"round-commitment",
         }
     }
 

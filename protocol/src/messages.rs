@@ -497,24 +497,34 @@ pub enum QueryResponse {
     Unmasked(SignedEnvelope),
 }
 
-/// The researcher's request that finishes a secure round asked with `dropouts > 0`: the
-/// aggregator names the nodes whose contributions it holds (the survivors), and each of them
-/// reveals its own mask and the pairwise masks it shares with the nodes that dropped out, so
-/// the survivors' total can be read. Sent signed by the researcher who signed the round
+/// The researcher's request that finishes a secure round asked with `dropouts > 0`, in two
+/// steps. Sent signed by the researcher who signed the round
 /// ([`crate::Purpose::UnmaskRequest`]).
 ///
-/// A node answers at most one set of survivors per round: revealing its own mask (which
-/// only a survivor does) and a dropped node's pairwise masks for two different sets could
-/// expose that node's contribution.
+/// 1. **Settle** (`commitments` empty): the aggregator names the nodes whose contributions
+///    it holds (the survivors). Each survivor settles that set for the round (one set per
+///    round, ever), signs a commitment to it and reveals what its pairwise masks with the
+///    dropped nodes added.
+/// 2. **Reveal** (`commitments` from every survivor): each survivor checks that all of them
+///    committed to the same set and reveals its own mask; the survivors' total can be read.
+///
+/// Together these keep every contribution the aggregator holds hidden unless its node is
+/// in the total: a node reveals its own mask only once every survivor has committed to a
+/// set containing it, and a committed node never reveals its pairwise masks toward a node
+/// of its set. An aggregator that names different sets to different nodes gets no
+/// reveals at all.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnmaskRequest {
     /// The round's signed request, exactly as it was sent.
     pub round: SignedEnvelope,
     /// The audience members whose contributions are in the total, sorted.
     pub survivors: Vec<crate::PublicKey>,
+    /// Empty to settle; to reveal, every survivor's commitment (its key and its
+    /// [`Unmasking::commitment`]).
+    pub commitments: Vec<(crate::PublicKey, Signature)>,
 }
 
-/// What a survivor reveals to finish a recoverable secure round. Sent signed by the node
+/// A survivor's reply to either step of an [`UnmaskRequest`]. Sent signed by the node
 /// ([`crate::Purpose::NodeUnmasking`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unmasking {
@@ -523,11 +533,21 @@ pub struct Unmasking {
     pub request_digest: [u8; 32],
     /// [`survivors_digest`] of the survivors this unmasking is for.
     pub survivors_digest: [u8; 32],
-    /// The node's own mask, word by word: subtract it from the total.
+    /// The node's signature over [`commitment_message`] ([`crate::Purpose::RoundCommitment`]):
+    /// it settled these survivors for this round.
+    pub commitment: Signature,
+    /// Reveal step: the node's own mask, word by word (subtract it from the total). Empty
+    /// in the settle step.
     pub own_mask: Vec<u64>,
-    /// What the node's pairwise masks with the dropped nodes added to its contribution:
-    /// subtract it from the total.
+    /// Settle step: what the node's pairwise masks with the dropped nodes added to its
+    /// contribution (subtract it from the total). Empty in the reveal step.
     pub dropped_masks: Vec<u64>,
+}
+
+/// What a survivor's commitment signs: the round and the set of survivors.
+pub fn commitment_message(request_digest: &[u8; 32], survivors_digest: &[u8; 32]) -> Vec<u8> {
+    crate::Purpose::RoundCommitment
+        .signed_bytes(&[&request_digest[..], &survivors_digest[..]].concat())
 }
 
 /// SHA-256 over a set of survivors (sorted keys), binding an unmasking to it.

@@ -460,13 +460,19 @@ async fn a_round_asked_with_dropouts_survives_a_node_down() {
     fixture.testnet.shutdown().await;
 }
 
-/// A node unmasks one set of survivors per round, only as a survivor, only for the
-/// researcher who signed the round, and only a round it contributed to: a second request
-/// naming another set (which would expose a contribution the aggregator holds) is refused.
+/// The unmasking steps as an aggregator that does not follow them would take them: a node
+/// settles one set of survivors per round, takes part only as a survivor of a round it
+/// contributed to and only for the researcher who signed it, and reveals its own mask only
+/// when every survivor has committed to the same set. An aggregator that names node 0 a
+/// survivor to node 0 but dropped to the others (to strip node 0's pairwise masks and then
+/// its own) gets the others' pairwise masks but never node 0's own mask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_unmasks_one_set_of_survivors_per_round() {
+async fn unmasking_cannot_be_played_against_a_node() {
     use renkei_protocol::codec::EncodedRequest;
-    use renkei_protocol::{PublicKey, Purpose, QueryResponse, SignedEnvelope, UnmaskRequest};
+    use renkei_protocol::envelope::Signature;
+    use renkei_protocol::{
+        PublicKey, Purpose, QueryResponse, SignedEnvelope, UnmaskRequest, Unmasking,
+    };
 
     let fixture = start_testnet(3, 1_000, BUDGET).await;
     let session = researcher(&fixture.testnet).await;
@@ -479,34 +485,6 @@ async fn a_node_unmasks_one_set_of_survivors_per_round() {
         .iter()
         .map(|n| PublicKey::from_peer_id(&n.peer_id).unwrap())
         .collect();
-    let prepared = sign_round(&session, &options, &nodes);
-    let answer = within(
-        "a recoverable secure count",
-        renkei_aggregator::fan_out(
-            session.client(),
-            session.policy(),
-            &nodes,
-            &prepared,
-            session.key(),
-            options.deadline,
-        ),
-    )
-    .await
-    .unwrap();
-    assert!(!answer.aborted, "{answer:#?}");
-
-    let unmask = |signer: &SecretKey, survivors: &[usize]| {
-        let mut survivors: Vec<PublicKey> = survivors.iter().map(|i| keys[*i]).collect();
-        survivors.sort();
-        let request = UnmaskRequest {
-            round: prepared.envelope.clone(),
-            survivors,
-        };
-        EncodedRequest::encode(
-            &SignedEnvelope::seal(Purpose::UnmaskRequest, signer, &request).unwrap(),
-        )
-        .unwrap()
-    };
     let ask = |node: usize, request: EncodedRequest| {
         session.client().ask(
             nodes[node].peer_id,
@@ -515,32 +493,144 @@ async fn a_node_unmasks_one_set_of_survivors_per_round() {
             options.deadline,
         )
     };
+    let step = |round: &SignedEnvelope,
+                signer: &SecretKey,
+                survivors: &[usize],
+                commitments: Vec<(PublicKey, Signature)>| {
+        let mut survivors: Vec<PublicKey> = survivors.iter().map(|i| keys[*i]).collect();
+        survivors.sort();
+        let request = UnmaskRequest {
+            round: round.clone(),
+            survivors,
+            commitments,
+        };
+        EncodedRequest::encode(
+            &SignedEnvelope::seal(Purpose::UnmaskRequest, signer, &request).unwrap(),
+        )
+        .unwrap()
+    };
     let refused = |reply: QueryResponse| match reply {
         QueryResponse::Refused(refusal) => refusal,
         other => panic!("expected a refusal, got {other:?}"),
     };
-
-    // Node 0 already unmasked for all three; claiming node 1 dropped is refused.
-    let conflict = refused(ask(0, unmask(session.key(), &[0, 2])).await.unwrap());
-    assert_eq!(conflict.code, RefusalCode::RoundConflict, "{conflict:?}");
-    // The same set again is answered again, with the same masks.
-    let again = |node| ask(node, unmask(session.key(), &[0, 1, 2]));
-    let (QueryResponse::Unmasked(first), QueryResponse::Unmasked(second)) =
-        (again(2).await.unwrap(), again(2).await.unwrap())
-    else {
-        panic!("the settled set is answered");
+    let unmasked = |reply: QueryResponse| match reply {
+        QueryResponse::Unmasked(envelope) => envelope
+            .open::<Unmasking>(Purpose::NodeUnmasking, 1 << 20)
+            .unwrap(),
+        other => panic!("expected an unmasking, got {other:?}"),
     };
-    assert_eq!(first.payload, second.payload);
-    // Node 1 is not a survivor of {0, 2}: it reveals nothing for that set.
-    let outsider = refused(ask(1, unmask(session.key(), &[0, 2])).await.unwrap());
+
+    // A round finished by the aggregator as it should be.
+    let finished = sign_round(&session, &options, &nodes);
+    let answer = within(
+        "a recoverable secure count",
+        renkei_aggregator::fan_out(
+            session.client(),
+            session.policy(),
+            &nodes,
+            &finished,
+            session.key(),
+            options.deadline,
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!answer.aborted, "{answer:#?}");
+    let round = &finished.envelope;
+    // Settled for all three: claiming node 1 dropped is refused.
+    let conflict = refused(
+        ask(0, step(round, session.key(), &[0, 2], vec![]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(conflict.code, RefusalCode::RoundConflict, "{conflict:?}");
+    // The settled set is answered again, the same way.
+    let again = || ask(2, step(round, session.key(), &[0, 1, 2], vec![]));
+    assert_eq!(
+        unmasked(again().await.unwrap()),
+        unmasked(again().await.unwrap())
+    );
+    // Only survivors take part, and only for the round's researcher.
+    let outsider = refused(
+        ask(1, step(round, session.key(), &[0, 2], vec![]))
+            .await
+            .unwrap(),
+    );
     assert_eq!(outsider.code, RefusalCode::MalformedRequest, "{outsider:?}");
     assert!(
         outsider.reason.contains("not among the survivors"),
         "{outsider:?}"
     );
-    // Another key cannot unmask the researcher's round.
     let stranger = SecretKey::generate().unwrap();
-    let forged = refused(ask(2, unmask(&stranger, &[0, 1, 2])).await.unwrap());
+    let forged = refused(
+        ask(2, step(round, &stranger, &[0, 1, 2], vec![]))
+            .await
+            .unwrap(),
+    );
     assert_eq!(forged.code, RefusalCode::UnknownResearcher, "{forged:?}");
+
+    // A fresh round whose steps the aggregator plays itself.
+    let played = sign_round(&session, &options, &nodes);
+    let query = EncodedRequest::encode(&played.envelope).unwrap();
+    for node in 0..3 {
+        let reply = ask(node, query.clone()).await.unwrap();
+        assert!(matches!(reply, QueryResponse::Answered(_)), "{reply:?}");
+    }
+    let round = &played.envelope;
+    // Node 0 is told it survives; nodes 1 and 2 are told it dropped out.
+    let zero = unmasked(
+        ask(0, step(round, session.key(), &[0, 1, 2], vec![]))
+            .await
+            .unwrap(),
+    );
+    let mut others = Vec::new();
+    for node in [1, 2] {
+        let settled = unmasked(
+            ask(node, step(round, session.key(), &[1, 2], vec![]))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(settled.dropped_masks.len(), 1);
+        assert!(settled.own_mask.is_empty());
+        others.push((keys[node], settled.commitment));
+    }
+    // Node 0's own mask needs every survivor's commitment to {0, 1, 2}: theirs are to
+    // {1, 2}, and they will not commit to another set.
+    let mut commitments = vec![(keys[0], zero.commitment)];
+    commitments.extend(others.iter().copied());
+    let bad = refused(
+        ask(0, step(round, session.key(), &[0, 1, 2], commitments))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(bad.code, RefusalCode::BadSignature, "{bad:?}");
+    let short = refused(
+        ask(
+            0,
+            step(
+                round,
+                session.key(),
+                &[0, 1, 2],
+                vec![(keys[0], zero.commitment)],
+            ),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(short.code, RefusalCode::MalformedRequest, "{short:?}");
+    let turned = refused(
+        ask(1, step(round, session.key(), &[0, 1, 2], vec![]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(turned.code, RefusalCode::RoundConflict, "{turned:?}");
+    // The set nodes 1 and 2 did commit to is revealed in full once both commitments are shown.
+    let revealed = unmasked(
+        ask(1, step(round, session.key(), &[1, 2], others.clone()))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(revealed.own_mask.len(), 1);
+    assert!(revealed.dropped_masks.is_empty());
     fixture.testnet.shutdown().await;
 }
