@@ -218,25 +218,24 @@ impl QueryDesk {
     /// Answers one query (or finishes a recoverable secure round). Never panics, never
     /// returns without a reply.
     pub async fn handle(self: Arc<Self>, request: EncodedRequest, now: u64) -> QueryResponse {
-        if let Ok(envelope) = request.decode()
-            && envelope.verify(Purpose::UnmaskRequest).is_ok()
-        {
-            let desk = Arc::clone(&self);
-            // Settling the survivors is a write made durable before replying.
-            return match tokio::task::spawn_blocking(move || desk.unmask(&envelope, now)).await {
-                Ok(response) => response,
-                Err(join) => {
-                    warn!("unmask task failed: {join}");
-                    QueryResponse::Refused(Refusal::new(
-                        RefusalCode::Internal,
-                        "the node failed while unmasking; ask again",
-                    ))
-                }
-            };
-        }
         let mut known = Known::default();
         let checked = match self.check(&request, now, &mut known) {
             Ok(checked) => checked,
+            // Not signed as a query: it may be a step of a recoverable secure round (tried
+            // only here, so queries never pay for a second signature check).
+            Err(refusal)
+                if refusal.code == RefusalCode::BadSignature && known.researcher.is_none() =>
+            {
+                match request.decode() {
+                    Ok(envelope) if envelope.verify(Purpose::UnmaskRequest).is_ok() => {
+                        return self.unmask_blocking(envelope, now).await;
+                    }
+                    _ => {
+                        self.record_refusal(now, known, &refusal);
+                        return QueryResponse::Refused(refusal);
+                    }
+                }
+            }
             Err(refusal) => {
                 self.record_refusal(now, known, &refusal);
                 return QueryResponse::Refused(refusal);
@@ -470,6 +469,22 @@ impl QueryDesk {
             grant,
             participants,
         })
+    }
+
+    /// [`QueryDesk::unmask`] on a blocking thread (settling the survivors is a write made
+    /// durable before replying).
+    async fn unmask_blocking(self: Arc<Self>, envelope: SignedEnvelope, now: u64) -> QueryResponse {
+        let desk = Arc::clone(&self);
+        match tokio::task::spawn_blocking(move || desk.unmask(&envelope, now)).await {
+            Ok(response) => response,
+            Err(join) => {
+                warn!("unmask task failed: {join}");
+                QueryResponse::Refused(Refusal::new(
+                    RefusalCode::Internal,
+                    "the node failed while unmasking; ask again",
+                ))
+            }
+        }
     }
 
     /// Counts, draws noise and signs, then charges and records the answer in one ledger
