@@ -300,7 +300,15 @@ pub fn secure_total(
     };
     let correction = match recovery {
         Some(Ok(correction)) => Some(correction),
-        Some(Err(why)) => return abort(why),
+        Some(Err(why)) => {
+            return Some(Combined {
+                note: Some(format!(
+                    "secure round aborted: {why}. The total cannot be read: the masks of the nodes that did not finish the unmasking stay in it; the charges made stand"
+                )),
+                aborted: true,
+                ..Combined::default()
+            });
+        }
         None => None,
     };
     let absent: Vec<String> = result

@@ -7,7 +7,8 @@
 //! the 95% interval is `estimate ± 1.96·sd` (normal approximation to the sum of discrete
 //! noises; a withheld small cell widens it, see [`combine`]). A node that is down, slow or sends something
 //! invalid is reported as missing with the reason; a refusal is reported with its code.
-//! Nothing here waits longer than the caller's deadline.
+//! Nothing here waits longer than the caller's deadline (each unmasking step below gets its
+//! own, cut short by the round's expiry).
 //!
 //! A secure round asked with `dropouts > 0` takes two more steps ([`unmask_round`]): the
 //! researcher names the nodes whose contributions arrived, each of them commits to that set
@@ -25,7 +26,9 @@ use renkei_policies::VerifiedPolicy;
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::envelope::Signature;
 use renkei_protocol::limits::{MAX_REQUEST_LIFETIME_SECS, MAX_RESPONSE_BYTES};
-use renkei_protocol::messages::{commitment_message, request_digest, survivors_digest};
+use renkei_protocol::messages::{
+    commitment_message, request_digest, round_context, survivors_digest,
+};
 use renkei_protocol::{
     Answer, Mechanism, MicroRho, PrivacyRequest, PublicKey, Purpose, Query, QueryRequest,
     QueryResponse, RefusalCode, Release, RequestId, SecretKey, SignedEnvelope, UnmaskRequest,
@@ -238,8 +241,9 @@ pub struct FederatedAnswer {
     /// Why there is no estimate although nodes answered, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// A secure round that could not be completed (a node did not contribute): nothing was
-    /// revealed, and `note` says why.
+    /// A secure round that could not be completed (a node did not contribute, more nodes
+    /// dropped out than the round survives, or the unmasking failed): its total cannot be
+    /// read, and `note` says why.
     pub aborted: bool,
     /// A secure round asked with dropouts that was read without these nodes (missing or
     /// refusing): the survivors removed their masks, and the total is over the survivors.
@@ -520,14 +524,6 @@ pub async fn fan_out_with_progress(
                 deadline,
             )
             .await;
-            if finished.is_ok() {
-                result.recovered_without = result
-                    .missing
-                    .iter()
-                    .map(|m| m.node.clone())
-                    .chain(result.refused.iter().map(|r| r.node.clone()))
-                    .collect();
-            }
             Some(finished)
         } else {
             None
@@ -539,6 +535,14 @@ pub async fn fan_out_with_progress(
     result.aborted = prepared.request.secure && result.is_partial() && !recoverable;
     if let Some(combined) = combined {
         result.aborted |= combined.aborted;
+        if recoverable && !result.aborted {
+            result.recovered_without = result
+                .missing
+                .iter()
+                .map(|m| m.node.clone())
+                .chain(result.refused.iter().map(|r| r.node.clone()))
+                .collect();
+        }
         result.estimate = combined.estimate;
         result.std_dev = combined.std_dev;
         result.ci95 = combined.ci95;
@@ -564,6 +568,14 @@ async fn unmask_round(
 ) -> Result<Vec<u64>, String> {
     let audience = prepared.request.audience.len();
     let dropouts = prepared.request.dropouts as usize;
+    // Nodes refuse to unmask an expired round: no step waits past its expiry.
+    let until_expiry = Duration::from_secs(
+        prepared
+            .request
+            .expires_at
+            .saturating_sub(renkei_protocol::unix_now()),
+    );
+    let deadline = deadline.min(until_expiry);
     if answered.len() + dropouts < audience {
         return Err(format!(
             "{} of {audience} nodes contributed and the round survives at most {dropouts} missing",
@@ -666,7 +678,10 @@ fn check_unmasking(
     // Checked once, in the settle step that hands it over.
     if !reveal
         && !expected.verify_strict(
-            &commitment_message(&prepared.digest, survivors),
+            &commitment_message(
+                &round_context(&prepared.envelope.signer, &prepared.digest),
+                survivors,
+            ),
             &unmasking.commitment.0,
         )
     {

@@ -35,7 +35,7 @@ use renkei_protocol::limits::{
     MAX_RESPONSE_BYTES,
 };
 use renkei_protocol::messages::{
-    commitment_message, hide_under_masks, request_digest, survivors_digest,
+    commitment_message, hide_under_masks, request_digest, round_context, survivors_digest,
 };
 use renkei_protocol::{
     Answer, MaskedShape, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey,
@@ -559,7 +559,7 @@ impl QueryDesk {
                     exact,
                     &calibrations,
                     participants,
-                    &digest,
+                    &round_context(&researcher, &digest),
                     request.dropouts > 0,
                 )
                 .map_err(|e| internal("secure contribution", &e))?,
@@ -733,14 +733,14 @@ impl QueryDesk {
     }
 
     /// A secure round's contribution: the exact numbers plus this node's noise share, under
-    /// the pairwise masks of `participants` for this request (and this node's own mask, in a
-    /// round that survives dropouts).
+    /// the pairwise masks of `participants` for this round (`context`: its
+    /// [`round_context`]), and this node's own mask in a round that survives dropouts.
     fn masked_release(
         &self,
         exact: Exact,
         calibrations: &[Calibration],
         participants: &[PublicKey],
-        digest: &[u8; 32],
+        context: &[u8; 32],
         own_mask: bool,
     ) -> Result<Release, NodeError> {
         let main = &calibrations[0];
@@ -762,9 +762,9 @@ impl QueryDesk {
         };
         let mut masks =
             self.pair_secrets
-                .masks(&self.identity, participants, digest, noisy.len())?;
+                .masks(&self.identity, participants, context, noisy.len())?;
         if own_mask {
-            let own = secure::own_mask(&self.identity, digest, noisy.len())?;
+            let own = secure::own_mask(&self.identity, context, noisy.len())?;
             for (mask, own) in masks.iter_mut().zip(own) {
                 *mask = mask.wrapping_add(own);
             }
@@ -818,6 +818,15 @@ impl QueryDesk {
                 "this node has no active policy yet",
             ));
         };
+        if policy.bundle().revoked.contains(&researcher) {
+            return Err(Refusal::new(
+                RefusalCode::ResearcherRevoked,
+                format!(
+                    "key {researcher} is revoked in policy v{}",
+                    policy.bundle().version
+                ),
+            ));
+        }
         if policy.bundle().researcher(&researcher).is_none() {
             return Err(Refusal::new(
                 RefusalCode::UnknownResearcher,
@@ -852,6 +861,8 @@ impl QueryDesk {
                 "only a secure round asked with dropouts > 0 is unmasked".into(),
             ));
         }
+        // The researcher must still be allowed what the round asked.
+        policy.authorize(&researcher, &round.study, &round.query, now)?;
         if round.expires_at.saturating_add(MAX_CLOCK_SKEW_SECS) <= now {
             return Err(Refusal::new(
                 RefusalCode::Expired,
@@ -897,13 +908,10 @@ impl QueryDesk {
             .recorded_answer(&researcher, &round.request_id, &digest)
             .map_err(|e| internal("ledger", &e))?
             .ok_or_else(|| {
-                Refusal::new(
-                    RefusalCode::RoundConflict,
-                    format!(
-                        "this node has no contribution to round {}; it cannot be a survivor",
-                        round.request_id
-                    ),
-                )
+                malformed(format!(
+                    "this node has no contribution to round {}; it cannot be a survivor",
+                    round.request_id
+                ))
             })?;
         // This node's own record: read, not verified again.
         let answer: Answer =
@@ -919,7 +927,9 @@ impl QueryDesk {
             ));
         };
         let settled = survivors_digest(&survivors);
-        let commitment = Signature(self.identity.sign(&commitment_message(&digest, &settled)));
+        // Masks, the settled set and commitments are the researcher's round's alone.
+        let context = round_context(&researcher, &digest);
+        let commitment = Signature(self.identity.sign(&commitment_message(&context, &settled)));
         let reveal = !unmask.commitments.is_empty();
         let (own_mask, dropped_masks) = if reveal {
             // Every survivor, and only they, committed to this very set.
@@ -932,7 +942,7 @@ impl QueryDesk {
                     "the reveal step needs one commitment from each survivor".into(),
                 ));
             }
-            let message = commitment_message(&digest, &settled);
+            let message = commitment_message(&context, &settled);
             // This node's own commitment is checked against its settled set below.
             if let Some((key, _)) = unmask
                 .commitments
@@ -947,7 +957,7 @@ impl QueryDesk {
             }
             let settled_here = self
                 .ledger
-                .settled_survivors(&digest)
+                .settled_survivors(&context)
                 .map_err(|e| internal("ledger", &e))?;
             if settled_here != Some(settled) {
                 return Err(Refusal::new(
@@ -958,13 +968,13 @@ impl QueryDesk {
                     ),
                 ));
             }
-            let own = secure::own_mask(&self.identity, &digest, words.len())
+            let own = secure::own_mask(&self.identity, &context, words.len())
                 .map_err(|e| internal("own mask", &e))?;
             (own, Vec::new())
         } else {
             let dropped_masks = self
                 .pair_secrets
-                .masks_toward(&self.identity, &dropped, &digest, words.len())
+                .masks_toward(&self.identity, &dropped, &context, words.len())
                 .map_err(|e| internal("pairwise masks", &e))?;
             (Vec::new(), dropped_masks)
         };
@@ -1007,7 +1017,7 @@ impl QueryDesk {
             let durable = self.ledger.expect_durable();
             let agreed = self
                 .ledger
-                .settle_survivors(&digest, &settled, round.expires_at)
+                .settle_survivors(&context, &settled, round.expires_at)
                 .map_err(|e| internal("ledger", &e))?;
             if !agreed {
                 return Err(Refusal::new(
@@ -1018,8 +1028,11 @@ impl QueryDesk {
                     ),
                 ));
             }
-            self.record(now, event(true));
-            // The settled set and its audit entry are on disk before any mask leaves.
+            // The settled set and its audit entry are on disk before any mask leaves; no
+            // entry, no masks.
+            self.audit
+                .append(now, event(true))
+                .map_err(|e| internal("audit log", &e))?;
             durable
                 .flush()
                 .map_err(|e| internal("recording the settled survivors", &e))?;
@@ -1196,7 +1209,7 @@ fn secure_participants(
     // the round is asked to survive.
     let colluders = grant.secure_colluders as usize;
     let dropouts = request.dropouts as usize;
-    let needed = colluders + 2 + dropouts;
+    let needed = colluders.saturating_add(2).saturating_add(dropouts);
     if participants.len() < needed {
         return Err(Refusal::new(
             RefusalCode::PrivacyParameterOutOfRange,

@@ -6,7 +6,8 @@
 //!
 //! - **Masks** (Bonawitz et al. 2017): nodes `i` and `j` agree on a
 //!   32-byte secret by X25519 between their identity keys, expand it with HKDF-SHA256 under
-//!   the request's digest and the pair, and seed ChaCha20 with it. `i < j` adds the stream,
+//!   the round's context (the request's digest bound to the researcher who signed it,
+//!   `renkei_protocol::messages::round_context`) and the pair, and seed ChaCha20 with it. `i < j` adds the stream,
 //!   `j` subtracts it (mod 2^64), so the masks cancel in the sum and nothing has to be
 //!   exchanged. Each node's masked words are uniformly random to anyone missing one of its
 //!   pairwise secrets.
@@ -19,17 +20,19 @@
 //!   sums in a conservative form, `ρ ≤ Δ²/(2mσᵢ²) + τ·d` with `m = n−t` honest shares, `d`
 //!   numbers released and `τ = 10·Σ_{k=1}^{m−1} e^{−2π²σᵢ²·k/(k+1)}`, and widens `σᵢ` until it
 //!   is within the rho asked.
-//! - **Participants**: member nodes of the policy only, at least `t + 2` of them (with one
-//!   honest node, the colluders could read its answer). Masks hide computationally (ChaCha20),
-//!   so the guarantee against the aggregator is computational DP. The X25519 secret is the
-//!   node's ed25519 identity key seen as a Montgomery scalar; that key is used for nothing
-//!   else but signatures, and the agreement goes through HKDF with its own context.
+//! - **Participants**: member nodes of the policy only, at least `t + 2 + d` of them for a
+//!   round that survives `d` dropouts (with one honest node, the colluders could read its
+//!   answer). Masks hide computationally (ChaCha20), so the guarantee against the
+//!   aggregator is computational DP. The X25519 secret is the node's ed25519 identity key
+//!   seen as a Montgomery scalar; besides signatures, that key is used only through HKDF
+//!   with contexts of its own: the pairwise agreement, and the seed of the node's own mask.
 //! - **Dropouts**: in a round asked with `dropouts = 0`, a node that does not answer leaves
 //!   masks that cannot be removed, so the round aborts with nothing revealed; every node
 //!   keeps its charge. A round asked with `dropouts = d > 0` survives up to `d` missing
 //!   nodes, as in Bonawitz et al.'s double masking: every node also adds a mask of its own
 //!   ([`own_mask`], derived from its identity key and the request), and sizes its noise
-//!   share for `n − t − d` honest shares, so the survivors' total is still fully noised.
+//!   share for `n − t − d` honest shares, so a total over at least `n − d` survivors is
+//!   still fully noised (nodes refuse to unmask a set missing more than `d`).
 //!   Once the aggregator has the contributions it will get, it names the survivors; each
 //!   survivor settles that set for good (on disk), commits to it and reveals what its
 //!   pairwise masks with the dropped nodes added ([`PairSecrets::masks_toward`]); shown
@@ -186,7 +189,7 @@ impl PairSecrets {
     }
 }
 
-/// `me`'s own mask for the round with digest `context`, `len` words: a ChaCha20 stream
+/// `me`'s own mask for the round with context `context`, `len` words: a ChaCha20 stream
 /// keyed through HKDF by the node's identity secret, so only the node can make it, and it
 /// makes the same one again for the same round (after a restart too).
 pub fn own_mask(me: &SecretKey, context: &[u8; 32], len: usize) -> Result<Vec<u64>, NodeError> {

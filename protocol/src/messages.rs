@@ -544,10 +544,22 @@ pub struct Unmasking {
     pub dropped_masks: Vec<u64>,
 }
 
-/// What a survivor's commitment signs: the round and the set of survivors.
-pub fn commitment_message(request_digest: &[u8; 32], survivors_digest: &[u8; 32]) -> Vec<u8> {
+/// The context of a secure round's masks, settled survivors and commitments: the request's
+/// [`request_digest`] bound to the researcher who signed it, so another researcher who
+/// signs the very same request gets masks and commitments unrelated to this round's.
+pub fn round_context(researcher: &crate::PublicKey, request_digest: &[u8; 32]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(b"renkei/secure-round/v1");
+    hash.update(researcher.as_bytes());
+    hash.update(request_digest);
+    hash.finalize().into()
+}
+
+/// What a survivor's commitment signs: the round (its [`round_context`]) and the set of
+/// survivors.
+pub fn commitment_message(round_context: &[u8; 32], survivors_digest: &[u8; 32]) -> Vec<u8> {
     crate::Purpose::RoundCommitment
-        .signed_bytes(&[&request_digest[..], &survivors_digest[..]].concat())
+        .signed_bytes(&[&round_context[..], &survivors_digest[..]].concat())
 }
 
 /// SHA-256 over a set of survivors (sorted keys), binding an unmasking to it.

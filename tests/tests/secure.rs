@@ -405,6 +405,18 @@ async fn a_round_asked_with_dropouts_survives_a_node_down() {
     assert_only_masked(&answer);
     assert!(!answer.aborted, "{answer:#?}");
     assert!(answer.recovered_without.is_empty());
+    // Every node's own mask is in its words: without the unmasking, even the sum of all
+    // four contributions reads as nothing.
+    let words: Vec<&[u64]> = answer
+        .answered
+        .iter()
+        .map(|a| match &a.release {
+            Release::Masked { words, .. } => words.as_slice(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let raw = renkei_protocol::messages::sum_masked(&words);
+    assert!(raw.iter().all(|v| v.unsigned_abs() > 1 << 40), "{raw:?}");
     let sd = answer.std_dev.unwrap();
     // Four shares sized for three: sqrt(4/3) times the central sd.
     let expected = central_sd() * (4.0f64 / 3.0).sqrt();
@@ -474,7 +486,7 @@ async fn unmasking_cannot_be_played_against_a_node() {
         PublicKey, Purpose, QueryResponse, SignedEnvelope, UnmaskRequest, Unmasking,
     };
 
-    let fixture = start_testnet(3, 1_000, BUDGET).await;
+    let mut fixture = start_testnet(3, 1_000, BUDGET).await;
     let session = researcher(&fixture.testnet).await;
     let options = QueryOptions {
         dropouts: 1,
@@ -544,6 +556,7 @@ async fn unmasking_cannot_be_played_against_a_node() {
             .unwrap(),
     );
     assert_eq!(conflict.code, RefusalCode::RoundConflict, "{conflict:?}");
+    assert!(conflict.reason.contains("another set"), "{conflict:?}");
     // The settled set is answered again, the same way.
     let again = || ask(2, step(round, session.key(), &[0, 1, 2], vec![]));
     assert_eq!(
@@ -625,6 +638,21 @@ async fn unmasking_cannot_be_played_against_a_node() {
     );
     assert_eq!(turned.code, RefusalCode::RoundConflict, "{turned:?}");
     // The set nodes 1 and 2 did commit to is revealed in full once both commitments are shown.
+    // A round asked without dropouts has nothing to unmask.
+    let plain = sign_round(
+        &session,
+        &QueryOptions {
+            dropouts: 0,
+            ..options.clone()
+        },
+        &nodes,
+    );
+    let nothing = refused(
+        ask(0, step(&plain.envelope, session.key(), &[0, 1, 2], vec![]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(nothing.code, RefusalCode::MalformedRequest, "{nothing:?}");
     let revealed = unmasked(
         ask(1, step(round, session.key(), &[1, 2], others.clone()))
             .await
@@ -632,5 +660,25 @@ async fn unmasking_cannot_be_played_against_a_node() {
     );
     assert_eq!(revealed.own_mask.len(), 1);
     assert!(revealed.dropped_masks.is_empty());
+
+    // A settled set outlives a restart: node 1 still refuses to turn.
+    let played_round = played.envelope.clone();
+    within("restarting a node", fixture.testnet.restart_node(1))
+        .await
+        .unwrap();
+    let node = &fixture.testnet.addresses()[1];
+    let reply = within(
+        "a settle step after a restart",
+        session.client().ask(
+            node.peer_id,
+            node.address.clone(),
+            step(&played_round, session.key(), &[0, 1, 2], vec![]),
+            options.deadline,
+        ),
+    )
+    .await
+    .unwrap();
+    let turned = refused(reply);
+    assert_eq!(turned.code, RefusalCode::RoundConflict, "{turned:?}");
     fixture.testnet.shutdown().await;
 }
