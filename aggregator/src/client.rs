@@ -4,15 +4,19 @@
 //! (researchers) and the policy protocol (admins publishing bundles).
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, identify, noise, ping, tcp, yamux};
 use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::IDENTIFY_PROTOCOL;
-use renkei_protocol::{PolicyCodec, PolicyRequest, PolicyResponse, QueryCodec, QueryResponse};
+use renkei_protocol::{
+    PolicyCodec, PolicyRequest, PolicyResponse, QueryCodec, QueryResponse, RefusalCode,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
@@ -305,5 +309,64 @@ async fn run(mut swarm: libp2p::Swarm<ClientBehaviour>, mut commands: mpsc::Rece
         // Callers that gave up (deadline passed) no longer need their slot.
         pending.retain(|_, reply| !reply.is_closed());
         pending_policy.retain(|_, reply| !reply.is_closed());
+    }
+}
+
+/// A node to ask: its peer id and a full address ending in `/p2p/<peer id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddress {
+    pub peer_id: PeerId,
+    pub address: Multiaddr,
+}
+
+impl FromStr for NodeAddress {
+    type Err = AggregatorError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| AggregatorError::BadNodeAddress {
+            address: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let address: Multiaddr = text
+            .trim()
+            .parse()
+            .map_err(|e: libp2p::multiaddr::Error| bad(&e.to_string()))?;
+        let Some(Protocol::P2p(peer_id)) = address.iter().last() else {
+            return Err(bad(
+                "must end in /p2p/<peer id> so the node can be authenticated",
+            ));
+        };
+        Ok(Self { peer_id, address })
+    }
+}
+
+/// Pause between resends of a request whose reply was lost.
+const RESEND_PAUSE: Duration = Duration::from_millis(200);
+
+/// Asks one node, resending the *same* signed request while the reply was lost in transit
+/// (the connection closed or the stream failed after sending) or the node was still busy
+/// answering it, until `deadline`. Nodes answer a resent request with the answer they
+/// recorded, so this never spends twice; a node that cannot be reached at all is not retried.
+pub(crate) async fn ask_until(
+    client: &NetworkClient,
+    node: &NodeAddress,
+    request: EncodedRequest,
+    deadline: Duration,
+) -> Result<QueryResponse, AskError> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let reply = client
+            .ask(node.peer_id, node.address.clone(), request.clone(), left)
+            .await;
+        let retry = match &reply {
+            Err(AskError::ConnectionClosed | AskError::Stream(_)) => true,
+            Ok(QueryResponse::Refused(refusal)) => refusal.code == RefusalCode::Overloaded,
+            _ => false,
+        };
+        if !retry || tokio::time::Instant::now() + RESEND_PAUSE >= until {
+            return reply;
+        }
+        tokio::time::sleep(RESEND_PAUSE).await;
     }
 }

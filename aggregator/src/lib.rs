@@ -4,8 +4,12 @@
 //!
 //! - [`sql`]: SQL → canonical query AST.
 //! - [`client`]: the libp2p task and its handle.
-//! - [`federation`]: signing, fan-out, answer verification.
-//! - [`combine`]: the network-wide estimate and its interval from the nodes' releases.
+//! - [`request`]: what to ask and the signed request.
+//! - [`federation`]: fan-out and answer verification; [`unmask`]: finishing a secure round
+//!   that survives dropouts.
+//! - [`combine`]: the network-wide estimate and its interval from the nodes' releases (each
+//!   statistic's own combination lives in `renkei-engine`); a secure round's total.
+//! - [`results`]: what a federated query yields; [`report`]: it as a table or CSV.
 //! - [`researcher`]: the researcher's session: key, policy, defaults.
 //! - [`passphrase`]: where a person's passphrase comes from.
 
@@ -17,8 +21,12 @@ pub mod combine;
 pub mod error;
 pub mod federation;
 pub mod passphrase;
+pub mod report;
+pub mod request;
 pub mod researcher;
+pub mod results;
 pub mod sql;
+mod unmask;
 
 pub use client::{AskError, NetworkClient};
 pub use error::AggregatorError;

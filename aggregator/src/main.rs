@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use renkei_aggregator::federation::FederatedAnswer;
 use renkei_aggregator::passphrase::PassphraseSource;
 use renkei_aggregator::researcher::{DEFAULT_DEADLINE, DEFAULT_RHO};
-use renkei_aggregator::sql;
-use renkei_aggregator::{AnswerMode, NodeAddress, Progress, QueryOptions, ResearcherSession};
+use renkei_aggregator::{NodeAddress, Progress, QueryOptions, ResearcherSession};
+use renkei_aggregator::{report, sql};
 use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest, SecretKey};
 
 #[derive(Parser)]
@@ -226,8 +225,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?;
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-                Format::Table => print_table(&answer),
-                Format::Csv => print_csv(&answer)?,
+                Format::Table => report::table(&answer, &mut std::io::stdout().lock())?,
+                Format::Csv => report::csv(&answer, &mut std::io::stdout().lock())?,
             }
             if answer.dry_run {
                 if answer.quotes.is_empty() {
@@ -245,224 +244,4 @@ fn default_policy_path(key: &Path) -> PathBuf {
     key.parent()
         .unwrap_or_else(|| Path::new("."))
         .join("policy.json")
-}
-
-fn print_table(answer: &FederatedAnswer) {
-    let asked = answer.answered.len() + answer.missing.len() + answer.refused.len();
-    println!("query     {}", answer.query);
-    println!(
-        "study     {}   (request {})",
-        answer.study, answer.request_id
-    );
-    println!(
-        "mode      {}{}",
-        answer.mode,
-        match answer.mode {
-            AnswerMode::Secure => "   (only the network-wide total was readable)",
-            AnswerMode::PerSite => "",
-        }
-    );
-    let partial = if !answer.recovered_without.is_empty() {
-        format!(
-            "   (PARTIAL: the total of the nodes that contributed, read without {} that dropped out)",
-            answer.recovered_without.len()
-        )
-    } else if answer.is_partial() {
-        "   (PARTIAL: not every node answered)".to_string()
-    } else {
-        String::new()
-    };
-    if answer.dry_run {
-        println!("dry run   nothing was spent; what the query would cost:");
-        for q in &answer.quotes {
-            println!(
-                "  {:<24} {}  rho {} (eps {:.3}, delta {:e})  {} sd {:.2}  budget left {} -> {}",
-                q.institution,
-                q.node,
-                q.rho,
-                q.epsilon,
-                q.delta,
-                q.mechanism,
-                q.noise_std,
-                q.budget_remaining,
-                q.budget_after
-            );
-        }
-    }
-    match (answer.estimate, answer.ci95, answer.std_dev) {
-        _ if answer.dry_run => {}
-        (Some(estimate), Some([low, high]), Some(sd)) => {
-            println!("estimate  {estimate}   95% CI [{low:.2}, {high:.2}]   sd {sd:.3}{partial}")
-        }
-        _ if !answer.groups.is_empty() => {
-            println!("groups    {} cells{partial}", answer.groups.len());
-            for group in &answer.groups {
-                println!(
-                    "  {:<32} {:>8}   95% CI [{:.1}, {:.1}]{}",
-                    group.group.join(" / "),
-                    group.estimate.to_string(),
-                    group.ci95[0],
-                    group.ci95[1],
-                    if group.withheld_by > 0 {
-                        format!("   ({} node(s) below the minimum cell)", group.withheld_by)
-                    } else {
-                        String::new()
-                    }
-                );
-            }
-        }
-        _ => match &answer.note {
-            Some(note) => println!("estimate  none: {note}"),
-            None => println!("estimate  none: no node answered"),
-        },
-    }
-    let spent: u64 = answer.answered.iter().map(|a| a.rho.0).max().unwrap_or(0);
-    println!(
-        "answered  {} of {asked} node(s); privacy spent at each: rho {}",
-        answer.answered.len(),
-        renkei_protocol::MicroRho(spent)
-    );
-    for a in &answer.answered {
-        let value = match (a.suppressed, a.value) {
-            (true, _) => format!("<{}", a.min_cell_size),
-            (false, Some(value)) => format!("{value}"),
-            (false, None) => "-".into(),
-        };
-        println!(
-            "  {:<24} {}  value {:>8}  {} sd {:.2}  rho {} (eps {:.3}, delta {:e})  budget left {}",
-            a.institution,
-            a.node,
-            value,
-            a.mechanism,
-            a.noise_std,
-            a.rho,
-            a.epsilon,
-            a.delta,
-            a.budget_remaining
-        );
-    }
-    if !answer.refused.is_empty() {
-        println!("refused   {}", answer.refused.len());
-        for r in &answer.refused {
-            println!(
-                "  {:<24} {}  {}: {}",
-                r.institution, r.node, r.code, r.reason
-            );
-        }
-    }
-    if !answer.missing.is_empty() {
-        println!("missing   {}", answer.missing.len());
-        for m in &answer.missing {
-            println!("  {} {}  {}", m.node, m.address, m.reason);
-        }
-    }
-}
-
-/// One CSV table for scripts: the estimate rows (one per group, or one), then one row per
-/// node that answered, refused or was missing.
-fn print_csv(answer: &FederatedAnswer) -> anyhow::Result<()> {
-    let mut out = csv::Writer::from_writer(std::io::stdout().lock());
-    out.write_record([
-        "row",
-        "group",
-        "node",
-        "estimate",
-        "ci95_low",
-        "ci95_high",
-        "std_dev",
-        "rho",
-        "code",
-        "reason",
-        "mode",
-        "budget_remaining",
-    ])?;
-    let mode = answer.mode.to_string();
-    let number = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
-    if answer.groups.is_empty() && !answer.dry_run {
-        out.write_record([
-            "estimate",
-            "",
-            "",
-            &answer.estimate.map(|e| e.to_string()).unwrap_or_default(),
-            &number(answer.ci95.map(|c| c[0])),
-            &number(answer.ci95.map(|c| c[1])),
-            &number(answer.std_dev),
-            "",
-            "",
-            answer.note.as_deref().unwrap_or(""),
-            &mode,
-            "",
-        ])?;
-    }
-    for group in &answer.groups {
-        out.write_record([
-            "estimate",
-            &group.group.join("/"),
-            "",
-            &group.estimate.to_string(),
-            &group.ci95[0].to_string(),
-            &group.ci95[1].to_string(),
-            &group.std_dev.to_string(),
-            "",
-            "",
-            "",
-            &mode,
-            "",
-        ])?;
-    }
-    for a in &answer.answered {
-        out.write_record([
-            "answered",
-            "",
-            &a.node,
-            &number(a.value),
-            &number(a.ci95.map(|c| c[0])),
-            &number(a.ci95.map(|c| c[1])),
-            &a.noise_std.to_string(),
-            &a.rho.to_string(),
-            "",
-            "",
-            &mode,
-            &a.budget_remaining.to_string(),
-        ])?;
-    }
-    for q in &answer.quotes {
-        out.write_record([
-            "quoted",
-            "",
-            &q.node,
-            "",
-            "",
-            "",
-            &q.noise_std.to_string(),
-            &q.rho.to_string(),
-            "",
-            "",
-            &mode,
-            &q.budget_remaining.to_string(),
-        ])?;
-    }
-    for r in &answer.refused {
-        out.write_record([
-            "refused",
-            "",
-            &r.node,
-            "",
-            "",
-            "",
-            "",
-            "",
-            r.code.as_str(),
-            &r.reason,
-            &mode,
-            "",
-        ])?;
-    }
-    for m in &answer.missing {
-        out.write_record([
-            "missing", "", &m.node, "", "", "", "", "", "", &m.reason, &mode, "",
-        ])?;
-    }
-    out.flush()?;
-    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Researchers' SQL, compiled to the signed query AST.
 //!
-//! Accepted: `SELECT <aggregate> FROM <view> [WHERE …]`, or `SELECT a, [b,] COUNT(*) FROM
-//! <view> [WHERE …] GROUP BY a[, b]` over categorical or boolean columns. The view is
+//! Accepted: `SELECT <aggregate> FROM <view> [WHERE …]`, or `SELECT a, [b,] COUNT(*) | SUM(col)
+//! | AVG(col) FROM <view> [WHERE …] GROUP BY a[, b]` over categorical or boolean columns. The view is
 //! `patients`, `timepoints` or an information kind (`ct`, `host_genome`, …). Aggregates:
 //! `COUNT(*)` (patients on `patients`, rows elsewhere, each patient's rows bounded by the
 //! schema), `COUNT(DISTINCT patient_id)`, `SUM(col)`, `AVG(col)`, `MEDIAN(col)` and
@@ -304,11 +304,17 @@ fn projection(
             "the columns selected besides the aggregate must be exactly the GROUP BY columns",
         ));
     }
-    if !group_by.is_empty() && !matches!(aggregate, Aggregate::CountPatients | Aggregate::CountRows)
-    {
+    let groupable = match aggregate {
+        Aggregate::CountPatients
+        | Aggregate::CountRows
+        | Aggregate::Sum { .. }
+        | Aggregate::Mean { .. } => true,
+        Aggregate::Quantile { .. } => false,
+    };
+    if !group_by.is_empty() && !groupable {
         return Err(SqlError::at(
             select,
-            "GROUP BY works with COUNT only, for now",
+            "GROUP BY works with COUNT, SUM and AVG; a quantile per group is not offered yet",
         ));
     }
     Ok(aggregate)
@@ -717,10 +723,24 @@ mod tests {
         .unwrap();
         assert_eq!(q.group_by, vec!["sex", "severity"]);
         assert_eq!(q.aggregation_name(), "histogram");
+        // GROUP BY takes SUM and AVG per cell too; a study must allow grouping and the sum.
+        let q = compile("SELECT severity, AVG(age) FROM patients GROUP BY severity").unwrap();
+        assert_eq!(q.group_by, vec!["severity"]);
+        assert_eq!(
+            q.aggregate,
+            Aggregate::Mean {
+                column: "age".into()
+            }
+        );
+        assert_eq!(q.required_aggregations(), vec!["histogram", "mean"]);
+        assert_eq!(
+            q.to_string(),
+            "SELECT severity, AVG(age) FROM patients GROUP BY severity"
+        );
         for bad in [
             "SELECT sex, COUNT(*) FROM patients",
             "SELECT COUNT(*) FROM patients GROUP BY sex, severity, outcome",
-            "SELECT sex, AVG(age) FROM patients GROUP BY sex",
+            "SELECT sex, MEDIAN(age) FROM patients GROUP BY sex",
             "SELECT PERCENTILE_CONT(1.5) WITHIN GROUP (ORDER BY age) FROM patients",
             "SELECT STDDEV(age) FROM patients",
         ] {

@@ -38,15 +38,16 @@ use renkei_protocol::messages::{
     commitment_message, hide_under_masks, request_digest, round_context, survivors_digest,
 };
 use renkei_protocol::{
-    Answer, MaskedShape, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey,
-    Purpose, QueryRequest, QueryResponse, Quote, Refusal, RefusalCode, Release, RequestId,
-    SecretKey, SignedEnvelope, UnmaskRequest, Unmasking,
+    Answer, MicroRho, PolicyResponse, PolicyTransfer, PrivacyRequest, PublicKey, Purpose,
+    QueryRequest, QueryResponse, Quote, Refusal, RefusalCode, Release, RequestId, SecretKey,
+    SignedEnvelope, UnmaskRequest, Unmasking,
 };
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use renkei_engine::{CompiledQuery, Dataset, Exact, NoisyPart};
+
 use crate::audit::{AuditEvent, AuditLog, hex_hash};
-use crate::dataset::{CompiledQuery, Dataset, Exact};
 use crate::dp::Calibration;
 use crate::error::NodeError;
 use crate::governance::{Offered, PolicyKeeper};
@@ -174,7 +175,7 @@ impl QueryDesk {
         let store = self.ledger.store();
         let fresh = match store
             .schema()
-            .and_then(|schema| Dataset::load(store, Arc::new(schema)))
+            .and_then(|schema| crate::image::load(store, Arc::new(schema)))
         {
             Ok(fresh) => Arc::new(fresh),
             Err(e) => {
@@ -407,54 +408,45 @@ impl QueryDesk {
         } else {
             None
         };
-        if compiled.vector && matches!(request.privacy, PrivacyRequest::PureDp { .. }) {
+        if compiled.vector() && matches!(request.privacy, PrivacyRequest::PureDp { .. }) {
             return Err(Refusal::new(
                 RefusalCode::PrivacyParameterOutOfRange,
                 "histograms, quantiles and GROUP BY are released under zCDP only; ask with a rho",
             ));
         }
-        let calibrations = match (&participants, compiled.count_sensitivity) {
-            (Some(participants), count_sensitivity) => {
+        let parts = compiled.parts();
+        let calibrations = match &participants {
+            Some(participants) => {
                 let PrivacyRequest::Zcdp { rho } = request.privacy else {
                     return Err(Refusal::new(
                         RefusalCode::PrivacyParameterOutOfRange,
                         "secure totals add distributed discrete Gaussian noise under zCDP; ask with a rho",
                     ));
                 };
-                let share = |rho: MicroRho, sensitivity: f64| {
-                    secure::share_calibration(
-                        rho,
-                        sensitivity,
-                        compiled.dimensions(),
-                        participants.len(),
-                        grant.secure_colluders as usize,
-                        request.dropouts as usize,
-                        grant.report_delta,
-                    )
-                    .map_err(out_of_range)
-                };
-                match count_sensitivity {
-                    Some(count_sensitivity) => {
-                        let half = MicroRho(rho.0 / 2);
-                        vec![
-                            share(half, compiled.sensitivity)?,
-                            share(MicroRho(rho.0 - half.0), count_sensitivity)?,
-                        ]
-                    }
-                    None => vec![share(rho, compiled.sensitivity)?],
-                }
+                // Each part gets its share of the rho and a noise share sized for the total.
+                renkei_engine::statistic::split_budget(rho.0, parts.len())
+                    .into_iter()
+                    .zip(&parts)
+                    .map(|(rho, part)| {
+                        secure::share_calibration(
+                            MicroRho(rho),
+                            part.sensitivity,
+                            part.len,
+                            participants.len(),
+                            grant.secure_colluders as usize,
+                            request.dropouts as usize,
+                            grant.report_delta,
+                        )
+                        .map_err(out_of_range)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
             }
-            (None, Some(count_sensitivity)) => Calibration::split(
+            None => Calibration::split(
                 request.privacy,
-                [compiled.sensitivity, count_sensitivity],
+                &parts.iter().map(|p| p.sensitivity).collect::<Vec<_>>(),
                 grant.report_delta,
             )
-            .map_err(out_of_range)?
-            .to_vec(),
-            (None, None) => vec![
-                Calibration::for_request(request.privacy, compiled.sensitivity, grant.report_delta)
-                    .map_err(out_of_range)?,
-            ],
+            .map_err(out_of_range)?,
         };
         let cost = MicroRho(calibrations.iter().map(|c| c.cost.0).sum());
         grant.check_cost(cost)?;
@@ -556,6 +548,7 @@ impl QueryDesk {
         let release = match &participants {
             Some(participants) => self
                 .masked_release(
+                    &compiled,
                     exact,
                     &calibrations,
                     participants,
@@ -563,7 +556,7 @@ impl QueryDesk {
                     request.dropouts > 0,
                 )
                 .map_err(|e| internal("secure contribution", &e))?,
-            None => plain_release(exact, &calibrations, compiled.counts, grant.min_cell_size)
+            None => plain_release(&compiled, exact, &calibrations, grant.min_cell_size)
                 .map_err(|e| internal("noise", &e))?,
         };
         let answer_for = |charge: Charge| -> Result<Vec<u8>, NodeError> {
@@ -571,8 +564,8 @@ impl QueryDesk {
                 request_id: request.request_id,
                 request_digest: digest,
                 release: release.clone(),
-                value_scale: compiled.value_scale,
-                min_cell_size: if compiled.counts {
+                value_scale: compiled.value_scale(),
+                min_cell_size: if compiled.counts() {
                     grant.min_cell_size
                 } else {
                     0
@@ -737,29 +730,19 @@ impl QueryDesk {
     /// [`round_context`]), and this node's own mask in a round that survives dropouts.
     fn masked_release(
         &self,
+        compiled: &CompiledQuery,
         exact: Exact,
         calibrations: &[Calibration],
         participants: &[PublicKey],
         context: &[u8; 32],
         own_mask: bool,
     ) -> Result<Release, NodeError> {
-        let main = &calibrations[0];
-        let (shape, noisy) = match exact {
-            Exact::Scalar(value) => (MaskedShape::Scalar, vec![main.release_one(value)?]),
-            Exact::SumAndCount { sum, count } => {
-                let count_mechanism = calibrations.get(1).unwrap_or(main);
-                (
-                    MaskedShape::SumAndCount,
-                    vec![main.release_one(sum)?, count_mechanism.release_one(count)?],
-                )
-            }
-            Exact::Histogram { low, width, counts } => {
-                (MaskedShape::Histogram { low, width }, main.release(counts)?)
-            }
-            Exact::Groups { labels, counts } => {
-                (MaskedShape::Groups { labels }, main.release(counts)?)
-            }
-        };
+        // Every part's noisy numbers, in order, as one vector of words.
+        let mut noisy = Vec::new();
+        for (values, mechanism) in exact.0.into_iter().zip(calibrations) {
+            noisy.extend(mechanism.release(values)?);
+        }
+        let shape = compiled.statistic().masked_shape();
         let mut masks =
             self.pair_secrets
                 .masks(&self.identity, participants, context, noisy.len())?;
@@ -1124,52 +1107,35 @@ impl QueryDesk {
     }
 }
 
-/// A per-site release: full noise on each number; a noisy count below the minimum cell size
-/// is withheld (post-processing, free).
+/// A per-site release: full noise on each number, each part by its own mechanism; a noisy
+/// count below the minimum cell size is withheld (post-processing, free).
 fn plain_release(
+    compiled: &CompiledQuery,
     exact: Exact,
     calibrations: &[Calibration],
-    counts: bool,
     min_cell_size: u64,
 ) -> Result<Release, crate::dp::DpError> {
-    let main = &calibrations[0];
     let min_cell = i64::try_from(min_cell_size).unwrap_or(i64::MAX);
-    let withhold = |noisy: i64| counts && min_cell_size > 0 && noisy < min_cell;
-    Ok(match exact {
-        Exact::Scalar(value) => {
-            let noisy = main.release_one(value)?;
-            let suppressed = withhold(noisy);
-            Release::Scalar {
-                value: if suppressed { 0 } else { noisy },
-                suppressed,
-            }
-        }
-        Exact::SumAndCount { sum, count } => {
-            let count_mechanism = calibrations.get(1).unwrap_or(main);
-            Release::SumAndCount {
-                sum: main.release_one(sum)?,
-                count: count_mechanism.release_one(count)?,
-            }
-        }
-        Exact::Histogram { low, width, counts } => Release::Histogram {
-            low,
-            width,
-            counts: main.release(counts)?,
-        },
-        Exact::Groups { labels, counts } => {
-            let noisy = main.release(counts)?;
+    let noisy = exact
+        .0
+        .into_iter()
+        .zip(compiled.parts())
+        .zip(calibrations)
+        .map(|((values, part), mechanism)| {
+            let noisy = mechanism.release(values)?;
+            let withhold = |n: i64| part.counts && min_cell_size > 0 && n < min_cell;
             let suppressed: Vec<bool> = noisy.iter().map(|n| withhold(*n)).collect();
-            Release::Groups {
-                labels,
-                counts: noisy
+            Ok(NoisyPart {
+                values: noisy
                     .iter()
                     .zip(&suppressed)
                     .map(|(n, s)| if *s { 0 } else { *n })
                     .collect(),
                 suppressed,
-            }
-        }
-    })
+            })
+        })
+        .collect::<Result<Vec<_>, crate::dp::DpError>>()?;
+    Ok(compiled.statistic().release(noisy))
 }
 
 /// The nodes of a secure round: the request's audience, each a member node of the policy

@@ -270,11 +270,6 @@ impl Calibration {
         match self.mechanism {
             Mechanism::DiscreteGaussian => Ok(discrete_gaussian(self.scale)?.invoke(&true_values)?),
             Mechanism::DiscreteLaplace => Ok(discrete_laplace(self.scale)?.invoke(&true_values)?),
-            // A mechanism this build cannot draw from is never approximated by another.
-            other => Err(DpError::OpenDp {
-                variant: "NotImplemented".into(),
-                message: format!("no sampler for {other}"),
-            }),
         }
     }
 
@@ -288,28 +283,33 @@ impl Calibration {
             })
     }
 
-    /// Two mechanisms sharing one request's privacy (a mean's sum and count): each gets half
-    /// the rho (or epsilon); together they cost no more than asked.
+    /// One mechanism per released part, sharing one request's privacy: each gets an equal
+    /// share of the rho (or epsilon), the last the remainder, so together they cost no more
+    /// than asked (a mean's sum and count get half each).
     pub fn split(
         request: PrivacyRequest,
-        sensitivities: [f64; 2],
+        sensitivities: &[f64],
         report_delta: f64,
-    ) -> Result<[Self; 2], DpError> {
-        let halves = |total: u64| [total / 2, total - total / 2];
-        let [a, b] = match request {
-            PrivacyRequest::Zcdp { rho } => {
-                halves(rho.0).map(|r| PrivacyRequest::Zcdp { rho: MicroRho(r) })
-            }
-            PrivacyRequest::PureDp { epsilon } => {
-                halves(epsilon.0).map(|e| PrivacyRequest::PureDp {
+    ) -> Result<Vec<Self>, DpError> {
+        let shares =
+            |total: u64| renkei_engine::statistic::split_budget(total, sensitivities.len());
+        let requests: Vec<PrivacyRequest> = match request {
+            PrivacyRequest::Zcdp { rho } => shares(rho.0)
+                .into_iter()
+                .map(|r| PrivacyRequest::Zcdp { rho: MicroRho(r) })
+                .collect(),
+            PrivacyRequest::PureDp { epsilon } => shares(epsilon.0)
+                .into_iter()
+                .map(|e| PrivacyRequest::PureDp {
                     epsilon: MicroEpsilon(e),
                 })
-            }
+                .collect(),
         };
-        Ok([
-            Self::for_request(a, sensitivities[0], report_delta)?,
-            Self::for_request(b, sensitivities[1], report_delta)?,
-        ])
+        requests
+            .into_iter()
+            .zip(sensitivities)
+            .map(|(request, sensitivity)| Self::for_request(request, *sensitivity, report_delta))
+            .collect()
     }
 }
 

@@ -51,7 +51,7 @@ pub enum NodeError {
     )]
     NotAMember { peer_id: String, version: u64 },
     #[error("dataset schema: {0}")]
-    Schema(#[from] crate::schema::SchemaFileError),
+    Schema(#[from] renkei_engine::schema::SchemaFileError),
     #[error("libp2p: {0}")]
     Network(String),
     #[error("differential privacy: {0}")]

@@ -45,7 +45,11 @@ pub fn policy_refusal(error: &PolicyError) -> Refusal {
         PolicyError::BadSignature { .. } => RefusalCode::PolicyBadSignature,
         PolicyError::TooFewSignatures { .. } => RefusalCode::PolicyTooFewSignatures,
         PolicyError::NotAnAdmin { .. } => RefusalCode::PolicyNotAnAdmin,
-        _ => RefusalCode::PolicyInvalid,
+        PolicyError::Io { .. }
+        | PolicyError::Parse(_)
+        | PolicyError::Invalid(_)
+        | PolicyError::Format { .. }
+        | PolicyError::Codec(_) => RefusalCode::PolicyInvalid,
     };
     Refusal::new(code, error.to_string())
 }

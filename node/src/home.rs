@@ -27,13 +27,13 @@ pub struct NodeHome {
 impl NodeHome {
     /// Creates a node in `dir` (created if missing) with the default `covid19` schema.
     pub fn init(dir: &Path) -> Result<(Self, PeerId), NodeError> {
-        Self::init_with_schema(dir, crate::schema::COVID19)
+        Self::init_with_schema(dir, renkei_engine::schema::COVID19)
     }
 
     /// Creates a node in `dir` for the dataset schema given as TOML text: identity key,
     /// store, pseudonymisation secret.
     pub fn init_with_schema(dir: &Path, schema: &str) -> Result<(Self, PeerId), NodeError> {
-        crate::schema::DatasetSchema::from_toml(schema)?;
+        renkei_engine::schema::DatasetSchema::from_toml(schema)?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| NodeError::Io { path, source }

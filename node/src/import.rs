@@ -26,15 +26,15 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::dataset::NULL;
 use crate::error::NodeError;
 use crate::home::pseudonym_secret;
 use crate::ingest::{
     IngestError, IngestErrors, IngestReport, MAX_REPORTED_ERRORS, pseudonym, write_tables,
 };
-use crate::schema::SECONDARY_USE;
 use crate::store::NodeStore;
 use crate::tables::{Table, TableWrites};
+use renkei_engine::NULL;
+use renkei_engine::schema::SECONDARY_USE;
 
 /// SNOMED CT codes that set each comorbidity flag.
 pub const COMORBIDITY_CODES: &[(&str, &[&str])] = &[
@@ -663,7 +663,7 @@ pub fn import(
                 let days = visit.start - onset;
                 // Encounters far outside the disease course keep no onset-relative day.
                 if let Some((_, def)) = schema.timepoint_column("days_since_onset")
-                    && let crate::schema::ColumnType::Integer { min, max } = def.kind
+                    && let renkei_engine::schema::ColumnType::Integer { min, max } = def.kind
                     && (min..=max).contains(&days)
                 {
                     t.insert("days_since_onset", days.to_string());
@@ -735,7 +735,7 @@ pub fn import(
         patient_rows.push((patient, cells));
     }
     // Encode through the schema, as CSV cells are.
-    let encode = |defs: &[crate::schema::ColumnDef],
+    let encode = |defs: &[renkei_engine::schema::ColumnDef],
                   cells: &Cells,
                   origin: &str,
                   problems: &mut Problems| {

@@ -27,16 +27,16 @@ use std::sync::mpsc;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::dataset::NULL;
 use crate::error::NodeError;
 use crate::formats;
 use crate::home::pseudonym_secret;
 use crate::records::{self, ItemRecord};
-use crate::schema::{
-    DatasetSchema, ItemFormat, SECONDARY_USE, TIMEPOINT_COLUMN, parse_flag, trim_cell,
-};
 use crate::store::NodeStore;
 use crate::tables::{self, Merged, Table, TableWrites};
+use renkei_engine::NULL;
+use renkei_engine::schema::{
+    DatasetSchema, ItemFormat, SECONDARY_USE, TIMEPOINT_COLUMN, parse_flag, trim_cell,
+};
 
 /// How many problems one report lists before summarising the rest.
 pub const MAX_REPORTED_ERRORS: usize = 20;
@@ -44,7 +44,7 @@ pub const MAX_REPORTED_ERRORS: usize = 20;
 /// The `meta` key under which renkei before sharded tables (which wrote a large file in
 /// batches) named the files whose ingest had started and not finished. Such a store keeps
 /// the mark when it is moved into shards: it holds part of those files, so it does not
-/// serve ([`crate::dataset::Dataset::load`] refuses) until each is loaded again (now in one
+/// serve ([`crate::image::load`] refuses) until each is loaded again (now in one
 /// atomic write) or given up with [`abandon_unfinished`].
 const LEGACY_UNFINISHED: &[u8] = b"ingest/unfinished";
 
@@ -596,7 +596,7 @@ pub(crate) fn write_tables(
 }
 
 /// The columns of `defs` a file has: (position in the file, position in the table).
-fn file_columns(file: &CsvFile, defs: &[crate::schema::ColumnDef]) -> Vec<(usize, usize)> {
+fn file_columns(file: &CsvFile, defs: &[renkei_engine::schema::ColumnDef]) -> Vec<(usize, usize)> {
     defs.iter()
         .enumerate()
         .filter_map(|(position, def)| file.index.get(&def.name).map(|at| (*at, position)))
@@ -608,7 +608,7 @@ fn parse_row(
     row: &csv::StringRecord,
     line: u64,
     columns: &[(usize, usize)],
-    defs: &[crate::schema::ColumnDef],
+    defs: &[renkei_engine::schema::ColumnDef],
     values: &mut [i64],
     problems: &mut Problems,
 ) {
@@ -1058,8 +1058,8 @@ pub fn ingest_manifest(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataset::Dataset;
     use crate::home::NodeHome;
+    use renkei_engine::Dataset;
     use std::sync::Arc;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -1086,7 +1086,7 @@ mod tests {
     }
 
     fn dataset(store: &NodeStore) -> Dataset {
-        Dataset::load(store, Arc::new(store.schema().unwrap())).unwrap()
+        crate::image::load(store, Arc::new(store.schema().unwrap())).unwrap()
     }
 
     #[test]
@@ -1169,7 +1169,7 @@ mod tests {
         let other = write(dir.path(), "other.csv", &text.replace("P1", "P2"));
         let name = std::fs::canonicalize(&big).unwrap().display().to_string();
         set_unfinished(&store, std::slice::from_ref(&name)).unwrap();
-        let refused = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap_err();
+        let refused = crate::image::load(&store, Arc::new(store.schema().unwrap())).unwrap_err();
         assert!(
             matches!(&refused, NodeError::UnfinishedIngest { file } if *file == name),
             "{refused}"
@@ -1183,7 +1183,7 @@ mod tests {
         assert_eq!(dataset(&store).consented(), 2);
 
         set_unfinished(&store, &["/gone.csv".to_string()]).unwrap();
-        assert!(Dataset::load(&store, Arc::new(store.schema().unwrap())).is_err());
+        assert!(crate::image::load(&store, Arc::new(store.schema().unwrap())).is_err());
         assert_eq!(
             abandon_unfinished(&store).unwrap(),
             vec!["/gone.csv".to_string()]
@@ -1306,7 +1306,7 @@ mod tests {
         let row = shard.find(&p1, 1).unwrap();
         let value = |name: &str| {
             let v = shard.columns[schema.timepoint_column(name).unwrap().0][row];
-            (v != crate::dataset::NULL).then_some(v)
+            (v != renkei_engine::NULL).then_some(v)
         };
         assert_eq!(value("days_since_onset"), Some(6));
         assert_eq!(value("crp"), Some(725));

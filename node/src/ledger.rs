@@ -192,7 +192,9 @@ fn exhausted(stop: Stop, request: &ChargeRequest<'_>) -> Refusal {
                 ),
             )
         }
-        _ => Refusal::new(RefusalCode::Internal, "the ledger failed"),
+        Stop::Seen(_) | Stop::Answer(_) | Stop::ReusedId | Stop::Replayed | Stop::Corrupt(_) => {
+            Refusal::new(RefusalCode::Internal, "the ledger failed")
+        }
     }
 }
 

@@ -3,14 +3,13 @@
 //!
 //! - [`home`]: the node's directory (identity key, store) and `init`.
 //! - [`store`]: the one owner of the sled database and its trees.
-//! - [`schema`]: dataset schemas (views, columns, types, bounds); `covid19` by default.
 //! - [`tables`]: the stored patient and timepoint tables, in shards; [`records`]: the
 //!   stored information items.
 //! - [`ingest`]: loading CSV tables, consent and DICOM/FASTQ items, atomically.
 //! - [`import`]: Synthea CSV output and FHIR R4 bundles, mapped onto the schema.
 //! - [`formats`]: DICOM and FASTQ readers.
-//! - [`dataset`]: the in-memory columnar image queries run on; [`column`]: its columns,
-//!   each in the narrowest integer width; [`bitset`]: its cohorts.
+//! - [`image`]: loads the stored tables into the engine's in-memory image
+//!   (`renkei-engine`, which owns the schema, the image, cohorts and the statistics).
 //! - [`dp`]: noise calibration and release through opendp.
 //! - [`ledger`]: the crash-safe per-researcher privacy budget and replay guard.
 //! - [`governance`]: the active consortium policy: verified, stored, swapped.
@@ -22,21 +21,18 @@
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod audit;
-pub mod bitset;
-pub mod column;
 pub mod control;
-pub mod dataset;
 pub mod desk;
 pub mod dp;
 pub mod error;
 pub mod formats;
 pub mod governance;
 pub mod home;
+pub mod image;
 pub mod import;
 pub mod ingest;
 pub mod ledger;
 pub mod records;
-pub mod schema;
 pub mod secure;
 pub mod service;
 pub mod store;

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use renkei_node::audit;
 use renkei_node::control::{self, ControlRequest, ControlResponse, IngestPlan};
-use renkei_node::dataset::Dataset;
 use renkei_node::governance::PolicyKeeper;
 use renkei_node::ledger::PrivacyLedger;
 use renkei_node::service::{NodeStatus, STATUS_FILE};
@@ -323,7 +322,7 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
     match home.open_store() {
         Ok(store) => {
             let schema = std::sync::Arc::new(store.schema()?);
-            let data = Dataset::load(&store, schema)?;
+            let data = renkei_node::image::load(&store, schema)?;
             println!(
                 "schema:    {} v{}",
                 data.schema().name,

@@ -33,7 +33,6 @@ use tracing::{debug, info, warn};
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::control::{self, ControlListener};
-use crate::dataset::Dataset;
 use crate::desk::QueryDesk;
 use crate::error::NodeError;
 use crate::governance::PolicyKeeper;
@@ -224,7 +223,7 @@ fn open_desk(home: &NodeHome, policy_path: Option<PathBuf>) -> Result<QueryDesk,
     let audit = AuditLog::open(store.clone(), home.identity()?)?;
     let now = unix_now();
     let schema = std::sync::Arc::new(store.schema()?);
-    let dataset = Dataset::load(&store, schema)?;
+    let dataset = crate::image::load(&store, schema)?;
     let ledger = PrivacyLedger::new(store);
     ledger.prune_expired(now)?;
     let desk = QueryDesk::new(identity, keeper, dataset, ledger, audit);
@@ -494,7 +493,11 @@ impl Node {
                 });
             }
             PolicyResponse::Refused(refusal) => debug!(%peer, %refusal, "peer refused a bundle"),
-            other => debug!(%peer, ?other, "policy response"),
+            other @ (PolicyResponse::Active(None)
+            | PolicyResponse::Accepted { .. }
+            | PolicyResponse::AlreadyActive { .. }) => {
+                debug!(%peer, ?other, "policy response")
+            }
         }
     }
 

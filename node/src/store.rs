@@ -7,7 +7,7 @@
 //! for idempotent resends), `rounds` (the survivors each recoverable secure round was
 //! unmasked for), `audit` (the signed, hash-chained audit log) and `meta` (the
 //! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers
-//! go through the modules that own each tree ([`crate::ingest`] and [`crate::dataset`] for the
+//! go through the modules that own each tree ([`crate::ingest`] and [`crate::image`] for the
 //! tables, [`crate::ledger`], [`crate::audit`], [`crate::governance`]), never to sled
 //! directly.
 
@@ -189,7 +189,7 @@ impl NodeStore {
     }
 
     /// The dataset schema this node was created with (kept in the store).
-    pub fn schema(&self) -> Result<crate::schema::DatasetSchema, NodeError> {
+    pub fn schema(&self) -> Result<renkei_engine::schema::DatasetSchema, NodeError> {
         let bytes = self
             .meta
             .get(META_SCHEMA)?
@@ -201,7 +201,7 @@ impl NodeStore {
             what: "dataset schema".into(),
             reason: e.to_string(),
         })?;
-        crate::schema::DatasetSchema::from_toml(text).map_err(|e| NodeError::CorruptStore {
+        renkei_engine::schema::DatasetSchema::from_toml(text).map_err(|e| NodeError::CorruptStore {
             what: "dataset schema".into(),
             reason: e.to_string(),
         })

@@ -24,9 +24,9 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::NULL;
 use crate::error::NodeError;
 use crate::store::NodeStore;
+use renkei_engine::NULL;
 
 /// Bits of the pseudonym prefix that pick a shard.
 pub const SHARD_BITS: u32 = 12;
@@ -38,7 +38,7 @@ pub const SHARDS: usize = 1 << SHARD_BITS;
 pub const MAX_SHARD_BYTES: usize = 64 * 1024 * 1024;
 
 /// Most consent scopes a patient table can tell apart.
-pub const MAX_SCOPES: usize = crate::schema::MAX_CONSENT_SCOPES;
+pub const MAX_SCOPES: usize = renkei_engine::schema::MAX_CONSENT_SCOPES;
 
 /// Key prefix of information items in the `data` tree.
 pub const ITEM_PREFIX: u8 = b'I';
@@ -715,7 +715,7 @@ impl TableWrites {
         };
         let secondary_use = scopes
             .iter()
-            .position(|s| s == crate::schema::SECONDARY_USE);
+            .position(|s| s == renkei_engine::schema::SECONDARY_USE);
         let capacity = old.rows() + rows.len();
         let mut new = Shard {
             pseudonyms: Vec::with_capacity(old.pseudonyms.len() + rows.len()),
@@ -919,7 +919,7 @@ mod tests {
     use super::*;
     use crate::home::NodeHome;
     use crate::records::{self, PatientRecord, TimepointRecord};
-    use crate::schema::SECONDARY_USE;
+    use renkei_engine::schema::SECONDARY_USE;
 
     fn store(dir: &std::path::Path) -> NodeStore {
         let (home, _) = NodeHome::init(&dir.join("node")).unwrap();

@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use renkei_engine::{Dataset, Exact};
 use renkei_node::NodeHome;
-use renkei_node::dataset::{Dataset, Exact};
 use renkei_node::import;
 use renkei_protocol::{CmpOp, Filter, Literal, Query};
 
@@ -22,7 +22,7 @@ fn fixture(path: &str) -> PathBuf {
 
 fn count(data: &Dataset, view: &str, filter: Filter) -> u64 {
     match data.evaluate(&data.compile(&Query::count_patients(view, filter)).unwrap()) {
-        Exact::Scalar(n) => n as u64,
+        Exact(parts) if parts.len() == 1 && parts[0].len() == 1 => parts[0][0] as u64,
         other => panic!("a count should be one number, not {other:?}"),
     }
 }
@@ -43,7 +43,7 @@ fn a_synthea_export_is_mapped_onto_the_schema() {
     let export = import::read_synthea(&fixture("synthea")).unwrap();
     let report = import::import(&store, &export, true, false).unwrap();
     assert_eq!((report.added, report.consented), (5, 2)); // 2 patients, 3 encounters
-    let data = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    let data = renkei_node::image::load(&store, Arc::new(store.schema().unwrap())).unwrap();
     assert_eq!((data.consented(), data.timepoints()), (2, 3));
     assert_eq!(count(&data, "patients", flag("hypertension")), 1);
     assert_eq!(count(&data, "patients", flag("obesity")), 1);
@@ -125,7 +125,7 @@ fn a_fhir_bundle_is_mapped_and_consent_is_not_assumed() {
     let export = import::read_fhir(&[path.as_path()]).unwrap();
     let report = import::import(&store, &export, false, false).unwrap();
     assert_eq!((report.added, report.consented), (3, 0));
-    let data = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    let data = renkei_node::image::load(&store, Arc::new(store.schema().unwrap())).unwrap();
     // Without consent nothing is counted.
     assert_eq!(data.consented(), 0);
     assert_eq!(data.withheld(), 1);
@@ -137,7 +137,7 @@ fn a_fhir_bundle_is_mapped_and_consent_is_not_assumed() {
     )
     .unwrap();
     renkei_node::ingest::ingest_consent(&store, &consent, false).unwrap();
-    let data = Dataset::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    let data = renkei_node::image::load(&store, Arc::new(store.schema().unwrap())).unwrap();
     assert_eq!(count(&data, "patients", flag("diabetes")), 1);
     assert_eq!(count(&data, "patients", text("severity", "severe")), 1);
     let il6 = Filter::cmp(

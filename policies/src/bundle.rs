@@ -14,7 +14,7 @@ use std::fmt;
 use renkei_protocol::{MicroRho, PublicKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::signed::PolicyError;
+use crate::error::PolicyError;
 
 /// Aggregations a study may allow, by name.
 pub const AGGREGATIONS: &[&str] = &["count", "sum", "mean", "median", "quantile", "histogram"];

@@ -101,7 +101,7 @@ impl VerifiedPolicy {
             );
         }
         let view = query.view.as_str();
-        let aggregation = query.aggregation_name();
+        let aggregations = query.required_aggregations();
         let mut min_cell_size = bundle
             .limits
             .min_cell_size
@@ -135,11 +135,14 @@ impl VerifiedPolicy {
                     ),
                 );
             }
-            if !rule.aggregations.iter().any(|a| a == aggregation) {
+            if let Some(aggregation) = aggregations
+                .iter()
+                .find(|name| !rule.aggregations.iter().any(|a| a == *name))
+            {
                 return refuse(
                     RefusalCode::AggregationNotAllowed,
                     format!(
-                        "on sensitive `{touched}` only {} may be computed",
+                        "on sensitive `{touched}` only {} may be computed, not {aggregation}",
                         rule.aggregations.join(", ")
                     ),
                 );
@@ -170,7 +173,10 @@ impl VerifiedPolicy {
                 ),
             );
         }
-        if !study.aggregations.iter().any(|a| a == aggregation) {
+        if let Some(aggregation) = aggregations
+            .iter()
+            .find(|name| !study.aggregations.iter().any(|a| a == *name))
+        {
             return refuse(
                 RefusalCode::AggregationNotAllowed,
                 format!(

@@ -17,35 +17,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::PolicyBundle;
+use crate::error::PolicyError;
 
 /// Names the file format, so another JSON file is recognised as such.
 const FORMAT: &str = "renkei-signed-policy-v1";
-
-/// Why a policy was not accepted.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PolicyError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("policy does not parse: {0}")]
-    Parse(String),
-    #[error("policy is inconsistent: {0}")]
-    Invalid(String),
-    #[error("{path}: not a signed renkei policy ({reason})")]
-    Format { path: String, reason: String },
-    #[error("the signature attributed to admin {admin} does not verify over this bundle")]
-    BadSignature { admin: PublicKey },
-    #[error("bundle is signed by {signer}, who is not a trusted consortium admin")]
-    NotAnAdmin { signer: PublicKey },
-    #[error("bundle has {valid} valid admin signature(s); {threshold} are required")]
-    TooFewSignatures { valid: usize, threshold: usize },
-    #[error("signed bundle bytes do not decode: {0}")]
-    Codec(#[from] CodecError),
-}
 
 pub use renkei_protocol::AdminSignature;
 

@@ -221,10 +221,10 @@ pub fn request_digest(signed_payload: &[u8]) -> [u8; 32] {
     Sha256::digest(signed_payload).into()
 }
 
-/// The noise mechanism a node applied.
+/// The noise mechanism a node applied. Matched exhaustively everywhere: a new mechanism
+/// must be drawn from before it can be named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum Mechanism {
     /// Discrete Gaussian on integers, accounted under zCDP.
     DiscreteGaussian,
@@ -246,8 +246,19 @@ impl fmt::Display for Mechanism {
 pub enum MaskedShape {
     Scalar,
     SumAndCount,
-    Histogram { low: i64, width: i64 },
-    Groups { labels: Vec<Vec<String>> },
+    Histogram {
+        low: i64,
+        width: i64,
+    },
+    Groups {
+        labels: Vec<Vec<String>>,
+    },
+    // New shapes go last: the position is what goes on the wire.
+    /// `parts` vectors of one number per cell, in the order of `labels`, part after part.
+    Cells {
+        labels: Vec<Vec<String>>,
+        parts: u32,
+    },
 }
 
 /// The noisy numbers of an answer.
@@ -274,6 +285,14 @@ pub enum Release {
     /// A secure round's contribution: this node's numbers plus its noise share, under
     /// pairwise masks (mod 2^64). Only the sum over every participant means anything.
     Masked { shape: MaskedShape, words: Vec<u64> },
+    // New releases go last: the position is what goes on the wire.
+    /// Noisy numbers per GROUP BY cell in parts, each part one number per cell in the order
+    /// of `labels` (a sum per cell: the sums; a mean per cell: the sums, then the counts of
+    /// non-missing values, whose noise is [`Answer::count_noise_std`]).
+    Cells {
+        labels: Vec<Vec<String>>,
+        parts: Vec<Vec<i64>>,
+    },
 }
 
 /// `values` hidden under `masks`, word by word mod 2^64: the words of a

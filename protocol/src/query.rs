@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::limits::{MAX_FILTER_DEPTH, MAX_IDENTIFIER_BYTES, MAX_IN_VALUES, MAX_PREDICATES};
 
 /// What is computed over the matching rows.
+///
+/// Not `#[non_exhaustive]` on purpose: every crate matches it exhaustively, so a new
+/// aggregate does not compile until each place (the engine's registry first) handles it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum Aggregate {
     /// The number of distinct patients with at least one matching row (`COUNT(*)` on
     /// `patients`, `COUNT(DISTINCT patient_id)` elsewhere). One patient changes it by one.
@@ -53,7 +55,7 @@ impl Aggregate {
             Aggregate::Sum { column }
             | Aggregate::Mean { column }
             | Aggregate::Quantile { column, .. } => Some(column),
-            _ => None,
+            Aggregate::CountPatients | Aggregate::CountRows => None,
         }
     }
 }
@@ -198,7 +200,7 @@ impl Filter {
             | Filter::IsNull { column, .. } => {
                 columns.insert(column.as_str());
             }
-            _ => {}
+            Filter::True | Filter::And(_) | Filter::Or(_) | Filter::Not(_) => {}
         });
         columns
     }
@@ -210,7 +212,11 @@ impl Filter {
                 children.iter().for_each(|c| c.visit(f));
             }
             Filter::Not(inner) => inner.visit(f),
-            _ => {}
+            Filter::True
+            | Filter::Compare { .. }
+            | Filter::In { .. }
+            | Filter::Between { .. }
+            | Filter::IsNull { .. } => {}
         }
     }
 
@@ -220,7 +226,11 @@ impl Filter {
                 1 + children.iter().map(Filter::depth).max().unwrap_or(0)
             }
             Filter::Not(inner) => 1 + inner.depth(),
-            _ => 1,
+            Filter::True
+            | Filter::Compare { .. }
+            | Filter::In { .. }
+            | Filter::Between { .. }
+            | Filter::IsNull { .. } => 1,
         }
     }
 
@@ -334,7 +344,8 @@ pub struct Query {
     pub view: String,
     pub aggregate: Aggregate,
     pub filter: Filter,
-    /// Categorical columns to count by (at most two): a histogram or contingency table.
+    /// Categorical columns to group by (at most two): a histogram or contingency table for
+    /// counts, a sum or mean per cell otherwise.
     pub group_by: Vec<String>,
 }
 
@@ -350,7 +361,7 @@ pub enum QueryShapeError {
     TooManyValues { count: usize, max: usize },
     #[error("identifier `{prefix}…` is longer than {max} bytes")]
     IdentifierTooLong { prefix: String, max: usize },
-    #[error("GROUP BY takes one or two columns and only with COUNT")]
+    #[error("GROUP BY takes one or two columns and only with COUNT, SUM or AVG")]
     BadGrouping,
     #[error("a quantile must lie strictly between 0 and 1")]
     BadQuantile,
@@ -377,11 +388,26 @@ impl Query {
 
     /// The aggregation's name as policies list it (`histogram` for grouped counts).
     pub fn aggregation_name(&self) -> &'static str {
-        if self.group_by.is_empty() {
-            self.aggregate.name()
-        } else {
-            "histogram"
+        match &self.aggregate {
+            Aggregate::CountPatients | Aggregate::CountRows if !self.group_by.is_empty() => {
+                "histogram"
+            }
+            aggregate @ (Aggregate::CountPatients
+            | Aggregate::CountRows
+            | Aggregate::Sum { .. }
+            | Aggregate::Mean { .. }
+            | Aggregate::Quantile { .. }) => aggregate.name(),
         }
+    }
+
+    /// Every aggregation a study must allow for this query: its own, and `histogram` for
+    /// any GROUP BY (a sum per cell is a grouping and a sum).
+    pub fn required_aggregations(&self) -> Vec<&'static str> {
+        let mut names = vec![self.aggregation_name()];
+        if !self.group_by.is_empty() && !names.contains(&"histogram") {
+            names.insert(0, "histogram");
+        }
+        names
     }
 
     /// Checks limits that need no schema: size, depth, list lengths, identifier lengths.
@@ -409,11 +435,14 @@ impl Query {
         if let Some(e) = too_long(&self.view) {
             return Err(e);
         }
-        let counting = matches!(
-            self.aggregate,
-            Aggregate::CountPatients | Aggregate::CountRows
-        );
-        if self.group_by.len() > 2 || !self.group_by.is_empty() && !counting {
+        let groupable = match self.aggregate {
+            Aggregate::CountPatients
+            | Aggregate::CountRows
+            | Aggregate::Sum { .. }
+            | Aggregate::Mean { .. } => true,
+            Aggregate::Quantile { .. } => false,
+        };
+        if self.group_by.len() > 2 || !self.group_by.is_empty() && !groupable {
             return Err(QueryShapeError::BadGrouping);
         }
         if let Some(e) = self
@@ -444,13 +473,13 @@ impl Query {
                 Filter::Compare { column, value, .. } => {
                     problem = too_long(column).or_else(|| match value {
                         Literal::Text(t) => too_long(t),
-                        _ => None,
+                        Literal::Integer(_) | Literal::Decimal(_) | Literal::Bool(_) => None,
                     });
                 }
                 Filter::In { column, .. }
                 | Filter::Between { column, .. }
                 | Filter::IsNull { column, .. } => problem = too_long(column),
-                _ => {}
+                Filter::True | Filter::And(_) | Filter::Or(_) | Filter::Not(_) => {}
             }
         });
         problem.map_or(Ok(()), Err)

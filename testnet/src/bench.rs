@@ -26,7 +26,7 @@ use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use renkei_aggregator::{NetworkClient, NodeAddress, QueryOptions, ResearcherSession};
-use renkei_node::dataset::Dataset;
+use renkei_engine::Dataset;
 use renkei_node::ingest;
 use renkei_node::service::default_listen;
 use renkei_node::{NodeHome, NodeService};
@@ -316,7 +316,7 @@ pub fn engine(dir: &Path, patients: usize, per_patient: usize) -> anyhow::Result
         store
     };
     let start = Instant::now();
-    let engine = Dataset::load(&store, Arc::new(store.schema()?))?;
+    let engine = renkei_node::image::load(&store, Arc::new(store.schema()?))?;
     let load_s = start.elapsed().as_secs_f64();
     Ok(EngineBench {
         patients: engine.patients(),
@@ -393,7 +393,7 @@ pub async fn queries(
             ingest::ingest_patients(&store, p, false)?;
             ingest::ingest_timepoints(&store, t, false)?;
         }
-        Dataset::load(&store, Arc::new(store.schema()?))?
+        renkei_node::image::load(&store, Arc::new(store.schema()?))?
     };
     let engine_count3_p50_ms = time_engine(&engine, COUNT_3.0)?;
     let engine_timepoint_count_p50_ms = time_engine(&engine, TIMEPOINT_COUNT.0)?;

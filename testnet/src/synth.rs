@@ -25,7 +25,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use renkei_protocol::{Aggregate, CmpOp, Filter, Literal, Query};
+use renkei_protocol::{CmpOp, Filter, Literal, Query};
 
 pub const SEXES: &[&str] = &["female", "male", "other"];
 pub const SEVERITIES: &[&str] = &["mild", "moderate", "severe", "critical"];
@@ -760,15 +760,7 @@ fn label(cell: Option<Cell>) -> Option<String> {
     }
 }
 
-/// The exact answer of a query, computed directly on the synthetic records.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TrueValue {
-    Number(f64),
-    /// Cells of a GROUP BY: labels and counts (only non-empty cells).
-    Groups(Vec<(Vec<String>, u64)>),
-    /// No value (a mean or quantile of nothing).
-    Nothing,
-}
+pub use renkei_engine::TrueValue;
 
 /// The exact answer of a counting `query` over `patients`.
 pub fn true_count<'a>(
@@ -777,12 +769,14 @@ pub fn true_count<'a>(
 ) -> u64 {
     match true_value(patients, query) {
         TrueValue::Number(n) => n as u64,
-        _ => 0,
+        TrueValue::Groups(_) | TrueValue::Cells(_) | TrueValue::Nothing => 0,
     }
 }
 
-/// The exact answer of `query` over `patients`: counts, sums, means, quantiles (interpolated
-/// like PERCENTILE_CONT) and GROUP BY counts.
+/// The exact answer of `query` over `patients`: the rows matching its filter are found here,
+/// row by row on the synthetic records (independently of the engine's columnar path), and
+/// the statistic's own pooled reading of those rows gives the answer (counts, sums, means,
+/// quantiles interpolated like PERCENTILE_CONT, GROUP BY cells).
 pub fn true_value<'a>(
     patients: impl IntoIterator<Item = &'a SyntheticPatient>,
     query: &Query,
@@ -792,66 +786,24 @@ pub fn true_value<'a>(
     } else {
         MAX_ROWS_PER_PATIENT
     };
-    let mut patients_counted = 0u64;
-    let mut rows_counted = 0u64;
-    let mut values = Vec::new();
-    let mut cells: std::collections::BTreeMap<Vec<String>, (u64, u64)> = Default::default();
     let column = query.aggregate.column().map(str::to_string);
+    let mut cohort = renkei_engine::PooledCohort::default();
     for p in counted(patients, query) {
         let rows = matching_rows(p, query);
         if rows.is_empty() {
             continue;
         }
-        patients_counted += 1;
-        let mut seen_cells = std::collections::BTreeSet::new();
-        for row in rows.iter().take(rows_per_patient) {
-            rows_counted += 1;
-            if let Some(column) = &column
-                && let Some(v) = numeric(row(column))
-            {
-                values.push(v);
-            }
-            let cell: Option<Vec<String>> = query.group_by.iter().map(|g| label(row(g))).collect();
-            if let Some(cell) = cell {
-                let entry = cells.entry(cell.clone()).or_default();
-                entry.1 += 1;
-                if seen_cells.insert(cell) {
-                    entry.0 += 1;
-                }
-            }
-        }
-    }
-    if !query.group_by.is_empty() {
-        let rows = matches!(query.aggregate, Aggregate::CountRows) && query.view != "patients";
-        return TrueValue::Groups(
-            cells
-                .into_iter()
-                .map(|(cell, (patients, rows_in))| (cell, if rows { rows_in } else { patients }))
+        cohort.patients.push(
+            rows.iter()
+                .take(rows_per_patient)
+                .map(|row| renkei_engine::PooledRow {
+                    value: column.as_deref().and_then(|c| numeric(row(c))),
+                    cell: query.group_by.iter().map(|g| label(row(g))).collect(),
+                })
                 .collect(),
         );
     }
-    match &query.aggregate {
-        Aggregate::CountRows if query.view != "patients" => TrueValue::Number(rows_counted as f64),
-        Aggregate::CountPatients | Aggregate::CountRows => {
-            TrueValue::Number(patients_counted as f64)
-        }
-        Aggregate::Sum { .. } => TrueValue::Number(values.iter().sum()),
-        Aggregate::Mean { .. } if values.is_empty() => TrueValue::Nothing,
-        Aggregate::Mean { .. } => {
-            TrueValue::Number(values.iter().sum::<f64>() / values.len() as f64)
-        }
-        Aggregate::Quantile { per_mille, .. } => {
-            if values.is_empty() {
-                return TrueValue::Nothing;
-            }
-            values.sort_by(f64::total_cmp);
-            let position = f64::from(*per_mille) / 1000.0 * (values.len() - 1) as f64;
-            let (below, above) = (position.floor() as usize, position.ceil() as usize);
-            let fraction = position - below as f64;
-            TrueValue::Number(values[below] + fraction * (values[above] - values[below]))
-        }
-        _ => TrueValue::Nothing,
-    }
+    renkei_engine::statistic::pooled(query, &cohort)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use renkei_aggregator::combine::combine;
 use renkei_aggregator::federation::NodeAnswer;
 use renkei_node::dp::Calibration;
-use renkei_protocol::{Aggregate, MicroRho, PrivacyRequest, Release};
+use renkei_protocol::{Filter, MicroRho, PrivacyRequest, Query, Release};
 
 fn node_answer(calibration: &Calibration, value: i64) -> NodeAnswer {
     NodeAnswer {
@@ -48,7 +48,7 @@ fn coverage(request: PrivacyRequest, truths: &[i64], trials: usize) -> f64 {
                 )
             })
             .collect();
-        let [low, high] = combine(&Aggregate::CountPatients, &answers)
+        let [low, high] = combine(&Query::count_patients("patients", Filter::True), &answers)
             .expect("answers")
             .ci95
             .expect("an interval");

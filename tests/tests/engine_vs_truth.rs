@@ -8,8 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use renkei_aggregator::sql;
-use renkei_node::dataset::Exact;
-use renkei_protocol::MicroRho;
+use renkei_protocol::{MicroRho, Release};
 use renkei_testnet::synth::{self, TrueValue};
 use renkei_tests::start_testnet_with;
 
@@ -59,7 +58,9 @@ async fn the_engine_agrees_with_an_independent_evaluator() {
         let compiled = dataset
             .compile(&query)
             .unwrap_or_else(|e| panic!("{text}: {e}"));
-        let Exact::Scalar(engine) = dataset.evaluate(&compiled) else {
+        let Release::Scalar { value: engine, .. } =
+            compiled.unnoised_release(dataset.evaluate(&compiled))
+        else {
             panic!("{text}: a count should be one number");
         };
         let truth = synth::true_count(&testnet.nodes[0].patients, &query);
@@ -78,20 +79,25 @@ async fn the_engine_agrees_with_an_independent_evaluator() {
         TrueValue::Number(n) => n,
         other => panic!("{text}: {other:?}"),
     };
-    let exact =
-        |text: &str| dataset.evaluate(&dataset.compile(&sql::compile(text).unwrap()).unwrap());
+    let exact = |text: &str| {
+        let compiled = dataset.compile(&sql::compile(text).unwrap()).unwrap();
+        compiled.unnoised_release(dataset.evaluate(&compiled))
+    };
     let sum = "SELECT SUM(crp) FROM timepoints WHERE severity >= 'severe'";
-    let Exact::Scalar(engine_sum) = exact(sum) else {
+    let Release::Scalar {
+        value: engine_sum, ..
+    } = exact(sum)
+    else {
         panic!("{sum}")
     };
     assert_eq!(engine_sum, (number(sum) * 100.0).round() as i64, "{sum}");
     let mean = "SELECT AVG(age) FROM patients WHERE diabetes";
-    let Exact::SumAndCount { sum: s, count: c } = exact(mean) else {
+    let Release::SumAndCount { sum: s, count: c } = exact(mean) else {
         panic!("{mean}")
     };
     assert!((s as f64 / c as f64 - number(mean)).abs() < 1e-9, "{mean}");
     let median = "SELECT MEDIAN(il6) FROM timepoints";
-    let Exact::Histogram { low, width, counts } = exact(median) else {
+    let Release::Histogram { low, width, counts } = exact(median) else {
         panic!("{median}")
     };
     let truth = number(median) * 10.0; // il6 keeps one digit
@@ -116,7 +122,7 @@ async fn the_engine_agrees_with_an_independent_evaluator() {
         "SELECT care_level, COUNT(DISTINCT patient_id) FROM timepoints GROUP BY care_level",
         "SELECT care_level, COUNT(*) FROM timepoints WHERE dexamethasone GROUP BY care_level",
     ] {
-        let Exact::Groups { labels, counts } = exact(grouped) else {
+        let Release::Groups { labels, counts, .. } = exact(grouped) else {
             panic!("{grouped}")
         };
         let TrueValue::Groups(cells) = synth::true_value(patients, &sql::compile(grouped).unwrap())

@@ -12,7 +12,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, OpenFileOptions, Tag};
 
 use super::ItemSummary;
-use crate::schema::DICOM_MODALITIES;
+use renkei_engine::schema::DICOM_MODALITIES;
 
 /// The error's chain of causes (dicom-rs puts the tag and position in the causes).
 fn chain(error: &dyn std::error::Error) -> String {

@@ -6,7 +6,7 @@
 pub mod dicom;
 pub mod fastq;
 
-/// A file's summary: values for the format's columns (in [`crate::schema::ItemFormat::columns`]
+/// A file's summary: values for the format's columns (in [`renkei_engine::schema::ItemFormat::columns`]
 /// order) and descriptive, non-identifying details.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ItemSummary {

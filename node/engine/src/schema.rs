@@ -15,7 +15,7 @@ use renkei_protocol::{Decimal, Literal};
 use serde::Deserialize;
 
 /// The default schema, compiled in.
-pub const COVID19: &str = include_str!("../schemas/covid19.toml");
+pub const COVID19: &str = include_str!("../../schemas/covid19.toml");
 
 /// Why a schema file is not usable.
 #[derive(Debug, thiserror::Error)]

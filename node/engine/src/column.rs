@@ -9,11 +9,13 @@
 //!
 //! Each width marks a missing value with its own minimum ([`Cell::MISSING`]); a stored value
 //! is never that minimum. Outside this module values are plain `i64`, missing as
-//! [`crate::dataset::NULL`]. A range test is narrowed to the column's type before the scan,
+//! [`NULL`]. A range test is narrowed to the column's type before the scan,
 //! so the loop compares cells of one width and needs no conversion.
 
 use crate::bitset::Bitset;
-use crate::dataset::NULL;
+
+/// The stored value of a missing cell, as every layer outside the columns sees it.
+pub const NULL: i64 = i64::MIN;
 
 /// A cell type: a signed integer whose minimum marks a missing value.
 trait Cell: Copy + PartialOrd + Into<i64> + TryFrom<i64> {

@@ -1,0 +1,470 @@
+//! Binding a query to the dataset: its view and columns resolved against the schema, its
+//! literals encoded as stored integers, the consent scopes it needs, and its statistic bound
+//! (sensitivity and released parts fixed). Anything that does not fit is refused with a
+//! [`SchemaError`] that names it.
+
+use renkei_protocol::{Filter, Literal, Query, Release};
+
+use crate::image::{Dataset, Source, View};
+use crate::schema::{
+    ColumnDef, ColumnType, DatasetSchema, PATIENTS_VIEW, SECONDARY_USE, TIMEPOINT_COLUMN,
+    TIMEPOINTS_VIEW,
+};
+use crate::statistic::{self, Accumulator, Exact, Part};
+
+/// Most cells a GROUP BY may produce.
+pub const MAX_GROUP_CELLS: usize = 1024;
+
+/// Why a query does not fit the dataset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    #[error("unknown view `{view}`; this node has: {known}")]
+    UnknownView { view: String, known: String },
+    #[error("view `{view}` has no column `{column}`; it has: {known}")]
+    UnknownColumn {
+        view: String,
+        column: String,
+        known: String,
+    },
+    #[error("{0}")]
+    Value(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A comparison on stored integers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Test {
+    Cmp(renkei_protocol::CmpOp, i64),
+    In(Vec<i64>),
+    Between(i64, i64),
+    IsNull { negated: bool },
+}
+
+/// A filter bound to the dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Node {
+    True,
+    And(Vec<Node>),
+    Or(Vec<Node>),
+    Not(Box<Node>),
+    Test(Source, Test),
+}
+
+/// A numeric column read by a statistic: where it lives, its bounds in stored units and
+/// its fixed-point scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measure {
+    pub source: Source,
+    pub low: i64,
+    pub high: i64,
+    /// Digits after the point (the column's fixed-point scale).
+    pub scale: u8,
+}
+
+impl Measure {
+    /// The largest magnitude a clamped value can have: one row's share of a sum's
+    /// sensitivity.
+    pub fn largest(&self) -> f64 {
+        self.low.unsigned_abs().max(self.high.unsigned_abs()) as f64
+    }
+}
+
+/// The GROUP BY columns of a query, each with its levels, in cell order (the first column
+/// varies slowest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grouping {
+    pub columns: Vec<(Source, Vec<String>)>,
+}
+
+impl Grouping {
+    /// How many cells the grouping makes (every combination of levels, empty ones too).
+    pub fn cells(&self) -> usize {
+        self.columns
+            .iter()
+            .map(|(_, levels)| levels.len())
+            .product()
+    }
+
+    /// Whether every grouping column is a patient's (so a patient falls in one cell).
+    pub fn patient_level(&self) -> bool {
+        self.columns
+            .iter()
+            .all(|(source, _)| source.is_patient_level())
+    }
+
+    /// Each cell's labels, in cell order.
+    pub fn labels(&self) -> Vec<Vec<String>> {
+        let mut labels = vec![Vec::new()];
+        for (_, levels) in &self.columns {
+            labels = labels
+                .into_iter()
+                .flat_map(|prefix: Vec<String>| {
+                    levels.iter().map(move |level| {
+                        let mut label = prefix.clone();
+                        label.push(level.clone());
+                        label
+                    })
+                })
+                .collect();
+        }
+        labels
+    }
+}
+
+/// What a statistic may ask of the schema while it is bound: the view, the bound on rows
+/// per patient, and the columns it reads.
+#[derive(Debug)]
+pub struct Binder<'a> {
+    dataset: &'a Dataset,
+    view_name: &'a str,
+    view: View,
+    columns: Vec<(String, Source, ColumnDef)>,
+    consents: Vec<String>,
+}
+
+impl Binder<'_> {
+    /// The view the query ranges over.
+    pub fn view(&self) -> View {
+        self.view
+    }
+
+    /// Whether the view's rows are patients.
+    pub fn patient_view(&self) -> bool {
+        self.view == View::Patients
+    }
+
+    /// The most rows one patient contributes to an answer: 1 on `patients`, else the
+    /// schema's bound on timepoints per patient.
+    pub fn rows_per_patient(&self) -> u32 {
+        match self.view {
+            View::Patients => 1,
+            View::Timepoints | View::Items(_) => self.dataset.schema.max_timepoints_per_patient,
+        }
+    }
+
+    /// A column of the view, by name.
+    pub fn column(&self, name: &str) -> Result<(Source, &ColumnDef), SchemaError> {
+        self.columns
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, source, def)| (*source, def))
+            .ok_or_else(|| SchemaError::UnknownColumn {
+                view: self.view_name.to_string(),
+                column: name.to_string(),
+                known: self
+                    .columns
+                    .iter()
+                    .map(|(n, _, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// A numeric column a statistic reads, with its bounds in stored units.
+    pub fn measure(&self, name: &str) -> Result<Measure, SchemaError> {
+        let (source, def) = self.column(name)?;
+        let (low, high, scale) = match &def.kind {
+            ColumnType::Integer { min, max } => (*min, *max, 0),
+            ColumnType::Decimal { min, max, scale } => {
+                let factor = 10f64.powi(i32::from(*scale));
+                (
+                    (min * factor).floor() as i64,
+                    (max * factor).ceil() as i64,
+                    *scale,
+                )
+            }
+            ColumnType::Categorical { .. } | ColumnType::Boolean => {
+                return Err(SchemaError::Value(format!(
+                    "`{name}` is {}; sums, means and quantiles need a numeric column",
+                    def.kind
+                )));
+            }
+        };
+        Ok(Measure {
+            source,
+            low,
+            high,
+            scale,
+        })
+    }
+
+    /// The GROUP BY columns, each categorical or true/false, making at most
+    /// [`MAX_GROUP_CELLS`] cells.
+    pub fn grouping(&mut self, names: &[String]) -> Result<Grouping, SchemaError> {
+        let mut columns = Vec::with_capacity(names.len());
+        for name in names {
+            let (source, def) = self.column(name)?;
+            let levels = match &def.kind {
+                ColumnType::Categorical { levels } => levels.clone(),
+                ColumnType::Boolean => vec!["false".into(), "true".into()],
+                other @ (ColumnType::Integer { .. } | ColumnType::Decimal { .. }) => {
+                    return Err(SchemaError::Value(format!(
+                        "`{name}` is {other}; GROUP BY needs a categorical or true/false column"
+                    )));
+                }
+            };
+            self.needs_consent(source);
+            columns.push((source, levels));
+        }
+        let grouping = Grouping { columns };
+        let cells = grouping.cells();
+        if cells > MAX_GROUP_CELLS {
+            return Err(SchemaError::Unsupported(format!(
+                "GROUP BY {} makes {cells} groups; at most {MAX_GROUP_CELLS} are allowed",
+                names.join(", ")
+            )));
+        }
+        Ok(grouping)
+    }
+
+    /// Reading a presence flag of a kind with its own consent scope needs that scope.
+    fn needs_consent(&mut self, source: Source) {
+        if let Source::PatientHas(k) | Source::TimepointHas(k) = source
+            && let Some(scope) = &self.dataset.schema.items[k].consent
+        {
+            self.consents.push(scope.clone());
+        }
+    }
+
+    fn filter(&mut self, filter: &Filter) -> Result<Node, SchemaError> {
+        let value = |def: &ColumnDef, literal: &Literal| {
+            def.encode_literal(literal)
+                .map_err(|e| SchemaError::Value(e.0))
+        };
+        Ok(match filter {
+            Filter::True => Node::True,
+            Filter::And(children) => Node::And(
+                children
+                    .iter()
+                    .map(|c| self.filter(c))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Filter::Or(children) => Node::Or(
+                children
+                    .iter()
+                    .map(|c| self.filter(c))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Filter::Not(inner) => Node::Not(Box::new(self.filter(inner)?)),
+            Filter::Compare {
+                column: name,
+                op,
+                value: literal,
+            } => {
+                let (source, def) = self.column(name)?;
+                let test = Test::Cmp(*op, value(def, literal)?);
+                self.needs_consent(source);
+                Node::Test(source, test)
+            }
+            Filter::In {
+                column: name,
+                values,
+            } => {
+                let (source, def) = self.column(name)?;
+                let test = Test::In(
+                    values
+                        .iter()
+                        .map(|v| value(def, v))
+                        .collect::<Result<_, _>>()?,
+                );
+                self.needs_consent(source);
+                Node::Test(source, test)
+            }
+            Filter::Between {
+                column: name,
+                low,
+                high,
+            } => {
+                let (source, def) = self.column(name)?;
+                let test = Test::Between(value(def, low)?, value(def, high)?);
+                self.needs_consent(source);
+                Node::Test(source, test)
+            }
+            Filter::IsNull {
+                column: name,
+                negated,
+            } => {
+                let (source, _) = self.column(name)?;
+                self.needs_consent(source);
+                Node::Test(source, Test::IsNull { negated: *negated })
+            }
+        })
+    }
+}
+
+/// A query the dataset accepts, ready to run.
+#[derive(Debug)]
+pub struct CompiledQuery {
+    pub(crate) view: View,
+    pub(crate) filter: Node,
+    /// The bound statistic: its released parts, and how it counts and releases.
+    pub(crate) statistic: Box<dyn Accumulator>,
+    /// Consent scopes a patient must have given to be counted.
+    pub required_consents: Vec<String>,
+}
+
+impl CompiledQuery {
+    /// The released quantities, each with its sensitivity and length; each gets its own
+    /// mechanism.
+    pub fn parts(&self) -> Vec<Part> {
+        self.statistic.parts()
+    }
+
+    /// Digits after the point of released sums and bins (the measured column's scale).
+    pub fn value_scale(&self) -> u8 {
+        self.statistic.value_scale()
+    }
+
+    /// Whether any released part is a count (to which a minimum cell size applies).
+    pub fn counts(&self) -> bool {
+        self.parts().iter().any(|p| p.counts)
+    }
+
+    /// Whether the release is a vector (a histogram or cells): released under zCDP only.
+    pub fn vector(&self) -> bool {
+        self.statistic.vector()
+    }
+
+    /// The bound statistic.
+    pub fn statistic(&self) -> &dyn Accumulator {
+        self.statistic.as_ref()
+    }
+
+    /// The wire form of an exact result with no noise and nothing withheld: what tests
+    /// compare against a reference. The node never sends it.
+    pub fn unnoised_release(&self, exact: Exact) -> Release {
+        self.statistic.release(
+            exact
+                .0
+                .into_iter()
+                .map(crate::statistic::NoisyPart::plain)
+                .collect(),
+        )
+    }
+}
+
+impl Dataset {
+    fn view(&self, name: &str) -> Result<View, SchemaError> {
+        match name {
+            PATIENTS_VIEW => Ok(View::Patients),
+            TIMEPOINTS_VIEW => Ok(View::Timepoints),
+            other => self
+                .schema
+                .items
+                .iter()
+                .position(|k| k.kind == other)
+                .map(View::Items)
+                .ok_or_else(|| SchemaError::UnknownView {
+                    view: other.to_string(),
+                    known: self.schema.views().join(", "),
+                }),
+        }
+    }
+
+    /// The columns a view offers, with where each comes from.
+    fn view_columns(&self, view: View) -> Vec<(String, Source, ColumnDef)> {
+        let boolean = |name: String| ColumnDef {
+            name,
+            description: None,
+            unit: None,
+            kind: ColumnType::Boolean,
+        };
+        let number = ColumnDef {
+            name: TIMEPOINT_COLUMN.into(),
+            description: None,
+            unit: None,
+            kind: ColumnType::Integer {
+                min: 0,
+                max: i64::from(u16::MAX),
+            },
+        };
+        let qualified = |prefix: &str, columns: &[ColumnDef], source: fn(usize) -> Source| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("{prefix}.{}", c.name), source(i), c.clone()))
+                .collect::<Vec<_>>()
+        };
+        let plain = |columns: &[ColumnDef], source: fn(usize) -> Source| {
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), source(i), c.clone()))
+                .collect::<Vec<_>>()
+        };
+        let has = |level: fn(usize) -> Source| {
+            self.schema.items.iter().enumerate().map(move |(k, kind)| {
+                let name = DatasetSchema::presence_column(&kind.kind);
+                (name.clone(), level(k), boolean(name))
+            })
+        };
+        let patients = &self.schema.patients;
+        let timepoints = &self.schema.timepoints;
+        let mut columns: Vec<(String, Source, ColumnDef)> = Vec::new();
+        match view {
+            View::Patients => {
+                columns.extend(plain(patients, Source::Patient));
+                columns.extend(has(Source::PatientHas));
+            }
+            View::Timepoints => {
+                columns.extend(plain(timepoints, Source::Timepoint));
+                columns.push((TIMEPOINT_COLUMN.into(), Source::TimepointNumber, number));
+                columns.extend(has(Source::TimepointHas));
+                columns.extend(qualified(PATIENTS_VIEW, patients, Source::Patient));
+            }
+            View::Items(k) => {
+                columns.extend(
+                    self.items[k]
+                        .defs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (c.name.clone(), Source::Item(i), c.clone())),
+                );
+                columns.extend(plain(timepoints, Source::Timepoint));
+                columns.extend(qualified(TIMEPOINTS_VIEW, timepoints, Source::Timepoint));
+                columns.push((TIMEPOINT_COLUMN.into(), Source::TimepointNumber, number));
+                columns.extend(qualified(PATIENTS_VIEW, patients, Source::Patient));
+            }
+        }
+        // Patient columns by their plain name too, unless a closer layer has that name.
+        if view != View::Patients {
+            for (i, c) in patients.iter().enumerate() {
+                if !columns.iter().any(|(name, _, _)| *name == c.name) {
+                    columns.push((c.name.clone(), Source::Patient(i), c.clone()));
+                }
+            }
+        }
+        columns
+    }
+
+    /// Binds `query` to this dataset, or says which part does not fit.
+    pub fn compile(&self, query: &Query) -> Result<CompiledQuery, SchemaError> {
+        let view = self.view(&query.view)?;
+        let mut consents = vec![SECONDARY_USE.to_string()];
+        if let View::Items(k) = view
+            && let Some(scope) = &self.schema.items[k].consent
+        {
+            consents.push(scope.clone());
+        }
+        let mut binder = Binder {
+            dataset: self,
+            view_name: &query.view,
+            view,
+            columns: self.view_columns(view),
+            consents,
+        };
+        let filter = binder.filter(&query.filter)?;
+        let statistic = statistic::for_query(query).bind(query, &mut binder)?;
+        let mut required_consents = binder.consents;
+        required_consents.sort();
+        required_consents.dedup();
+        Ok(CompiledQuery {
+            view,
+            filter,
+            statistic,
+            required_consents,
+        })
+    }
+}
