@@ -12,8 +12,8 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, identify, noise, ping, tcp, yamux};
-use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::IDENTIFY_PROTOCOL;
+use renkei_protocol::transport::EncodedRequest;
 use renkei_protocol::{
     PolicyCodec, PolicyRequest, PolicyResponse, QueryCodec, QueryResponse, RefusalCode,
 };

@@ -13,7 +13,7 @@
 
 use renkei_engine::release::{masked_words, release_from_total};
 use renkei_engine::{Combined, SiteRelease};
-use renkei_protocol::messages::sum_masked;
+use renkei_protocol::masks::sum_masked;
 use renkei_protocol::{Query, Release};
 
 use crate::results::{FederatedAnswer, NodeAnswer};
@@ -140,4 +140,128 @@ pub fn secure_total(
         ..first.clone()
     };
     combine(query, &[network])
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_protocol::{Aggregate, Filter, MaskedShape, Mechanism, MicroRho};
+
+    use super::*;
+    use crate::results::{AnswerMode, MissingNode};
+
+    fn node(release: Release, noise_std: f64, count_noise_std: Option<f64>) -> NodeAnswer {
+        NodeAnswer {
+            node: "n".into(),
+            institution: "Hospital".into(),
+            value: None,
+            suppressed: false,
+            min_cell_size: 0,
+            release,
+            value_scale: 0,
+            mechanism: Mechanism::DiscreteGaussian,
+            sensitivity: 1.0,
+            noise_scale: noise_std,
+            noise_std,
+            count_noise_std,
+            ci95: None,
+            rho: MicroRho(1),
+            epsilon: 1.0,
+            delta: 0.0,
+            budget_remaining: MicroRho(0),
+        }
+    }
+
+    fn round(answered: Vec<NodeAnswer>, missing: Vec<MissingNode>) -> FederatedAnswer {
+        FederatedAnswer {
+            query: String::new(),
+            study: String::new(),
+            request_id: String::new(),
+            mode: AnswerMode::Secure,
+            aggregate: "mean".into(),
+            estimate: None,
+            std_dev: None,
+            ci95: None,
+            groups: Vec::new(),
+            note: None,
+            aborted: false,
+            recovered_without: Vec::new(),
+            answered,
+            missing,
+            refused: Vec::new(),
+            dry_run: false,
+            quotes: Vec::new(),
+        }
+    }
+
+    /// Two nodes' cells (sums then counts) under masks that cancel in the sum.
+    fn masked_cells(values: [[i64; 4]; 2], mask: u64) -> Vec<NodeAnswer> {
+        let shape = MaskedShape::Cells {
+            labels: vec![vec!["a".into()], vec!["b".into()]],
+            parts: 2,
+        };
+        values
+            .iter()
+            .zip([mask, mask.wrapping_neg()])
+            .map(|(values, mask)| {
+                let words = values
+                    .iter()
+                    .map(|v| (*v as u64).wrapping_add(mask))
+                    .collect();
+                node(
+                    Release::Masked {
+                        shape: shape.clone(),
+                        words,
+                    },
+                    2.0,
+                    Some(1.0),
+                )
+            })
+            .collect()
+    }
+
+    fn mean_by_group() -> Query {
+        Query {
+            aggregate: Aggregate::Mean {
+                column: "age".into(),
+            },
+            group_by: vec!["g".into()],
+            ..Query::count_patients("patients", Filter::True)
+        }
+    }
+
+    #[test]
+    fn a_secure_total_of_cells_is_read_once_the_masks_cancel() {
+        let answered = masked_cells([[300, 80, 10, 4], [100, 40, 10, 4]], 0xdead_beef_1234);
+        let combined = secure_total(&mean_by_group(), &round(answered, Vec::new()), None).unwrap();
+        assert!(!combined.aborted, "{combined:?}");
+        assert_eq!(combined.groups.len(), 2);
+        assert_eq!(combined.groups[0].estimate, Estimate::Real(20.0));
+        assert_eq!(combined.groups[1].estimate, Estimate::Real(15.0));
+        // The shares' variances add: sums sd sqrt(8), counts sd sqrt(2), over a count of 20.
+        let sd = (8.0f64 + 400.0 * 2.0).sqrt() / 20.0;
+        assert!((combined.groups[0].std_dev - sd).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_missing_contribution_aborts_a_round_without_recovery() {
+        let mut answered = masked_cells([[300, 80, 10, 4], [100, 40, 10, 4]], 99);
+        answered.pop();
+        let missing = vec![MissingNode {
+            node: "down".into(),
+            address: String::new(),
+            reason: "unreachable".into(),
+        }];
+        let combined = secure_total(&mean_by_group(), &round(answered, missing), None).unwrap();
+        assert!(combined.aborted);
+        assert!(combined.groups.is_empty());
+        assert!(combined.note.unwrap().contains("down did not contribute"));
+    }
+
+    #[test]
+    fn masked_words_are_never_read_per_site() {
+        let answered = masked_cells([[1, 2, 3, 4], [5, 6, 7, 8]], 5);
+        let combined = combine(&mean_by_group(), &answered).unwrap();
+        assert!(combined.groups.is_empty());
+        assert!(combined.note.unwrap().contains("secure total"));
+    }
 }

@@ -21,8 +21,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use renkei_policies::VerifiedPolicy;
-use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::MAX_RESPONSE_BYTES;
+use renkei_protocol::transport::EncodedRequest;
 use renkei_protocol::{
     Answer, PublicKey, Purpose, QueryResponse, Release, SecretKey, SignedEnvelope,
 };
@@ -333,4 +333,97 @@ fn check_answer(
         ));
     }
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_protocol::{
+        Filter, Mechanism, MicroRho, PrivacyRequest, Query, QueryRequest, RequestId,
+    };
+
+    use super::*;
+
+    fn prepared(researcher: &SecretKey, node: &SecretKey, secure: bool) -> PreparedQuery {
+        let request = QueryRequest {
+            request_id: RequestId([7; 16]),
+            nonce: [1; 16],
+            issued_at: 1,
+            expires_at: 2,
+            study: "s".into(),
+            audience: vec![node.public_key()],
+            query: Query::count_patients("patients", Filter::True),
+            privacy: PrivacyRequest::Zcdp {
+                rho: MicroRho(50_000),
+            },
+            secure,
+            dropouts: 0,
+            policy_version: Some(1),
+            dry_run: false,
+        };
+        PreparedQuery::from_request(researcher, request).unwrap()
+    }
+
+    fn answer(prepared: &PreparedQuery, release: Release) -> Answer {
+        Answer {
+            request_id: prepared.request.request_id,
+            request_digest: prepared.digest,
+            release,
+            value_scale: 0,
+            min_cell_size: 0,
+            mechanism: Mechanism::DiscreteGaussian,
+            sensitivity: 1.0,
+            noise_scale: 3.0,
+            noise_std: 3.0,
+            count_noise_std: None,
+            rho_spent: MicroRho(50_000),
+            epsilon: 1.0,
+            delta: 1e-6,
+            budget_remaining: MicroRho(0),
+            answered_at: 1,
+        }
+    }
+
+    #[test]
+    fn an_answer_counts_only_from_the_node_asked_for_the_request_asked() {
+        let researcher = SecretKey::generate().unwrap();
+        let node = SecretKey::generate().unwrap();
+        let other = SecretKey::generate().unwrap();
+        let asked = node.public_key().to_peer_id().unwrap();
+        let plain = prepared(&researcher, &node, false);
+        let count = Release::Scalar {
+            value: 12,
+            suppressed: false,
+        };
+        let sealed = |key: &SecretKey, answer: &Answer| {
+            SignedEnvelope::seal(Purpose::NodeAnswer, key, answer).unwrap()
+        };
+        let good = answer(&plain, count.clone());
+        assert_eq!(
+            check_answer(&sealed(&node, &good), asked, &plain).unwrap(),
+            good
+        );
+        let forged = check_answer(&sealed(&other, &good), asked, &plain).unwrap_err();
+        assert!(forged.contains("not by the node asked"), "{forged}");
+        let mut elsewhere = good.clone();
+        elsewhere.request_digest = [0; 32];
+        let err = check_answer(&sealed(&node, &elsewhere), asked, &plain).unwrap_err();
+        assert!(err.contains("different request"), "{err}");
+        let masked = answer(
+            &plain,
+            Release::Masked {
+                shape: renkei_protocol::MaskedShape::Scalar,
+                words: vec![1],
+            },
+        );
+        let err = check_answer(&sealed(&node, &masked), asked, &plain).unwrap_err();
+        assert!(err.contains("masked contribution"), "{err}");
+        let secure = prepared(&researcher, &node, true);
+        let err =
+            check_answer(&sealed(&node, &answer(&secure, count)), asked, &secure).unwrap_err();
+        assert!(err.contains("in the clear"), "{err}");
+        let mut bad_scale = good;
+        bad_scale.noise_scale = f64::NAN;
+        let err = check_answer(&sealed(&node, &bad_scale), asked, &plain).unwrap_err();
+        assert!(err.contains("noise scale"), "{err}");
+    }
 }

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use libp2p::PeerId;
-use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::envelope::Signature;
 use renkei_protocol::limits::MAX_RESPONSE_BYTES;
-use renkei_protocol::messages::{commitment_message, round_context, survivors_digest};
+use renkei_protocol::masks::{commitment_message, round_context, survivors_digest};
+use renkei_protocol::transport::EncodedRequest;
 use renkei_protocol::{
     PublicKey, Purpose, QueryResponse, Release, SecretKey, SignedEnvelope, UnmaskRequest, Unmasking,
 };

@@ -4,8 +4,8 @@
 //! masks of one contribution among 8 nodes.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use renkei_node::dp::Calibration;
-use renkei_node::secure;
+use renkei_node::privacy::dp::Calibration;
+use renkei_node::privacy::secure;
 use renkei_protocol::{MicroRho, PublicKey, SecretKey};
 
 fn calibration(c: &mut Criterion) {

@@ -1,6 +1,7 @@
 //! The node library's error type: every way opening, ingesting or serving can fail, each
 //! naming what was wrong and where.
 
+use std::fmt;
 use std::path::PathBuf;
 
 /// Errors of the node library.
@@ -41,7 +42,7 @@ pub enum NodeError {
     Startup(String),
     /// The problems are listed in the message itself (not as a source, so they print once).
     #[error("ingest refused, nothing was written:\n{0}")]
-    Ingest(crate::ingest::IngestErrors),
+    Ingest(IngestErrors),
     #[error(
         "the ingest of {file} did not finish (the store holds part of it); run the same `renkei-node ingest` again to complete it (loading a file twice changes nothing)"
     )]
@@ -55,7 +56,7 @@ pub enum NodeError {
     #[error("libp2p: {0}")]
     Network(String),
     #[error("differential privacy: {0}")]
-    Dp(#[from] crate::dp::DpError),
+    Dp(#[from] crate::privacy::dp::DpError),
     #[error("encoding: {0}")]
     Codec(#[from] renkei_protocol::CodecError),
     #[error("control socket: {0}")]
@@ -81,8 +82,50 @@ impl NodeError {
     }
 }
 
-impl From<crate::ingest::IngestErrors> for NodeError {
-    fn from(errors: crate::ingest::IngestErrors) -> Self {
+impl From<IngestErrors> for NodeError {
+    fn from(errors: IngestErrors) -> Self {
         NodeError::Ingest(errors)
+    }
+}
+
+/// One problem in an input file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestError {
+    pub file: String,
+    /// 1-based line number, when the problem is on a line.
+    pub line: Option<u64>,
+    pub column: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for IngestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(column) = &self.column {
+            write!(f, " column `{column}`")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// Every problem found in a file (the first [`MAX_REPORTED_ERRORS`], and how many more).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct IngestErrors {
+    pub errors: Vec<IngestError>,
+    pub more: usize,
+}
+
+impl fmt::Display for IngestErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for error in &self.errors {
+            writeln!(f, "  {error}")?;
+        }
+        if self.more > 0 {
+            writeln!(f, "  … and {} more", self.more)?;
+        }
+        Ok(())
     }
 }

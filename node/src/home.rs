@@ -16,7 +16,7 @@ const IDENTITY_FILE: &str = "node.key";
 const STORE_DIR: &str = "store";
 
 /// Meta key owned by this module.
-const META_PSEUDONYM_SECRET: &[u8] = b"pseudonym-secret";
+pub(crate) const META_PSEUDONYM_SECRET: &[u8] = b"pseudonym-secret";
 
 /// An initialised node directory.
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ impl NodeHome {
             });
         }
         let key = SecretKey::generate()?;
-        let store = NodeStore::open(&home.store_path())?;
+        let store = crate::store::open(&home.store_path())?;
         store
             .meta
             .insert(crate::store::META_SCHEMA, schema.as_bytes())?;
@@ -107,26 +107,8 @@ impl NodeHome {
     }
 
     pub fn open_store(&self) -> Result<NodeStore, NodeError> {
-        NodeStore::open(&self.store_path())
+        crate::store::open(&self.store_path())
     }
-}
-
-/// The secret under which patient ids are pseudonymised (keyed hash).
-pub(crate) fn pseudonym_secret(store: &NodeStore) -> Result<[u8; 32], NodeError> {
-    let value = store
-        .meta
-        .get(META_PSEUDONYM_SECRET)?
-        .ok_or_else(|| NodeError::CorruptStore {
-            what: "pseudonymisation secret".into(),
-            reason: "missing".into(),
-        })?;
-    value
-        .as_ref()
-        .try_into()
-        .map_err(|_| NodeError::CorruptStore {
-            what: "pseudonymisation secret".into(),
-            reason: format!("{} bytes, expected 32", value.len()),
-        })
 }
 
 #[cfg(test)]
@@ -143,7 +125,12 @@ mod tests {
             Err(NodeError::AlreadyInitialised { .. })
         ));
         let store = home.open_store().unwrap();
-        assert_eq!(pseudonym_secret(&store).unwrap().len(), 32);
+        assert_eq!(
+            crate::ingest::pseudonym::pseudonym_secret(&store)
+                .unwrap()
+                .len(),
+            32
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Loading the node's stored tables into the engine's in-memory image.
 //!
-//! Reads every stored patient, timepoint and information item (see [`crate::tables`],
-//! [`crate::records`]) shard by shard and hands them to the engine's
+//! Reads every stored patient, timepoint and information item (see [`crate::store::tables`],
+//! [`crate::store::records`]) shard by shard and hands them to the engine's
 //! [`ImageBuilder`]: patients by pseudonym, their timepoints, and each item placed at its
 //! timepoint while that timepoint's shard is read. Rows whose patient or timepoint is not
 //! stored are counted as orphans, never queried. A store with an unfinished ingest is
@@ -14,13 +14,13 @@ use renkei_engine::schema::DatasetSchema;
 use renkei_engine::{Dataset, ImageBuilder, TooManyRows};
 
 use crate::error::NodeError;
-use crate::records::{self, ItemRecord};
 use crate::store::NodeStore;
-use crate::tables::{self, Table};
+use crate::store::records::{self, ItemRecord};
+use crate::store::tables::{self, Table};
 
 /// Reads every stored row of `store` into a fresh image under `schema`.
 pub fn load(store: &NodeStore, schema: Arc<DatasetSchema>) -> Result<Dataset, NodeError> {
-    let unfinished = crate::ingest::unfinished_ingests(store)?;
+    let unfinished = crate::store::legacy::unfinished_ingests(store)?;
     if !unfinished.is_empty() {
         return Err(NodeError::UnfinishedIngest {
             file: unfinished.join(", "),

@@ -7,9 +7,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use renkei_node::audit;
-use renkei_node::control::{self, ControlRequest, ControlResponse, IngestPlan};
 use renkei_node::governance::PolicyKeeper;
-use renkei_node::ledger::PrivacyLedger;
+use renkei_node::net::control::{self, ControlRequest, ControlResponse, IngestPlan};
+use renkei_node::privacy::ledger::PrivacyLedger;
 use renkei_node::service::{NodeStatus, STATUS_FILE};
 use renkei_node::{NodeError, NodeHome, NodeService};
 

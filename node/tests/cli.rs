@@ -193,5 +193,9 @@ async fn ingest_while_serving_goes_through_the_node() {
     assert_eq!(node.desk().dataset().withheld(), 1);
 
     node.shutdown().await;
-    assert!(!node_dir.join(renkei_node::control::SOCKET_FILE).exists());
+    assert!(
+        !node_dir
+            .join(renkei_node::net::control::SOCKET_FILE)
+            .exists()
+    );
 }

@@ -18,11 +18,11 @@ use rand_chacha::ChaCha8Rng;
 use renkei_aggregator::{NetworkClient, NodeAddress, PreparedQuery, QueryOptions};
 use renkei_node::NodeHome;
 use renkei_node::ingest::ingest_patients;
-use renkei_node::ledger::PrivacyLedger;
+use renkei_node::privacy::ledger::PrivacyLedger;
 use renkei_policies::{Member, PolicyBundle, QueryLimits, Researcher, SignedPolicy};
 use renkei_protocol::Release;
-use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::MAX_RESPONSE_BYTES;
+use renkei_protocol::transport::EncodedRequest;
 use renkei_protocol::{
     Answer, MicroRho, PrivacyRequest, Purpose, Query, QueryResponse, RequestId, SecretKey, unix_now,
 };

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use renkei_node::NodeHome;
-use renkei_node::formats::{dicom, fastq};
 use renkei_node::ingest;
+use renkei_node::ingest::formats::{dicom, fastq};
 
 fn fixture(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

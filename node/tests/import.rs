@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use renkei_engine::{Dataset, Exact};
 use renkei_node::NodeHome;
-use renkei_node::import;
+use renkei_node::ingest::import;
 use renkei_protocol::{CmpOp, Filter, Literal, Query};
 
 fn fixture(path: &str) -> PathBuf {

@@ -6,7 +6,7 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use renkei_node::dp::Calibration;
+use renkei_node::privacy::dp::Calibration;
 use renkei_protocol::{MicroEpsilon, MicroRho};
 
 const DRAWS: usize = 20_000;

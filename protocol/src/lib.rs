@@ -2,9 +2,10 @@
 //!
 //! This crate owns what crosses a process boundary and nothing else: the query AST a
 //! researcher signs ([`query`]), the signed envelope that carries it ([`envelope`]), the
-//! request, answer and refusal messages ([`messages`]), key newtypes ([`keys`]), the one
-//! place where bytes are encoded and decoded ([`codec`]) and the protocol ids with their
-//! size limits ([`limits`]). It is small and pure on purpose: no sockets, no storage, no
+//! request, answer and refusal messages ([`messages`]), secure rounds' mask arithmetic
+//! ([`masks`]), key newtypes ([`keys`]), the one place where bytes are encoded and decoded
+//! ([`codec`], a leaf), the libp2p stream codecs ([`transport`]) and the protocol ids with
+//! their size limits ([`limits`]). It is small and pure on purpose: no sockets, no storage, no
 //! noise. Networking lives in `renkei-node` / `renkei-aggregator`, policy in `renkei-policies`.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -14,10 +15,12 @@ pub mod codec;
 pub mod envelope;
 pub mod keys;
 pub mod limits;
+pub mod masks;
 pub mod messages;
 pub mod query;
+pub mod transport;
 
-pub use codec::{CodecError, PolicyCodec, QueryCodec};
+pub use codec::CodecError;
 pub use envelope::{EnvelopeError, Purpose, SignedEnvelope};
 pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
@@ -26,6 +29,7 @@ pub use messages::{
     RefusalCode, Release, RequestId, UnmaskRequest, Unmasking,
 };
 pub use query::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
+pub use transport::{EncodedRequest, PolicyCodec, QueryCodec};
 
 /// Seconds since the Unix epoch, as used for `issued_at` / `expires_at`.
 pub fn unix_now() -> u64 {

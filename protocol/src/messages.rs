@@ -16,9 +16,10 @@ use crate::query::Query;
 pub struct RequestId(pub [u8; 16]);
 
 impl RequestId {
-    pub fn random() -> Result<Self, crate::KeyError> {
+    pub fn random() -> Result<Self, crate::keys::KeyError> {
         let mut bytes = [0u8; 16];
-        getrandom::fill(&mut bytes).map_err(|e| crate::KeyError::Randomness(e.to_string()))?;
+        getrandom::fill(&mut bytes)
+            .map_err(|e| crate::keys::KeyError::Randomness(e.to_string()))?;
         Ok(Self(bytes))
     }
 }
@@ -194,7 +195,7 @@ pub struct QueryRequest {
     pub study: String,
     /// The nodes (by their keys) this request is addressed to; any other node refuses it,
     /// so a node cannot spend the researcher's budget elsewhere by forwarding the request.
-    pub audience: Vec<crate::PublicKey>,
+    pub audience: Vec<crate::keys::PublicKey>,
     pub query: Query,
     /// The privacy each node is asked to spend on this answer. Nodes compute the actual cost
     /// from their own mechanism's privacy map and never charge less than that.
@@ -293,30 +294,6 @@ pub enum Release {
         labels: Vec<Vec<String>>,
         parts: Vec<Vec<i64>>,
     },
-}
-
-/// `values` hidden under `masks`, word by word mod 2^64: the words of a
-/// [`Release::Masked`].
-pub fn hide_under_masks(values: &[i64], masks: &[u64]) -> Vec<u64> {
-    values
-        .iter()
-        .zip(masks)
-        .map(|(value, mask)| (*value as u64).wrapping_add(*mask))
-        .collect()
-}
-
-/// The word-by-word sum (mod 2^64) of masked contributions, read as signed numbers: once
-/// every participant's contribution is in, the masks cancel and this is the sum of their
-/// values. Shorter contributions count as zeros.
-pub fn sum_masked(contributions: &[&[u64]]) -> Vec<i64> {
-    let len = contributions.iter().map(|c| c.len()).max().unwrap_or(0);
-    let mut total = vec![0u64; len];
-    for words in contributions {
-        for (sum, word) in total.iter_mut().zip(words.iter()) {
-            *sum = sum.wrapping_add(*word);
-        }
-    }
-    total.into_iter().map(|word| word as i64).collect()
 }
 
 /// A node's differentially private answer. Sent signed by the node's key
@@ -537,10 +514,10 @@ pub struct UnmaskRequest {
     /// The round's signed request, exactly as it was sent.
     pub round: SignedEnvelope,
     /// The audience members whose contributions are in the total, sorted.
-    pub survivors: Vec<crate::PublicKey>,
+    pub survivors: Vec<crate::keys::PublicKey>,
     /// Empty to settle; to reveal, every survivor's commitment (its key and its
     /// [`Unmasking::commitment`]).
-    pub commitments: Vec<(crate::PublicKey, Signature)>,
+    pub commitments: Vec<(crate::keys::PublicKey, Signature)>,
 }
 
 /// A survivor's reply to either step of an [`UnmaskRequest`]. Sent signed by the node
@@ -552,7 +529,7 @@ pub struct Unmasking {
     pub request_digest: [u8; 32],
     /// [`survivors_digest`] of the survivors this unmasking is for.
     pub survivors_digest: [u8; 32],
-    /// The node's signature over [`commitment_message`] ([`crate::Purpose::RoundCommitment`]):
+    /// The node's signature over [`commitment_message`] ([`crate::envelope::Purpose::RoundCommitment`]):
     /// it settled these survivors for this round.
     pub commitment: Signature,
     /// Reveal step: the node's own mask, word by word (subtract it from the total). Empty
@@ -561,33 +538,6 @@ pub struct Unmasking {
     /// Settle step: what the node's pairwise masks with the dropped nodes added to its
     /// contribution (subtract it from the total). Empty in the reveal step.
     pub dropped_masks: Vec<u64>,
-}
-
-/// The context of a secure round's masks, settled survivors and commitments: the request's
-/// [`request_digest`] bound to the researcher who signed it, so another researcher who
-/// signs the very same request gets masks and commitments unrelated to this round's.
-pub fn round_context(researcher: &crate::PublicKey, request_digest: &[u8; 32]) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    hash.update(b"renkei/secure-round/v1");
-    hash.update(researcher.as_bytes());
-    hash.update(request_digest);
-    hash.finalize().into()
-}
-
-/// What a survivor's commitment signs: the round (its [`round_context`]) and the set of
-/// survivors.
-pub fn commitment_message(round_context: &[u8; 32], survivors_digest: &[u8; 32]) -> Vec<u8> {
-    crate::Purpose::RoundCommitment
-        .signed_bytes(&[&round_context[..], &survivors_digest[..]].concat())
-}
-
-/// SHA-256 over a set of survivors (sorted keys), binding an unmasking to it.
-pub fn survivors_digest(survivors: &[crate::PublicKey]) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    for key in survivors {
-        hash.update(key.as_bytes());
-    }
-    hash.finalize().into()
 }
 
 #[cfg(test)]
@@ -658,7 +608,7 @@ mod tests {
 /// One admin's detached signature over a policy bundle's canonical bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminSignature {
-    pub admin: crate::PublicKey,
+    pub admin: crate::keys::PublicKey,
     pub signature: Signature,
 }
 

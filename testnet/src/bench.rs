@@ -666,7 +666,7 @@ pub async fn secure(
     }
     testnet.shutdown().await;
 
-    let central = renkei_node::dp::Calibration::for_request(privacy, 1.0, 1e-6)?;
+    let central = renkei_node::privacy::dp::Calibration::for_request(privacy, 1.0, 1e-6)?;
     let true_count = i64::try_from(truth)?;
     let central_errors: Vec<f64> = (0..CENTRAL_DRAWS)
         .map(|_| {

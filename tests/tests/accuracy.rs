@@ -6,7 +6,7 @@
 
 use renkei_aggregator::combine::combine;
 use renkei_aggregator::federation::NodeAnswer;
-use renkei_node::dp::Calibration;
+use renkei_node::privacy::dp::Calibration;
 use renkei_protocol::{Filter, MicroRho, PrivacyRequest, Query, Release};
 
 fn node_answer(calibration: &Calibration, value: i64) -> NodeAnswer {

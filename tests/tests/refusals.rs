@@ -12,8 +12,8 @@ use std::time::Duration;
 use renkei_aggregator::PreparedQuery;
 use renkei_aggregator::sql;
 use renkei_node::{NodeError, NodeService};
-use renkei_protocol::codec::EncodedRequest;
 use renkei_protocol::limits::{MAX_CLOCK_SKEW_SECS, MAX_REQUEST_LIFETIME_SECS};
+use renkei_protocol::transport::EncodedRequest;
 use renkei_protocol::{
     MicroRho, PrivacyRequest, PublicKey, QueryRequest, QueryResponse, Refusal, RefusalCode,
     RequestId, SecretKey, SignedEnvelope, unix_now,

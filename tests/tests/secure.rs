@@ -14,7 +14,7 @@ use libp2p::identity::Keypair;
 use renkei_aggregator::{
     AnswerMode, FederatedAnswer, NodeAddress, QueryOptions, ResearcherSession, sql,
 };
-use renkei_node::dp::Calibration;
+use renkei_node::privacy::dp::Calibration;
 use renkei_protocol::{MicroEpsilon, MicroRho, PrivacyRequest, RefusalCode, Release, SecretKey};
 use renkei_testnet::Testnet;
 use renkei_testnet::synth::TrueValue;
@@ -415,7 +415,7 @@ async fn a_round_asked_with_dropouts_survives_a_node_down() {
             other => panic!("{other:?}"),
         })
         .collect();
-    let raw = renkei_protocol::messages::sum_masked(&words);
+    let raw = renkei_protocol::masks::sum_masked(&words);
     assert!(raw.iter().all(|v| v.unsigned_abs() > 1 << 40), "{raw:?}");
     let sd = answer.std_dev.unwrap();
     // Four shares sized for three: sqrt(4/3) times the central sd.
@@ -480,8 +480,8 @@ async fn a_round_asked_with_dropouts_survives_a_node_down() {
 /// its own) gets the others' pairwise masks but never node 0's own mask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmasking_cannot_be_played_against_a_node() {
-    use renkei_protocol::codec::EncodedRequest;
     use renkei_protocol::envelope::Signature;
+    use renkei_protocol::transport::EncodedRequest;
     use renkei_protocol::{
         PublicKey, Purpose, QueryResponse, SignedEnvelope, UnmaskRequest, Unmasking,
     };

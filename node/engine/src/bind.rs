@@ -1,16 +1,14 @@
-//! Binding a query to the dataset: its view and columns resolved against the schema, its
-//! literals encoded as stored integers, the consent scopes it needs, and its statistic bound
-//! (sensitivity and released parts fixed). Anything that does not fit is refused with a
-//! [`SchemaError`] that names it.
+//! Binding a query to the dataset's schema: its view and columns resolved, its literals
+//! encoded as stored integers, the consent scopes it needs collected, and what statistics
+//! may ask while they bind ([`Binder`]: measures, groupings, the bound on rows per patient).
+//! Anything that does not fit is refused with a [`SchemaError`] that names it.
 
-use renkei_protocol::{Filter, Literal, Query, Release};
+use renkei_protocol::{Filter, Literal};
 
 use crate::image::{Dataset, Source, View};
 use crate::schema::{
-    ColumnDef, ColumnType, DatasetSchema, PATIENTS_VIEW, SECONDARY_USE, TIMEPOINT_COLUMN,
-    TIMEPOINTS_VIEW,
+    ColumnDef, ColumnType, DatasetSchema, PATIENTS_VIEW, TIMEPOINT_COLUMN, TIMEPOINTS_VIEW,
 };
-use crate::statistic::{self, Accumulator, Exact, Part};
 
 /// Most cells a GROUP BY may produce.
 pub const MAX_GROUP_CELLS: usize = 1024;
@@ -124,7 +122,32 @@ pub struct Binder<'a> {
     consents: Vec<String>,
 }
 
-impl Binder<'_> {
+impl<'a> Binder<'a> {
+    /// A binder for the view named `view_name` (resolved to `view`), whose rows need the
+    /// consent scopes `consents`.
+    pub(crate) fn new(
+        dataset: &'a Dataset,
+        view_name: &'a str,
+        view: View,
+        consents: Vec<String>,
+    ) -> Self {
+        Self {
+            columns: dataset.view_columns(view),
+            dataset,
+            view_name,
+            view,
+            consents,
+        }
+    }
+
+    /// The consent scopes the query needs, sorted, each once.
+    pub(crate) fn into_consents(self) -> Vec<String> {
+        let mut consents = self.consents;
+        consents.sort();
+        consents.dedup();
+        consents
+    }
+
     /// The view the query ranges over.
     pub fn view(&self) -> View {
         self.view
@@ -228,7 +251,7 @@ impl Binder<'_> {
         }
     }
 
-    fn filter(&mut self, filter: &Filter) -> Result<Node, SchemaError> {
+    pub(crate) fn filter(&mut self, filter: &Filter) -> Result<Node, SchemaError> {
         let value = |def: &ColumnDef, literal: &Literal| {
             def.encode_literal(literal)
                 .map_err(|e| SchemaError::Value(e.0))
@@ -294,59 +317,8 @@ impl Binder<'_> {
     }
 }
 
-/// A query the dataset accepts, ready to run.
-#[derive(Debug)]
-pub struct CompiledQuery {
-    pub(crate) view: View,
-    pub(crate) filter: Node,
-    /// The bound statistic: its released parts, and how it counts and releases.
-    pub(crate) statistic: Box<dyn Accumulator>,
-    /// Consent scopes a patient must have given to be counted.
-    pub required_consents: Vec<String>,
-}
-
-impl CompiledQuery {
-    /// The released quantities, each with its sensitivity and length; each gets its own
-    /// mechanism.
-    pub fn parts(&self) -> Vec<Part> {
-        self.statistic.parts()
-    }
-
-    /// Digits after the point of released sums and bins (the measured column's scale).
-    pub fn value_scale(&self) -> u8 {
-        self.statistic.value_scale()
-    }
-
-    /// Whether any released part is a count (to which a minimum cell size applies).
-    pub fn counts(&self) -> bool {
-        self.parts().iter().any(|p| p.counts)
-    }
-
-    /// Whether the release is a vector (a histogram or cells): released under zCDP only.
-    pub fn vector(&self) -> bool {
-        self.statistic.vector()
-    }
-
-    /// The bound statistic.
-    pub fn statistic(&self) -> &dyn Accumulator {
-        self.statistic.as_ref()
-    }
-
-    /// The wire form of an exact result with no noise and nothing withheld: what tests
-    /// compare against a reference. The node never sends it.
-    pub fn unnoised_release(&self, exact: Exact) -> Release {
-        self.statistic.release(
-            exact
-                .0
-                .into_iter()
-                .map(crate::statistic::NoisyPart::plain)
-                .collect(),
-        )
-    }
-}
-
 impl Dataset {
-    fn view(&self, name: &str) -> Result<View, SchemaError> {
+    pub(crate) fn view(&self, name: &str) -> Result<View, SchemaError> {
         match name {
             PATIENTS_VIEW => Ok(View::Patients),
             TIMEPOINTS_VIEW => Ok(View::Timepoints),
@@ -364,7 +336,7 @@ impl Dataset {
     }
 
     /// The columns a view offers, with where each comes from.
-    fn view_columns(&self, view: View) -> Vec<(String, Source, ColumnDef)> {
+    pub(crate) fn view_columns(&self, view: View) -> Vec<(String, Source, ColumnDef)> {
         let boolean = |name: String| ColumnDef {
             name,
             description: None,
@@ -437,34 +409,5 @@ impl Dataset {
             }
         }
         columns
-    }
-
-    /// Binds `query` to this dataset, or says which part does not fit.
-    pub fn compile(&self, query: &Query) -> Result<CompiledQuery, SchemaError> {
-        let view = self.view(&query.view)?;
-        let mut consents = vec![SECONDARY_USE.to_string()];
-        if let View::Items(k) = view
-            && let Some(scope) = &self.schema.items[k].consent
-        {
-            consents.push(scope.clone());
-        }
-        let mut binder = Binder {
-            dataset: self,
-            view_name: &query.view,
-            view,
-            columns: self.view_columns(view),
-            consents,
-        };
-        let filter = binder.filter(&query.filter)?;
-        let statistic = statistic::for_query(query).bind(query, &mut binder)?;
-        let mut required_consents = binder.consents;
-        required_consents.sort();
-        required_consents.dedup();
-        Ok(CompiledQuery {
-            view,
-            filter,
-            statistic,
-            required_consents,
-        })
     }
 }

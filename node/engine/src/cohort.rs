@@ -12,11 +12,10 @@ use std::collections::HashMap;
 
 use renkei_protocol::CmpOp;
 
-use crate::bind::{CompiledQuery, Grouping, Node, Test};
+use crate::bind::{Grouping, Node, Test};
 use crate::bitset::Bitset;
 use crate::column::{Column, NO_CELL, NULL};
 use crate::image::{Dataset, Source, View};
-use crate::statistic::Exact;
 
 /// The matching rows of one query at this node.
 #[derive(Debug)]
@@ -51,13 +50,20 @@ impl<'a> Cohort<'a> {
         patients
     }
 
+    /// On the `patients` view, its matching rows of consenting patients (one per patient).
+    pub fn patient_rows(&self) -> Option<Bitset> {
+        self.patient_view().then(|| {
+            let mut kept = self.rows.clone();
+            kept.and(&self.consenting);
+            kept
+        })
+    }
+
     /// The matching rows of consenting patients for which `keep` holds, at most `cap` per
     /// patient (the first ones in row order).
     pub fn capped_rows(&self, cap: u32, keep: &dyn Fn(usize) -> bool) -> Vec<usize> {
-        if self.patient_view() {
+        if let Some(kept) = self.patient_rows() {
             // One row per patient: the cap cannot bind.
-            let mut kept = self.rows.clone();
-            kept.and(&self.consenting);
             return kept.iter().filter(|&row| cap > 0 && keep(row)).collect();
         }
         let mut taken: HashMap<usize, u32> = HashMap::new();
@@ -112,20 +118,14 @@ pub fn clamped(column: &Column, row: usize, low: i64, high: i64) -> Option<i64> 
 }
 
 impl Dataset {
-    /// The cohort a compiled query selects.
-    pub fn cohort(&self, query: &CompiledQuery) -> Cohort<'_> {
+    /// The cohort a bound filter selects on `view`, among patients who gave `consents`.
+    pub(crate) fn cohort(&self, view: View, filter: &Node, consents: &[String]) -> Cohort<'_> {
         Cohort {
             dataset: self,
-            view: query.view,
-            rows: self.eval(&query.filter, query.view).0,
-            consenting: self.consenting(&query.required_consents),
+            view,
+            rows: self.eval(filter, view).0,
+            consenting: self.consenting(consents),
         }
-    }
-
-    /// The exact answer of a compiled query over consenting patients. Never leaves the node
-    /// without noise.
-    pub fn evaluate(&self, query: &CompiledQuery) -> Exact {
-        query.statistic.evaluate(&self.cohort(query))
     }
 
     /// (rows where the filter is true, rows where it is false); rows in neither are unknown.

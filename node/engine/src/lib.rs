@@ -9,9 +9,11 @@
 //! - [`image`]: the in-memory, columnar image of a node's patients, timepoints and items,
 //!   and the [`ImageBuilder`] the node's loader fills; [`column`] holds its columns (each in
 //!   the narrowest integer width, [`NULL`] marks a missing value) and [`bitset`] its row sets.
-//! - [`bind`]: a query bound to the schema ([`Dataset::compile`]): view, columns, literals,
-//!   consent scopes and the bound statistic.
-//! - [`cohort`]: the rows a compiled query selects, and what statistics read from them.
+//! - [`bind`]: a query's parts bound to the schema: view, columns, literals, consent scopes,
+//!   and what a statistic may ask while it binds ([`bind::Binder`]).
+//! - [`cohort`]: the rows a bound filter selects, and what statistics read from them.
+//! - [`compile`]: a query compiled for this node ([`Dataset::compile`]) and evaluated
+//!   ([`Dataset::evaluate`]); the one place that joins binding, cohorts and statistics.
 //! - [`statistic`]: one file per statistic, each implementing [`Statistic`] (bind, combine,
 //!   pooled truth) and [`Accumulator`] (its released parts, exact evaluation, wire form);
 //!   [`statistic::for_query`] is the registry.
@@ -41,6 +43,7 @@ pub mod bind;
 pub mod bitset;
 pub mod cohort;
 pub mod column;
+pub mod compile;
 pub mod estimate;
 pub mod image;
 pub mod release;
@@ -48,9 +51,10 @@ pub mod schema;
 pub mod statistic;
 pub mod truth;
 
-pub use bind::{CompiledQuery, MAX_GROUP_CELLS, SchemaError};
+pub use bind::{MAX_GROUP_CELLS, SchemaError};
 pub use cohort::Cohort;
 pub use column::NULL;
+pub use compile::CompiledQuery;
 pub use estimate::{Combined, Estimate, GroupEstimate, Z_95};
 pub use image::{Dataset, ImageBuilder, TooManyRows};
 pub use schema::DatasetSchema;

@@ -8,12 +8,11 @@
 
 use renkei_protocol::{Aggregate, MaskedShape, Query, Release};
 
+use super::shared::{add_counts, scalar_parts};
+use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, SchemaError};
 use crate::cohort::Cohort;
 use crate::estimate::{Combined, Estimate};
-use crate::statistic::{
-    Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic, add_counts, scalar_parts,
-};
 use crate::truth::{PooledCohort, TrueValue};
 
 #[derive(Debug)]

@@ -10,14 +10,13 @@
 
 use renkei_protocol::{MaskedShape, Query, Release};
 
+use super::count::counts_rows;
+use super::shared::{CountPart, add_counts};
+use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, Grouping, SchemaError};
 use crate::cohort::Cohort;
 use crate::column::NO_CELL;
 use crate::estimate::{Combined, Estimate, GroupEstimate};
-use crate::statistic::count::counts_rows;
-use crate::statistic::{
-    Accumulator, CountPart, Exact, NoisyPart, Part, SiteRelease, Statistic, add_counts,
-};
 use crate::truth::{PooledCohort, TrueValue};
 
 #[derive(Debug)]
@@ -140,9 +139,9 @@ impl Accumulator for Table {
             for row in cohort.capped_rows(self.cap, &|row| cell[row] != NO_CELL) {
                 counts[cell[row] as usize] += 1;
             }
-        } else if cohort.patient_view() {
+        } else if let Some(patients) = cohort.patient_rows() {
             // Rows are patients: each counts once in its cell.
-            for row in cohort.capped_rows(1, &|row| cell[row] != NO_CELL) {
+            for row in patients.iter().filter(|&row| cell[row] != NO_CELL) {
                 counts[cell[row] as usize] += 1;
             }
         } else {

@@ -11,15 +11,13 @@
 
 use renkei_protocol::{MaskedShape, Query, Release};
 
+use super::shared::{CountPart, add_counts, ratio, saturate};
+use super::sum::bind_measure;
+use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, Grouping, Measure, SchemaError};
 use crate::cohort::{Cohort, clamped};
 use crate::column::NO_CELL;
 use crate::estimate::{Combined, Estimate, GroupEstimate, Z_95};
-use crate::statistic::sum::bind_measure;
-use crate::statistic::{
-    Accumulator, CountPart, Exact, NoisyPart, Part, SiteRelease, Statistic, add_counts, ratio,
-    saturate,
-};
 use crate::truth::{PooledCohort, TrueValue};
 
 #[derive(Debug)]

@@ -7,13 +7,12 @@
 
 use renkei_protocol::{MaskedShape, Query, Release};
 
+use super::shared::{pooled_values, ratio};
+use super::sum::{bind_measure, sum_and_count};
+use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, Measure, SchemaError};
 use crate::cohort::Cohort;
 use crate::estimate::{Combined, Estimate, Z_95};
-use crate::statistic::sum::{bind_measure, sum_and_count};
-use crate::statistic::{
-    Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic, pooled_values, ratio,
-};
 use crate::truth::{PooledCohort, TrueValue};
 
 #[derive(Debug)]

@@ -10,13 +10,12 @@
 use rand::{Rng, SeedableRng};
 use renkei_protocol::{Aggregate, MaskedShape, Query, Release};
 
+use super::shared::{pooled_values, unscale};
+use super::sum::bind_measure;
+use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, Measure, SchemaError};
 use crate::cohort::{Cohort, clamped};
 use crate::estimate::{Combined, Estimate};
-use crate::statistic::sum::bind_measure;
-use crate::statistic::{
-    Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic, pooled_values, unscale,
-};
 use crate::truth::{PooledCohort, TrueValue};
 
 /// Bins of the histogram a quantile is read from.

@@ -7,13 +7,11 @@
 
 use renkei_protocol::{Aggregate, MaskedShape, Query, Release};
 
+use super::shared::{add_counts, pooled_values, saturating_sum, scalar_parts};
+use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, Measure, SchemaError};
 use crate::cohort::{Cohort, clamped};
 use crate::estimate::{Combined, Estimate};
-use crate::statistic::{
-    Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic, add_counts, pooled_values,
-    saturating_sum, scalar_parts,
-};
 use crate::truth::{PooledCohort, TrueValue};
 
 #[derive(Debug)]

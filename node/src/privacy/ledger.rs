@@ -417,7 +417,7 @@ impl PrivacyLedger {
     /// Settles which survivors the recoverable secure round `digest` is unmasked for: the
     /// first set asked is kept (until the round expires) and only that set is ever answered,
     /// so a node never reveals both its own mask and a dropped node's pairwise masks for
-    /// one round. True when `survivors` (a [`renkei_protocol::messages::survivors_digest`])
+    /// one round. True when `survivors` (a [`renkei_protocol::masks::survivors_digest`])
     /// is the settled set. Written, not yet durable: make it durable before replying.
     pub fn settle_survivors(
         &self,

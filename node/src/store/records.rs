@@ -7,7 +7,7 @@
 //! identifier is stored. Values are positional, following the node's dataset schema (kept in
 //! the store at `init`); `None` is a missing value.
 //!
-//! Patients and timepoints are stored in shards ([`crate::tables`]). [`PatientRecord`] and
+//! Patients and timepoints are stored in shards ([`crate::store::tables`]). [`PatientRecord`] and
 //! [`TimepointRecord`] are the one-record-per-row layout stores were first written in; they
 //! are read only to move such a store into shards when it is opened.
 

@@ -7,7 +7,7 @@
 //! - **Masks** (Bonawitz et al. 2017): nodes `i` and `j` agree on a
 //!   32-byte secret by X25519 between their identity keys, expand it with HKDF-SHA256 under
 //!   the round's context (the request's digest bound to the researcher who signed it,
-//!   `renkei_protocol::messages::round_context`) and the pair, and seed ChaCha20 with it. `i < j` adds the stream,
+//!   `renkei_protocol::masks::round_context`) and the pair, and seed ChaCha20 with it. `i < j` adds the stream,
 //!   `j` subtracts it (mod 2^64), so the masks cancel in the sum and nothing has to be
 //!   exchanged. Each node's masked words are uniformly random to anyone missing one of its
 //!   pairwise secrets.
@@ -52,8 +52,8 @@ use renkei_protocol::{MicroRho, PublicKey, SecretKey};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::dp::{Calibration, DpError};
 use crate::error::NodeError;
+use crate::privacy::dp::{Calibration, DpError};
 
 /// Context string of every mask derivation.
 const MASK_INFO: &[u8] = b"renkei/secure-aggregation/mask/v1";
@@ -301,7 +301,7 @@ pub fn share_calibration(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use renkei_protocol::messages::{hide_under_masks as masked, sum_masked};
+    use renkei_protocol::masks::{hide_under_masks as masked, sum_masked};
 
     fn keys(n: usize) -> (Vec<SecretKey>, Vec<PublicKey>) {
         let secrets: Vec<SecretKey> = (0..n).map(|_| SecretKey::generate().unwrap()).collect();

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::desk::QueryDesk;
 use crate::error::NodeError;
-use crate::import;
+use crate::ingest::import;
 use crate::ingest::{self, IngestReport};
 use crate::store::NodeStore;
 
@@ -158,7 +158,7 @@ impl IngestPlan {
             let report = load(store, path, self.dry_run)
                 .map_err(|e| e.within(format!("loading {}", path.display())))?;
             if !self.dry_run {
-                ingest::completed(store, path)?;
+                crate::store::legacy::completed(store, path)?;
             }
             done(format!(
                 "{prefix}{what} from {}: {} rows, {} added, {} updated{}",
@@ -191,7 +191,7 @@ impl ControlRequest {
                 Ok(())
             }
             ControlRequest::AbandonUnfinished => {
-                let files = ingest::abandon_unfinished(store)?;
+                let files = crate::store::legacy::abandon_unfinished(store)?;
                 done(if files.is_empty() {
                     "no unfinished ingest to abandon".into()
                 } else {
@@ -399,7 +399,7 @@ async fn serve_one(
 /// answering rather than answer from data the store no longer holds (a withdrawn consent).
 fn carry_out(desk: &QueryDesk, request: &ControlRequest) -> ControlResponse {
     let mut lines = Vec::new();
-    let outcome = desk.load(request, &mut |line| lines.push(line));
+    let outcome = request.run(desk.ledger().store(), &mut |line| lines.push(line));
     if request.writes() {
         match desk.refresh_dataset() {
             Ok(()) => {

@@ -392,6 +392,37 @@ mod tests {
     }
 
     #[test]
+    fn split_mechanisms_together_cost_what_was_asked() {
+        for parts in 1..=4 {
+            let sensitivities = vec![1.0; parts];
+            let split = Calibration::split(
+                PrivacyRequest::Zcdp {
+                    rho: MicroRho(50_001),
+                },
+                &sensitivities,
+                1e-6,
+            )
+            .unwrap();
+            assert_eq!(split.len(), parts);
+            assert_eq!(
+                split.iter().map(|c| c.cost.0).sum::<u64>(),
+                50_001,
+                "{parts}"
+            );
+            let pure = Calibration::split(
+                PrivacyRequest::PureDp {
+                    epsilon: MicroEpsilon(1_000_000),
+                },
+                &sensitivities,
+                1e-6,
+            )
+            .unwrap();
+            let epsilon: f64 = pure.iter().map(|c| c.epsilon).sum();
+            assert!(epsilon <= 1.0 + 1e-9, "{parts}: {epsilon}");
+        }
+    }
+
+    #[test]
     fn nonsense_budgets_are_refused() {
         assert!(Calibration::gaussian(1.0, MicroRho(0), 1e-6).is_err());
         assert!(Calibration::gaussian(0.0, MicroRho(10), 1e-6).is_err());

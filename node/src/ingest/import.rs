@@ -27,12 +27,12 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::NodeError;
-use crate::home::pseudonym_secret;
-use crate::ingest::{
-    IngestError, IngestErrors, IngestReport, MAX_REPORTED_ERRORS, pseudonym, write_tables,
-};
+use crate::error::{IngestError, IngestErrors};
+use crate::ingest::csv::{IngestReport, MAX_REPORTED_ERRORS, write_tables};
+use crate::ingest::pseudonym::pseudonym;
+use crate::ingest::pseudonym::pseudonym_secret;
 use crate::store::NodeStore;
-use crate::tables::{Table, TableWrites};
+use crate::store::tables::{Table, TableWrites};
 use renkei_engine::NULL;
 use renkei_engine::schema::SECONDARY_USE;
 

@@ -9,7 +9,7 @@
 //! million patients with five timepoints each make shards of about 1,200 timepoint rows).
 //!
 //! Layout of the `data` tree, in key order:
-//! - `I ‖ item key` → an [`ItemRecord`](crate::records::ItemRecord) (see [`crate::records`]);
+//! - `I ‖ item key` → an [`ItemRecord`](crate::store::records::ItemRecord) (see [`crate::store::records`]);
 //! - `P ‖ shard (u16, big-endian)` → the patient [`Shard`];
 //! - `T ‖ shard` → the timepoint [`Shard`].
 //!
@@ -24,8 +24,8 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+use super::db::NodeStore;
 use crate::error::NodeError;
-use crate::store::NodeStore;
 use renkei_engine::NULL;
 
 /// Bits of the pseudonym prefix that pick a shard.
@@ -805,9 +805,9 @@ pub fn commit(store: &NodeStore, batch: sled::Batch) -> Result<(), NodeError> {
 /// between is harmless. The move holds the old store in memory once over (about 100 bytes
 /// a row), which the stores written in that layout (it loaded about 100,000 rows/s) fit.
 /// A mark of a file whose ingest stopped midway is kept (see
-/// [`crate::ingest::unfinished_ingests`]).
+/// [`crate::store::legacy::unfinished_ingests`]).
 pub(crate) fn migrate_record_trees(store: &NodeStore) -> Result<(), NodeError> {
-    use crate::records::{PatientRecord, TimepointRecord, decode};
+    use crate::store::records::{PatientRecord, TimepointRecord, decode};
     const OLD_TREES: [&str; 3] = ["patients", "timepoints", "items"];
     let db = store.db();
     let names = db.tree_names();
@@ -914,11 +914,23 @@ fn legacy_pseudonym(key: &[u8]) -> Result<[u8; 32], NodeError> {
     })
 }
 
+impl NodeStore {
+    /// How many patient, timepoint and item rows are stored.
+    pub fn record_counts(&self) -> Result<(usize, usize, usize), NodeError> {
+        let schema = self.schema()?;
+        Ok((
+            count_rows(self, Table::Patients, schema.patients.len())?,
+            count_rows(self, Table::Timepoints, schema.timepoints.len())?,
+            self.data.scan_prefix([ITEM_PREFIX]).count(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::home::NodeHome;
-    use crate::records::{self, PatientRecord, TimepointRecord};
+    use crate::store::records::{self, PatientRecord, TimepointRecord};
     use renkei_engine::schema::SECONDARY_USE;
 
     fn store(dir: &std::path::Path) -> NodeStore {

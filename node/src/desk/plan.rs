@@ -1,0 +1,173 @@
+//! Planning a verified request: bind the query to the current image (its statistic and
+//! the parts it releases), check a secure round's participants, calibrate one mechanism per
+//! part and total the cost. Refusals here still spend nothing.
+
+use std::sync::Arc;
+
+use renkei_policies::{Grant, VerifiedPolicy};
+use renkei_protocol::{MicroRho, PrivacyRequest, PublicKey, QueryRequest, Refusal, RefusalCode};
+
+use crate::privacy::dp::Calibration;
+use crate::privacy::secure;
+
+use super::{Checked, QueryDesk};
+
+/// A request whose signature, signer, addressing, timing and policy terms are checked.
+#[derive(Debug)]
+pub(super) struct Verified {
+    pub(super) digest: [u8; 32],
+    pub(super) researcher: PublicKey,
+    pub(super) request: QueryRequest,
+    pub(super) grant: Grant,
+    pub(super) policy: Arc<VerifiedPolicy>,
+}
+
+impl QueryDesk {
+    /// Binds a verified request to the data and fixes what it releases: the statistic's
+    /// parts, one mechanism each (per site, or a noise share for a secure round among its
+    /// checked participants), and their total cost, within the grant's per-query limit.
+    pub(super) fn plan(&self, verified: Verified) -> Result<Checked, Refusal> {
+        let Verified {
+            digest,
+            researcher,
+            request,
+            grant,
+            policy,
+        } = verified;
+        let bundle = policy.bundle();
+        let dataset = self.dataset();
+        let compiled = dataset
+            .compile(&request.query)
+            .map_err(|e| Refusal::new(RefusalCode::InvalidQuery, e.to_string()))?;
+        let out_of_range = |e: crate::privacy::dp::DpError| {
+            Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
+        };
+        let participants = if request.secure {
+            let participants = secure_participants(&request, bundle, &grant)?;
+            // Agree with every peer now, so a key unusable for masks is refused before any
+            // charge (and the round's release only runs the cheap part).
+            self.pair_secrets
+                .prepare(&self.identity, &participants)
+                .map_err(|(key, e)| {
+                    Refusal::new(
+                        RefusalCode::MalformedRequest,
+                        format!("participant {key} cannot take part in a secure round: {e}"),
+                    )
+                })?;
+            Some(participants)
+        } else if !grant.per_site_answers {
+            return Err(Refusal::new(
+                RefusalCode::SecureAggregationRequired,
+                format!(
+                    "study `{}` allows only secure totals (no hospital's own answer is released); ask for a secure round",
+                    request.study
+                ),
+            ));
+        } else {
+            None
+        };
+        if compiled.vector() && matches!(request.privacy, PrivacyRequest::PureDp { .. }) {
+            return Err(Refusal::new(
+                RefusalCode::PrivacyParameterOutOfRange,
+                "histograms, quantiles and GROUP BY are released under zCDP only; ask with a rho",
+            ));
+        }
+        let parts = compiled.parts();
+        let calibrations = match &participants {
+            Some(participants) => {
+                let PrivacyRequest::Zcdp { rho } = request.privacy else {
+                    return Err(Refusal::new(
+                        RefusalCode::PrivacyParameterOutOfRange,
+                        "secure totals add distributed discrete Gaussian noise under zCDP; ask with a rho",
+                    ));
+                };
+                // Each part gets its share of the rho and a noise share sized for the total.
+                renkei_engine::statistic::split_budget(rho.0, parts.len())
+                    .into_iter()
+                    .zip(&parts)
+                    .map(|(rho, part)| {
+                        secure::share_calibration(
+                            MicroRho(rho),
+                            part.sensitivity,
+                            part.len,
+                            participants.len(),
+                            grant.secure_colluders as usize,
+                            request.dropouts as usize,
+                            grant.report_delta,
+                        )
+                        .map_err(out_of_range)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            None => Calibration::split(
+                request.privacy,
+                &parts.iter().map(|p| p.sensitivity).collect::<Vec<_>>(),
+                grant.report_delta,
+            )
+            .map_err(out_of_range)?,
+        };
+        let cost = MicroRho(calibrations.iter().map(|c| c.cost.0).sum());
+        grant.check_cost(cost)?;
+        Ok(Checked {
+            digest,
+            researcher,
+            request,
+            dataset,
+            compiled,
+            calibrations,
+            cost,
+            grant,
+            participants,
+        })
+    }
+}
+
+/// The nodes of a secure round: the request's audience, each a member node of the policy
+/// (a key outside the consortium could be one whose masks the aggregator knows), and at
+/// least two more than the policy's tolerated colluders.
+fn secure_participants(
+    request: &QueryRequest,
+    bundle: &renkei_policies::PolicyBundle,
+    grant: &Grant,
+) -> Result<Vec<PublicKey>, Refusal> {
+    let mut participants = request.audience.clone();
+    participants.sort();
+    participants.dedup();
+    if participants.len() != request.audience.len() {
+        return Err(Refusal::new(
+            RefusalCode::MalformedRequest,
+            "a secure round's audience names a node twice",
+        ));
+    }
+    for key in &participants {
+        let member = key
+            .to_peer_id()
+            .ok()
+            .and_then(|peer| bundle.member(&peer).map(|_| ()));
+        if member.is_none() {
+            return Err(Refusal::new(
+                RefusalCode::MalformedRequest,
+                format!(
+                    "secure round participant {key} is not a member node in policy v{}; only member nodes may share masks",
+                    bundle.version
+                ),
+            ));
+        }
+    }
+    // With one honest node, the colluders and the aggregator could subtract everything
+    // else and read that node's own answer: at least two must remain, after the dropouts
+    // the round is asked to survive.
+    let colluders = grant.secure_colluders as usize;
+    let dropouts = request.dropouts as usize;
+    let needed = colluders.saturating_add(2).saturating_add(dropouts);
+    if participants.len() < needed {
+        return Err(Refusal::new(
+            RefusalCode::PrivacyParameterOutOfRange,
+            format!(
+                "a secure total needs at least {needed} nodes (two more than the {colluders} the policy lets collude, plus the {dropouts} dropouts it is to survive); this one names {}",
+                participants.len()
+            ),
+        ));
+    }
+    Ok(participants)
+}

@@ -1,0 +1,204 @@
+//! Patient and timepoint tables from CSV: each row typed against the schema as it is read,
+//! merged into the stored shards, and written in one atomic batch or not at all.
+
+use renkei_engine::NULL;
+
+use super::pseudonym::{Pseudonyms, pseudonym_secret};
+use std::path::Path;
+
+use crate::error::NodeError;
+use crate::store::NodeStore;
+use crate::store::tables::{Table, TableWrites};
+use renkei_engine::schema::{TIMEPOINT_COLUMN, parse_flag};
+
+use super::csv::*;
+
+/// The columns of `defs` a file has: (position in the file, position in the table).
+fn file_columns(file: &CsvFile, defs: &[renkei_engine::schema::ColumnDef]) -> Vec<(usize, usize)> {
+    defs.iter()
+        .enumerate()
+        .filter_map(|(position, def)| file.index.get(&def.name).map(|at| (*at, position)))
+        .collect()
+}
+
+/// Parses a row's cells of `columns` into `values`, reporting bad cells.
+fn parse_row(
+    row: &csv::StringRecord,
+    line: u64,
+    columns: &[(usize, usize)],
+    defs: &[renkei_engine::schema::ColumnDef],
+    values: &mut [i64],
+    problems: &mut Problems,
+) {
+    for ((at, position), value) in columns.iter().zip(values.iter_mut()) {
+        let def = &defs[*position];
+        match def.parse_cell(cell(row, *at)) {
+            Ok(parsed) => *value = parsed.unwrap_or(NULL),
+            Err(e) => problems.push(Some(line), Some(&def.name), e.0),
+        }
+    }
+}
+
+/// Loads a patient CSV.
+pub fn ingest_patients(
+    store: &NodeStore,
+    path: &Path,
+    dry_run: bool,
+) -> Result<IngestReport, NodeError> {
+    let schema = store.schema()?;
+    let scopes = consent_scopes(&schema);
+    let consent_columns: Vec<String> = scopes.iter().map(|s| format!("consent_{s}")).collect();
+    let mut problems = Problems::new(path);
+    let expected = format!(
+        "patient_id, {}, {}",
+        schema
+            .patients
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        consent_columns.join(", ")
+    );
+    let allowed = |name: &str| {
+        schema.patient_column(name).is_some() || consent_columns.iter().any(|c| c == name)
+    };
+    let Some(file) = CsvFile::open(path, &["patient_id"], &allowed, &expected, &mut problems)
+    else {
+        return Err(refused(problems));
+    };
+    let columns = file_columns(&file, &schema.patients);
+    let consents: Vec<(usize, usize)> = consent_columns
+        .iter()
+        .enumerate()
+        .filter_map(|(bit, name)| file.index.get(name).map(|at| (*at, bit)))
+        .collect();
+    let id_at = file.position("patient_id");
+    let mut writes = TableWrites::new(
+        Table::Patients,
+        schema.patients.len(),
+        columns.iter().map(|(_, position)| *position).collect(),
+        scopes,
+    );
+    let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
+    let mut values = vec![NULL; columns.len()];
+    file.for_each_row(
+        id_at,
+        &mut ids,
+        &mut problems,
+        |row, line, pseudonym, problems| {
+            parse_row(row, line, &columns, &schema.patients, &mut values, problems);
+            let (mut grant, mut revoke) = (0u64, 0u64);
+            for (at, bit) in &consents {
+                let given = cell(row, *at);
+                match parse_flag(given) {
+                    Some(true) => grant |= 1 << bit,
+                    Some(false) => revoke |= 1 << bit,
+                    None => problems.push(
+                        Some(line),
+                        Some(&consent_columns[*bit]),
+                        format!("`{given}` is not true/false, yes/no or 1/0"),
+                    ),
+                }
+            }
+            writes.push(pseudonym, 0, &values, (grant, revoke), line);
+        },
+    );
+    report_duplicates(&mut writes, "patient_id", "this patient id", &mut problems);
+    problems.finish(())?;
+    let merged = write_tables(store, &[&writes], Vec::new(), dry_run)?;
+    Ok(IngestReport {
+        rows: writes.len(),
+        added: merged.added,
+        updated: merged.updated,
+        consented: merged.consented,
+        dry_run,
+    })
+}
+
+pub(super) fn parse_timepoint(cell: &str, line: u64, problems: &mut Problems) -> Option<u16> {
+    match cell.parse::<u16>() {
+        Ok(n) => Some(n),
+        Err(_) => {
+            problems.push(
+                Some(line),
+                Some(TIMEPOINT_COLUMN),
+                format!("`{cell}` is not a timepoint number 0–65535"),
+            );
+            None
+        }
+    }
+}
+
+/// Loads a timepoint CSV (clinical course, drugs, labs, antibodies, cytokines…).
+pub fn ingest_timepoints(
+    store: &NodeStore,
+    path: &Path,
+    dry_run: bool,
+) -> Result<IngestReport, NodeError> {
+    let schema = store.schema()?;
+    let mut problems = Problems::new(path);
+    let expected = format!(
+        "patient_id, timepoint, {}",
+        schema
+            .timepoints
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let allowed = |name: &str| schema.timepoint_column(name).is_some();
+    let Some(file) = CsvFile::open(
+        path,
+        &["patient_id", TIMEPOINT_COLUMN],
+        &allowed,
+        &expected,
+        &mut problems,
+    ) else {
+        return Err(refused(problems));
+    };
+    let columns = file_columns(&file, &schema.timepoints);
+    let (id_at, number_at) = (file.position("patient_id"), file.position(TIMEPOINT_COLUMN));
+    let mut writes = TableWrites::new(
+        Table::Timepoints,
+        schema.timepoints.len(),
+        columns.iter().map(|(_, position)| *position).collect(),
+        Vec::new(),
+    );
+    let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
+    let mut values = vec![NULL; columns.len()];
+    file.for_each_row(
+        id_at,
+        &mut ids,
+        &mut problems,
+        |row, line, pseudonym, problems| {
+            let number = parse_timepoint(cell(row, number_at), line, problems);
+            parse_row(
+                row,
+                line,
+                &columns,
+                &schema.timepoints,
+                &mut values,
+                problems,
+            );
+            if let Some(number) = number {
+                writes.push(pseudonym, number, &values, (0, 0), line);
+            }
+        },
+    );
+    require_stored(&ids, store, &mut problems)?;
+    report_duplicates(
+        &mut writes,
+        TIMEPOINT_COLUMN,
+        "this patient's timepoint",
+        &mut problems,
+    );
+    problems.finish(())?;
+    let merged = write_tables(store, &[&writes], Vec::new(), dry_run)?;
+    Ok(IngestReport {
+        rows: writes.len(),
+        added: merged.added,
+        updated: merged.updated,
+        consented: 0,
+        dry_run,
+    })
+}
