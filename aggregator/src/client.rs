@@ -52,6 +52,12 @@ pub enum AskError {
     Stream(String),
     #[error("the aggregator's network task has stopped")]
     ClientStopped,
+    /// The request reached the node (its connection then dropped, or its reply did not
+    /// come) and no answer arrived before the deadline: the node may have charged it.
+    #[error(
+        "the request reached the node but its answer was lost ({last}); it may have been charged there: the node keeps the answer, and returns it, without a new charge, to this same signed request"
+    )]
+    AnswerLost { last: String },
 }
 
 impl From<OutboundFailure> for AskError {
@@ -345,8 +351,11 @@ const RESEND_PAUSE: Duration = Duration::from_millis(200);
 
 /// Asks one node, resending the *same* signed request while the reply was lost in transit
 /// (the connection closed or the stream failed after sending) or the node was still busy
-/// answering it, until `deadline`. Nodes answer a resent request with the answer they
-/// recorded, so this never spends twice; a node that cannot be reached at all is not retried.
+/// answering it, until `deadline`. Once the request may have reached the node, a node that
+/// cannot be reached for a while (restarting) is asked again too. Nodes answer a resent
+/// request with the answer they recorded, so this never spends twice. A node never reached
+/// is reported as unreachable; one that may have received the request and sent nothing back
+/// as [`AskError::AnswerLost`] (it may have charged).
 pub(crate) async fn ask_until(
     client: &NetworkClient,
     node: &NodeAddress,
@@ -354,18 +363,35 @@ pub(crate) async fn ask_until(
     deadline: Duration,
 ) -> Result<QueryResponse, AskError> {
     let until = tokio::time::Instant::now() + deadline;
+    let mut delivered = false;
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
         let reply = client
             .ask(node.peer_id, node.address.clone(), request.clone(), left)
             .await;
         let retry = match &reply {
-            Err(AskError::ConnectionClosed | AskError::Stream(_)) => true,
+            Err(AskError::ConnectionClosed | AskError::Stream(_) | AskError::Timeout(_)) => {
+                delivered = true;
+                true
+            }
+            Err(AskError::Unreachable(_)) => delivered,
             Ok(QueryResponse::Refused(refusal)) => refusal.code == RefusalCode::Overloaded,
-            _ => false,
+            Ok(
+                QueryResponse::Answered(_) | QueryResponse::Quoted(_) | QueryResponse::Unmasked(_),
+            )
+            | Err(
+                AskError::UnsupportedProtocol
+                | AskError::ClientStopped
+                | AskError::AnswerLost { .. },
+            ) => false,
         };
         if !retry || tokio::time::Instant::now() + RESEND_PAUSE >= until {
-            return reply;
+            return match reply {
+                Err(e) if delivered => Err(AskError::AnswerLost {
+                    last: e.to_string(),
+                }),
+                other => other,
+            };
         }
         tokio::time::sleep(RESEND_PAUSE).await;
     }

@@ -160,10 +160,8 @@ pub fn node_answer(node: String, institution: String, answer: Answer) -> NodeAns
     let scale = 10f64.powi(i32::from(answer.value_scale));
     let (value, suppressed, ci95) = match &answer.release {
         Release::Scalar {
-            value,
-            suppressed: true,
+            suppressed: true, ..
         } => {
-            let _ = value;
             let below = answer.min_cell_size.saturating_sub(1) as f64;
             (None, true, Some([0.0, below + Z_95 * answer.noise_std]))
         }
@@ -176,7 +174,12 @@ pub fn node_answer(node: String, institution: String, answer: Answer) -> NodeAns
                 Some([(v - half) / scale, (v + half) / scale]),
             )
         }
-        _ => (None, false, None),
+        // Not one number: the release itself says what the node sent.
+        Release::SumAndCount { .. }
+        | Release::Histogram { .. }
+        | Release::Groups { .. }
+        | Release::Masked { .. }
+        | Release::Cells { .. } => (None, false, None),
     };
     NodeAnswer {
         node,

@@ -20,6 +20,10 @@ pub enum NodeError {
     NotInitialised { dir: PathBuf },
     #[error("{dir} is already an initialised node directory; refusing to overwrite its identity")]
     AlreadyInitialised { dir: PathBuf },
+    #[error(
+        "{dir} has the node's identity key but no store: the store was lost or moved. Put it back (or restore it from a backup), or, to start a new node with a new identity, move node.key away and run init again"
+    )]
+    StoreMissing { dir: PathBuf },
     #[error("node store {path} is in use by another process (is `renkei-node serve` running?)")]
     StoreLocked { path: PathBuf },
     #[error("node store: {0}")]

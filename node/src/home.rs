@@ -48,10 +48,17 @@ impl NodeHome {
         let home = Self {
             dir: dir.to_path_buf(),
         };
-        // A store without a key file is an interrupted init: finish it.
+        // A store without a key file is an interrupted init: finish it. A key without a
+        // store is a node that lost its store: never a fresh start under the same identity.
         if home.identity_path().exists() {
-            return Err(NodeError::AlreadyInitialised {
-                dir: dir.to_path_buf(),
+            return Err(if home.store_path().exists() {
+                NodeError::AlreadyInitialised {
+                    dir: dir.to_path_buf(),
+                }
+            } else {
+                NodeError::StoreMissing {
+                    dir: dir.to_path_buf(),
+                }
             });
         }
         let key = SecretKey::generate()?;
@@ -78,10 +85,18 @@ impl NodeHome {
         let home = Self {
             dir: dir.to_path_buf(),
         };
-        if !home.identity_path().exists() || !home.store_path().exists() {
-            return Err(NodeError::NotInitialised {
-                dir: dir.to_path_buf(),
-            });
+        match (home.identity_path().exists(), home.store_path().exists()) {
+            (true, true) => {}
+            (true, false) => {
+                return Err(NodeError::StoreMissing {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            (false, _) => {
+                return Err(NodeError::NotInitialised {
+                    dir: dir.to_path_buf(),
+                });
+            }
         }
         Ok(home)
     }
@@ -114,6 +129,21 @@ impl NodeHome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_without_its_store_is_the_same_problem_to_init_and_open() {
+        let dir = tempfile::tempdir().unwrap();
+        NodeHome::init(dir.path()).unwrap();
+        std::fs::remove_dir_all(dir.path().join(STORE_DIR)).unwrap();
+        assert!(matches!(
+            NodeHome::init(dir.path()),
+            Err(NodeError::StoreMissing { .. })
+        ));
+        assert!(matches!(
+            NodeHome::open(dir.path()),
+            Err(NodeError::StoreMissing { .. })
+        ));
+    }
 
     #[test]
     fn init_creates_a_node_once() {

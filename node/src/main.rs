@@ -319,15 +319,27 @@ fn verified_audit(dir: &std::path::Path) -> anyhow::Result<Vec<audit::AuditEntry
 fn status(dir: &std::path::Path) -> anyhow::Result<()> {
     let home = NodeHome::open(dir)?;
     println!("peer id:   {}", home.peer_id()?);
+    let print_data = |schema: Option<(&str, u32)>,
+                      consented: usize,
+                      withheld: usize,
+                      timepoints: usize,
+                      items: &[(String, usize)],
+                      orphans: usize| {
+        if let Some((name, version)) = schema {
+            println!("schema:    {name} v{version}");
+        }
+        println!("patients:  {consented} consented, {withheld} withheld (no consent)");
+        println!("timepoints: {timepoints}");
+        let items: Vec<String> = items.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("items:     {}", items.join(", "));
+        if orphans > 0 {
+            println!("orphans:   {orphans} records without their patient (ignored)");
+        }
+    };
     match home.open_store() {
         Ok(store) => {
             let schema = std::sync::Arc::new(store.schema()?);
             let data = renkei_node::image::load(&store, schema)?;
-            println!(
-                "schema:    {} v{}",
-                data.schema().name,
-                data.schema().version
-            );
             match PolicyKeeper::open(store)?.active() {
                 Some(p) => println!(
                     "policy:    v{} ({}), hash {}",
@@ -337,24 +349,19 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
                 ),
                 None => println!("policy:    none yet"),
             }
-            println!(
-                "patients:  {} consented, {} withheld (no consent)",
-                data.consented(),
-                data.withheld()
-            );
-            println!("timepoints: {}", data.timepoints());
-            let items: Vec<String> = data
+            let items: Vec<(String, usize)> = data
                 .items()
-                .iter()
-                .map(|(k, n)| format!("{k} {n}"))
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n))
                 .collect();
-            println!("items:     {}", items.join(", "));
-            if data.orphans() > 0 {
-                println!(
-                    "orphans:   {} records without their patient (ignored)",
-                    data.orphans()
-                );
-            }
+            print_data(
+                Some((data.schema().name.as_str(), data.schema().version)),
+                data.consented(),
+                data.withheld(),
+                data.timepoints(),
+                &items,
+                data.orphans(),
+            );
             println!("serving:   no");
         }
         Err(NodeError::StoreLocked { .. }) => {
@@ -367,13 +374,19 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
                 "policy:    v{}, hash {}",
                 status.policy_version, status.policy_hash
             );
-            println!(
-                "patients:  {} consented, {} withheld (no consent)",
-                status.consented, status.withheld
+            print_data(
+                status.schema.as_ref().map(|(n, v)| (n.as_str(), *v)),
+                status.consented,
+                status.withheld,
+                status.timepoints,
+                &status.items,
+                status.orphans,
             );
+            let since = std::time::UNIX_EPOCH + std::time::Duration::from_secs(status.started_at);
             println!(
                 "serving:   yes, at {} (since {})",
-                status.listen_addr, status.started_at
+                status.listen_addr,
+                humantime::format_rfc3339_seconds(since)
             );
             println!("noise rng: {}", status.randomness);
         }

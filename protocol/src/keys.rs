@@ -133,7 +133,7 @@ impl FromStr for PublicKey {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = |reason: String| KeyError::BadPublicKey {
-            text: text.chars().take(80).collect(),
+            text: text.chars().take(200).collect(),
             reason,
         };
         let bytes = hex::decode(text.trim()).map_err(|e| bad(e.to_string()))?;

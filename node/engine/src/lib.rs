@@ -31,7 +31,12 @@
 //! 3. **One SQL arm** in the aggregator's `sql.rs`, producing the query AST.
 //! 4. **One wire variant**, if its release has a new shape: a `Release` (and `MaskedShape`)
 //!    variant in `renkei-protocol`, appended last. The compiler then points at every place
-//!    that must handle it (no catch-all arms): [`release`], and the aggregator's printers.
+//!    that must handle it (no catch-all arms): [`release`] (a secure total read back, shape
+//!    checks) and the aggregator's per-node report (`results::node_answer`).
+//!
+//! `GROUP BY … SUM(col) | AVG(col)` was added this way: `statistic/grouped_sum.rs`, two
+//! registry lines (sum and mean per cell), the SQL arm that lets GROUP BY take them, and
+//! `Release::Cells` / `MaskedShape::Cells`.
 //!
 //! Noise calibration needs nothing new: the node gives each part its own mechanism (the
 //! budget split evenly, [`statistic::split_budget`]), per site or as a secure share.

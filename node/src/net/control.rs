@@ -404,8 +404,13 @@ fn carry_out(desk: &QueryDesk, request: &ControlRequest) -> ControlResponse {
         match desk.refresh_dataset() {
             Ok(()) => {
                 let image = desk.dataset();
+                let (now, what) = if outcome.is_ok() {
+                    ("now answers", "")
+                } else {
+                    ("still answers", " (nothing of the refused load was stored)")
+                };
                 lines.push(format!(
-                    "the serving node now answers from {} consenting patients ({} withheld, {} timepoints)",
+                    "the serving node {now} from {} consenting patients ({} withheld, {} timepoints){what}",
                     image.consented(),
                     image.withheld(),
                     image.timepoints()

@@ -24,6 +24,17 @@ pub struct NodeStatus {
     pub withheld: usize,
     pub started_at: u64,
     pub randomness: String,
+    /// The dataset schema's name and version (absent in files of earlier versions).
+    #[serde(default)]
+    pub schema: Option<(String, u32)>,
+    #[serde(default)]
+    pub timepoints: usize,
+    /// Items per kind, in schema order.
+    #[serde(default)]
+    pub items: Vec<(String, usize)>,
+    /// Stored records without their patient (ignored).
+    #[serde(default)]
+    pub orphans: usize,
 }
 
 /// The status file of a serving node, rewritten when the policy or the data changes.
@@ -59,6 +70,14 @@ impl StatusFile {
             withheld: image.withheld(),
             started_at: self.started_at,
             randomness: crate::privacy::dp::RANDOMNESS.to_string(),
+            schema: Some((image.schema().name.clone(), image.schema().version)),
+            timepoints: image.timepoints(),
+            items: image
+                .items()
+                .into_iter()
+                .map(|(kind, n)| (kind.to_string(), n))
+                .collect(),
+            orphans: image.orphans(),
         };
         let tmp = self.path.with_extension("json.tmp");
         let written = serde_json::to_vec_pretty(&status)

@@ -57,16 +57,31 @@ enum Command {
         #[command(flatten)]
         passphrase: PassphraseArgs,
     },
-    /// Write a starter policy source (TOML) naming the first admin.
+    /// Write a starter policy source (TOML) naming its admins (threshold 1; raise it with
+    /// `renkei-policy threshold`).
     New {
         /// The consortium's name.
         #[arg(long)]
         consortium: String,
-        /// The first admin's public key (hex).
-        #[arg(long)]
-        admin: String,
+        /// An admin's public key (hex); repeat, or separate keys with commas, for several.
+        #[arg(long, required = true, value_delimiter = ',')]
+        admin: Vec<String>,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// The consortium's admins, whose signatures make a bundle valid.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// How many distinct admin signatures a bundle needs.
+    Threshold {
+        /// Policy source (TOML), edited in place.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Signatures required (at least 1, at most the number of admins).
+        #[arg(long)]
+        set: u32,
     },
     /// Researchers known to the consortium.
     Researcher {
@@ -161,6 +176,24 @@ enum Command {
         /// Seconds to wait for each node.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Add an admin (by public key, as printed by `renkei-policy keygen`).
+    Add {
+        #[arg(long = "in")]
+        input: PathBuf,
+        #[arg(long)]
+        key: String,
+    },
+    /// Remove an admin; refused if fewer admins than the threshold would remain.
+    Remove {
+        #[arg(long = "in")]
+        input: PathBuf,
+        #[arg(long)]
+        key: String,
     },
 }
 
@@ -322,10 +355,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin,
             out,
         } => {
+            let mut admins = Vec::with_capacity(admin.len());
+            for text in &admin {
+                let admin = key(text)?;
+                if admins.contains(&admin) {
+                    bail!("--admin {admin} is given twice");
+                }
+                admins.push(admin);
+            }
             let bundle = PolicyBundle {
                 version: 1,
                 consortium,
-                admins: vec![key(&admin)?],
+                admins,
                 threshold: 1,
                 members: vec![],
                 researchers: vec![],
@@ -340,6 +381,44 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::write(&out, bundle.to_toml()?)
                 .with_context(|| format!("writing {}", out.display()))?;
         }
+        Command::Admin {
+            command: AdminCommand::Add { input, key: public },
+        } => edit(&input, |bundle| {
+            let admin = key(&public)?;
+            if bundle.admins.contains(&admin) {
+                bail!("{admin} is already an admin of {}", bundle.consortium);
+            }
+            bundle.admins.push(admin);
+            Ok(())
+        })?,
+        Command::Admin {
+            command: AdminCommand::Remove { input, key: public },
+        } => edit(&input, |bundle| {
+            let admin = key(&public)?;
+            let Some(at) = bundle.admins.iter().position(|a| *a == admin) else {
+                bail!("{admin} is not an admin of {}", bundle.consortium);
+            };
+            if bundle.admins.len() as u64 <= u64::from(bundle.threshold) {
+                bail!(
+                    "removing {admin} would leave {} admin(s) for a threshold of {}; lower it first with `renkei-policy threshold --set`",
+                    bundle.admins.len() - 1,
+                    bundle.threshold
+                );
+            }
+            bundle.admins.remove(at);
+            Ok(())
+        })?,
+        Command::Threshold { input, set } => edit(&input, |bundle| {
+            if set == 0 || set as usize > bundle.admins.len() {
+                bail!(
+                    "--set {set}: the threshold must be between 1 and the {} admin(s) of {}",
+                    bundle.admins.len(),
+                    bundle.consortium
+                );
+            }
+            bundle.threshold = set;
+            Ok(())
+        })?,
         Command::Researcher {
             command:
                 ResearcherCommand::Add {

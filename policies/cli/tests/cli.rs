@@ -242,3 +242,66 @@ fn admins_build_sign_and_verify_a_policy() {
     ]));
     assert!(tampered.contains("does not verify"), "{tampered}");
 }
+
+#[test]
+fn admins_and_the_threshold_are_set_by_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            stdout(&policy_cli(&[
+                "keygen",
+                "--plain",
+                "--out",
+                &path(d, &format!("{name}.key")),
+            ]))
+        })
+        .collect();
+    let source = path(d, "policy.toml");
+    // --admin repeats, and takes comma-separated keys.
+    stdout(&policy_cli(&[
+        "new",
+        "--consortium",
+        "c",
+        "--admin",
+        &format!("{},{}", keys[0], keys[1]),
+        "--out",
+        &source,
+    ]));
+    let text = std::fs::read_to_string(&source).unwrap();
+    assert!(text.contains(&keys[0]) && text.contains(&keys[1]), "{text}");
+    stdout(&policy_cli(&[
+        "admin", "add", "--in", &source, "--key", &keys[2],
+    ]));
+    stdout(&policy_cli(&["threshold", "--in", &source, "--set", "3"]));
+    let text = std::fs::read_to_string(&source).unwrap();
+    assert!(text.contains("threshold = 3"), "{text}");
+    assert!(text.contains(&keys[2]), "{text}");
+    // Removing an admin below the threshold is refused, with what to do.
+    let refused = stderr(&policy_cli(&[
+        "admin", "remove", "--in", &source, "--key", &keys[1],
+    ]));
+    assert!(refused.contains("lower it first"), "{refused}");
+    stdout(&policy_cli(&["threshold", "--in", &source, "--set", "2"]));
+    stdout(&policy_cli(&[
+        "admin", "remove", "--in", &source, "--key", &keys[1],
+    ]));
+    let text = std::fs::read_to_string(&source).unwrap();
+    assert!(!text.contains(&keys[1]), "{text}");
+    let too_high = stderr(&policy_cli(&["threshold", "--in", &source, "--set", "3"]));
+    assert!(
+        too_high.contains("between 1 and the 2 admin(s)"),
+        "{too_high}"
+    );
+    // A bad key is quoted whole in the error.
+    let bad = format!("{}zz", keys[0]);
+    let refused = stderr(&policy_cli(&[
+        "admin", "add", "--in", &source, "--key", &bad,
+    ]));
+    assert!(refused.contains(&bad), "{refused}");
+    let twice = stderr(&policy_cli(&[
+        "admin", "add", "--in", &source, "--key", &keys[0],
+    ]));
+    assert!(twice.contains("already an admin"), "{twice}");
+}
