@@ -71,13 +71,17 @@ pub fn ingest_manifest(
             }
         };
         let summary = match item_kind.format {
-            ItemFormat::Dicom => formats::dicom::summarise(&file_path),
-            ItemFormat::Fastq => formats::fastq::summarise(&file_path).map(|(s, _)| s),
+            ItemFormat::Dicom => {
+                formats::dicom::summarise(&file_path).map_err(|reason| format!("{file}: {reason}"))
+            }
+            ItemFormat::Fastq => formats::fastq::summarise(&file_path)
+                .map(|(s, _)| s)
+                .map_err(|e| e.located(file)),
         };
         let summary = match summary {
             Ok(summary) => summary,
             Err(reason) => {
-                problems.push(Some(line), Some("path"), format!("{file}: {reason}"));
+                problems.push(Some(line), Some("path"), reason);
                 continue;
             }
         };
