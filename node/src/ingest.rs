@@ -28,8 +28,10 @@ mod manifest;
 pub(crate) mod pseudonym;
 
 pub use consent::{ingest_consent, withdraw_consent};
-pub use csv::{IngestReport, MAX_REPORTED_ERRORS, PATIENT_CSV_HEADER};
-pub use csv_tables::{ingest_patients, ingest_timepoints};
+pub use csv::{IngestOptions, IngestReport, MAX_REPORTED_ERRORS, PATIENT_CSV_HEADER};
+pub use csv_tables::{
+    ingest_patients, ingest_patients_with, ingest_timepoints, ingest_timepoints_with,
+};
 pub use manifest::ingest_manifest;
 pub use pseudonym::pseudonym;
 

@@ -66,6 +66,11 @@ enum Command {
         /// Validate and report without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Round decimals with more digits after the point than the schema keeps (half away
+        /// from zero) and report how many; without it such a value is refused with its
+        /// file, line and column.
+        #[arg(long)]
+        round: bool,
         /// Forget an ingest that did not finish and cannot be run again (its file is gone or
         /// changed), accepting whatever part of it was written.
         #[arg(long, group = "input")]
@@ -183,6 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fhir,
             assume_consent,
             dry_run,
+            round,
             abandon_unfinished,
         } => {
             let plan = IngestPlan {
@@ -194,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 fhir,
                 assume_consent,
                 dry_run,
+                round,
             };
             let request = if abandon_unfinished {
                 ControlRequest::AbandonUnfinished
@@ -324,7 +331,8 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
                       withheld: usize,
                       timepoints: usize,
                       items: &[(String, usize)],
-                      orphans: usize| {
+                      orphans: usize,
+                      over_bound: Option<(usize, u32)>| {
         if let Some((name, version)) = schema {
             println!("schema:    {name} v{version}");
         }
@@ -334,6 +342,11 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
         println!("items:     {}", items.join(", "));
         if orphans > 0 {
             println!("orphans:   {orphans} records without their patient (ignored)");
+        }
+        if let Some((over, bound)) = over_bound.filter(|(over, _)| *over > 0) {
+            println!(
+                "bound:     {over} patient(s) have more than {bound} timepoints; each counts at most {bound} rows in a timepoint answer, spread over its course"
+            );
         }
     };
     match home.open_store() {
@@ -361,6 +374,10 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
                 data.timepoints(),
                 &items,
                 data.orphans(),
+                Some((
+                    data.patients_over_bound(),
+                    data.schema().max_timepoints_per_patient,
+                )),
             );
             println!("serving:   no");
         }
@@ -381,6 +398,7 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
                 status.timepoints,
                 &status.items,
                 status.orphans,
+                status.over_bound,
             );
             let since = std::time::UNIX_EPOCH + std::time::Duration::from_secs(status.started_at);
             println!(

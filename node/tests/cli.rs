@@ -199,3 +199,149 @@ async fn ingest_while_serving_goes_through_the_node() {
             .exists()
     );
 }
+
+/// A decimal with more digits than the schema keeps is refused with its file, line and
+/// column (nothing rounded in silence); `--round` rounds it and says how many it rounded,
+/// and the stored value is the rounded one.
+#[test]
+fn extra_decimal_digits_are_refused_unless_rounding_is_asked_for() {
+    use renkei_protocol::{Aggregate, Filter, Query, Release};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node");
+    let node_dir = node.to_str().unwrap();
+    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
+    let patients = dir.path().join("p.csv");
+    std::fs::write(
+        &patients,
+        "patient_id,age,consent_secondary_use\nP1,60,1\nP2,70,1\n",
+    )
+    .unwrap();
+    assert!(
+        node_cli(&[
+            "ingest",
+            "--dir",
+            node_dir,
+            "--patients",
+            patients.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let labs = dir.path().join("labs.csv");
+    std::fs::write(
+        &labs,
+        "patient_id,timepoint,crp\nP1,0,1.25\nP2,0,1.234\nP2,1,2.5\n",
+    )
+    .unwrap();
+    let labs = labs.to_str().unwrap();
+    let refused = node_cli(&["ingest", "--dir", node_dir, "--timepoints", labs]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("labs.csv:3 column `crp`"), "{stderr}");
+    assert!(stderr.contains("`1.234` has more digits"), "{stderr}");
+    assert!(stderr.contains("--round"), "{stderr}");
+
+    let rounded = node_cli(&["ingest", "--dir", node_dir, "--timepoints", labs, "--round"]);
+    let stdout = String::from_utf8_lossy(&rounded.stdout);
+    assert!(
+        rounded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rounded.stderr)
+    );
+    assert!(stdout.contains("1 value(s) rounded"), "{stdout}");
+
+    let home = renkei_node::NodeHome::open(&node).unwrap();
+    let store = home.open_store().unwrap();
+    let data =
+        renkei_node::image::load(&store, std::sync::Arc::new(store.schema().unwrap())).unwrap();
+    let sum = Query {
+        aggregate: Aggregate::Sum {
+            column: "crp".into(),
+        },
+        ..Query::count_patients("timepoints", Filter::True)
+    };
+    let compiled = data.compile(&sum).unwrap();
+    let Release::Scalar { value, .. } = compiled.unnoised_release(data.evaluate(&compiled)) else {
+        panic!("a sum is one number");
+    };
+    // 1.25 + 1.23 (rounded from 1.234) + 2.50, in hundredths.
+    assert_eq!(value, 125 + 123 + 250);
+}
+
+/// A patient with more timepoints than the schema's bound (8 in covid19) is reported at
+/// ingest and in `status`, and a timepoint answer keeps 8 of its rows spread over its
+/// course, not its first 8.
+#[test]
+fn timepoints_over_the_bound_are_reported_and_spread() {
+    use renkei_protocol::{Aggregate, Filter, Query, Release};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node");
+    let node_dir = node.to_str().unwrap();
+    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
+    let patients = dir.path().join("p.csv");
+    std::fs::write(
+        &patients,
+        "patient_id,age,consent_secondary_use\nP1,60,1\nP2,70,1\n",
+    )
+    .unwrap();
+    assert!(
+        node_cli(&[
+            "ingest",
+            "--dir",
+            node_dir,
+            "--patients",
+            patients.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let labs = dir.path().join("labs.csv");
+    let mut text = String::from("patient_id,timepoint,crp\nP2,0,1\n");
+    for day in 0..10 {
+        text.push_str(&format!("P1,{day},{}\n", day + 1));
+    }
+    std::fs::write(&labs, text).unwrap();
+    let loaded = node_cli(&[
+        "ingest",
+        "--dir",
+        node_dir,
+        "--timepoints",
+        labs.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    assert!(
+        stdout.contains("1 patient(s) have more than 8 timepoints"),
+        "{stdout}"
+    );
+    let status = node_cli(&["status", "--dir", node_dir]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("bound:     1 patient(s) have more than 8"),
+        "{status}"
+    );
+
+    let home = renkei_node::NodeHome::open(&node).unwrap();
+    let store = home.open_store().unwrap();
+    let data =
+        renkei_node::image::load(&store, std::sync::Arc::new(store.schema().unwrap())).unwrap();
+    assert_eq!(data.patients_over_bound(), 1);
+    let sum = Query {
+        aggregate: Aggregate::Sum {
+            column: "crp".into(),
+        },
+        ..Query::count_patients("timepoints", Filter::True)
+    };
+    let compiled = data.compile(&sum).unwrap();
+    let Release::Scalar { value, .. } = compiled.unnoised_release(data.evaluate(&compiled)) else {
+        panic!("a sum is one number");
+    };
+    // P1 keeps days 1, 2, 4, 5, 6, 7, 9 and 10 (the first eight would sum to 36); P2 adds 1.
+    assert_eq!(value, (44 + 1) * 100);
+}

@@ -793,9 +793,10 @@ pub fn true_value<'a>(
         if rows.is_empty() {
             continue;
         }
+        // At most the schema's bound, spread over the course as nodes keep them.
         cohort.patients.push(
-            rows.iter()
-                .take(rows_per_patient)
+            renkei_engine::cohort::spread(rows.len(), rows_per_patient)
+                .map(|i| &rows[i])
                 .map(|row| renkei_engine::PooledRow {
                     value: column.as_deref().and_then(|c| numeric(row(c))),
                     cell: query.group_by.iter().map(|g| label(row(g))).collect(),

@@ -60,24 +60,47 @@ impl<'a> Cohort<'a> {
     }
 
     /// The matching rows of consenting patients for which `keep` holds, at most `cap` per
-    /// patient (the first ones in row order).
+    /// patient. A patient with more such rows keeps `cap` of them spread evenly over its
+    /// course ([`spread`]): the answer does not lean toward the start of a long stay.
     pub fn capped_rows(&self, cap: u32, keep: &dyn Fn(usize) -> bool) -> Vec<usize> {
         if let Some(kept) = self.patient_rows() {
             // One row per patient: the cap cannot bind.
             return kept.iter().filter(|&row| cap > 0 && keep(row)).collect();
         }
-        let mut taken: HashMap<usize, u32> = HashMap::new();
-        self.rows
+        let cap = cap as usize;
+        let rows = self
+            .rows
             .iter()
-            .filter(|&row| self.consenting.contains(self.patient_of(row)) && keep(row))
-            .filter(|&row| {
-                let seen = taken.entry(self.patient_of(row)).or_insert(0);
-                *seen < cap && {
-                    *seen += 1;
-                    true
+            .filter(|&row| self.consenting.contains(self.patient_of(row)) && keep(row));
+        let mut kept = Vec::new();
+        if self.dataset.grouped_by_patient(self.view) {
+            // A patient's rows are consecutive: take each run as it ends.
+            let mut run: Vec<usize> = Vec::new();
+            for row in rows {
+                if run
+                    .first()
+                    .is_some_and(|first| self.patient_of(*first) != self.patient_of(row))
+                {
+                    kept.extend(spread(run.len(), cap).map(|i| run[i]));
+                    run.clear();
                 }
-            })
-            .collect()
+                run.push(row);
+            }
+            kept.extend(spread(run.len(), cap).map(|i| run[i]));
+        } else {
+            let mut by_patient: HashMap<usize, Vec<usize>> = HashMap::new();
+            for row in rows {
+                by_patient
+                    .entry(self.patient_of(row))
+                    .or_default()
+                    .push(row);
+            }
+            for run in by_patient.values() {
+                kept.extend(spread(run.len(), cap).map(|i| run[i]));
+            }
+            kept.sort_unstable();
+        }
+        kept
     }
 
     /// The distinct (cell, patient) pairs among the matching rows of consenting patients.
@@ -109,6 +132,21 @@ impl<'a> Cohort<'a> {
         }
         cell
     }
+}
+
+/// Which of a patient's `n` rows (in timepoint order) count when at most `cap` may: all of
+/// them when `n <= cap`, else the middle row of each of `cap` equal stretches of the course,
+/// `⌊(2k + 1)·n / (2·cap)⌋` for `k < cap`. Deterministic, and every part of a long course is
+/// represented, so capping does not bias an answer toward the start (or the end).
+pub fn spread(n: usize, cap: usize) -> impl Iterator<Item = usize> {
+    let take = n.min(cap);
+    (0..take).map(move |k| {
+        if n <= cap {
+            k
+        } else {
+            (2 * k + 1) * n / (2 * cap)
+        }
+    })
 }
 
 /// A column value clamped to `[low, high]`, or `None` where it is missing.
@@ -230,5 +268,31 @@ fn presence_test(has: Bitset, test: &Test) -> (Bitset, Bitset) {
         Test::Cmp(CmpOp::Lt | CmpOp::Le | CmpOp::Gt | CmpOp::Ge, _)
         | Test::In(_)
         | Test::Between(..) => column_test(&Column::flags(&has), test),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn capped_rows_spread_over_the_course() {
+        assert_eq!(spread(3, 8).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            spread(16, 8).collect::<Vec<_>>(),
+            vec![1, 3, 5, 7, 9, 11, 13, 15]
+        );
+        assert_eq!(spread(10, 4).collect::<Vec<_>>(), vec![1, 3, 6, 8]);
+        assert_eq!(spread(9, 1).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(spread(0, 4).count(), 0);
+        // Always distinct, in order, within the course.
+        for n in 0..40 {
+            for cap in 1..10 {
+                let kept: Vec<usize> = spread(n, cap).collect();
+                assert_eq!(kept.len(), n.min(cap));
+                assert!(kept.windows(2).all(|w| w[0] < w[1]), "{n} {cap}");
+                assert!(kept.iter().all(|i| *i < n));
+            }
+        }
     }
 }

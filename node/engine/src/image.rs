@@ -29,6 +29,8 @@ pub(crate) struct Timepoints {
     pub(crate) patient: Vec<u32>,
     pub(crate) number: Column,
     pub(crate) columns: Vec<Column>,
+    /// Each patient's rows are consecutive.
+    pub(crate) grouped: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -39,6 +41,8 @@ pub(crate) struct Items {
     pub(crate) columns: Vec<Column>,
     /// The summary columns of this kind's format.
     pub(crate) defs: Vec<ColumnDef>,
+    /// Each patient's rows are consecutive.
+    pub(crate) grouped: bool,
 }
 
 /// The node's data, ready to be queried.
@@ -51,6 +55,8 @@ pub struct Dataset {
     pub(crate) items: Vec<Items>,
     /// Stored records whose patient is missing (reported, never counted).
     pub(crate) orphans: usize,
+    /// Patients with more timepoints than the schema's bound on rows per patient.
+    pub(crate) over_bound: usize,
 }
 
 /// Which rows a query ranges over.
@@ -116,6 +122,7 @@ impl Dataset {
             items,
             schema,
             orphans: 0,
+            over_bound: 0,
         }
     }
 
@@ -157,6 +164,21 @@ impl Dataset {
 
     pub fn orphans(&self) -> usize {
         self.orphans
+    }
+
+    /// Patients with more timepoints than the schema's `max_timepoints_per_patient`: each
+    /// contributes at most that many rows to a timepoint answer, spread over its course.
+    pub fn patients_over_bound(&self) -> usize {
+        self.over_bound
+    }
+
+    /// Whether each patient's rows of `view` are consecutive (as the loader writes them).
+    pub(crate) fn grouped_by_patient(&self, view: View) -> bool {
+        match view {
+            View::Patients => true,
+            View::Timepoints => self.timepoints.grouped,
+            View::Items(k) => self.items[k].grouped,
+        }
     }
 
     pub(crate) fn rows(&self, view: View) -> usize {
@@ -407,6 +429,17 @@ impl ImageBuilder {
         for (items, columns) in data.items.iter_mut().zip(item_columns) {
             items.columns = narrowest(columns);
         }
+        let consecutive = |parent: &[u32]| parent.windows(2).all(|w| w[0] <= w[1]);
+        data.timepoints.grouped = consecutive(&data.timepoints.patient);
+        for items in &mut data.items {
+            items.grouped = consecutive(&items.patient);
+        }
+        let mut timepoints = vec![0u32; data.patients.len];
+        for patient in &data.timepoints.patient {
+            timepoints[*patient as usize] += 1;
+        }
+        let bound = data.schema.max_timepoints_per_patient;
+        data.over_bound = timepoints.iter().filter(|n| **n > bound).count();
         data
     }
 }

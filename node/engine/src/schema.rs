@@ -17,6 +17,16 @@ use serde::Deserialize;
 /// The default schema, compiled in.
 pub const COVID19: &str = include_str!("../../schemas/covid19.toml");
 
+/// What to do with a decimal that has more digits after the point than its column keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Digits {
+    /// Refuse it: nothing is rounded in silence (the default).
+    #[default]
+    Exact,
+    /// Round it half away from zero, and count it.
+    Round,
+}
+
 /// Why a schema file is not usable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -350,9 +360,21 @@ impl ColumnDef {
 
     /// Parses an input cell (CSV, FHIR) into the stored integer; `None` for an empty cell.
     pub fn parse_cell(&self, cell: &str) -> Result<Option<i64>, ValueError> {
+        self.parse_cell_with(cell, Digits::Exact)
+            .map(|(value, _)| value)
+    }
+
+    /// [`ColumnDef::parse_cell`] under a rule for decimals with more digits than the column
+    /// keeps; also says whether the value was rounded.
+    pub fn parse_cell_with(
+        &self,
+        cell: &str,
+        digits: Digits,
+    ) -> Result<(Option<i64>, bool), ValueError> {
+        let mut rounded = false;
         let cell = trim_cell(cell);
         if cell.is_empty() || cell.eq_ignore_ascii_case("na") || cell.eq_ignore_ascii_case("null") {
-            return Ok(None);
+            return Ok((None, false));
         }
         let out_of_range = |shown: &str| {
             ValueError(format!(
@@ -374,8 +396,24 @@ impl ColumnDef {
             ColumnType::Decimal { min, max, scale } => {
                 let decimal = parse_decimal(cell)
                     .ok_or_else(|| ValueError(format!("`{cell}` is not a number")))?;
-                // Inputs may carry more digits than kept: round half away from zero.
-                let stored = round_to_scale(&decimal, *scale).ok_or_else(|| out_of_range(cell))?;
+                let extra = decimal.scale > *scale && {
+                    let divisor = 10i64.checked_pow(u32::from(decimal.scale - scale));
+                    divisor.is_none_or(|d| decimal.digits % d != 0)
+                };
+                let stored = match (extra, digits) {
+                    (false, Digits::Exact | Digits::Round) => rescale(&decimal, *scale),
+                    (true, Digits::Round) => {
+                        rounded = true;
+                        round_to_scale(&decimal, *scale)
+                    }
+                    (true, Digits::Exact) => {
+                        return Err(ValueError(format!(
+                            "`{cell}` has more digits after the point than the {scale} `{}` keeps; round it in the file, or load with --round to round such values (half away from zero)",
+                            self.name
+                        )));
+                    }
+                }
+                .ok_or_else(|| out_of_range(cell))?;
                 let lo = (min * 10f64.powi(i32::from(*scale))).floor() as i64;
                 let hi = (max * 10f64.powi(i32::from(*scale))).ceil() as i64;
                 if stored < lo || stored > hi {
@@ -399,7 +437,7 @@ impl ColumnDef {
                 }
             },
         };
-        Ok(Some(value))
+        Ok((Some(value), rounded))
     }
 
     /// The stored integer as text, for reports.
@@ -547,7 +585,23 @@ mod tests {
         let schema = DatasetSchema::covid19().unwrap();
         let (_, crp) = schema.timepoint_column("crp").unwrap();
         assert_eq!(crp.parse_cell("1.25").unwrap(), Some(125));
-        assert_eq!(crp.parse_cell("1.255").unwrap(), Some(126));
+        // Digits beyond the column's are refused unless rounding is asked for; zeros are
+        // no digits lost.
+        let refused = crp.parse_cell("1.234").unwrap_err();
+        assert!(refused.0.contains("--round"), "{}", refused.0);
+        assert_eq!(crp.parse_cell("1.250").unwrap(), Some(125));
+        assert_eq!(
+            crp.parse_cell_with("1.255", Digits::Round).unwrap(),
+            (Some(126), true)
+        );
+        assert_eq!(
+            crp.parse_cell_with("1.254", Digits::Round).unwrap(),
+            (Some(125), true)
+        );
+        assert_eq!(
+            crp.parse_cell_with("1.25", Digits::Round).unwrap(),
+            (Some(125), false)
+        );
         assert_eq!(crp.parse_cell("").unwrap(), None);
         assert!(crp.parse_cell("51").is_err());
         assert!(crp.parse_cell("high").is_err());

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use crate::error::{IngestError, IngestErrors, NodeError};
 use crate::store::NodeStore;
 use crate::store::tables::{self, Merged, TableWrites};
-use renkei_engine::schema::{DatasetSchema, SECONDARY_USE, trim_cell};
+use renkei_engine::schema::{DatasetSchema, Digits, SECONDARY_USE, trim_cell};
 
 use super::pseudonym::Pseudonyms;
 
@@ -46,6 +46,19 @@ pub struct IngestReport {
     /// Patients in the file who consented to secondary use (patient files only).
     pub consented: usize,
     pub dry_run: bool,
+    /// Decimals rounded to their column's digits (only when asked, or by an import, whose
+    /// rule says so).
+    pub rounded: usize,
+}
+
+/// How a file is loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestOptions {
+    /// Check everything, write nothing.
+    pub dry_run: bool,
+    /// What to do with decimals that have more digits than their column keeps (refused
+    /// unless `Round` is asked for).
+    pub digits: Digits,
 }
 
 /// Collects problems while a whole file is checked.

@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::error::NodeError;
 use crate::store::NodeStore;
 use crate::store::tables::{Table, TableWrites};
-use renkei_engine::schema::{TIMEPOINT_COLUMN, parse_flag};
+use renkei_engine::schema::{Digits, TIMEPOINT_COLUMN, parse_flag};
 
 use super::csv::*;
 
@@ -21,30 +21,60 @@ fn file_columns(file: &CsvFile, defs: &[renkei_engine::schema::ColumnDef]) -> Ve
         .collect()
 }
 
-/// Parses a row's cells of `columns` into `values`, reporting bad cells.
-fn parse_row(
-    row: &csv::StringRecord,
-    line: u64,
-    columns: &[(usize, usize)],
-    defs: &[renkei_engine::schema::ColumnDef],
-    values: &mut [i64],
-    problems: &mut Problems,
-) {
-    for ((at, position), value) in columns.iter().zip(values.iter_mut()) {
-        let def = &defs[*position];
-        match def.parse_cell(cell(row, *at)) {
-            Ok(parsed) => *value = parsed.unwrap_or(NULL),
-            Err(e) => problems.push(Some(line), Some(&def.name), e.0),
+/// A table's columns as a file has them, and how its decimals are taken.
+struct RowParser<'a> {
+    columns: &'a [(usize, usize)],
+    defs: &'a [renkei_engine::schema::ColumnDef],
+    digits: Digits,
+    /// Values rounded so far (with [`Digits::Round`]).
+    rounded: usize,
+}
+
+impl RowParser<'_> {
+    /// Parses a row's cells into `values`, reporting bad cells.
+    fn parse(
+        &mut self,
+        row: &csv::StringRecord,
+        line: u64,
+        values: &mut [i64],
+        problems: &mut Problems,
+    ) {
+        for ((at, position), value) in self.columns.iter().zip(values.iter_mut()) {
+            let def = &self.defs[*position];
+            match def.parse_cell_with(cell(row, *at), self.digits) {
+                Ok((parsed, rounded)) => {
+                    *value = parsed.unwrap_or(NULL);
+                    self.rounded += usize::from(rounded);
+                }
+                Err(e) => problems.push(Some(line), Some(&def.name), e.0),
+            }
         }
     }
 }
 
-/// Loads a patient CSV.
+/// Loads a patient CSV; a decimal with more digits than its column keeps is refused.
 pub fn ingest_patients(
     store: &NodeStore,
     path: &Path,
     dry_run: bool,
 ) -> Result<IngestReport, NodeError> {
+    ingest_patients_with(
+        store,
+        path,
+        IngestOptions {
+            dry_run,
+            ..IngestOptions::default()
+        },
+    )
+}
+
+/// Loads a patient CSV as `options` say.
+pub fn ingest_patients_with(
+    store: &NodeStore,
+    path: &Path,
+    options: IngestOptions,
+) -> Result<IngestReport, NodeError> {
+    let dry_run = options.dry_run;
     let schema = store.schema()?;
     let scopes = consent_scopes(&schema);
     let consent_columns: Vec<String> = scopes.iter().map(|s| format!("consent_{s}")).collect();
@@ -81,12 +111,18 @@ pub fn ingest_patients(
     );
     let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
     let mut values = vec![NULL; columns.len()];
+    let mut parser = RowParser {
+        columns: &columns,
+        defs: &schema.patients,
+        digits: options.digits,
+        rounded: 0,
+    };
     file.for_each_row(
         id_at,
         &mut ids,
         &mut problems,
         |row, line, pseudonym, problems| {
-            parse_row(row, line, &columns, &schema.patients, &mut values, problems);
+            parser.parse(row, line, &mut values, problems);
             let (mut grant, mut revoke) = (0u64, 0u64);
             for (at, bit) in &consents {
                 let given = cell(row, *at);
@@ -112,6 +148,7 @@ pub fn ingest_patients(
         updated: merged.updated,
         consented: merged.consented,
         dry_run,
+        rounded: parser.rounded,
     })
 }
 
@@ -130,11 +167,29 @@ pub(super) fn parse_timepoint(cell: &str, line: u64, problems: &mut Problems) ->
 }
 
 /// Loads a timepoint CSV (clinical course, drugs, labs, antibodies, cytokines…).
+/// A decimal with more digits than its column keeps is refused.
 pub fn ingest_timepoints(
     store: &NodeStore,
     path: &Path,
     dry_run: bool,
 ) -> Result<IngestReport, NodeError> {
+    ingest_timepoints_with(
+        store,
+        path,
+        IngestOptions {
+            dry_run,
+            ..IngestOptions::default()
+        },
+    )
+}
+
+/// Loads a timepoint CSV as `options` say.
+pub fn ingest_timepoints_with(
+    store: &NodeStore,
+    path: &Path,
+    options: IngestOptions,
+) -> Result<IngestReport, NodeError> {
+    let dry_run = options.dry_run;
     let schema = store.schema()?;
     let mut problems = Problems::new(path);
     let expected = format!(
@@ -166,20 +221,19 @@ pub fn ingest_timepoints(
     );
     let mut ids = Pseudonyms::new(&pseudonym_secret(store)?)?;
     let mut values = vec![NULL; columns.len()];
+    let mut parser = RowParser {
+        columns: &columns,
+        defs: &schema.timepoints,
+        digits: options.digits,
+        rounded: 0,
+    };
     file.for_each_row(
         id_at,
         &mut ids,
         &mut problems,
         |row, line, pseudonym, problems| {
             let number = parse_timepoint(cell(row, number_at), line, problems);
-            parse_row(
-                row,
-                line,
-                &columns,
-                &schema.timepoints,
-                &mut values,
-                problems,
-            );
+            parser.parse(row, line, &mut values, problems);
             if let Some(number) = number {
                 writes.push(pseudonym, number, &values, (0, 0), line);
             }
@@ -200,5 +254,6 @@ pub fn ingest_timepoints(
         updated: merged.updated,
         consented: 0,
         dry_run,
+        rounded: parser.rounded,
     })
 }

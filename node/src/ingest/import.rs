@@ -34,7 +34,7 @@ use crate::ingest::pseudonym::pseudonym_secret;
 use crate::store::NodeStore;
 use crate::store::tables::{Table, TableWrites};
 use renkei_engine::NULL;
-use renkei_engine::schema::SECONDARY_USE;
+use renkei_engine::schema::{Digits, SECONDARY_USE};
 
 /// SNOMED CT codes that set each comorbidity flag.
 pub const COMORBIDITY_CODES: &[(&str, &[&str])] = &[
@@ -734,18 +734,24 @@ pub fn import(
         }
         patient_rows.push((patient, cells));
     }
-    // Encode through the schema, as CSV cells are.
-    let encode = |defs: &[renkei_engine::schema::ColumnDef],
-                  cells: &Cells,
-                  origin: &str,
-                  problems: &mut Problems| {
+    // Encode through the schema, as CSV cells are; exporters write measurements with more
+    // digits than a schema keeps, so an import rounds them (half away from zero) and its
+    // report says how many it rounded.
+    let mut rounded = 0usize;
+    let mut encode = |defs: &[renkei_engine::schema::ColumnDef],
+                      cells: &Cells,
+                      origin: &str,
+                      problems: &mut Problems| {
         let mut values = vec![NULL; defs.len()];
         for (name, text) in cells {
             let Some(position) = defs.iter().position(|d| d.name == *name) else {
                 continue; // a column this schema does not have
             };
-            match defs[position].parse_cell(text) {
-                Ok(value) => values[position] = value.unwrap_or(NULL),
+            match defs[position].parse_cell_with(text, Digits::Round) {
+                Ok((value, was_rounded)) => {
+                    values[position] = value.unwrap_or(NULL);
+                    rounded += usize::from(was_rounded);
+                }
                 Err(e) => problems.push(origin, Some(name), e.0),
             }
         }
@@ -800,6 +806,7 @@ pub fn import(
         updated: merged.updated,
         consented: if assume_consent { patients.len() } else { 0 },
         dry_run,
+        rounded,
     })
 }
 

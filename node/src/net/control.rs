@@ -25,8 +25,10 @@ use tracing::{info, warn};
 use crate::desk::QueryDesk;
 use crate::error::NodeError;
 use crate::ingest::import;
-use crate::ingest::{self, IngestReport};
+use crate::ingest::{self, IngestOptions, IngestReport};
 use crate::store::NodeStore;
+use crate::store::tables;
+use renkei_engine::schema::Digits;
 
 /// The control socket, in the node directory while the node serves.
 pub const SOCKET_FILE: &str = "control.sock";
@@ -46,6 +48,10 @@ pub struct IngestPlan {
     pub fhir: Vec<PathBuf>,
     pub assume_consent: bool,
     pub dry_run: bool,
+    /// Round decimals with more digits than their column keeps (half away from zero), and
+    /// say how many; without it such a value is refused.
+    #[serde(default)]
+    pub round: bool,
 }
 
 /// A request to a serving node.
@@ -76,7 +82,7 @@ pub enum ControlResponse {
     },
 }
 
-type IngestFn = fn(&NodeStore, &Path, bool) -> Result<IngestReport, NodeError>;
+type IngestFn = fn(&NodeStore, &Path, IngestOptions) -> Result<IngestReport, NodeError>;
 
 impl IngestPlan {
     /// Makes every path absolute (a serving node has its own working directory).
@@ -128,7 +134,7 @@ impl IngestPlan {
             let report = import::import(store, export, self.assume_consent, self.dry_run)
                 .map_err(|e| e.within(format!("importing {what}")))?;
             done(format!(
-                "{prefix}{what}: {} patients and timepoints, {} added, {} updated, {} consented{}",
+                "{prefix}{what}: {} patients and timepoints, {} added, {} updated, {} consented{}{}",
                 report.rows,
                 report.added,
                 report.updated,
@@ -137,31 +143,46 @@ impl IngestPlan {
                     ""
                 } else {
                     " (load consent before they can be counted)"
-                }
+                },
+                rounded(report.rounded)
             ));
         }
         // Patients first: timepoints, consent and items refer to them.
         let mut steps: Vec<(&str, &Path, IngestFn)> = Vec::new();
         if let Some(path) = &self.patients {
-            steps.push(("patients", path, ingest::ingest_patients));
+            steps.push(("patients", path, ingest::ingest_patients_with));
         }
         for path in &self.timepoints {
-            steps.push(("timepoints", path, ingest::ingest_timepoints));
+            steps.push(("timepoints", path, ingest::ingest_timepoints_with));
         }
         if let Some(path) = &self.consent {
-            steps.push(("consent", path, ingest::ingest_consent));
+            steps.push(("consent", path, |store, path, options| {
+                ingest::ingest_consent(store, path, options.dry_run)
+            }));
         }
         if let Some(path) = &self.manifest {
-            steps.push(("items", path, ingest::ingest_manifest));
+            steps.push(("items", path, |store, path, options| {
+                ingest::ingest_manifest(store, path, options.dry_run)
+            }));
         }
+        let options = IngestOptions {
+            dry_run: self.dry_run,
+            digits: if self.round {
+                Digits::Round
+            } else {
+                Digits::Exact
+            },
+        };
+        let loads_timepoints =
+            !exports.is_empty() || !self.timepoints.is_empty() || self.manifest.is_some();
         for (what, path, load) in steps {
-            let report = load(store, path, self.dry_run)
+            let report = load(store, path, options)
                 .map_err(|e| e.within(format!("loading {}", path.display())))?;
             if !self.dry_run {
                 crate::store::legacy::completed(store, path)?;
             }
             done(format!(
-                "{prefix}{what} from {}: {} rows, {} added, {} updated{}",
+                "{prefix}{what} from {}: {} rows, {} added, {} updated{}{}",
                 path.display(),
                 report.rows,
                 report.added,
@@ -170,10 +191,30 @@ impl IngestPlan {
                     format!(", {} consented", report.consented)
                 } else {
                     String::new()
-                }
+                },
+                rounded(report.rounded)
             ));
         }
+        if loads_timepoints && !self.dry_run {
+            let schema = store.schema()?;
+            let bound = schema.max_timepoints_per_patient;
+            let over = tables::patients_over(store, bound, schema.timepoints.len())?;
+            if over > 0 {
+                done(format!(
+                    "{over} patient(s) have more than {bound} timepoints (the schema's max_timepoints_per_patient): each counts at most {bound} rows in a timepoint answer, spread evenly over its course"
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+/// How an ingest line reports rounded values (nothing when none were).
+fn rounded(count: usize) -> String {
+    if count == 0 {
+        String::new()
+    } else {
+        format!(", {count} value(s) rounded to the schema's digits")
     }
 }
 

@@ -35,6 +35,9 @@ pub struct NodeStatus {
     /// Stored records without their patient (ignored).
     #[serde(default)]
     pub orphans: usize,
+    /// Patients with more timepoints than the schema's bound (and the bound).
+    #[serde(default)]
+    pub over_bound: Option<(usize, u32)>,
 }
 
 /// The status file of a serving node, rewritten when the policy or the data changes.
@@ -78,6 +81,10 @@ impl StatusFile {
                 .map(|(kind, n)| (kind.to_string(), n))
                 .collect(),
             orphans: image.orphans(),
+            over_bound: Some((
+                image.patients_over_bound(),
+                image.schema().max_timepoints_per_patient,
+            )),
         };
         let tmp = self.path.with_extension("json.tmp");
         let written = serde_json::to_vec_pretty(&status)

@@ -387,6 +387,20 @@ pub fn count_rows(store: &NodeStore, table: Table, width: usize) -> Result<usize
     shards(store, table, width).try_fold(0, |sum, shard| Ok(sum + shard?.1.rows()))
 }
 
+/// How many patients have more than `bound` stored timepoints.
+pub fn patients_over(store: &NodeStore, bound: u32, width: usize) -> Result<usize, NodeError> {
+    shards(store, Table::Timepoints, width).try_fold(0, |over, shard| {
+        let (_, shard) = shard?;
+        let mut counts = vec![0u32; shard.pseudonyms.len()];
+        for patient in &shard.patient {
+            if let Some(count) = counts.get_mut(*patient as usize) {
+                *count += 1;
+            }
+        }
+        Ok(over + counts.iter().filter(|n| **n > bound).count())
+    })
+}
+
 /// Which of `pseudonyms` have a patient row, in their order.
 pub fn patients_present(
     store: &NodeStore,

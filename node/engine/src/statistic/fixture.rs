@@ -5,6 +5,7 @@ use std::sync::Arc;
 use renkei_protocol::{Query, Release};
 
 use super::traits::{NoisyPart, SiteRelease};
+use crate::cohort::spread;
 use crate::column::NULL;
 use crate::image::{Dataset, ImageBuilder};
 use crate::schema::{DatasetSchema, SECONDARY_USE};
@@ -105,13 +106,12 @@ pub(crate) fn pooled(
         } else {
             vec![[*age, *sex, *diabetes, NULL, NULL]]
         };
-        let rows: Vec<PooledRow> = rows
-            .iter()
-            .filter(|row| keep(row))
-            .take(if timepoints { 2 } else { 1 })
-            .map(|row| PooledRow {
-                value: value(row),
-                cell: cell(row),
+        // The rows a statistic keeps, spread over the course as the engine keeps them.
+        let matching: Vec<&[i64; 5]> = rows.iter().filter(|row| keep(row)).collect();
+        let rows: Vec<PooledRow> = spread(matching.len(), if timepoints { 2 } else { 1 })
+            .map(|i| PooledRow {
+                value: value(matching[i]),
+                cell: cell(matching[i]),
             })
             .collect();
         if !rows.is_empty() {
