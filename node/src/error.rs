@@ -24,6 +24,10 @@ pub enum NodeError {
         "{dir} has the node's identity key but no store: the store was lost or moved. Put it back (or restore it from a backup), or, to start a new node with a new identity, move node.key away and run init again"
     )]
     StoreMissing { dir: PathBuf },
+    #[error(
+        "the node store {path} is damaged and cannot be opened ({detail}). Nothing was changed. Stop the node, put back the store directory from a backup of the node directory, and check with `renkei-node audit verify` and `renkei-node ledger` that the spend recorded since that backup is there"
+    )]
+    StoreDamaged { path: PathBuf, detail: String },
     #[error("node store {path} is in use by another process (is `renkei-node serve` running?)")]
     StoreLocked { path: PathBuf },
     #[error("node store: {0}")]

@@ -197,3 +197,138 @@ fn broken_exports_are_refused_whole() {
     assert!(err.contains("unit `g/L` of LOINC 1988-5"), "{err}");
     assert_eq!(store.record_counts().unwrap(), (0, 0, 0));
 }
+
+/// A FHIR transaction bundle as exporters write it: Patients without `id`, every entry
+/// known by a `urn:uuid:` fullUrl and referred to by it, `request.method = POST`.
+fn transaction_bundle(patient: &str, encounter: &str, birth: &str, il6: f64) -> String {
+    format!(
+        r#"{{
+  "resourceType": "Bundle",
+  "type": "transaction",
+  "entry": [
+    {{"fullUrl": "urn:uuid:{patient}",
+      "resource": {{"resourceType": "Patient", "gender": "female", "birthDate": "{birth}"}},
+      "request": {{"method": "POST", "url": "Patient"}}}},
+    {{"fullUrl": "urn:uuid:{encounter}",
+      "resource": {{"resourceType": "Encounter", "status": "finished",
+        "class": {{"code": "IMP"}},
+        "subject": {{"reference": "urn:uuid:{patient}"}},
+        "period": {{"start": "2020-04-06T08:00:00Z"}}}},
+      "request": {{"method": "POST", "url": "Encounter"}}}},
+    {{"fullUrl": "urn:uuid:{encounter}-il6",
+      "resource": {{"resourceType": "Observation", "status": "final",
+        "code": {{"coding": [{{"system": "http://loinc.org", "code": "26881-3"}}]}},
+        "subject": {{"reference": "urn:uuid:{patient}"}},
+        "encounter": {{"reference": "urn:uuid:{encounter}"}},
+        "valueQuantity": {{"value": {il6}, "unit": "pg/mL"}}}},
+      "request": {{"method": "POST", "url": "Observation"}}}}
+  ]
+}}"#
+    )
+}
+
+fn il6_is(tenths: i64) -> Filter {
+    Filter::cmp(
+        "il6",
+        CmpOp::Eq,
+        Literal::Decimal(renkei_protocol::Decimal {
+            digits: tenths,
+            scale: 1,
+        }),
+    )
+}
+
+#[test]
+fn transaction_bundles_are_one_patient_each_with_their_references_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
+    let store = home.open_store().unwrap();
+    let mut paths = Vec::new();
+    for (n, il6) in [(1, 12.5), (2, 40.0), (3, 12.5)] {
+        let path = dir.path().join(format!("bundle-{n}.json"));
+        let text = transaction_bundle(
+            &format!("6f1c0b7e-0000-4000-8000-00000000000{n}"),
+            &format!("0e2d1c3b-0000-4000-8000-00000000000{n}"),
+            "1950-01-01",
+            il6,
+        );
+        std::fs::write(&path, text).unwrap();
+        paths.push(path);
+    }
+    let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let export = import::read_fhir(&paths).unwrap();
+    assert_eq!(export.patients.len(), 3);
+    let report = import::import(&store, &export, true, false).unwrap();
+    assert_eq!(report.consented, 3);
+    let data = renkei_node::image::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    assert_eq!(
+        data.consented(),
+        3,
+        "one patient per bundle, not one in all"
+    );
+    assert_eq!(data.timepoints(), 3, "each encounter found its patient");
+    assert_eq!(count(&data, "timepoints", il6_is(125)), 2);
+    assert_eq!(count(&data, "timepoints", il6_is(400)), 1);
+}
+
+#[test]
+fn a_bulk_export_in_ndjson_is_read_as_a_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
+    let store = home.open_store().unwrap();
+    let export_dir = dir.path().join("export");
+    std::fs::create_dir_all(&export_dir).unwrap();
+    std::fs::write(
+        export_dir.join("Patient.ndjson"),
+        concat!(
+            r#"{"resourceType":"Patient","id":"p1","gender":"male","birthDate":"1940-05-01"}"#,
+            "\n",
+            r#"{"resourceType":"Patient","id":"p2","gender":"female","birthDate":"1985-07-09"}"#,
+            "\n\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        export_dir.join("Encounter.ndjson"),
+        concat!(
+            r#"{"resourceType":"Encounter","id":"e1","class":{"code":"IMP"},"subject":{"reference":"Patient/p1"},"period":{"start":"2020-04-01"}}"#,
+            "\n",
+            r#"{"resourceType":"Encounter","id":"e2","class":{"code":"IMP"},"subject":{"reference":"Patient/p2"},"period":{"start":"2020-04-03"}}"#,
+            "\n",
+            r#"{"resourceType":"Encounter","id":"e3","class":{"code":"IMP"},"subject":{"reference":"Patient/p2"},"period":{"start":"2020-04-05"}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        export_dir.join("Observation.ndjson"),
+        concat!(
+            r#"{"resourceType":"Observation","id":"o1","code":{"coding":[{"system":"http://loinc.org","code":"26881-3"}]},"subject":{"reference":"Patient/p2"},"encounter":{"reference":"Encounter/e3"},"valueQuantity":{"value":55.5,"unit":"pg/mL"}}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let export = import::read_fhir(&[export_dir.as_path()]).unwrap();
+    let report = import::import(&store, &export, true, false).unwrap();
+    assert_eq!(report.consented, 2);
+    let data = renkei_node::image::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    assert_eq!((data.consented(), data.timepoints()), (2, 3));
+    assert_eq!(count(&data, "timepoints", il6_is(555)), 1);
+    // A line that is not JSON is refused with its file and line.
+    std::fs::write(
+        export_dir.join("Observation.ndjson"),
+        "{\"resourceType\":\n",
+    )
+    .unwrap();
+    let err = import::read_fhir(&[export_dir.as_path()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Observation.ndjson:1"), "{err}");
+    // A directory with nothing to read says what it expected.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = import::read_fhir(&[empty.as_path()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("*.ndjson"), "{err}");
+}

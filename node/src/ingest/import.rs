@@ -371,11 +371,6 @@ pub fn read_synthea(dir: &Path) -> Result<ClinicalExport, IngestErrors> {
 }
 
 /// The id in a FHIR reference (`urn:uuid:ID`, `Patient/ID`).
-fn reference_id(value: &Value) -> Option<String> {
-    let text = value.get("reference")?.as_str()?;
-    Some(text.rsplit(['/', ':']).next().unwrap_or(text).to_string())
-}
-
 fn coding_code(concept: &Value, system_part: &str) -> Option<String> {
     concept
         .get("coding")?
@@ -400,154 +395,286 @@ fn fhir_class(code: &str) -> &'static str {
     }
 }
 
-/// Reads FHIR R4 bundles (JSON): Patient, Encounter, Condition, Observation and
-/// MedicationRequest resources; others are skipped.
+/// How a bundle's or an export's references find their resources: a reference to an entry's
+/// `fullUrl` (`urn:uuid:…` in transaction bundles, or an absolute URL) names that entry's
+/// resource; `Patient/x` (or `…/Patient/x`) names the resource with id `x`.
+#[derive(Debug, Default)]
+struct References {
+    /// fullUrl → the id its resource is known by.
+    full_urls: HashMap<String, String>,
+}
+
+impl References {
+    /// The id of a resource known only by its `fullUrl` (a Patient without `id`).
+    fn identity(&self, full_url: &str) -> String {
+        self.full_urls
+            .get(full_url)
+            .cloned()
+            .unwrap_or_else(|| last_segment(full_url).to_string())
+    }
+
+    /// The id a reference names.
+    fn resolve(&self, reference: &str) -> String {
+        match self.full_urls.get(reference) {
+            Some(id) => id.clone(),
+            None => last_segment(reference).to_string(),
+        }
+    }
+}
+
+/// `x` of `urn:uuid:x`, `Patient/x` or `https://…/Patient/x`.
+fn last_segment(text: &str) -> &str {
+    text.rsplit(['/', ':']).next().unwrap_or(text)
+}
+
+/// Reads FHIR R4 data: bundles (JSON: transaction, batch, collection, searchset, …) and
+/// bulk-data exports (NDJSON, one resource per line, as `$export` writes; a directory is
+/// read file by file, `*.ndjson` in name order). Patient, Encounter, Condition, Observation
+/// and MedicationRequest resources are read; others are skipped. References resolve through
+/// `fullUrl`, and a Patient without `id` is known by its `fullUrl`.
 pub fn read_fhir(paths: &[&Path]) -> Result<ClinicalExport, IngestErrors> {
     let mut problems = Problems::new();
     let mut export = ClinicalExport::default();
     for path in paths {
-        let shown = path.display().to_string();
-        let bundle: Value = match std::fs::read(path)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-        {
-            Ok(value) => value,
-            Err(reason) => {
-                problems.push(&shown, None, format!("not a JSON FHIR bundle: {reason}"));
-                continue;
-            }
-        };
-        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-            problems.push(&shown, Some("resourceType"), "not a FHIR Bundle");
-            continue;
-        }
-        let entries = bundle
-            .get("entry")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        for entry in entries {
-            let Some(resource) = entry.get("resource") else {
-                continue;
+        if path.is_dir() {
+            let mut files: Vec<std::path::PathBuf> = match std::fs::read_dir(path) {
+                Ok(entries) => entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
+                    .collect(),
+                Err(e) => {
+                    problems.push(
+                        &path.display().to_string(),
+                        None,
+                        format!("cannot be read: {e}"),
+                    );
+                    continue;
+                }
             };
-            let kind = resource
-                .get("resourceType")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let id = resource
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let origin = format!("{shown} {kind}/{id}");
-            let subject = resource
-                .get("subject")
-                .and_then(reference_id)
-                .unwrap_or_default();
-            let encounter = resource.get("encounter").and_then(reference_id);
-            let text = |field: &str| resource.get(field).and_then(Value::as_str).unwrap_or("");
-            match kind {
-                "Patient" => match parse_day(text("birthDate")) {
-                    Some(birth) => export.patients.push(ExportPatient {
-                        id,
-                        birth,
-                        death: parse_day(text("deceasedDateTime")),
-                        gender: match text("gender") {
-                            "female" => "F".into(),
-                            "male" => "M".into(),
-                            other => other.into(),
-                        },
-                        origin,
-                    }),
-                    None => problems.push(&origin, Some("birthDate"), "missing or not a date"),
-                },
-                "Encounter" => {
-                    let start = resource
-                        .get("period")
-                        .and_then(|p| p.get("start"))
-                        .and_then(Value::as_str)
-                        .and_then(parse_day);
-                    let class = resource
-                        .get("class")
-                        .and_then(|c| {
-                            c.get("code")
-                                .or_else(|| c.get(0).and_then(|c| c.get("code")))
-                        })
-                        .and_then(Value::as_str)
-                        .unwrap_or("AMB");
-                    match start {
-                        Some(start) => export.encounters.push(ExportEncounter {
-                            id,
-                            patient: subject,
-                            start,
-                            class: fhir_class(class).to_string(),
-                            origin,
-                        }),
-                        None => {
-                            problems.push(&origin, Some("period.start"), "missing or not a date")
-                        }
-                    }
-                }
-                "Condition" => {
-                    let start = parse_day(text("onsetDateTime"))
-                        .or_else(|| parse_day(text("recordedDate")));
-                    if let (Some(start), Some(code)) = (
-                        start,
-                        resource.get("code").and_then(|c| coding_code(c, "snomed")),
-                    ) {
-                        export.conditions.push(ExportCondition {
-                            patient: subject,
-                            start,
-                            code,
-                        });
-                    }
-                }
-                "Observation" => {
-                    let Some(code) = resource.get("code").and_then(|c| coding_code(c, "loinc"))
-                    else {
-                        continue;
-                    };
-                    let quantity = resource.get("valueQuantity");
-                    export.observations.push(ExportObservation {
-                        patient: subject,
-                        encounter,
-                        code,
-                        value: quantity
-                            .and_then(|q| q.get("value"))
-                            .and_then(Value::as_f64),
-                        unit: quantity
-                            .and_then(|q| q.get("unit").or_else(|| q.get("code")))
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
-                            .to_string(),
-                        origin,
-                    });
-                }
-                "MedicationRequest" => {
-                    let concept = resource.get("medicationCodeableConcept");
-                    let description = concept
-                        .and_then(|c| {
-                            c.get("text")
-                                .and_then(Value::as_str)
-                                .map(str::to_string)
-                                .or_else(|| {
-                                    c.get("coding")?.as_array()?.iter().find_map(|c| {
-                                        c.get("display")?.as_str().map(str::to_string)
-                                    })
-                                })
-                        })
-                        .unwrap_or_default();
-                    export.medications.push(ExportMedication {
-                        patient: subject,
-                        encounter,
-                        description,
-                    });
-                }
-                _ => {}
+            files.sort();
+            if files.is_empty() {
+                problems.push(
+                    &path.display().to_string(),
+                    None,
+                    "a directory without *.ndjson files (a FHIR bulk export has Patient.ndjson, Encounter.ndjson, …)",
+                );
             }
+            for file in files {
+                read_ndjson(&file, &mut export, &mut problems);
+            }
+        } else if path.extension().is_some_and(|e| e == "ndjson") {
+            read_ndjson(path, &mut export, &mut problems);
+        } else {
+            read_bundle(path, &mut export, &mut problems);
         }
     }
     problems.finish(export)
+}
+
+/// One NDJSON file: each non-blank line one resource, read as a stream.
+fn read_ndjson(path: &Path, export: &mut ClinicalExport, problems: &mut Problems) {
+    use std::io::BufRead;
+    let shown = path.display().to_string();
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) => {
+            problems.push(&shown, None, format!("cannot be read: {e}"));
+            return;
+        }
+    };
+    let references = References::default();
+    for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let at = format!("{shown}:{}", number + 1);
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                problems.push(&at, None, format!("cannot be read: {e}"));
+                return;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(&line) {
+            Ok(resource) => read_resource(&resource, None, &at, &references, export, problems),
+            Err(e) => problems.push(&at, None, format!("not a JSON FHIR resource: {e}")),
+        }
+    }
+}
+
+/// One JSON bundle.
+fn read_bundle(path: &Path, export: &mut ClinicalExport, problems: &mut Problems) {
+    let shown = path.display().to_string();
+    let bundle: Value = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(value) => value,
+        Err(reason) => {
+            problems.push(
+                &shown,
+                None,
+                format!("not a JSON FHIR bundle (for a bulk export, give its *.ndjson files or their directory): {reason}"),
+            );
+            return;
+        }
+    };
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        problems.push(&shown, Some("resourceType"), "not a FHIR Bundle");
+        return;
+    }
+    let entries: &[Value] = bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    // Every entry's fullUrl first: references may point forward.
+    let mut references = References::default();
+    for entry in entries {
+        if let Some(url) = entry.get("fullUrl").and_then(Value::as_str) {
+            let id = entry
+                .get("resource")
+                .and_then(|r| r.get("id"))
+                .and_then(Value::as_str)
+                .unwrap_or_else(|| last_segment(url));
+            references.full_urls.insert(url.to_string(), id.to_string());
+        }
+    }
+    for entry in entries {
+        let Some(resource) = entry.get("resource") else {
+            continue;
+        };
+        let full_url = entry.get("fullUrl").and_then(Value::as_str);
+        read_resource(resource, full_url, &shown, &references, export, problems);
+    }
+}
+
+/// One resource of a bundle or an export.
+fn read_resource(
+    resource: &Value,
+    full_url: Option<&str>,
+    shown: &str,
+    references: &References,
+    export: &mut ClinicalExport,
+    problems: &mut Problems,
+) {
+    let kind = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let id = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| full_url.map(|url| references.identity(url)))
+        .unwrap_or_default();
+    let origin = format!("{shown} {kind}/{id}");
+    let reference = |field: &str| {
+        resource
+            .get(field)
+            .and_then(|r| r.get("reference"))
+            .and_then(Value::as_str)
+            .map(|r| references.resolve(r))
+    };
+    let subject = reference("subject").unwrap_or_default();
+    let encounter = reference("encounter");
+    let text = |field: &str| resource.get(field).and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "Patient" => match parse_day(text("birthDate")) {
+            Some(birth) => export.patients.push(ExportPatient {
+                id,
+                birth,
+                death: parse_day(text("deceasedDateTime")),
+                gender: match text("gender") {
+                    "female" => "F".into(),
+                    "male" => "M".into(),
+                    other => other.into(),
+                },
+                origin,
+            }),
+            None => problems.push(&origin, Some("birthDate"), "missing or not a date"),
+        },
+        "Encounter" => {
+            let start = resource
+                .get("period")
+                .and_then(|p| p.get("start"))
+                .and_then(Value::as_str)
+                .and_then(parse_day);
+            let class = resource
+                .get("class")
+                .and_then(|c| {
+                    c.get("code")
+                        .or_else(|| c.get(0).and_then(|c| c.get("code")))
+                })
+                .and_then(Value::as_str)
+                .unwrap_or("AMB");
+            match start {
+                Some(start) => export.encounters.push(ExportEncounter {
+                    id,
+                    patient: subject,
+                    start,
+                    class: fhir_class(class).to_string(),
+                    origin,
+                }),
+                None => problems.push(&origin, Some("period.start"), "missing or not a date"),
+            }
+        }
+        "Condition" => {
+            let start =
+                parse_day(text("onsetDateTime")).or_else(|| parse_day(text("recordedDate")));
+            if let (Some(start), Some(code)) = (
+                start,
+                resource.get("code").and_then(|c| coding_code(c, "snomed")),
+            ) {
+                export.conditions.push(ExportCondition {
+                    patient: subject,
+                    start,
+                    code,
+                });
+            }
+        }
+        "Observation" => {
+            let Some(code) = resource.get("code").and_then(|c| coding_code(c, "loinc")) else {
+                return;
+            };
+            let quantity = resource.get("valueQuantity");
+            export.observations.push(ExportObservation {
+                patient: subject,
+                encounter,
+                code,
+                value: quantity
+                    .and_then(|q| q.get("value"))
+                    .and_then(Value::as_f64),
+                unit: quantity
+                    .and_then(|q| q.get("unit").or_else(|| q.get("code")))
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                origin,
+            });
+        }
+        "MedicationRequest" => {
+            let concept = resource.get("medicationCodeableConcept");
+            let description = concept
+                .and_then(|c| {
+                    c.get("text")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .or_else(|| {
+                            c.get("coding")?
+                                .as_array()?
+                                .iter()
+                                .find_map(|c| c.get("display")?.as_str().map(str::to_string))
+                        })
+                })
+                .unwrap_or_default();
+            export.medications.push(ExportMedication {
+                patient: subject,
+                encounter,
+                description,
+            });
+        }
+        _ => {}
+    }
 }
 
 /// A patient's and its timepoints' values, by column name, before they are encoded.
@@ -825,10 +952,16 @@ mod tests {
 
     #[test]
     fn references_and_classes_map() {
-        let value: Value = serde_json::json!({"reference": "urn:uuid:abc-123"});
-        assert_eq!(reference_id(&value).as_deref(), Some("abc-123"));
-        let value: Value = serde_json::json!({"reference": "Patient/p7"});
-        assert_eq!(reference_id(&value).as_deref(), Some("p7"));
+        let references = References::default();
+        assert_eq!(references.resolve("urn:uuid:abc-123"), "abc-123");
+        assert_eq!(references.resolve("Patient/p7"), "p7");
+        // Through a fullUrl, to the id its resource has.
+        let mut references = References::default();
+        references
+            .full_urls
+            .insert("urn:uuid:abc-123".into(), "pat-9".into());
+        assert_eq!(references.resolve("urn:uuid:abc-123"), "pat-9");
+        assert_eq!(references.identity("urn:uuid:abc-123"), "pat-9");
         assert_eq!(fhir_class("IMP"), "inpatient");
         assert_eq!(fhir_class("EMER"), "emergency");
     }

@@ -7,6 +7,42 @@ use std::time::{Duration, Instant};
 
 use crate::error::NodeError;
 
+/// What a store that cannot be opened is reported as: its directory, what sled found, and
+/// the files it is made of.
+fn damaged(path: &Path, detail: &str) -> NodeError {
+    let mut files: Vec<String> = std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    NodeError::StoreDamaged {
+        path: path.to_path_buf(),
+        detail: format!("{detail}; its files: {}", files.join(", ")),
+    }
+}
+
+/// sled writes a snapshot as `snap.<lsn>.generating` and renames it when complete, so such a
+/// file is never the store's state, only an unfinished copy of it, left by a crash or a
+/// full disk; sled would read it as a damaged snapshot and refuse every open. Removed.
+fn remove_unfinished_snapshots(path: &Path) -> Result<(), NodeError> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Ok(()); // a store not created yet
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let file = entry.path();
+            std::fs::remove_file(&file).map_err(io_at(&file))?;
+            tracing::warn!(file = %file.display(), "removed an unfinished sled snapshot");
+        }
+    }
+    Ok(())
+}
+
 /// An I/O error on `path`, as a [`NodeError`].
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> NodeError + '_ {
     move |source| NodeError::Io {
@@ -125,16 +161,35 @@ impl NodeStore {
         // file lock goes with the last of them; a reopen right after a close (a node restarted
         // in the same process) waits for that instead of failing.
         let deadline = Instant::now() + LOCK_WAIT;
+        remove_unfinished_snapshots(path)?;
         let db = loop {
-            match sled::Config::new()
+            let config = sled::Config::new()
                 .path(path)
                 // Durability comes from explicit flushes at the points that matter (ledger
                 // charges, recorded answers, ingests); this only bounds what a crash loses
                 // elsewhere.
-                .flush_every_ms(Some(500))
-                .open()
-            {
+                .flush_every_ms(Some(500));
+            // sled panics on some damaged files: that is a damaged store, not a crash.
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+                .map_err(|panic| {
+                    let detail = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "sled stopped while reading it".into());
+                    damaged(path, &detail)
+                })?;
+            match opened {
                 Ok(db) => break db,
+                Err(sled::Error::Corruption { at, .. }) => {
+                    return Err(damaged(
+                        path,
+                        &match at {
+                            Some(at) => format!("corrupted data at {at:?}"),
+                            None => "a corrupted snapshot or log".into(),
+                        },
+                    ));
+                }
                 Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
                     if Instant::now() >= deadline {
                         return Err(NodeError::StoreLocked {
