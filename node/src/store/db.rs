@@ -172,13 +172,13 @@ impl NodeStore {
             // sled panics on some damaged files: that is a damaged store, not a crash.
             let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
                 .map_err(|panic| {
-                    let detail = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "sled stopped while reading it".into());
-                    damaged(path, &detail)
-                })?;
+                let detail = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled stopped while reading it".into());
+                damaged(path, &detail)
+            })?;
             match opened {
                 Ok(db) => break db,
                 Err(sled::Error::Corruption { at, .. }) => {
