@@ -92,6 +92,32 @@ pub enum AuditEvent {
         request_id: String,
         query_hash: String,
     },
+    /// Requests from no known researcher (undecodable, with a signature that does not
+    /// verify, or signed by an unknown key) received between `since` and `until` (Unix
+    /// seconds), counted per sending peer rather than audited one by one: anyone can send
+    /// them, and they must not flood the log.
+    UnauthenticatedRequests {
+        since: u64,
+        until: u64,
+        senders: Vec<NoiseCount>,
+        /// Senders beyond the most a summary lists, added up.
+        others: u64,
+    },
+}
+
+/// What one peer sent that no known researcher signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoiseCount {
+    pub peer: String,
+    pub malformed: u64,
+    pub bad_signature: u64,
+    pub unknown_signer: u64,
+}
+
+impl NoiseCount {
+    pub fn total(&self) -> u64 {
+        self.malformed + self.bad_signature + self.unknown_signer
+    }
 }
 
 /// One entry as signed.

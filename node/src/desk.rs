@@ -49,7 +49,7 @@ use renkei_protocol::{
 };
 use tracing::{info, warn};
 
-use crate::audit::{AuditEvent, AuditLog, hex_hash};
+use crate::audit::{AuditEvent, AuditLog, NoiseCount, hex_hash};
 use crate::error::NodeError;
 use crate::governance::PolicyKeeper;
 use crate::privacy::dp::Calibration;
@@ -77,6 +77,27 @@ pub struct QueryDesk {
     answering: Mutex<HashSet<[u8; 48]>>,
     /// Pairwise secrets with other nodes, for secure rounds' masks.
     pair_secrets: secure::PairSecrets,
+    /// Requests from no known researcher since the last summary, per sender.
+    noise: Mutex<NoiseTally>,
+}
+
+/// Most senders a summary of unauthenticated requests lists one by one.
+const MAX_NOISE_SENDERS: usize = 256;
+
+/// Unauthenticated requests counted since `since`.
+#[derive(Debug, Default)]
+struct NoiseTally {
+    since: Option<u64>,
+    senders: std::collections::BTreeMap<String, NoiseCount>,
+    others: u64,
+}
+
+/// A reply and whether its request came from no known researcher (noise, which the network
+/// layer rate-limits per peer).
+#[derive(Debug)]
+pub struct Handled {
+    pub response: QueryResponse,
+    pub unauthenticated: bool,
 }
 
 /// Holds a request's place in [`QueryDesk::answering`] until dropped.
@@ -138,6 +159,7 @@ impl QueryDesk {
             audit,
             answering: Mutex::new(HashSet::new()),
             pair_secrets: secure::PairSecrets::default(),
+            noise: Mutex::new(NoiseTally::default()),
         }
     }
 
@@ -207,9 +229,66 @@ impl QueryDesk {
         );
     }
 
-    /// Answers one query (or finishes a recoverable secure round). Never panics, never
-    /// returns without a reply.
-    pub async fn handle(self: Arc<Self>, request: EncodedRequest, now: u64) -> QueryResponse {
+    /// Counts a request from no known researcher for the next summary (never one audit
+    /// entry each: anyone can send them).
+    fn count_noise(&self, sender: &str, code: RefusalCode, now: u64) {
+        tracing::debug!(%sender, %code, "unauthenticated request refused");
+        let Ok(mut tally) = self.noise.lock() else {
+            return;
+        };
+        tally.since.get_or_insert(now);
+        if !tally.senders.contains_key(sender) && tally.senders.len() >= MAX_NOISE_SENDERS {
+            tally.others += 1;
+            return;
+        }
+        let count = tally
+            .senders
+            .entry(sender.to_string())
+            .or_insert_with(|| NoiseCount {
+                peer: sender.to_string(),
+                ..NoiseCount::default()
+            });
+        match code {
+            RefusalCode::BadSignature => count.bad_signature += 1,
+            RefusalCode::UnknownResearcher => count.unknown_signer += 1,
+            _ => count.malformed += 1,
+        }
+    }
+
+    /// Writes one audit entry summing up the unauthenticated requests counted since the
+    /// last one (none when there were none). The network calls it periodically and at
+    /// shutdown.
+    pub fn audit_noise_summary(&self, now: u64) {
+        let tally = match self.noise.lock() {
+            Ok(mut tally) => std::mem::take(&mut *tally),
+            Err(_) => return,
+        };
+        let Some(since) = tally.since else {
+            return;
+        };
+        let senders: Vec<NoiseCount> = tally.senders.into_values().collect();
+        let total: u64 = senders.iter().map(NoiseCount::total).sum::<u64>() + tally.others;
+        info!(target: AUDIT, total, senders = senders.len(), "unauthenticated requests refused");
+        self.record(
+            now,
+            AuditEvent::UnauthenticatedRequests {
+                since,
+                until: now,
+                senders,
+                others: tally.others,
+            },
+        );
+    }
+
+    /// Answers one query from `sender` (a peer id, for the noise summary), or finishes a
+    /// recoverable secure round, and says whether the request came from no known
+    /// researcher. Never panics, never returns without a reply.
+    pub async fn handle(
+        self: Arc<Self>,
+        request: EncodedRequest,
+        now: u64,
+        sender: &str,
+    ) -> Handled {
         let mut known = Known::default();
         let checked = match self.check(&request, now, &mut known) {
             Ok(checked) => checked,
@@ -220,26 +299,52 @@ impl QueryDesk {
             {
                 match request.decode() {
                     Ok(envelope) if envelope.verify(Purpose::UnmaskRequest).is_ok() => {
-                        return self.unmask_blocking(envelope, now).await;
+                        return Handled {
+                            response: self.unmask_blocking(envelope, now).await,
+                            unauthenticated: false,
+                        };
                     }
                     _ => {
-                        self.record_refusal(now, known, &refusal);
-                        return QueryResponse::Refused(refusal);
+                        self.count_noise(sender, refusal.code, now);
+                        return Handled {
+                            response: QueryResponse::Refused(refusal),
+                            unauthenticated: true,
+                        };
                     }
                 }
             }
+            // From no known researcher: counted, summarised later.
+            Err(refusal)
+                if known.researcher.is_none() || refusal.code == RefusalCode::UnknownResearcher =>
+            {
+                self.count_noise(sender, refusal.code, now);
+                return Handled {
+                    response: QueryResponse::Refused(refusal),
+                    unauthenticated: true,
+                };
+            }
             Err(refusal) => {
                 self.record_refusal(now, known, &refusal);
-                return QueryResponse::Refused(refusal);
+                return Handled {
+                    response: QueryResponse::Refused(refusal),
+                    unauthenticated: false,
+                };
             }
         };
         if checked.request.dry_run {
-            return self.quote(checked, now);
+            return Handled {
+                response: self.quote(checked, now),
+                unauthenticated: false,
+            };
         }
         let desk = Arc::clone(&self);
         // sled's fsync and opendp's sampler block; opendp measurements are not Send, so the
         // whole release runs on one blocking thread.
-        match tokio::task::spawn_blocking(move || desk.charge_and_release(checked, now)).await {
+        let response = match tokio::task::spawn_blocking(move || {
+            desk.charge_and_release(checked, now)
+        })
+        .await
+        {
             Ok(response) => response,
             Err(join) => {
                 warn!("release task failed: {join}");
@@ -248,6 +353,10 @@ impl QueryDesk {
                     "the node failed while answering; any charge already made stands",
                 ))
             }
+        };
+        Handled {
+            response,
+            unauthenticated: false,
         }
     }
 

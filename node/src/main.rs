@@ -7,10 +7,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use renkei_node::audit;
-use renkei_node::governance::PolicyKeeper;
 use renkei_node::net::control::{self, ControlRequest, ControlResponse, IngestPlan};
 use renkei_node::privacy::ledger::PrivacyLedger;
-use renkei_node::service::{NodeStatus, STATUS_FILE};
+use renkei_node::service::{NodeStatus, STATUS_FILE, open_node};
 use renkei_node::{NodeError, NodeHome, NodeService};
 
 #[derive(Parser)]
@@ -234,9 +233,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             node.shutdown().await;
         }
         Command::Ledger { dir } => {
-            let store = NodeHome::open(&dir)?.open_store()?;
-            let policy = PolicyKeeper::open(store.clone())?.active();
-            let ledger = PrivacyLedger::new(store);
+            let opened = open_node(&NodeHome::open(&dir)?)?;
+            let policy = opened.keeper.active();
+            let ledger = PrivacyLedger::new(opened.store);
             let cap = policy
                 .as_ref()
                 .and_then(|p| p.bundle().limits.dataset_budget_rho)
@@ -316,7 +315,7 @@ fn load_or_hand_over(dir: &std::path::Path, request: ControlRequest) -> anyhow::
 fn verified_audit(dir: &std::path::Path) -> anyhow::Result<Vec<audit::AuditEntry>> {
     let home = NodeHome::open(dir)?;
     let node_key = home.identity()?.public_key();
-    let store = home.open_store()?;
+    let store = open_node(&home)?.store;
     match audit::verify(&store, &node_key)? {
         Ok(entries) => Ok(entries),
         Err(violation) => bail!("audit log of {} is NOT intact: {violation}", dir.display()),
@@ -349,11 +348,10 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
             );
         }
     };
-    match home.open_store() {
-        Ok(store) => {
-            let schema = std::sync::Arc::new(store.schema()?);
-            let data = renkei_node::image::load(&store, schema)?;
-            match PolicyKeeper::open(store)?.active() {
+    match open_node(&home) {
+        Ok(opened) => {
+            let data = opened.dataset;
+            match opened.keeper.active() {
                 Some(p) => println!(
                     "policy:    v{} ({}), hash {}",
                     p.bundle().version,

@@ -92,17 +92,45 @@ impl NodeService {
     }
 }
 
+/// A node's store opened and checked as serving opens it: the store, its active policy, its
+/// audit log and the data image (every stored shard decoded).
+#[derive(Debug)]
+pub struct OpenedNode {
+    pub store: crate::store::NodeStore,
+    pub keeper: PolicyKeeper,
+    pub audit: AuditLog,
+    pub dataset: renkei_engine::Dataset,
+}
+
+/// Opens the node in `home` the one way every command does (`serve`, `status`, `ledger`,
+/// `audit`), so that they agree on whether its store is usable: a store `serve` would
+/// refuse is refused by all of them, with the same error.
+pub fn open_node(home: &NodeHome) -> Result<OpenedNode, NodeError> {
+    let store = home.open_store()?;
+    let keeper = PolicyKeeper::open(store.clone())?;
+    let audit = AuditLog::open(store.clone(), home.identity()?)?;
+    let schema = Arc::new(store.schema()?);
+    let dataset = crate::image::load(&store, schema)?;
+    Ok(OpenedNode {
+        store,
+        keeper,
+        audit,
+        dataset,
+    })
+}
+
 /// Opens the store, takes the active policy (offering the file first), checks membership and
 /// loads the cohort.
 fn open_desk(home: &NodeHome, policy_path: Option<PathBuf>) -> Result<QueryDesk, NodeError> {
     let identity = home.identity()?;
     let peer_id = identity.public_key().to_peer_id()?;
-    let store = home.open_store()?;
-    let keeper = PolicyKeeper::open(store.clone())?;
-    let audit = AuditLog::open(store.clone(), home.identity()?)?;
+    let OpenedNode {
+        store,
+        keeper,
+        audit,
+        dataset,
+    } = open_node(home)?;
     let now = unix_now();
-    let schema = std::sync::Arc::new(store.schema()?);
-    let dataset = crate::image::load(&store, schema)?;
     let ledger = PrivacyLedger::new(store);
     ledger.prune_expired(now)?;
     let desk = QueryDesk::new(identity, keeper, dataset, ledger, audit);

@@ -437,3 +437,60 @@ fn damaged_stores_are_refused_in_words_and_leftovers_removed() {
         }
     }
 }
+
+/// A damaged record inside the store (a patient shard that no longer decodes): `serve`
+/// refuses it, and so do `status`, `ledger` and `audit verify`, with the same error; none
+/// reports the store healthy.
+#[test]
+fn every_command_opens_the_store_the_way_serve_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node");
+    let node_dir = node.to_str().unwrap();
+    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
+    let patients = dir.path().join("p.csv");
+    std::fs::write(&patients, "patient_id,age,consent_secondary_use\nP1,60,1\n").unwrap();
+    assert!(
+        node_cli(&[
+            "ingest",
+            "--dir",
+            node_dir,
+            "--patients",
+            patients.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    {
+        // Straight through sled, as a damaged disk would.
+        let db = sled::open(node.join("store")).unwrap();
+        let data = db.open_tree("data").unwrap();
+        let (key, _) = data
+            .scan_prefix([b'P'])
+            .next()
+            .expect("a patient shard")
+            .unwrap();
+        data.insert(key, &b"\x07not a shard"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let mut errors = Vec::new();
+    for command in [
+        vec!["status", "--dir"],
+        vec!["ledger", "--dir"],
+        vec!["audit", "verify", "--dir"],
+        vec!["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--dir"],
+    ] {
+        let mut args = command.clone();
+        args.push(node_dir);
+        let out = node_cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {stderr}");
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("{command:?}: {stderr}"))
+            .to_string();
+        assert!(error.contains("patient"), "{command:?}: {error}");
+        errors.push(error);
+    }
+    assert!(errors.windows(2).all(|w| w[0] == w[1]), "{errors:#?}");
+}

@@ -10,8 +10,9 @@
 //! reach, so one that was offline catches up. Shutdown stops accepting, lets in-flight work
 //! finish while still delivering replies, and closes the store.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
@@ -29,9 +30,14 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::desk::QueryDesk;
+use crate::desk::{Handled, QueryDesk};
 use crate::error::NodeError;
 use crate::net::status::StatusFile;
+
+/// Query streams the libp2p behaviour accepts at once per connection: more than are
+/// answered at once ([`MAX_IN_FLIGHT`]), so the rest get a typed `overloaded` refusal
+/// (bounded: each holds at most one request's bytes).
+const MAX_STREAMS: usize = 4 * MAX_IN_FLIGHT;
 
 /// Most queries answered at once; more are refused with [`RefusalCode::Overloaded`].
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -87,9 +93,11 @@ pub(crate) async fn bind(
             query: request_response::Behaviour::with_codec(
                 QueryCodec::default(),
                 [(QueryCodec::protocol(), ProtocolSupport::Inbound)],
+                // Streams past MAX_IN_FLIGHT get a typed `overloaded` refusal from
+                // `on_query` rather than a reset: the behaviour accepts more.
                 request_response::Config::default()
                     .with_request_timeout(REQUEST_TIMEOUT)
-                    .with_max_concurrent_streams(MAX_IN_FLIGHT),
+                    .with_max_concurrent_streams(MAX_STREAMS),
             ),
             policy: request_response::Behaviour::with_codec(
                 PolicyCodec::default(),
@@ -122,7 +130,7 @@ pub(crate) async fn bind(
     Ok((swarm, bound))
 }
 
-type QueryReply = (ResponseChannel<QueryResponse>, QueryResponse);
+type QueryReply = (PeerId, ResponseChannel<QueryResponse>, Handled);
 type PolicyReply = (
     ResponseChannel<PolicyResponse>,
     PolicyResponse,
@@ -140,6 +148,70 @@ pub(crate) struct Node {
     policy_tasks: JoinSet<PolicyReply>,
     /// Store maintenance and bundles fetched from peers.
     background: JoinSet<()>,
+    /// Peers sending requests no known researcher signed.
+    noise: NoisyPeers,
+}
+
+/// Requests from no known researcher one peer may send in [`NOISE_WINDOW`] before it is
+/// disconnected and refused for [`NOISE_BAN`].
+const NOISE_LIMIT: u32 = 100;
+const NOISE_WINDOW: Duration = Duration::from_secs(60);
+const NOISE_BAN: Duration = Duration::from_secs(600);
+/// Most peers tracked (a backstop: the oldest window is forgotten first).
+const MAX_NOISY_PEERS: usize = 4096;
+/// How often the desk audits one summary of the unauthenticated requests it refused.
+const NOISE_SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Per-peer counts of unauthenticated requests, and the peers banned for them.
+#[derive(Debug, Default)]
+struct NoisyPeers {
+    /// Start of the peer's window and its requests in it.
+    windows: HashMap<PeerId, (Instant, u32)>,
+    /// Until when a peer is refused.
+    banned: HashMap<PeerId, Instant>,
+}
+
+impl NoisyPeers {
+    /// Counts one unauthenticated request from `peer`; past the limit the peer is banned and
+    /// disconnected.
+    fn note(&mut self, peer: PeerId, now: Instant, swarm: &mut libp2p::Swarm<NodeBehaviour>) {
+        if self.windows.len() >= MAX_NOISY_PEERS
+            && !self.windows.contains_key(&peer)
+            && let Some(oldest) = self
+                .windows
+                .iter()
+                .min_by_key(|(_, (start, _))| *start)
+                .map(|(peer, _)| *peer)
+        {
+            self.windows.remove(&oldest);
+        }
+        let window = self.windows.entry(peer).or_insert((now, 0));
+        if now.duration_since(window.0) > NOISE_WINDOW {
+            *window = (now, 0);
+        }
+        window.1 += 1;
+        if window.1 > NOISE_LIMIT {
+            self.windows.remove(&peer);
+            if self.banned.len() >= MAX_NOISY_PEERS {
+                self.banned.retain(|_, until| *until > now);
+            }
+            self.banned.insert(peer, now + NOISE_BAN);
+            warn!(%peer, "peer banned for {}s: more than {NOISE_LIMIT} unauthenticated requests in {}s", NOISE_BAN.as_secs(), NOISE_WINDOW.as_secs());
+            let _ = swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// How much longer `peer` is banned, if it is.
+    fn banned(&mut self, peer: &PeerId, now: Instant) -> Option<Duration> {
+        match self.banned.get(peer) {
+            Some(until) if *until > now => Some(*until - now),
+            Some(_) => {
+                self.banned.remove(peer);
+                None
+            }
+            None => None,
+        }
+    }
 }
 
 impl Node {
@@ -157,12 +229,15 @@ impl Node {
             queries: JoinSet::new(),
             policy_tasks: JoinSet::new(),
             background: JoinSet::new(),
+            noise: NoisyPeers::default(),
         }
     }
 
     pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
         let mut prune = tokio::time::interval(PRUNE_INTERVAL);
         prune.tick().await; // the first tick is immediate; pruning already ran at start
+        let mut noise_summary = tokio::time::interval(NOISE_SUMMARY_INTERVAL);
+        noise_summary.tick().await;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -174,6 +249,11 @@ impl Node {
                     self.send_policy_reply(done);
                 }
                 Some(_) = self.background.join_next(), if !self.background.is_empty() => {}
+                _ = noise_summary.tick() => {
+                    let desk = Arc::clone(&self.desk);
+                    self.background
+                        .spawn_blocking(move || desk.audit_noise_summary(unix_now()));
+                }
                 _ = prune.tick() => {
                     let ledger = self.desk.ledger().clone();
                     self.background.spawn_blocking(move || {
@@ -201,6 +281,9 @@ impl Node {
                 Some(_) = self.background.join_next(), if !self.background.is_empty() => {}
             }
         }
+        // What noise came in since the last summary goes into the log too.
+        let desk = Arc::clone(&self.desk);
+        let _ = tokio::task::spawn_blocking(move || desk.audit_noise_summary(unix_now())).await;
         // Give the last replies a moment to leave.
         let _ = tokio::time::timeout(Duration::from_millis(200), async {
             loop {
@@ -244,6 +327,12 @@ impl Node {
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 debug!(%error, "incoming connection failed")
             }
+            SwarmEvent::ConnectionEstablished { peer_id, .. }
+                if self.noise.banned(&peer_id, Instant::now()).is_some() =>
+            {
+                debug!(%peer_id, "a banned peer connected; disconnecting it");
+                let _ = self.swarm.disconnect_peer_id(peer_id);
+            }
             _ => {}
         }
     }
@@ -255,6 +344,22 @@ impl Node {
         channel: ResponseChannel<QueryResponse>,
     ) {
         debug!(%peer, "query request");
+        if let Some(until) = self.noise.banned(&peer, Instant::now()) {
+            let refusal = Refusal::new(
+                RefusalCode::Overloaded,
+                format!(
+                    "this peer sent more than {NOISE_LIMIT} requests no known researcher signed within {}s; it is refused for {}s more",
+                    NOISE_WINDOW.as_secs(),
+                    until.as_secs()
+                ),
+            );
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .query
+                .send_response(channel, QueryResponse::Refused(refusal));
+            return;
+        }
         if self.queries.len() >= MAX_IN_FLIGHT {
             let refusal = Refusal::new(
                 RefusalCode::Overloaded,
@@ -268,8 +373,10 @@ impl Node {
             return;
         }
         let desk = Arc::clone(&self.desk);
-        self.queries
-            .spawn(async move { (channel, desk.handle(request, unix_now()).await) });
+        self.queries.spawn(async move {
+            let handled = desk.handle(request, unix_now(), &peer.to_base58()).await;
+            (peer, channel, handled)
+        });
     }
 
     fn on_policy_request(
@@ -331,15 +438,19 @@ impl Node {
 
     fn send_query_reply(&mut self, done: Result<QueryReply, tokio::task::JoinError>) {
         match done {
-            Ok((channel, response)) => {
+            Ok((peer, channel, handled)) => {
                 if self
                     .swarm
                     .behaviour_mut()
                     .query
-                    .send_response(channel, response)
+                    .send_response(channel, handled.response)
                     .is_err()
                 {
                     debug!("researcher went away before the reply was sent");
+                }
+                // After the reply: the request that crosses the limit is still answered.
+                if handled.unauthenticated {
+                    self.noise.note(peer, Instant::now(), &mut self.swarm);
                 }
             }
             // `QueryDesk::handle` does not panic; a join error means the task was cancelled.
