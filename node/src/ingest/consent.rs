@@ -1,16 +1,19 @@
 //! Consent: a CSV of `patient_id, scope, granted` changes, and one patient's withdrawal.
 //! Either changes the consent bits of stored patient rows in one atomic write.
 
-use super::pseudonym::{Pseudonyms, pseudonym, pseudonym_secret};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+use renkei_engine::schema::{DatasetSchema, parse_flag};
 
 use crate::error::{IngestError, IngestErrors, NodeError};
 use crate::store::NodeStore;
 use crate::store::tables::{self, Merged, Table, TableWrites};
-use renkei_engine::schema::{DatasetSchema, parse_flag};
 
-use super::csv::*;
+use super::csv::{
+    CsvTable, IngestReport, Problems, consent_scopes, refused, require_stored, write_tables,
+};
+use super::pseudonym::{Pseudonyms, pseudonym, pseudonym_secret};
 
 /// Consent changes as (grant, revoke) bits over `scopes`, applied in order.
 fn consent_bits(scopes: &[String], changes: &[(String, bool)]) -> (u64, u64) {

@@ -1,17 +1,20 @@
 //! Patient and timepoint tables from CSV: each row typed against the schema as it is read,
 //! merged into the stored shards, and written in one atomic batch or not at all.
 
-use renkei_engine::NULL;
-
-use super::pseudonym::{Pseudonyms, pseudonym_secret};
 use std::path::Path;
+
+use renkei_engine::NULL;
+use renkei_engine::schema::{Digits, TIMEPOINT_COLUMN, parse_flag};
 
 use crate::error::NodeError;
 use crate::store::NodeStore;
 use crate::store::tables::{Table, TableWrites};
-use renkei_engine::schema::{Digits, TIMEPOINT_COLUMN, parse_flag};
 
-use super::csv::*;
+use super::csv::{
+    CsvFile, IngestOptions, IngestReport, Problems, cell, consent_scopes, refused,
+    report_duplicates, require_stored, write_tables,
+};
+use super::pseudonym::{Pseudonyms, pseudonym_secret};
 
 /// The columns of `defs` a file has: (position in the file, position in the table).
 fn file_columns(file: &CsvFile, defs: &[renkei_engine::schema::ColumnDef]) -> Vec<(usize, usize)> {

@@ -2,21 +2,21 @@
 //! each summarised by their format's reader ([`super::formats`]) and stored as item records
 //! at their patient's timepoint, all in one atomic write.
 
-use super::csv_tables::parse_timepoint;
-use super::formats;
-use super::pseudonym::{Pseudonyms, pseudonym_secret};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use renkei_engine::schema::{ItemFormat, TIMEPOINT_COLUMN};
 use sha2::{Digest, Sha256};
 
 use crate::error::NodeError;
 use crate::store::NodeStore;
 use crate::store::records::{self, ItemRecord};
 use crate::store::tables::{self, Table, TableWrites};
-use renkei_engine::schema::{ItemFormat, TIMEPOINT_COLUMN};
 
-use super::csv::*;
+use super::csv::{CsvTable, IngestReport, Problems, refused, require_stored, write_tables};
+use super::csv_tables::parse_timepoint;
+use super::formats;
+use super::pseudonym::{Pseudonyms, pseudonym_secret};
 
 /// Loads a manifest CSV (`path, patient_id, timepoint, kind`), reading every file.
 pub fn ingest_manifest(
