@@ -332,3 +332,61 @@ fn a_bulk_export_in_ndjson_is_read_as_a_stream() {
         .to_string();
     assert!(err.contains("*.ndjson"), "{err}");
 }
+
+/// An import says what it read and what it mapped, by code system, so a hospital sees what
+/// was left out: here a condition coded in ICD-10-CM, which the mapping does not know yet,
+/// and an observation with an unmapped LOINC code.
+#[test]
+fn an_import_reports_what_it_did_not_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
+    let store = home.open_store().unwrap();
+    let path = dir.path().join("bundle.json");
+    std::fs::write(
+        &path,
+        r#"{"resourceType": "Bundle", "type": "collection", "entry": [
+  {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p", "gender": "male", "birthDate": "1950-02-03"}},
+  {"fullUrl": "urn:uuid:e", "resource": {"resourceType": "Encounter", "id": "e", "class": {"code": "IMP"},
+    "subject": {"reference": "urn:uuid:p"}, "period": {"start": "2020-05-01"}}},
+  {"resource": {"resourceType": "Encounter", "id": "orphan", "class": {"code": "AMB"},
+    "subject": {"reference": "Patient/nobody"}, "period": {"start": "2020-05-02"}}},
+  {"resource": {"resourceType": "Condition", "id": "c1", "subject": {"reference": "urn:uuid:p"},
+    "onsetDateTime": "2015-01-01",
+    "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9"}]}}},
+  {"resource": {"resourceType": "Condition", "id": "c2", "subject": {"reference": "urn:uuid:p"},
+    "onsetDateTime": "2020-04-28",
+    "code": {"coding": [{"system": "http://snomed.info/sct", "code": "840539006"}]}}},
+  {"resource": {"resourceType": "Observation", "id": "o1", "subject": {"reference": "urn:uuid:p"},
+    "encounter": {"reference": "urn:uuid:e"},
+    "code": {"coding": [{"system": "http://loinc.org", "code": "26881-3"}]},
+    "valueQuantity": {"value": 12.5, "unit": "pg/mL"}}},
+  {"resource": {"resourceType": "Observation", "id": "o2", "subject": {"reference": "urn:uuid:p"},
+    "encounter": {"reference": "urn:uuid:e"},
+    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+    "valueQuantity": {"value": 80, "unit": "/min"}}}
+]}"#,
+    )
+    .unwrap();
+    let export = import::read_fhir(&[path.as_path()]).unwrap();
+    let report = import::import(&store, &export, true, false).unwrap();
+    let notes = report.notes.join("\n");
+    assert!(notes.contains("patients: 1 read, 1 mapped"), "{notes}");
+    assert!(
+        notes.contains("encounters: 2 read, 1 mapped, 1 not mapped (no such patient)"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains(
+            "conditions: 2 read, 1 mapped, 1 not mapped (read by code system: http://hl7.org/fhir/sid/icd-10-cm 1, http://snomed.info/sct 1)"
+        ),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("observations: 2 read, 1 mapped, 1 not mapped"),
+        "{notes}"
+    );
+    // The ICD-10 diabetes code is not read as diabetes (the mapping does not know it yet).
+    let data = renkei_node::image::load(&store, Arc::new(store.schema().unwrap())).unwrap();
+    assert_eq!(count(&data, "patients", flag("diabetes")), 0);
+    assert_eq!(count(&data, "timepoints", il6_is(125)), 1);
+}

@@ -36,7 +36,7 @@ pub const MAX_REPORTED_ERRORS: usize = 20;
 pub const PATIENT_CSV_HEADER: &str = "patient_id,age,sex,severity,diabetes,hypertension,chronic_lung_disease,cardiovascular_disease,kidney_disease,cancer,obesity,consent_secondary_use";
 
 /// What an ingest did (or, on a dry run, would do).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct IngestReport {
     pub rows: usize,
     /// Records not in the store before.
@@ -49,6 +49,8 @@ pub struct IngestReport {
     /// Decimals rounded to their column's digits (only when asked, or by an import, whose
     /// rule says so).
     pub rounded: usize,
+    /// What else the load has to say, a line each (an import: what it read and mapped).
+    pub notes: Vec<String>,
 }
 
 /// How a file is loaded.

@@ -152,6 +152,7 @@ pub fn ingest_patients_with(
         consented: merged.consented,
         dry_run,
         rounded: parser.rounded,
+        notes: Vec::new(),
     })
 }
 
@@ -258,5 +259,6 @@ pub fn ingest_timepoints_with(
         consented: 0,
         dry_run,
         rounded: parser.rounded,
+        notes: Vec::new(),
     })
 }

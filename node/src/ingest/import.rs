@@ -144,6 +144,8 @@ pub struct ExportEncounter {
 pub struct ExportCondition {
     pub patient: String,
     pub start: i64,
+    /// The code system as the export names it (`SNOMED CT`, `http://hl7.org/fhir/sid/icd-10`).
+    pub system: String,
     pub code: String,
 }
 
@@ -151,6 +153,7 @@ pub struct ExportCondition {
 pub struct ExportObservation {
     pub patient: String,
     pub encounter: Option<String>,
+    pub system: String,
     pub code: String,
     pub value: Option<f64>,
     pub unit: String,
@@ -162,6 +165,107 @@ pub struct ExportMedication {
     pub patient: String,
     pub encounter: Option<String>,
     pub description: String,
+}
+
+/// The drugs read from medication records, by a name their description contains.
+const DRUGS: [&str; 7] = [
+    "favipiravir",
+    "nafamostat",
+    "camostat",
+    "tocilizumab",
+    "remdesivir",
+    "dexamethasone",
+    "baricitinib",
+];
+
+impl ExportCondition {
+    fn is_snomed(&self) -> bool {
+        let system = self.system.to_ascii_lowercase();
+        system.contains("snomed")
+    }
+}
+
+impl ExportObservation {
+    fn is_loinc(&self) -> bool {
+        self.system.to_ascii_lowercase().contains("loinc")
+    }
+}
+
+/// What an import used of an export, for its report.
+#[derive(Debug, Default)]
+struct ImportTally {
+    encounters_mapped: usize,
+    conditions_mapped: usize,
+    observations_mapped: usize,
+    medications_mapped: usize,
+}
+
+impl ImportTally {
+    /// One line per kind of record: read, mapped onto the schema, not mapped (by code
+    /// system where records carry one), so a hospital sees what was left out.
+    fn notes(&self, export: &ClinicalExport) -> Vec<String> {
+        let by_system = |systems: &mut dyn Iterator<Item = &str>, mapped: usize| {
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for system in systems {
+                *counts
+                    .entry(if system.is_empty() {
+                        "no system"
+                    } else {
+                        system
+                    })
+                    .or_default() += 1;
+            }
+            let read: usize = counts.values().sum();
+            let listed: Vec<String> = counts
+                .iter()
+                .map(|(system, n)| format!("{system} {n}"))
+                .collect();
+            format!(
+                "{read} read, {mapped} mapped, {} not mapped (read by code system: {})",
+                read.saturating_sub(mapped),
+                listed.join(", ")
+            )
+        };
+        vec![
+            format!(
+                "patients: {} read, {} mapped",
+                export.patients.len(),
+                export.patients.len()
+            ),
+            format!(
+                "encounters: {} read, {} mapped, {} not mapped (no such patient)",
+                export.encounters.len(),
+                self.encounters_mapped,
+                export
+                    .encounters
+                    .len()
+                    .saturating_sub(self.encounters_mapped)
+            ),
+            format!(
+                "conditions: {}",
+                by_system(
+                    &mut export.conditions.iter().map(|c| c.system.as_str()),
+                    self.conditions_mapped
+                )
+            ),
+            format!(
+                "observations: {}",
+                by_system(
+                    &mut export.observations.iter().map(|o| o.system.as_str()),
+                    self.observations_mapped
+                )
+            ),
+            format!(
+                "medications: {} read, {} mapped, {} not mapped",
+                export.medications.len(),
+                self.medications_mapped,
+                export
+                    .medications
+                    .len()
+                    .saturating_sub(self.medications_mapped)
+            ),
+        ]
+    }
 }
 
 /// A hospital export in plain rows.
@@ -345,6 +449,7 @@ pub fn read_synthea(dir: &Path) -> Result<ClinicalExport, IngestErrors> {
         export.conditions.push(ExportCondition {
             patient: get(&cells, "PATIENT"),
             start,
+            system: "SNOMED CT".into(),
             code: get(&cells, "CODE"),
         });
     }
@@ -353,6 +458,7 @@ pub fn read_synthea(dir: &Path) -> Result<ClinicalExport, IngestErrors> {
         export.observations.push(ExportObservation {
             patient: get(&cells, "PATIENT"),
             encounter: (!encounter.is_empty()).then_some(encounter),
+            system: "LOINC".into(),
             code: get(&cells, "CODE"),
             value: get(&cells, "VALUE").parse().ok(),
             unit: get(&cells, "UNITS"),
@@ -371,17 +477,28 @@ pub fn read_synthea(dir: &Path) -> Result<ClinicalExport, IngestErrors> {
 }
 
 /// The id in a FHIR reference (`urn:uuid:ID`, `Patient/ID`).
-fn coding_code(concept: &Value, system_part: &str) -> Option<String> {
-    concept
-        .get("coding")?
-        .as_array()?
+/// The (system, code) of a concept's coding in the system whose URL contains
+/// `system_part`, or else of its first coding (kept, to be reported as not mapped).
+fn coding(concept: &Value, system_part: &str) -> Option<(String, String)> {
+    let codings = concept.get("coding")?.as_array()?;
+    let pair = |c: &Value| {
+        Some((
+            c.get("system")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            c.get("code")?.as_str()?.to_string(),
+        ))
+    };
+    codings
         .iter()
         .find(|c| {
             c.get("system")
                 .and_then(Value::as_str)
                 .is_some_and(|s| s.contains(system_part))
         })
-        .and_then(|c| c.get("code")?.as_str().map(str::to_string))
+        .and_then(pair)
+        .or_else(|| codings.iter().find_map(pair))
 }
 
 /// Maps FHIR encounter class codes to Synthea's class names.
@@ -621,25 +738,27 @@ fn read_resource(
         "Condition" => {
             let start =
                 parse_day(text("onsetDateTime")).or_else(|| parse_day(text("recordedDate")));
-            if let (Some(start), Some(code)) = (
+            if let (Some(start), Some((system, code))) = (
                 start,
-                resource.get("code").and_then(|c| coding_code(c, "snomed")),
+                resource.get("code").and_then(|c| coding(c, "snomed")),
             ) {
                 export.conditions.push(ExportCondition {
                     patient: subject,
                     start,
+                    system,
                     code,
                 });
             }
         }
         "Observation" => {
-            let Some(code) = resource.get("code").and_then(|c| coding_code(c, "loinc")) else {
+            let Some((system, code)) = resource.get("code").and_then(|c| coding(c, "loinc")) else {
                 return;
             };
             let quantity = resource.get("valueQuantity");
             export.observations.push(ExportObservation {
                 patient: subject,
                 encounter,
+                system,
                 code,
                 value: quantity
                     .and_then(|q| q.get("value"))
@@ -724,6 +843,7 @@ pub fn import(
                 .push(medication);
         }
     }
+    let mut tally = ImportTally::default();
     let mut patient_rows = Vec::new();
     let mut timepoint_rows = Vec::new();
     for patient in &export.patients {
@@ -758,12 +878,25 @@ pub fn import(
             .cloned()
             .unwrap_or_default();
         for (column, codes) in COMORBIDITY_CODES {
-            let has = diagnoses.iter().any(|c| codes.contains(&c.code.as_str()));
+            let has = diagnoses
+                .iter()
+                .any(|c| c.is_snomed() && codes.contains(&c.code.as_str()));
             cells.insert(column, has.to_string());
         }
+        for condition in &diagnoses {
+            if condition.is_snomed()
+                && (condition.code == COVID19_CODE
+                    || COMORBIDITY_CODES
+                        .iter()
+                        .any(|(_, codes)| codes.contains(&condition.code.as_str())))
+            {
+                tally.conditions_mapped += 1;
+            }
+        }
+        tally.encounters_mapped += visits.len();
         let onset = diagnoses
             .iter()
-            .filter(|c| c.code == COVID19_CODE)
+            .filter(|c| c.is_snomed() && c.code == COVID19_CODE)
             .map(|c| c.start)
             .min();
         let mut worst: Option<usize> = None;
@@ -814,7 +947,11 @@ pub fn import(
                 .cloned()
                 .unwrap_or_default();
             for (code, column, units) in LAB_CODES {
-                let Some(observation) = observations.iter().rev().find(|o| o.code == *code) else {
+                let Some(observation) = observations
+                    .iter()
+                    .rev()
+                    .find(|o| o.is_loinc() && o.code == *code)
+                else {
                     continue;
                 };
                 let Some(value) = observation.value else {
@@ -826,6 +963,7 @@ pub fn import(
                 {
                     Some((_, factor)) => {
                         t.insert(column, format!("{:.4}", value * factor));
+                        tally.observations_mapped += 1;
                     }
                     None => problems.push(
                         &observation.origin,
@@ -838,15 +976,7 @@ pub fn import(
                     ),
                 }
             }
-            for drug in [
-                "favipiravir",
-                "nafamostat",
-                "camostat",
-                "tocilizumab",
-                "remdesivir",
-                "dexamethasone",
-                "baricitinib",
-            ] {
+            for drug in DRUGS {
                 if schema.timepoint_column(drug).is_some() {
                     let given = medications
                         .iter()
@@ -854,6 +984,15 @@ pub fn import(
                     t.insert(drug, given.to_string());
                 }
             }
+            tally.medications_mapped += medications
+                .iter()
+                .filter(|m| {
+                    let name = m.description.to_ascii_lowercase();
+                    DRUGS
+                        .iter()
+                        .any(|drug| schema.timepoint_column(drug).is_some() && name.contains(drug))
+                })
+                .count();
             timepoint_rows.push((patient, number as u16, visit.origin.clone(), t));
         }
         if let Some(worst) = worst {
@@ -927,6 +1066,7 @@ pub fn import(
     timepoints.prepare_last_wins();
     // Patients and their timepoints, in one atomic write.
     let merged = write_tables(store, &[&patients, &timepoints], Vec::new(), dry_run)?;
+    let notes = tally.notes(export);
     Ok(IngestReport {
         rows: patients.len() + timepoints.len(),
         added: merged.added,
@@ -934,6 +1074,7 @@ pub fn import(
         consented: if assume_consent { patients.len() } else { 0 },
         dry_run,
         rounded,
+        notes,
     })
 }
 

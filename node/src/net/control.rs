@@ -146,6 +146,9 @@ impl IngestPlan {
                 },
                 rounded(report.rounded)
             ));
+            for note in &report.notes {
+                done(format!("  {note}"));
+            }
         }
         // Patients first: timepoints, consent and items refer to them.
         let mut steps: Vec<(&str, &Path, IngestFn)> = Vec::new();
