@@ -390,6 +390,14 @@ pub(crate) async fn ask_until(
                 Err(e) if delivered => Err(AskError::AnswerLost {
                     last: e.to_string(),
                 }),
+                // Still being answered when the deadline came: it may well be charged.
+                Ok(QueryResponse::Refused(refusal))
+                    if delivered && refusal.code == RefusalCode::Overloaded =>
+                {
+                    Err(AskError::AnswerLost {
+                        last: refusal.to_string(),
+                    })
+                }
                 other => other,
             };
         }

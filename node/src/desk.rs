@@ -229,6 +229,14 @@ impl QueryDesk {
         );
     }
 
+    /// Whether `key` is a researcher (or a revoked one) in the active policy.
+    fn is_researcher(&self, key: &PublicKey) -> bool {
+        self.policy.active().is_some_and(|policy| {
+            let bundle = policy.bundle();
+            bundle.researcher(key).is_some() || bundle.revoked.contains(key)
+        })
+    }
+
     /// Counts a request from no known researcher for the next summary (never one audit
     /// entry each: anyone can send them).
     fn count_noise(&self, sender: &str, code: RefusalCode, now: u64) {
@@ -248,10 +256,14 @@ impl QueryDesk {
                 peer: sender.to_string(),
                 ..NoiseCount::default()
             });
-        match code {
-            RefusalCode::BadSignature => count.bad_signature += 1,
-            RefusalCode::UnknownResearcher => count.unknown_signer += 1,
-            _ => count.malformed += 1,
+        // Only these three codes reach here (see `handle`): undecodable requests,
+        // signatures that do not verify, unknown signers.
+        if code == RefusalCode::BadSignature {
+            count.bad_signature += 1;
+        } else if code == RefusalCode::UnknownResearcher {
+            count.unknown_signer += 1;
+        } else {
+            count.malformed += 1;
         }
     }
 
@@ -298,10 +310,28 @@ impl QueryDesk {
                 if refusal.code == RefusalCode::BadSignature && known.researcher.is_none() =>
             {
                 match request.decode() {
-                    Ok(envelope) if envelope.verify(Purpose::UnmaskRequest).is_ok() => {
+                    Ok(envelope)
+                        if envelope.verify(Purpose::UnmaskRequest).is_ok()
+                            && self.is_researcher(&envelope.signer) =>
+                    {
                         return Handled {
                             response: self.unmask_blocking(envelope, now).await,
                             unauthenticated: false,
+                        };
+                    }
+                    // Signed as an unmasking by a key the policy does not know: noise.
+                    Ok(envelope) if envelope.verify(Purpose::UnmaskRequest).is_ok() => {
+                        let refusal = Refusal::new(
+                            RefusalCode::UnknownResearcher,
+                            format!(
+                                "key {} is not a researcher in the active policy",
+                                envelope.signer
+                            ),
+                        );
+                        self.count_noise(sender, refusal.code, now);
+                        return Handled {
+                            response: QueryResponse::Refused(refusal),
+                            unauthenticated: true,
                         };
                     }
                     _ => {

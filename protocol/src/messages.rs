@@ -290,9 +290,12 @@ pub enum Release {
     /// Noisy numbers per GROUP BY cell in parts, each part one number per cell in the order
     /// of `labels` (a sum per cell: the sums; a mean per cell: the sums, then the counts of
     /// non-missing values, whose noise is [`Answer::count_noise_std`]).
+    /// A cell is withheld (`suppressed`, every part 0 there) when its count fell below the
+    /// minimum cell size; only releases with counts (a mean per cell) withhold.
     Cells {
         labels: Vec<Vec<String>>,
         parts: Vec<Vec<i64>>,
+        suppressed: Vec<bool>,
     },
 }
 

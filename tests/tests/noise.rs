@@ -11,7 +11,9 @@ use std::time::Duration;
 use renkei_aggregator::NetworkClient;
 use renkei_node::audit::{self, AuditEvent};
 use renkei_protocol::transport::EncodedRequest;
-use renkei_protocol::{MicroRho, QueryResponse, RefusalCode};
+use renkei_protocol::{
+    MicroRho, Purpose, QueryResponse, RefusalCode, SecretKey, SignedEnvelope, UnmaskRequest,
+};
 use renkei_tests::{researcher, start_testnet, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,6 +63,39 @@ async fn garbage_is_summarised_rate_limited_and_honest_queries_still_answered() 
     assert_eq!(malformed + overloaded + dropped, 130);
     assert!(overloaded + dropped >= 29);
 
+    // Unmaskings signed by a key the policy does not know: noise too, not one entry each.
+    let eve = within(
+        "a client",
+        NetworkClient::start(Some(renkei_node::service::default_listen())),
+    )
+    .await
+    .unwrap();
+    let eve_key = SecretKey::generate().unwrap();
+    let round = SignedEnvelope::seal(Purpose::QueryRequest, &eve_key, &7u32).unwrap();
+    for _ in 0..3 {
+        let unmask = UnmaskRequest {
+            round: round.clone(),
+            survivors: Vec::new(),
+            commitments: Vec::new(),
+        };
+        let sealed = SignedEnvelope::seal(Purpose::UnmaskRequest, &eve_key, &unmask).unwrap();
+        let reply = within(
+            "an unknown unmasking",
+            eve.ask(
+                node.peer_id,
+                node.address.clone(),
+                EncodedRequest::encode(&sealed).unwrap(),
+                Duration::from_secs(10),
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(&reply, QueryResponse::Refused(r) if r.code == RefusalCode::UnknownResearcher),
+            "{reply:?}"
+        );
+    }
+
     // An honest researcher on another peer is still answered.
     let session = researcher(&fixture.testnet).await;
     let answer = within(
@@ -101,5 +136,15 @@ async fn garbage_is_summarised_rate_limited_and_honest_queries_still_answered() 
         summarised == malformed || summarised == malformed + 1,
         "{summarised} counted, {malformed} refusals seen"
     );
+    let unknown: u64 = entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            AuditEvent::UnauthenticatedRequests { senders, .. } => {
+                Some(senders.iter().map(|s| s.unknown_signer).sum::<u64>())
+            }
+            _ => None,
+        })
+        .sum();
+    assert_eq!(unknown, 3);
     assert!(entries.len() < 10, "{} entries", entries.len());
 }

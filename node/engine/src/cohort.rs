@@ -103,13 +103,14 @@ impl<'a> Cohort<'a> {
         kept
     }
 
-    /// The distinct (cell, patient) pairs among the matching rows of consenting patients.
-    pub fn patients_per_cell(&self, cells: &[u32]) -> Vec<(usize, usize)> {
-        let mut pairs: Vec<(usize, usize)> = self
-            .rows
+    /// The distinct (cell, patient) pairs among the rows of consenting patients in
+    /// `rows` (capped rows: so a patient falls in at most as many cells as it may count
+    /// rows).
+    pub fn patients_per_cell(&self, rows: &[usize], cells: &[u32]) -> Vec<(usize, usize)> {
+        let mut pairs: Vec<(usize, usize)> = rows
             .iter()
-            .filter(|&row| cells[row] != NO_CELL)
-            .map(|row| (cells[row] as usize, self.patient_of(row)))
+            .filter(|&&row| cells[row] != NO_CELL)
+            .map(|&row| (cells[row] as usize, self.patient_of(row)))
             .filter(|(_, patient)| self.consenting.contains(*patient))
             .collect();
         pairs.sort_unstable();

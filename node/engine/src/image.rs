@@ -436,7 +436,9 @@ impl ImageBuilder {
         }
         let mut timepoints = vec![0u32; data.patients.len];
         for patient in &data.timepoints.patient {
-            timepoints[*patient as usize] += 1;
+            if let Some(count) = timepoints.get_mut(*patient as usize) {
+                *count += 1;
+            }
         }
         let bound = data.schema.max_timepoints_per_patient;
         data.over_bound = timepoints.iter().filter(|n| **n > bound).count();

@@ -50,13 +50,28 @@ pub fn release_from_total(shape: &MaskedShape, total: Vec<i64>, min_cell_size: u
                 suppressed,
             }
         }
-        MaskedShape::Cells { labels, .. } => Release::Cells {
-            labels: labels.clone(),
-            parts: total
-                .chunks(labels.len().max(1))
-                .map(<[i64]>::to_vec)
-                .collect(),
-        },
+        MaskedShape::Cells { labels, parts } => {
+            let cells = labels.len().max(1);
+            let mut split: Vec<Vec<i64>> = total.chunks(cells).map(<[i64]>::to_vec).collect();
+            // A mean per cell (sums, then counts): a cell whose total count is below the
+            // minimum is withheld, its sum with it.
+            let suppressed: Vec<bool> = match (*parts, split.get(1)) {
+                (2, Some(counts)) => counts.iter().map(|n| withhold(*n)).collect(),
+                _ => vec![false; labels.len()],
+            };
+            for part in &mut split {
+                for (value, withheld) in part.iter_mut().zip(&suppressed) {
+                    if *withheld {
+                        *value = 0;
+                    }
+                }
+            }
+            Release::Cells {
+                labels: labels.clone(),
+                parts: split,
+                suppressed,
+            }
+        }
     }
 }
 
@@ -83,7 +98,8 @@ pub fn same_shape(a: &Release, b: &Release) -> bool {
         Release::Cells {
             labels: l1,
             parts: p1,
-        } => matches!(b, Release::Cells { labels: l2, parts: p2 }
+            ..
+        } => matches!(b, Release::Cells { labels: l2, parts: p2, .. }
             if l1 == l2 && p1.len() == p2.len() && p1.iter().zip(p2).all(|(x, y)| x.len() == y.len())),
     }
 }
@@ -115,12 +131,15 @@ mod tests {
                     labels: labels.clone(),
                     parts: 2
                 },
-                vec![1, 2, 3, 4],
+                vec![1, 2, 30, 4],
                 10
             ),
+            // Sums then counts: the second cell's count (4) is below 10, withheld with
+            // its sum.
             Release::Cells {
-                labels,
-                parts: vec![vec![1, 2], vec![3, 4]],
+                labels: labels.clone(),
+                parts: vec![vec![1, 0], vec![30, 0]],
+                suppressed: vec![false, true],
             }
         );
     }
@@ -129,6 +148,7 @@ mod tests {
     fn shapes_match_only_with_the_same_cells() {
         let cells = |parts: Vec<Vec<i64>>| Release::Cells {
             labels: vec![vec!["x".into()]],
+            suppressed: vec![false],
             parts,
         };
         assert!(same_shape(

@@ -73,6 +73,12 @@ impl QueryDesk {
             ));
         }
         let parts = compiled.parts();
+        if parts.is_empty() {
+            return Err(Refusal::new(
+                RefusalCode::Internal,
+                "the query's statistic releases nothing; nothing was spent",
+            ));
+        }
         let calibrations = match &participants {
             Some(participants) => {
                 let PrivacyRequest::Zcdp { rho } = request.privacy else {

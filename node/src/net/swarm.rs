@@ -195,6 +195,16 @@ impl NoisyPeers {
             if self.banned.len() >= MAX_NOISY_PEERS {
                 self.banned.retain(|_, until| *until > now);
             }
+            // Still full of live bans: the one ending soonest makes room.
+            if self.banned.len() >= MAX_NOISY_PEERS
+                && let Some(soonest) = self
+                    .banned
+                    .iter()
+                    .min_by_key(|(_, until)| **until)
+                    .map(|(peer, _)| *peer)
+            {
+                self.banned.remove(&soonest);
+            }
             self.banned.insert(peer, now + NOISE_BAN);
             warn!(%peer, "peer banned for {}s: more than {NOISE_LIMIT} unauthenticated requests in {}s", NOISE_BAN.as_secs(), NOISE_WINDOW.as_secs());
             let _ = swarm.disconnect_peer_id(peer);

@@ -28,19 +28,23 @@ fn damaged(path: &Path, detail: &str) -> NodeError {
 /// sled writes a snapshot as `snap.<lsn>.generating` and renames it when complete, so such a
 /// file is never the store's state, only an unfinished copy of it, left by a crash or a
 /// full disk; sled would read it as a damaged snapshot and refuse every open. Removed.
-fn remove_unfinished_snapshots(path: &Path) -> Result<(), NodeError> {
+/// Called only after sled, holding the store's lock, failed to read it: a serving node's
+/// snapshot in progress is never touched. Returns whether anything was removed.
+fn remove_unfinished_snapshots(path: &Path) -> Result<bool, NodeError> {
     let Ok(entries) = std::fs::read_dir(path) else {
-        return Ok(()); // a store not created yet
+        return Ok(false); // a store not created yet
     };
+    let mut removed = false;
     for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("snap.") && name.ends_with(".generating") {
             let file = entry.path();
             std::fs::remove_file(&file).map_err(io_at(&file))?;
             tracing::warn!(file = %file.display(), "removed an unfinished sled snapshot");
+            removed = true;
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// An I/O error on `path`, as a [`NodeError`].
@@ -161,7 +165,7 @@ impl NodeStore {
         // file lock goes with the last of them; a reopen right after a close (a node restarted
         // in the same process) waits for that instead of failing.
         let deadline = Instant::now() + LOCK_WAIT;
-        remove_unfinished_snapshots(path)?;
+        let mut cleaned = false;
         let db = loop {
             let config = sled::Config::new()
                 .path(path)
@@ -181,6 +185,13 @@ impl NodeStore {
             })?;
             match opened {
                 Ok(db) => break db,
+                // sled read what an interrupted snapshot left (it got the file lock first,
+                // so no node is running on this store): remove it and open again, once.
+                Err(sled::Error::Corruption { .. })
+                    if !cleaned && remove_unfinished_snapshots(path)? =>
+                {
+                    cleaned = true;
+                }
                 Err(sled::Error::Corruption { at, .. }) => {
                     return Err(damaged(
                         path,

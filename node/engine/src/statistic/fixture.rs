@@ -41,19 +41,24 @@ scale = 1
 [[timepoints]]
 name = "icu"
 type = "boolean"
+
+[[timepoints]]
+name = "ward"
+type = "categorical"
+levels = ["a", "b", "c"]
 "#;
 
-/// (age, sex level, diabetes, consented, timepoints as (crp in tenths, icu)).
-type Patient = (i64, i64, i64, bool, &'static [(i64, i64)]);
+/// (age, sex level, diabetes, consented, timepoints as (crp in tenths, icu, ward level)).
+type Patient = (i64, i64, i64, bool, &'static [(i64, i64, i64)]);
 
 pub(crate) const PATIENTS: &[Patient] = &[
-    (30, 0, 0, true, &[(12, 0), (80, 1)]),
-    (45, 1, 1, true, &[(450, 1)]),
-    (70, 1, 1, true, &[(NULL, 0), (40, 1)]),
+    (30, 0, 0, true, &[(12, 0, 0), (80, 1, 1)]),
+    (45, 1, 1, true, &[(450, 1, 0)]),
+    (70, 1, 1, true, &[(NULL, 0, 1), (40, 1, 1)]),
     (20, 0, 0, true, &[]),
-    // Three timepoints: only two count.
-    (90, 0, 1, true, &[(5, 0), (20, 1), (30, 1)]),
-    (99, 1, 1, false, &[(300, 1)]),
+    // Three timepoints in three wards: only two count, its first and its last.
+    (90, 0, 1, true, &[(5, 0, 0), (20, 1, 1), (30, 1, 2)]),
+    (99, 1, 1, false, &[(300, 1, 2)]),
 ];
 
 pub(crate) fn dataset() -> Dataset {
@@ -71,12 +76,13 @@ pub(crate) fn dataset() -> Dataset {
         columns[2].push(*diabetes);
     }
     image.extend_patient_columns(&columns);
-    let mut timepoint_columns = vec![Vec::new(); 2];
+    let mut timepoint_columns = vec![Vec::new(); 3];
     for (patient, (.., timepoints)) in PATIENTS.iter().enumerate() {
-        for (number, (crp, icu)) in timepoints.iter().enumerate() {
+        for (number, (crp, icu, ward)) in timepoints.iter().enumerate() {
             image.add_timepoint(patient as u32, number as u16);
             timepoint_columns[0].push(*crp);
             timepoint_columns[1].push(*icu);
+            timepoint_columns[2].push(*ward);
         }
     }
     image.extend_timepoint_columns(&timepoint_columns, None);
@@ -85,29 +91,29 @@ pub(crate) fn dataset() -> Dataset {
 
 /// The pooled rows of the consenting patients with a row matching `keep`, as the
 /// testnet's generator would hand them to a statistic's truth: the view's rows as
-/// (age, sex, diabetes, crp, icu), the statistic's value and the row's cell read by
+/// (age, sex, diabetes, crp, icu, ward), the statistic's value and the row's cell read by
 /// `value` and `cell`.
 pub(crate) fn pooled(
     timepoints: bool,
-    keep: impl Fn(&[i64; 5]) -> bool,
-    value: impl Fn(&[i64; 5]) -> Option<f64>,
-    cell: impl Fn(&[i64; 5]) -> Option<Vec<String>>,
+    keep: impl Fn(&[i64; 6]) -> bool,
+    value: impl Fn(&[i64; 6]) -> Option<f64>,
+    cell: impl Fn(&[i64; 6]) -> Option<Vec<String>>,
 ) -> PooledCohort {
     let mut cohort = PooledCohort::default();
     for (age, sex, diabetes, consented, timepoints_of) in PATIENTS {
         if !consented {
             continue;
         }
-        let rows: Vec<[i64; 5]> = if timepoints {
+        let rows: Vec<[i64; 6]> = if timepoints {
             timepoints_of
                 .iter()
-                .map(|(crp, icu)| [*age, *sex, *diabetes, *crp, *icu])
+                .map(|(crp, icu, ward)| [*age, *sex, *diabetes, *crp, *icu, *ward])
                 .collect()
         } else {
-            vec![[*age, *sex, *diabetes, NULL, NULL]]
+            vec![[*age, *sex, *diabetes, NULL, NULL, NULL]]
         };
         // The rows a statistic keeps, spread over the course as the engine keeps them.
-        let matching: Vec<&[i64; 5]> = rows.iter().filter(|row| keep(row)).collect();
+        let matching: Vec<&[i64; 6]> = rows.iter().filter(|row| keep(row)).collect();
         let rows: Vec<PooledRow> = spread(matching.len(), if timepoints { 2 } else { 1 })
             .map(|i| PooledRow {
                 value: value(matching[i]),

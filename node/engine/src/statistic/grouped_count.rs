@@ -145,7 +145,10 @@ impl Accumulator for Table {
                 counts[cell[row] as usize] += 1;
             }
         } else {
-            for (cell, _) in cohort.patients_per_cell(&cell) {
+            // Distinct patients per cell, over each patient's capped rows: a patient is
+            // in at most `min(cells, cap)` cells, as the sensitivity assumes.
+            let rows = cohort.capped_rows(self.cap, &|row| cell[row] != NO_CELL);
+            for (cell, _) in cohort.patients_per_cell(&rows, &cell) {
                 counts[cell] += 1;
             }
         }
@@ -223,6 +226,36 @@ mod tests {
                 expected
             );
         }
+    }
+
+    /// A patient with more timepoints than the cap counts in at most `cap` cells (its
+    /// capped rows'), so the sensitivity `sqrt(min(cells, cap))` holds: the fourth patient's
+    /// three timepoints lie in three wards, and with a cap of 2 it counts in two of them.
+    #[test]
+    fn distinct_patients_per_cell_count_only_capped_rows() {
+        let query = by("timepoints", Aggregate::CountPatients, "ward");
+        let Release::Groups { counts, .. } = release(&query) else {
+            panic!("GROUP BY releases cells");
+        };
+        // Uncapped, ward b would count three patients.
+        assert_eq!(counts, vec![3, 2, 1]);
+        assert_eq!(counts.iter().sum::<i64>(), 6);
+        let truth = for_query(&query).pooled(
+            &query,
+            &pooled(
+                true,
+                |_| true,
+                |_| None,
+                |r| Some(vec![["a", "b", "c"][r[5] as usize].to_string()]),
+            ),
+        );
+        let TrueValue::Groups(cells) = truth else {
+            panic!("{truth:?}")
+        };
+        assert_eq!(
+            cells.iter().map(|(_, n)| *n as i64).collect::<Vec<_>>(),
+            counts
+        );
     }
 
     #[test]

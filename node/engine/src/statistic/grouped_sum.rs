@@ -66,15 +66,21 @@ impl Statistic for GroupedSum {
             };
             parts.get(part)?.get(cell).copied()
         };
+        let withheld = |site: &SiteRelease<'_>, cell: usize| {
+            let Release::Cells { suppressed, .. } = site.release else {
+                return false;
+            };
+            suppressed.get(cell).copied().unwrap_or(false)
+        };
         let groups = labels
             .iter()
             .enumerate()
             .map(|(cell, label)| {
-                let sums: Vec<CountPart> = sites
-                    .iter()
-                    .filter_map(|s| Some((part(s, 0, cell)?, false, s.noise_std, 0)))
-                    .collect();
                 if !self.mean {
+                    let sums: Vec<CountPart> = sites
+                        .iter()
+                        .filter_map(|s| Some((part(s, 0, cell)?, false, s.noise_std, 0)))
+                        .collect();
                     let (estimate, std_dev, ci95) = add_counts(&sums, scale);
                     return GroupEstimate {
                         group: label.clone(),
@@ -85,8 +91,11 @@ impl Statistic for GroupedSum {
                         note: None,
                     };
                 }
+                // A node that withheld the cell (its count below the minimum cell size)
+                // released neither its sum nor its count there: the mean is the others'.
+                let withheld_by = sites.iter().filter(|s| withheld(s, cell)).count();
                 let (mut sum, mut count, mut var_sum, mut var_count) = (0.0, 0.0, 0.0, 0.0);
-                for site in sites {
+                for site in sites.iter().filter(|s| !withheld(s, cell)) {
                     if let (Some(s), Some(c)) = (part(site, 0, cell), part(site, 1, cell)) {
                         sum += s as f64;
                         count += c as f64;
@@ -94,24 +103,29 @@ impl Statistic for GroupedSum {
                         var_count += site.count_noise_std.unwrap_or(0.0).powi(2);
                     }
                 }
+                let partial = (withheld_by > 0).then(|| {
+                    format!(
+                        "{withheld_by} node(s) withheld this cell (fewer values than the minimum cell size); the mean is over the others"
+                    )
+                });
                 match ratio(sum, count, var_sum, var_count, scale) {
                     Some((mean, sd)) => GroupEstimate {
                         group: label.clone(),
                         estimate: Estimate::Real(mean),
                         std_dev: sd,
                         ci95: [mean - Z_95 * sd, mean + Z_95 * sd],
-                        withheld_by: 0,
-                        note: None,
+                        withheld_by,
+                        note: partial,
                     },
                     None => GroupEstimate {
                         group: label.clone(),
                         estimate: Estimate::Real(f64::NAN),
                         std_dev: f64::NAN,
                         ci95: [f64::NAN, f64::NAN],
-                        withheld_by: 0,
-                        note: Some(
-                            "too few values to estimate a mean (the noisy count is below 1)".into(),
-                        ),
+                        withheld_by,
+                        note: Some(partial.unwrap_or_else(|| {
+                            "too few values to estimate a mean (the noisy count is below 1)".into()
+                        })),
                     },
                 }
             })
@@ -150,8 +164,11 @@ impl Accumulator for CellSums {
             len: self.labels.len(),
             counts: false,
         };
+        // The counts are counts: a cell below the minimum cell size is withheld (with its
+        // sum), as a GROUP BY count would withhold it.
         let counts = Part {
             sensitivity: cap,
+            counts: true,
             ..sums
         };
         if self.mean {
@@ -193,9 +210,24 @@ impl Accumulator for CellSums {
     }
 
     fn release(&self, noisy: Vec<NoisyPart>) -> Release {
+        let suppressed = match (self.mean, noisy.get(1)) {
+            (true, Some(counts)) => counts.suppressed.clone(),
+            (true, None) | (false, _) => vec![false; self.labels.len()],
+        };
+        let parts = noisy
+            .into_iter()
+            .map(|part| {
+                part.values
+                    .iter()
+                    .zip(&suppressed)
+                    .map(|(v, s)| if *s { 0 } else { *v })
+                    .collect()
+            })
+            .collect();
         Release::Cells {
             labels: self.labels.clone(),
-            parts: noisy.into_iter().map(|p| p.values).collect(),
+            parts,
+            suppressed,
         }
     }
 
@@ -233,7 +265,7 @@ mod tests {
     #[test]
     fn means_per_cell_are_sums_and_counts_and_match_the_pooled_truth() {
         let query = by("patients", mean("age"), "sex");
-        let Release::Cells { labels, parts } = release(&query) else {
+        let Release::Cells { labels, parts, .. } = release(&query) else {
             panic!("a mean per cell releases cells");
         };
         assert_eq!(
@@ -309,7 +341,7 @@ mod tests {
             }
         );
         let words: Vec<i64> = data.evaluate(&compiled).0.concat();
-        let total = release_from_total(&shape, words, 10);
+        let total = release_from_total(&shape, words, 0);
         assert_eq!(
             total,
             compiled
@@ -318,12 +350,60 @@ mod tests {
         );
     }
 
+    /// A node whose cell count fell below the minimum withholds the cell's sum and count;
+    /// the cell's mean is the other nodes', and says so.
+    #[test]
+    fn a_withheld_cell_is_left_to_the_other_nodes() {
+        let query = by("patients", mean("age"), "sex");
+        let compiled = fixture::dataset().compile(&query).unwrap();
+        let noisy = |sums: Vec<i64>, counts: Vec<i64>, min_cell: i64| {
+            let suppressed: Vec<bool> = counts.iter().map(|c| *c < min_cell).collect();
+            vec![
+                plain(sums),
+                crate::statistic::NoisyPart {
+                    values: counts,
+                    suppressed,
+                },
+            ]
+        };
+        let small = compiled
+            .statistic()
+            .release(noisy(vec![140, 115], vec![3, 2], 3));
+        let Release::Cells {
+            parts, suppressed, ..
+        } = &small
+        else {
+            panic!("{small:?}");
+        };
+        assert_eq!(suppressed, &vec![false, true]);
+        assert_eq!(parts, &vec![vec![140, 0], vec![3, 0]]);
+        let other = compiled
+            .statistic()
+            .release(noisy(vec![600, 500], vec![10, 10], 3));
+        let combined = for_query(&query).combine(&query, &sites(&[small, other], 0, 1.0));
+        assert_eq!(
+            combined.groups[0].estimate,
+            crate::Estimate::Real(740.0 / 13.0)
+        );
+        assert_eq!(combined.groups[1].estimate, crate::Estimate::Real(50.0));
+        assert_eq!(combined.groups[1].withheld_by, 1);
+        assert!(
+            combined.groups[1]
+                .note
+                .as_deref()
+                .unwrap()
+                .contains("withheld")
+        );
+        assert!(compiled.counts(), "a mean per cell releases counts");
+    }
+
     #[test]
     fn a_cell_with_too_few_values_has_no_mean() {
         let query = by("patients", mean("age"), "sex");
         let releases = [Release::Cells {
             labels: vec![vec!["female".into()], vec!["male".into()]],
             parts: vec![vec![400, 7], vec![10, 0]],
+            suppressed: vec![false, false],
         }];
         let combined = for_query(&query).combine(&query, &sites(&releases, 0, 1.0));
         assert_eq!(combined.groups[0].estimate, crate::Estimate::Real(40.0));

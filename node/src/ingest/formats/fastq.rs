@@ -143,6 +143,10 @@ impl Totals {
     }
 }
 
+/// The longest line read (a whole read of a long-read platform fits many times over); a
+/// longer one is refused rather than held in memory.
+const MAX_LINE_BYTES: usize = 64 << 20;
+
 /// Lines of a file with their 1-based numbers, each stripped of its line ending and of
 /// whitespace at both ends.
 struct Lines<R> {
@@ -154,12 +158,18 @@ struct Lines<R> {
 impl<R: BufRead> Lines<R> {
     fn next(&mut self) -> Result<Option<(u64, &[u8])>, FastqError> {
         self.buffer.clear();
-        let read = self
-            .reader
+        let read = (&mut self.reader)
+            .take(MAX_LINE_BYTES as u64 + 1)
             .read_until(b'\n', &mut self.buffer)
             .map_err(|e| FastqError::at(self.number + 1, format!("cannot be read: {e}")))?;
         if read == 0 {
             return Ok(None);
+        }
+        if self.buffer.len() > MAX_LINE_BYTES {
+            return Err(FastqError::at(
+                self.number + 1,
+                format!("a line longer than {MAX_LINE_BYTES} bytes (not a FASTQ file?)"),
+            ));
         }
         self.number += 1;
         Ok(Some((self.number, self.buffer.trim_ascii())))
