@@ -14,6 +14,28 @@ fn node_cli(args: &[&str]) -> Output {
         .expect("renkei-node runs")
 }
 
+/// A node initialised in `dir/node` with the patient CSV `patients` loaded.
+fn node_with_patients(dir: &std::path::Path, patients: &str) -> std::path::PathBuf {
+    let node = dir.join("node");
+    let node_dir = node.to_str().unwrap();
+    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
+    let csv = dir.join("p.csv");
+    std::fs::write(&csv, patients).unwrap();
+    let loaded = node_cli(&[
+        "ingest",
+        "--dir",
+        node_dir,
+        "--patients",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    node
+}
+
 const HEADER: &str = "patient_id,age,sex,severity,diabetes,hypertension,chronic_lung_disease,cardiovascular_disease,kidney_disease,cancer,obesity,consent_secondary_use\n";
 
 #[test]
@@ -208,26 +230,11 @@ fn extra_decimal_digits_are_refused_unless_rounding_is_asked_for() {
     use renkei_protocol::{Aggregate, Filter, Query, Release};
 
     let dir = tempfile::tempdir().unwrap();
-    let node = dir.path().join("node");
-    let node_dir = node.to_str().unwrap();
-    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
-    let patients = dir.path().join("p.csv");
-    std::fs::write(
-        &patients,
+    let node = node_with_patients(
+        dir.path(),
         "patient_id,age,consent_secondary_use\nP1,60,1\nP2,70,1\n",
-    )
-    .unwrap();
-    assert!(
-        node_cli(&[
-            "ingest",
-            "--dir",
-            node_dir,
-            "--patients",
-            patients.to_str().unwrap()
-        ])
-        .status
-        .success()
     );
+    let node_dir = node.to_str().unwrap();
     let labs = dir.path().join("labs.csv");
     std::fs::write(
         &labs,
@@ -277,26 +284,11 @@ fn timepoints_over_the_bound_are_reported_and_spread() {
     use renkei_protocol::{Aggregate, Filter, Query, Release};
 
     let dir = tempfile::tempdir().unwrap();
-    let node = dir.path().join("node");
-    let node_dir = node.to_str().unwrap();
-    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
-    let patients = dir.path().join("p.csv");
-    std::fs::write(
-        &patients,
+    let node = node_with_patients(
+        dir.path(),
         "patient_id,age,consent_secondary_use\nP1,60,1\nP2,70,1\n",
-    )
-    .unwrap();
-    assert!(
-        node_cli(&[
-            "ingest",
-            "--dir",
-            node_dir,
-            "--patients",
-            patients.to_str().unwrap()
-        ])
-        .status
-        .success()
     );
+    let node_dir = node.to_str().unwrap();
     let labs = dir.path().join("labs.csv");
     let mut text = String::from("patient_id,timepoint,crp\nP2,0,1\n");
     for day in 0..10 {
@@ -352,22 +344,11 @@ fn timepoints_over_the_bound_are_reported_and_spread() {
 #[test]
 fn damaged_stores_are_refused_in_words_and_leftovers_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let node = dir.path().join("node");
-    let node_dir = node.to_str().unwrap();
-    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
-    let patients = dir.path().join("p.csv");
-    std::fs::write(&patients, "patient_id,age,consent_secondary_use\nP1,60,1\n").unwrap();
-    assert!(
-        node_cli(&[
-            "ingest",
-            "--dir",
-            node_dir,
-            "--patients",
-            patients.to_str().unwrap()
-        ])
-        .status
-        .success()
+    let node = node_with_patients(
+        dir.path(),
+        "patient_id,age,consent_secondary_use\nP1,60,1\n",
     );
+    let node_dir = node.to_str().unwrap();
     let snapshot = || {
         std::fs::read_dir(node.join("store"))
             .unwrap()
@@ -444,22 +425,11 @@ fn damaged_stores_are_refused_in_words_and_leftovers_removed() {
 #[test]
 fn every_command_opens_the_store_the_way_serve_does() {
     let dir = tempfile::tempdir().unwrap();
-    let node = dir.path().join("node");
-    let node_dir = node.to_str().unwrap();
-    assert!(node_cli(&["init", "--dir", node_dir]).status.success());
-    let patients = dir.path().join("p.csv");
-    std::fs::write(&patients, "patient_id,age,consent_secondary_use\nP1,60,1\n").unwrap();
-    assert!(
-        node_cli(&[
-            "ingest",
-            "--dir",
-            node_dir,
-            "--patients",
-            patients.to_str().unwrap()
-        ])
-        .status
-        .success()
+    let node = node_with_patients(
+        dir.path(),
+        "patient_id,age,consent_secondary_use\nP1,60,1\n",
     );
+    let node_dir = node.to_str().unwrap();
     {
         // Straight through sled, as a damaged disk would.
         let db = sled::open(node.join("store")).unwrap();
