@@ -29,9 +29,11 @@ fn a_real_ct_header_is_summarised_without_identifiers() {
     let summary = dicom::summarise(&fixture("dicom/CT_small.dcm")).unwrap();
     // modality CT (level 0), rows, columns, frames, slice thickness (mm × 100)
     assert_eq!(
-        summary.values,
+        summary.values[..5],
         vec![Some(0), Some(128), Some(128), Some(1), Some(500)]
     );
+    // SOP class `ct` (level 0), no body part recorded, manufacturer GE (level 0)
+    assert_eq!(summary.values[5..], vec![Some(0), None, Some(0)]);
     assert_eq!(detail(&summary.details, "study_date"), Some("20040119"));
     assert_eq!(
         detail(&summary.details, "manufacturer"),
@@ -51,6 +53,89 @@ fn a_real_ct_header_is_summarised_without_identifiers() {
     let mr = dicom::summarise(&fixture("dicom/MR_small.dcm")).unwrap();
     assert_eq!(mr.values[0], Some(1)); // MR
     assert_eq!((mr.values[1], mr.values[2]), (Some(64), Some(64)));
+    // SOP class `mr`, manufacturer TOSHIBA_MEC read as `canon`.
+    assert_eq!((mr.values[5], mr.values[7]), (Some(2), Some(3)));
+}
+
+/// An Enhanced CT object (written with pydicom, see `tests/fixtures/README.md`) keeps its
+/// slice thickness only in the functional groups; it is read from there, and the header's
+/// facts are queryable through a manifest.
+#[test]
+fn an_enhanced_ct_is_read_through_its_functional_groups() {
+    use renkei_protocol::{Aggregate, CmpOp, Decimal, Filter, Literal, Query, Release};
+
+    let summary = dicom::summarise(&fixture("dicom/enhanced_ct.dcm")).unwrap();
+    // CT, 8 × 8, 3 frames, 1.25 mm, enhanced_ct (level 1), chest (0), siemens (1)
+    assert_eq!(
+        summary.values,
+        vec![
+            Some(0),
+            Some(8),
+            Some(8),
+            Some(3),
+            Some(125),
+            Some(1),
+            Some(0),
+            Some(1)
+        ]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
+    let store = home.open_store().unwrap();
+    let patients = dir.path().join("p.csv");
+    std::fs::write(
+        &patients,
+        "patient_id,age,consent_secondary_use\nP1,60,1\nP2,70,1\n",
+    )
+    .unwrap();
+    ingest::ingest_patients(&store, &patients, false).unwrap();
+    for name in ["dicom/enhanced_ct.dcm", "dicom/CT_small.dcm"] {
+        let source = fixture(name);
+        std::fs::copy(&source, dir.path().join(source.file_name().unwrap())).unwrap();
+    }
+    let manifest = dir.path().join("manifest.csv");
+    std::fs::write(
+        &manifest,
+        "path,patient_id,timepoint,kind\nenhanced_ct.dcm,P1,0,ct\nCT_small.dcm,P2,0,ct\n",
+    )
+    .unwrap();
+    ingest::ingest_manifest(&store, &manifest, false).unwrap();
+    let data =
+        renkei_node::image::load(&store, std::sync::Arc::new(store.schema().unwrap())).unwrap();
+    let count = |filter: Filter| {
+        let compiled = data
+            .compile(&Query {
+                aggregate: Aggregate::CountRows,
+                ..Query::count_patients("ct", filter)
+            })
+            .unwrap();
+        let Release::Scalar { value, .. } = compiled.unnoised_release(data.evaluate(&compiled))
+        else {
+            panic!("a count is one number");
+        };
+        value
+    };
+    let thin = Filter::cmp(
+        "slice_thickness",
+        CmpOp::Le,
+        Literal::Decimal(Decimal {
+            digits: 20,
+            scale: 1,
+        }),
+    );
+    let enhanced = Filter::eq("sop_class", Literal::Text("enhanced_ct".into()));
+    assert_eq!(count(Filter::And(vec![thin.clone(), enhanced])), 1);
+    assert_eq!(count(thin), 1, "CT_small is 5 mm");
+    assert_eq!(
+        count(Filter::eq("body_part", Literal::Text("chest".into()))),
+        1
+    );
+    assert_eq!(
+        count(Filter::eq("manufacturer", Literal::Text("ge".into()))),
+        1
+    );
+    assert_eq!(count(Filter::True), 2);
 }
 
 #[test]

@@ -116,6 +116,21 @@ impl ItemFormat {
                 scale,
             },
         };
+        // Levels in order, each once, then `other`.
+        let level = |name: &str, description: &str, levels: Vec<&str>| {
+            let mut unique: Vec<String> = Vec::new();
+            for level in levels.into_iter().chain(["other"]) {
+                if !unique.iter().any(|u| u == level) {
+                    unique.push(level.to_string());
+                }
+            }
+            ColumnDef {
+                name: name.into(),
+                description: Some(description.into()),
+                unit: None,
+                kind: ColumnType::Categorical { levels: unique },
+            }
+        };
         match self {
             ItemFormat::Dicom => vec![
                 ColumnDef {
@@ -130,6 +145,21 @@ impl ItemFormat {
                 int("columns", 65_535),
                 int("frames", 100_000),
                 dec("slice_thickness", 100.0, 2),
+                // Added after the first five: older stored items read them as missing.
+                level(
+                    "sop_class",
+                    "DICOM (0008,0016), by storage class",
+                    DICOM_SOP_CLASSES.iter().map(|(_, level)| *level).collect(),
+                ),
+                level("body_part", "DICOM (0018,0015)", DICOM_BODY_PARTS.to_vec()),
+                level(
+                    "manufacturer",
+                    "DICOM (0008,0070), by vendor",
+                    DICOM_MANUFACTURERS
+                        .iter()
+                        .map(|(_, level)| *level)
+                        .collect(),
+                ),
             ],
             ItemFormat::Fastq => vec![
                 int("read_count", i64::from(u32::MAX)),
@@ -141,6 +171,49 @@ impl ItemFormat {
         }
     }
 }
+
+/// DICOM storage classes kept as levels (by SOP Class UID); others are `other`.
+pub const DICOM_SOP_CLASSES: &[(&str, &str)] = &[
+    ("1.2.840.10008.5.1.4.1.1.2", "ct"),
+    ("1.2.840.10008.5.1.4.1.1.2.1", "enhanced_ct"),
+    ("1.2.840.10008.5.1.4.1.1.4", "mr"),
+    ("1.2.840.10008.5.1.4.1.1.4.1", "enhanced_mr"),
+    ("1.2.840.10008.5.1.4.1.1.1", "cr"),
+    ("1.2.840.10008.5.1.4.1.1.1.1", "dx"),
+    ("1.2.840.10008.5.1.4.1.1.1.1.1", "dx"),
+    ("1.2.840.10008.5.1.4.1.1.128", "pet"),
+    ("1.2.840.10008.5.1.4.1.1.130", "pet"),
+    ("1.2.840.10008.5.1.4.1.1.7", "secondary_capture"),
+];
+
+/// DICOM Body Part Examined values kept as levels (lower case); the spine's parts are
+/// `spine`; others are `other`.
+pub const DICOM_BODY_PARTS: &[&str] = &[
+    "chest",
+    "lung",
+    "heart",
+    "head",
+    "brain",
+    "neck",
+    "abdomen",
+    "pelvis",
+    "abdomenpelvis",
+    "chestabdomen",
+    "spine",
+    "wholebody",
+    "extremity",
+];
+
+/// Vendors kept as levels, by a word their Manufacturer value contains; others are `other`.
+pub const DICOM_MANUFACTURERS: &[(&str, &str)] = &[
+    ("GE ", "ge"),
+    ("SIEMENS", "siemens"),
+    ("PHILIPS", "philips"),
+    ("TOSHIBA", "canon"),
+    ("CANON", "canon"),
+    ("FUJI", "fujifilm"),
+    ("HITACHI", "hitachi"),
+];
 
 /// DICOM modalities kept as levels; others are stored as `OT` (other).
 pub const DICOM_MODALITIES: &[&str] = &["CT", "MR", "CR", "DX", "PT", "NM", "US", "XA", "MG", "OT"];

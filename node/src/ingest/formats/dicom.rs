@@ -2,17 +2,33 @@
 //!
 //! The whole file is parsed (so a file cut short anywhere, pixel data included, is refused),
 //! but only these header fields are kept: modality, SOP class, study date, body part, rows ×
-//! columns, slice thickness, number of frames and manufacturer. Identifying fields (patient
+//! columns, slice thickness (for enhanced and multi-frame objects, from the shared or the
+//! first frame's functional group), number of frames and manufacturer. Modality, SOP class
+//! (by storage class), body part and manufacturer (by vendor) are queryable levels; the
+//! study date is kept only as a detail, never released. Identifying fields (patient
 //! name, id, birth date, institution) are never read into the summary, and pixel data is
 //! dropped with the parsed object.
 
 use std::path::Path;
 
 use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, OpenFileOptions, Tag};
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions, Tag};
+use renkei_engine::schema::{
+    DICOM_BODY_PARTS, DICOM_MANUFACTURERS, DICOM_MODALITIES, DICOM_SOP_CLASSES,
+};
 
 use super::ItemSummary;
-use renkei_engine::schema::DICOM_MODALITIES;
+
+/// Levels in order, each once (the schema's levels of a column, `other` last).
+fn unique<'a>(levels: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen: Vec<&str> = Vec::new();
+    for level in levels {
+        if !seen.contains(&level) {
+            seen.push(level);
+        }
+    }
+    seen
+}
 
 /// The error's chain of causes (dicom-rs puts the tag and position in the causes).
 fn chain(error: &dyn std::error::Error) -> String {
@@ -52,13 +68,82 @@ pub fn summarise(path: &Path) -> Result<ItemSummary, String> {
             .position(|known| known.eq_ignore_ascii_case(m))
             .unwrap_or(DICOM_MODALITIES.len() - 1) as i64
     });
-    let slice_thickness = object
+    // Enhanced and multi-frame objects keep the slice thickness in their functional groups:
+    // the shared group, else the first frame's.
+    let thickness_in = |object: &InMemDicomObject| -> Result<Option<f64>, String> {
+        object
+            .get(tags::SLICE_THICKNESS)
+            .map(|e| e.to_float64())
+            .transpose()
+            .map_err(|e| format!("DICOM tag {}: {}", tags::SLICE_THICKNESS, chain(&e)))
+    };
+    let in_group = |sequence: Tag| -> Result<Option<f64>, String> {
+        let measures = object
+            .get(sequence)
+            .and_then(|e| e.items())
+            .and_then(|groups| groups.first())
+            .and_then(|group| group.get(tags::PIXEL_MEASURES_SEQUENCE))
+            .and_then(|e| e.items())
+            .and_then(|items| items.first());
+        measures.map_or(Ok(None), thickness_in)
+    };
+    let slice_thickness = match object
         .get(tags::SLICE_THICKNESS)
         .map(|e| e.to_float64())
         .transpose()
         .map_err(|e| format!("DICOM tag {}: {}", tags::SLICE_THICKNESS, chain(&e)))?
-        .filter(|t| t.is_finite() && *t >= 0.0)
-        .map(|t| (t * 100.0).round() as i64);
+    {
+        Some(thickness) => Some(thickness),
+        None => match in_group(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE)? {
+            Some(thickness) => Some(thickness),
+            None => in_group(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)?,
+        },
+    }
+    .filter(|t| t.is_finite() && *t >= 0.0)
+    .map(|t| (t * 100.0).round() as i64);
+    let level_of = |value: Option<&str>, levels: &[&str], pick: &dyn Fn(&str) -> Option<&str>| {
+        value.filter(|v| !v.is_empty()).map(|v| {
+            let other = levels.len();
+            pick(v)
+                .and_then(|level| levels.iter().position(|l| *l == level))
+                .unwrap_or(other) as i64
+        })
+    };
+    let sop_levels = unique(DICOM_SOP_CLASSES.iter().map(|(_, level)| *level));
+    let sop_class = level_of(text(tags::SOP_CLASS_UID)?.as_deref(), &sop_levels, &|uid| {
+        DICOM_SOP_CLASSES
+            .iter()
+            .find(|(known, _)| *known == uid)
+            .map(|(_, level)| *level)
+    });
+    let body_part = level_of(
+        text(tags::BODY_PART_EXAMINED)?.as_deref(),
+        DICOM_BODY_PARTS,
+        &|part| {
+            let part = part.to_ascii_lowercase();
+            let part = if part.ends_with("spine") {
+                "spine".to_string()
+            } else {
+                part
+            };
+            DICOM_BODY_PARTS
+                .iter()
+                .find(|known| **known == part)
+                .copied()
+        },
+    );
+    let vendor_levels = unique(DICOM_MANUFACTURERS.iter().map(|(_, level)| *level));
+    let manufacturer = level_of(
+        text(tags::MANUFACTURER)?.as_deref(),
+        &vendor_levels,
+        &|name| {
+            let name = format!("{} ", name.to_ascii_uppercase());
+            DICOM_MANUFACTURERS
+                .iter()
+                .find(|(word, _)| name.contains(word))
+                .map(|(_, level)| *level)
+        },
+    );
     let mut details = Vec::new();
     for (name, tag) in [
         ("modality", tags::MODALITY),
@@ -78,6 +163,9 @@ pub fn summarise(path: &Path) -> Result<ItemSummary, String> {
             integer(tags::COLUMNS)?,
             integer(tags::NUMBER_OF_FRAMES)?.or(Some(1)),
             slice_thickness,
+            sop_class,
+            body_part,
+            manufacturer,
         ],
         details,
     })
