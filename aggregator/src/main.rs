@@ -53,8 +53,9 @@ enum Command {
         /// prompt].
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
-        /// Node addresses, comma-separated, each ending in /p2p/<peer id>.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Node addresses, comma-separated, each ending in /p2p/<peer id> [default: every
+        /// member node the policy lists an address for].
+        #[arg(long, value_delimiter = ',')]
         nodes: Vec<String>,
         /// Signed consortium policy [default: $RENKEI_POLICY, else policy.json beside the key].
         #[arg(long, env = "RENKEI_POLICY")]
@@ -159,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Err(e) = sql::compile(&sql_text) {
                 bail!("SQL error: {}", e.render(&sql_text));
             }
-            let nodes = nodes
+            let named = nodes
                 .iter()
                 .map(|n| n.parse::<NodeAddress>())
                 .collect::<Result<Vec<_>, _>>()?;
@@ -189,6 +190,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         policy.display()
                     )
                 })?;
+            let nodes = if named.is_empty() {
+                session.member_nodes()?
+            } else {
+                named
+            };
             let study = session.resolve_study(study.as_deref())?;
             let secure = secure || session.secure_only(&study);
             if dropouts > 0 && !secure {

@@ -8,7 +8,8 @@ use crate::results::{AnswerMode, FederatedAnswer};
 
 /// The answer as a table for people.
 pub fn table(answer: &FederatedAnswer, out: &mut dyn Write) -> io::Result<()> {
-    let asked = answer.answered.len() + answer.missing.len() + answer.refused.len();
+    let asked =
+        answer.answered.len() + answer.quotes.len() + answer.missing.len() + answer.refused.len();
     writeln!(out, "query     {}", answer.query)?;
     writeln!(
         out,
@@ -86,12 +87,20 @@ pub fn table(answer: &FederatedAnswer, out: &mut dyn Write) -> io::Result<()> {
         },
     }
     let spent: u64 = answer.answered.iter().map(|a| a.rho.0).max().unwrap_or(0);
-    writeln!(
-        out,
-        "answered  {} of {asked} node(s); privacy spent at each: rho {}",
-        answer.answered.len(),
-        renkei_protocol::MicroRho(spent)
-    )?;
+    if answer.dry_run {
+        writeln!(
+            out,
+            "quoted    {} of {asked} node(s); nothing was spent",
+            answer.quotes.len()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "answered  {} of {asked} node(s); privacy spent at each: rho {}",
+            answer.answered.len(),
+            renkei_protocol::MicroRho(spent)
+        )?;
+    }
     for a in &answer.answered {
         let value = match (a.suppressed, a.value) {
             (true, _) => format!("<{}", a.min_cell_size),

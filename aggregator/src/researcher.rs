@@ -57,6 +57,33 @@ impl ResearcherSession {
         &self.policy
     }
 
+    /// Every member node the policy lists an address for (its first), as the nodes to ask
+    /// when none are named; `renkei-policy publish` reaches them the same way.
+    pub fn member_nodes(&self) -> Result<Vec<NodeAddress>, AggregatorError> {
+        let mut nodes = Vec::new();
+        for member in &self.policy.bundle().members {
+            let Some(address) = member.addresses.first() else {
+                continue;
+            };
+            let full = if address.contains("/p2p/") {
+                address.clone()
+            } else {
+                format!("{address}/p2p/{}", member.peer_id)
+            };
+            nodes.push(full.parse()?);
+        }
+        if nodes.is_empty() {
+            return Err(AggregatorError::BadNodeAddress {
+                address: String::new(),
+                reason: format!(
+                    "policy v{} lists no member addresses; name the nodes with --nodes",
+                    self.policy.bundle().version
+                ),
+            });
+        }
+        Ok(nodes)
+    }
+
     pub fn client(&self) -> &NetworkClient {
         &self.client
     }

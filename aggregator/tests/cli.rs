@@ -143,6 +143,58 @@ async fn json_output_carries_the_contract_fields() {
     assert!(quoted[0].contains(",0.500000,"), "{text}");
     assert!(quoted[0].ends_with(",per_site,4.500000"), "{text}");
 
+    // The same dry run as a table ends with what was quoted, not "answered 0 of 0".
+    let table = aggregator_cli(vec![
+        "query".into(),
+        "--key".into(),
+        key.clone(),
+        "--nodes".into(),
+        node.listen_addr().to_string(),
+        "--dry-run".into(),
+        "SELECT COUNT(*) FROM patients WHERE age >= 50".into(),
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("quoted    1 of 1 node(s); nothing was spent"),
+        "{text}"
+    );
+    assert!(!text.contains("answered  0 of 0"), "{text}");
+
+    // Without --nodes, the members the policy lists addresses for are asked (an address
+    // without /p2p gets the member's peer id).
+    let mut listed = bundle.clone();
+    let bare: String = node
+        .listen_addr()
+        .to_string()
+        .split("/p2p/")
+        .next()
+        .unwrap()
+        .to_string();
+    listed.members[0].addresses = vec![bare];
+    let mut signed_listed = SignedPolicy::unsigned(&listed).unwrap();
+    signed_listed.sign(&admin);
+    let listed_path = consortium.join("policy-with-addresses.json");
+    signed_listed.write_file(&listed_path).unwrap();
+    let defaulted = aggregator_cli(vec![
+        "query".into(),
+        "--key".into(),
+        key.clone(),
+        "--policy".into(),
+        listed_path.display().to_string(),
+        "--format".into(),
+        "json".into(),
+        "SELECT COUNT(*) FROM patients".into(),
+    ])
+    .await;
+    assert!(
+        defaulted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&defaulted.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&defaulted.stdout).unwrap();
+    assert_eq!(json["answered"].as_array().unwrap().len(), 1, "{json}");
+
     // Surviving dropouts is a property of secure totals only.
     let refused = aggregator_cli(vec![
         "query".into(),

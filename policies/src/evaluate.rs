@@ -165,10 +165,21 @@ impl VerifiedPolicy {
                 .into_iter()
                 .find(|c| !study.columns.iter().any(|allowed| allowed == c))
         {
+            // A misspelling reads as a permission problem; say what was probably meant.
+            let nearest = study
+                .columns
+                .iter()
+                .map(|allowed| (edit_distance(allowed, column), allowed))
+                .filter(|(distance, allowed)| *distance <= 2.max(allowed.len() / 4))
+                .min()
+                .map(|(_, allowed)| {
+                    format!(" (no column `{column}` in this study: did you mean `{allowed}`?)")
+                })
+                .unwrap_or_default();
             return refuse(
                 RefusalCode::ColumnNotAllowed,
                 format!(
-                    "study `{study_id}` may use {}, not `{column}`",
+                    "study `{study_id}` may use {}, not `{column}`{nearest}",
                     study.columns.join(", ")
                 ),
             );
@@ -180,8 +191,9 @@ impl VerifiedPolicy {
             return refuse(
                 RefusalCode::AggregationNotAllowed,
                 format!(
-                    "study `{study_id}` may compute {}, not {aggregation}",
-                    study.aggregations.join(", ")
+                    "study `{study_id}` may compute {}, not {} ({aggregation})",
+                    study.aggregations.join(", "),
+                    in_words(query, aggregation)
                 ),
             );
         }
@@ -216,6 +228,29 @@ impl Grant {
         }
         Ok(())
     }
+}
+
+/// An aggregation as the researcher wrote it: `histogram` is a GROUP BY.
+fn in_words(query: &Query, aggregation: &str) -> String {
+    match aggregation {
+        "histogram" => format!("GROUP BY {}", query.group_by.join(", ")),
+        other => other.to_uppercase(),
+    }
+}
+
+/// Levenshtein distance between two names (short names: the quadratic cost is nothing).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 #[cfg(test)]
@@ -326,6 +361,31 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code, RefusalCode::ColumnNotAllowed);
         assert!(err.reason.contains("`cancer`"), "{}", err.reason);
+        // A misspelled column is told apart from a forbidden one.
+        let err = policy
+            .authorize(&me, "severity-2026", &count("patients", &["diabetis"]), NOW)
+            .unwrap_err();
+        assert!(
+            err.reason
+                .contains("no column `diabetis` in this study: did you mean `diabetes`?"),
+            "{}",
+            err.reason
+        );
+        assert!(!err.to_string().is_empty());
+        // GROUP BY in a study that allows only counts: named as the researcher wrote it.
+        let grouped = Query {
+            group_by: vec!["sex".into()],
+            ..count("patients", &[])
+        };
+        let err = policy
+            .authorize(&me, "severity-2026", &grouped, NOW)
+            .unwrap_err();
+        assert_eq!(err.code, RefusalCode::AggregationNotAllowed);
+        assert!(
+            err.reason.contains("not GROUP BY sex (histogram)"),
+            "{}",
+            err.reason
+        );
 
         // The sensitive grant needs two admin signatures; one is not enough.
         let genome = count("host_genome", &[]);
