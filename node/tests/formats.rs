@@ -17,6 +17,16 @@ fn fixture(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// A node in `dir/node` with the patient CSV `patients` loaded, and its store.
+fn store_with_patients(dir: &Path, patients: &str) -> renkei_node::store::NodeStore {
+    let (home, _) = NodeHome::init(&dir.join("node")).unwrap();
+    let store = home.open_store().unwrap();
+    let csv = dir.join("p.csv");
+    std::fs::write(&csv, patients).unwrap();
+    ingest::ingest_patients(&store, &csv, false).unwrap();
+    store
+}
+
 fn detail<'a>(details: &'a [(String, String)], name: &str) -> Option<&'a str> {
     details
         .iter()
@@ -81,15 +91,10 @@ fn an_enhanced_ct_is_read_through_its_functional_groups() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
-    let store = home.open_store().unwrap();
-    let patients = dir.path().join("p.csv");
-    std::fs::write(
-        &patients,
+    let store = store_with_patients(
+        dir.path(),
         "patient_id,age,consent_secondary_use\nP1,60,1\nP2,70,1\n",
-    )
-    .unwrap();
-    ingest::ingest_patients(&store, &patients, false).unwrap();
+    );
     for name in ["dicom/enhanced_ct.dcm", "dicom/CT_small.dcm"] {
         let source = fixture(name);
         std::fs::copy(&source, dir.path().join(source.file_name().unwrap())).unwrap();
@@ -318,11 +323,10 @@ fn fastq_errors_name_the_offending_line() {
 #[test]
 fn a_manifest_with_one_broken_file_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
-    let store = home.open_store().unwrap();
-    let patients = dir.path().join("p.csv");
-    std::fs::write(&patients, "patient_id,age,consent_secondary_use\nP1,60,1\n").unwrap();
-    ingest::ingest_patients(&store, &patients, false).unwrap();
+    let store = store_with_patients(
+        dir.path(),
+        "patient_id,age,consent_secondary_use\nP1,60,1\n",
+    );
     for name in [
         "dicom/CT_small.dcm",
         "dicom/MR_truncated.dcm",
@@ -379,15 +383,10 @@ fn a_wrapped_fastq_loads_and_its_reads_are_queryable() {
     use renkei_protocol::{Aggregate, Filter, Query, Release};
 
     let dir = tempfile::tempdir().unwrap();
-    let (home, _) = NodeHome::init(&dir.path().join("node")).unwrap();
-    let store = home.open_store().unwrap();
-    let patients = dir.path().join("p.csv");
-    std::fs::write(
-        &patients,
+    let store = store_with_patients(
+        dir.path(),
         "patient_id,age,consent_secondary_use\nP1,60,1\nP2,70,1\n",
-    )
-    .unwrap();
-    ingest::ingest_patients(&store, &patients, false).unwrap();
+    );
     for name in [
         "scikit-bio/valid/wrapping_original_sanger.fastq",
         "scikit-bio/invalid/fastq_invalid_blank_within_qual",

@@ -14,20 +14,25 @@ use std::path::Path;
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions, Tag};
 use renkei_engine::schema::{
-    DICOM_BODY_PARTS, DICOM_MANUFACTURERS, DICOM_MODALITIES, DICOM_SOP_CLASSES,
+    ColumnType, DICOM_BODY_PARTS, DICOM_MANUFACTURERS, DICOM_MODALITIES, DICOM_SOP_CLASSES,
+    ItemFormat,
 };
 
 use super::ItemSummary;
 
-/// Levels in order, each once (the schema's levels of a column, `other` last).
-fn unique<'a>(levels: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-    let mut seen: Vec<&str> = Vec::new();
-    for level in levels {
-        if !seen.contains(&level) {
-            seen.push(level);
-        }
-    }
-    seen
+/// The stored level of `level` in the DICOM view's column `column`, as the schema lists its
+/// levels (the schema is the one place their order is decided); `other` when unknown.
+fn level_in(column: &str, level: Option<&str>) -> Option<i64> {
+    let columns = ItemFormat::Dicom.columns();
+    let levels = columns
+        .iter()
+        .find(|c| c.name == column)
+        .and_then(|c| match &c.kind {
+            ColumnType::Categorical { levels } => Some(levels),
+            ColumnType::Integer { .. } | ColumnType::Decimal { .. } | ColumnType::Boolean => None,
+        })?;
+    let at = |name: &str| levels.iter().position(|l| l == name);
+    level.and_then(at).or_else(|| at("other")).map(|i| i as i64)
 }
 
 /// The error's chain of causes (dicom-rs puts the tag and position in the causes).
@@ -101,49 +106,35 @@ pub fn summarise(path: &Path) -> Result<ItemSummary, String> {
     }
     .filter(|t| t.is_finite() && *t >= 0.0)
     .map(|t| (t * 100.0).round() as i64);
-    let level_of = |value: Option<&str>, levels: &[&str], pick: &dyn Fn(&str) -> Option<&str>| {
-        value.filter(|v| !v.is_empty()).map(|v| {
-            let other = levels.len();
-            pick(v)
-                .and_then(|level| levels.iter().position(|l| *l == level))
-                .unwrap_or(other) as i64
-        })
-    };
-    let sop_levels = unique(DICOM_SOP_CLASSES.iter().map(|(_, level)| *level));
-    let sop_class = level_of(text(tags::SOP_CLASS_UID)?.as_deref(), &sop_levels, &|uid| {
-        DICOM_SOP_CLASSES
+    let present = |value: Option<String>| value.filter(|v| !v.is_empty());
+    let sop_class = present(text(tags::SOP_CLASS_UID)?).and_then(|uid| {
+        let level = DICOM_SOP_CLASSES
             .iter()
             .find(|(known, _)| *known == uid)
-            .map(|(_, level)| *level)
+            .map(|(_, level)| *level);
+        level_in("sop_class", level)
     });
-    let body_part = level_of(
-        text(tags::BODY_PART_EXAMINED)?.as_deref(),
-        DICOM_BODY_PARTS,
-        &|part| {
-            let part = part.to_ascii_lowercase();
-            let part = if part.ends_with("spine") {
-                "spine".to_string()
-            } else {
-                part
-            };
-            DICOM_BODY_PARTS
-                .iter()
-                .find(|known| **known == part)
-                .copied()
-        },
-    );
-    let vendor_levels = unique(DICOM_MANUFACTURERS.iter().map(|(_, level)| *level));
-    let manufacturer = level_of(
-        text(tags::MANUFACTURER)?.as_deref(),
-        &vendor_levels,
-        &|name| {
-            let name = format!("{} ", name.to_ascii_uppercase());
-            DICOM_MANUFACTURERS
-                .iter()
-                .find(|(word, _)| name.contains(word))
-                .map(|(_, level)| *level)
-        },
-    );
+    let body_part = present(text(tags::BODY_PART_EXAMINED)?).and_then(|part| {
+        let part = part.to_ascii_lowercase();
+        let part = if part.ends_with("spine") {
+            "spine".to_string()
+        } else {
+            part
+        };
+        let level = DICOM_BODY_PARTS
+            .iter()
+            .find(|known| **known == part)
+            .copied();
+        level_in("body_part", level)
+    });
+    let manufacturer = present(text(tags::MANUFACTURER)?).and_then(|name| {
+        let name = format!("{} ", name.to_ascii_uppercase());
+        let level = DICOM_MANUFACTURERS
+            .iter()
+            .find(|(word, _)| name.contains(word))
+            .map(|(_, level)| *level);
+        level_in("manufacturer", level)
+    });
     let mut details = Vec::new();
     for (name, tag) in [
         ("modality", tags::MODALITY),
