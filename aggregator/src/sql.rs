@@ -15,7 +15,9 @@
 use std::fmt;
 
 use renkei_protocol::query::QueryShapeError;
-use renkei_protocol::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
+use renkei_protocol::{
+    Aggregate, CmpOp, Decimal, DerivedColumn, Filter, Literal, PerPatient, Query, Summary,
+};
 use sqlparser::ast::{
     self, BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
     ObjectNamePart, SelectItem, SetExpr, Spanned, Statement, TableFactor, UnaryOperator, Value,
@@ -53,6 +55,14 @@ impl SqlError {
             message: message.into(),
             line: start.line,
             column: start.column,
+        }
+    }
+
+    fn at_name(ident: &ast::Ident, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            line: ident.span.start.line,
+            column: ident.span.start.column,
         }
     }
 
@@ -111,11 +121,48 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
     let Statement::Query(query) = statement else {
         return Err(SqlError::at(statement, "only SELECT queries are accepted"));
     };
-    // Every clause not understood here is refused, never ignored: ignoring one would answer
-    // (and charge for) a different question than the one written.
+    let per_patient = match &query.with {
+        None => None,
+        Some(with) => Some(with_table(with)?),
+    };
+    let select = plain_select(query)?;
+    let view = view_name(select)?;
+    if let Some(table) = &per_patient
+        && table.name != view
+    {
+        return Err(SqlError::at(
+            select,
+            format!(
+                "WITH defines `{}`; the query must range over it (FROM {})",
+                table.name, table.name
+            ),
+        ));
+    }
+    let per_patient_view = per_patient.is_some();
+    let group_by = group_columns(select, &view)?;
+    let aggregate = projection(select, &view, &group_by, per_patient_view)?;
+    let filter = match &select.selection {
+        Some(condition) => filter(condition, &view)?,
+        None => Filter::True,
+    };
+    let query = Query {
+        view,
+        aggregate,
+        filter,
+        group_by,
+        per_patient,
+    }
+    .canonical();
+    query.check_shape()?;
+    Ok(query)
+}
+
+/// The one SELECT of a query (the outer one or a WITH's), every clause renkei does not
+/// understand refused: ignoring one would answer (and charge for) a different question than
+/// the one written.
+fn plain_select(query: &ast::Query) -> Result<&ast::Select, SqlError> {
     if query.order_by.is_some()
         || query.limit_clause.is_some()
-        || query.with.is_some()
         || query.fetch.is_some()
         || !query.locks.is_empty()
         || query.for_clause.is_some()
@@ -124,8 +171,8 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
         || !query.pipe_operators.is_empty()
     {
         return Err(SqlError::at(
-            query.as_ref(),
-            "only SELECT … FROM … WHERE … is supported (no WITH, ORDER BY, LIMIT, FETCH, FOR or pipes)",
+            query,
+            "only [WITH …] SELECT … FROM … WHERE … is supported (no ORDER BY, LIMIT, FETCH, FOR or pipes)",
         ));
     }
     let SetExpr::Select(select) = query.body.as_ref() else {
@@ -160,35 +207,236 @@ pub fn compile(sql: &str) -> Result<Query, SqlError> {
             "this SELECT uses a clause renkei does not support (TOP, INTO, QUALIFY, WINDOW, …)",
         ));
     }
-    let view = view_name(select)?;
-    let group_by = match &select.group_by {
+    Ok(select)
+}
+
+/// The GROUP BY column names.
+fn group_columns(select: &ast::Select, view: &str) -> Result<Vec<String>, SqlError> {
+    match &select.group_by {
         GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs
             .iter()
             .map(|e| {
-                column_name(e, &view)?.ok_or_else(|| SqlError::at(e, "GROUP BY takes column names"))
+                column_name(e, view)?.ok_or_else(|| SqlError::at(e, "GROUP BY takes column names"))
             })
-            .collect::<Result<Vec<_>, _>>()?,
-        _ => {
-            return Err(SqlError::at(
-                select.as_ref(),
-                "GROUP BY ALL and ROLLUP/CUBE are not supported",
-            ));
-        }
+            .collect(),
+        GroupByExpr::Expressions(..) | GroupByExpr::All(_) => Err(SqlError::at(
+            select,
+            "GROUP BY ALL and ROLLUP/CUBE are not supported",
+        )),
+    }
+}
+
+/// A `WITH p AS (SELECT patient_id, <summary> [FILTER (WHERE …)] AS name, … FROM
+/// timepoints [WHERE …] GROUP BY patient_id)`: a per-patient table.
+fn with_table(with: &ast::With) -> Result<PerPatient, SqlError> {
+    let [cte] = with.cte_tables.as_slice() else {
+        return Err(SqlError::at(
+            with,
+            "WITH defines exactly one per-patient table",
+        ));
     };
-    let aggregate = projection(select, &view, &group_by)?;
-    let filter = match &select.selection {
-        Some(condition) => filter(condition, &view)?,
+    if with.recursive || cte.from.is_some() || cte.materialized.is_some() {
+        return Err(SqlError::at(
+            with,
+            "WITH RECURSIVE and MATERIALIZED are not supported",
+        ));
+    }
+    if !cte.alias.columns.is_empty() {
+        return Err(SqlError::at_name(
+            &cte.alias.name,
+            "name the derived columns with AS inside the WITH, not after its name",
+        ));
+    }
+    let name = cte.alias.name.value.to_ascii_lowercase();
+    if matches!(name.as_str(), "patients" | "timepoints") {
+        return Err(SqlError::at_name(
+            &cte.alias.name,
+            format!("`{name}` is a view; give the WITH table another name, e.g. p"),
+        ));
+    }
+    if cte.query.with.is_some() {
+        return Err(SqlError::at(
+            cte.query.as_ref(),
+            "a WITH inside a WITH is not supported",
+        ));
+    }
+    let select = plain_select(&cte.query)?;
+    let source = view_name(select)?;
+    let group_by = group_columns(select, &source)?;
+    if !group_by.iter().any(|c| c == "patient_id") {
+        return Err(SqlError::at(
+            select,
+            "a WITH table has one row per patient: it must GROUP BY patient_id",
+        ));
+    }
+    let patient_columns: Vec<String> = group_by
+        .iter()
+        .filter(|c| *c != "patient_id")
+        .cloned()
+        .collect();
+    let mut columns = Vec::new();
+    let mut listed = Vec::new();
+    for item in &select.projection {
+        match item {
+            SelectItem::ExprWithAlias { expr, alias } => {
+                let Expr::Function(function) = expr else {
+                    return Err(SqlError::at(
+                        expr,
+                        "expected a per-patient summary such as MIN(col), MAX(col), COUNT(*), BOOL_OR(cond) or ARG_MIN(col, day)",
+                    ));
+                };
+                columns.push(DerivedColumn {
+                    name: alias.value.to_ascii_lowercase(),
+                    summary: summary(function, &source)?,
+                    filter: match &function.filter {
+                        Some(condition) => filter(condition, &source)?,
+                        None => Filter::True,
+                    },
+                });
+            }
+            SelectItem::UnnamedExpr(Expr::Function(function)) => {
+                return Err(SqlError::at(
+                    function,
+                    "name each derived column: MIN(…) AS first_day",
+                ));
+            }
+            SelectItem::UnnamedExpr(expr) => match column_name(expr, &source)? {
+                Some(column) => listed.push((column, expr)),
+                None => return Err(SqlError::at(expr, "expected a column or a named summary")),
+            },
+            other => {
+                return Err(SqlError::at(
+                    other,
+                    "expected patient_id, patient columns and named summaries",
+                ));
+            }
+        }
+    }
+    if !listed.iter().any(|(c, _)| c == "patient_id") {
+        return Err(SqlError::at(select, "a WITH table selects patient_id"));
+    }
+    if let Some((column, expr)) = listed.iter().find(|(c, _)| !group_by.contains(c)) {
+        return Err(SqlError::at(
+            *expr,
+            format!(
+                "`{column}` is selected but not in GROUP BY; a WITH table's plain columns are the patient's own"
+            ),
+        ));
+    }
+    let rows = match &select.selection {
+        Some(condition) => filter(condition, &source)?,
         None => Filter::True,
     };
-    let query = Query {
-        view,
-        aggregate,
-        filter,
-        group_by,
+    Ok(PerPatient {
+        name,
+        source,
+        filter: rows,
+        columns,
+        patient_columns,
+    })
+}
+
+/// A per-patient summary in a WITH: `MIN`, `MAX`, `COUNT`, `BOOL_OR`, `BOOL_AND`,
+/// `ARG_MIN` / `ARG_MAX` (DuckDB's names; `MIN_BY` / `MAX_BY` too).
+fn summary(function: &ast::Function, view: &str) -> Result<Summary, SqlError> {
+    let name = match function.name.0.as_slice() {
+        [ObjectNamePart::Identifier(ident)] => ident.value.to_ascii_lowercase(),
+        _ => return Err(SqlError::at(function, "unknown summary")),
+    };
+    let FunctionArguments::List(list) = &function.args else {
+        return Err(SqlError::at(function, format!("{name} needs arguments")));
+    };
+    if !list.clauses.is_empty()
+        || function.over.is_some()
+        || function.null_treatment.is_some()
+        || function.uses_odbc_syntax
+        || !matches!(function.parameters, FunctionArguments::None)
+        || !function.within_group.is_empty()
+        || list.duplicate_treatment.is_some()
+    {
+        return Err(SqlError::at(
+            function,
+            "a per-patient summary takes its arguments and an optional FILTER (WHERE …), nothing else",
+        ));
     }
-    .canonical();
-    query.check_shape()?;
-    Ok(query)
+    let args: Vec<&Expr> = list
+        .args
+        .iter()
+        .map(|arg| match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => Ok(expr),
+            other => Err(SqlError::at(
+                function,
+                format!("unexpected argument `{other}`"),
+            )),
+        })
+        .collect::<Result<_, _>>()
+        .or_else(|e| match list.args.as_slice() {
+            [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)] if name == "count" => Ok(vec![]),
+            _ => Err(e),
+        })?;
+    let column = |expr: &Expr| {
+        column_name(expr, view)?.ok_or_else(|| SqlError::at(expr, "expected a column name"))
+    };
+    let arity = |n: usize, form: &str| {
+        if args.len() == n {
+            Ok(())
+        } else {
+            Err(SqlError::at(function, format!("expected {form}")))
+        }
+    };
+    match name.as_str() {
+        "min" => {
+            arity(1, "MIN(column)")?;
+            Ok(Summary::Min {
+                column: column(args[0])?,
+            })
+        }
+        "max" => {
+            arity(1, "MAX(column)")?;
+            Ok(Summary::Max {
+                column: column(args[0])?,
+            })
+        }
+        "count" => match args.as_slice() {
+            [] => Ok(Summary::Count { column: None }),
+            [expr] => Ok(Summary::Count {
+                column: Some(column(expr)?),
+            }),
+            _ => Err(SqlError::at(function, "expected COUNT(*) or COUNT(column)")),
+        },
+        "bool_or" => {
+            arity(1, "BOOL_OR(condition)")?;
+            Ok(Summary::Any {
+                condition: filter(args[0], view)?,
+            })
+        }
+        "bool_and" => {
+            arity(1, "BOOL_AND(condition)")?;
+            Ok(Summary::Every {
+                condition: filter(args[0], view)?,
+            })
+        }
+        "arg_min" | "min_by" => {
+            arity(2, "ARG_MIN(value, by)")?;
+            Ok(Summary::ValueAtMin {
+                value: column(args[0])?,
+                by: column(args[1])?,
+            })
+        }
+        "arg_max" | "max_by" => {
+            arity(2, "ARG_MAX(value, by)")?;
+            Ok(Summary::ValueAtMax {
+                value: column(args[0])?,
+                by: column(args[1])?,
+            })
+        }
+        other => Err(SqlError::at(
+            function,
+            format!(
+                "`{other}` is not a per-patient summary renkei derives; use MIN, MAX, COUNT, BOOL_OR, BOOL_AND, ARG_MIN or ARG_MAX"
+            ),
+        )),
+    }
 }
 
 /// Line and column just past the last character of `sql`.
@@ -272,6 +520,7 @@ fn projection(
     select: &ast::Select,
     view: &str,
     group_by: &[String],
+    per_patient: bool,
 ) -> Result<Aggregate, SqlError> {
     let expected = || {
         SqlError::at(
@@ -284,7 +533,7 @@ fn projection(
     for item in &select.projection {
         match item {
             SelectItem::UnnamedExpr(Expr::Function(function)) if aggregate.is_none() => {
-                aggregate = Some(function_aggregate(function, view)?);
+                aggregate = Some(function_aggregate(function, view, per_patient)?);
             }
             SelectItem::UnnamedExpr(expr) => match column_name(expr, view)? {
                 Some(column) => listed.push(column),
@@ -321,7 +570,11 @@ fn projection(
 }
 
 /// The aggregate a function call in the SELECT list asks for.
-fn function_aggregate(function: &ast::Function, view: &str) -> Result<Aggregate, SqlError> {
+fn function_aggregate(
+    function: &ast::Function,
+    view: &str,
+    per_patient: bool,
+) -> Result<Aggregate, SqlError> {
     let name = match function.name.0.as_slice() {
         [ObjectNamePart::Identifier(ident)] => ident.value.to_ascii_lowercase(),
         _ => return Err(SqlError::at(function, "unknown aggregate")),
@@ -358,7 +611,7 @@ fn function_aggregate(function: &ast::Function, view: &str) -> Result<Aggregate,
     match name.as_str() {
         "count" => match (list.duplicate_treatment, list.args.as_slice()) {
             (None, [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]) => {
-                Ok(if view == "patients" {
+                Ok(if view == "patients" || per_patient {
                     Aggregate::CountPatients
                 } else {
                     Aggregate::CountRows
@@ -452,15 +705,7 @@ fn filter(expr: &Expr, view: &str) -> Result<Filter, SqlError> {
                     ));
                 }
             };
-            // Put the column on the left, flipping the operator if needed.
-            match (column_name(left, view)?, column_name(right, view)?) {
-                (Some(column), None) => Ok(Filter::cmp(column, op, literal(right)?)),
-                (None, Some(column)) => Ok(Filter::cmp(column, flip(op), literal(left)?)),
-                _ => Err(SqlError::at(
-                    expr,
-                    "expected a comparison between a column and a value",
-                )),
-            }
+            comparison(left, op, right, expr, view)
         }
         Expr::Between {
             expr: target,
@@ -468,12 +713,18 @@ fn filter(expr: &Expr, view: &str) -> Result<Filter, SqlError> {
             low,
             high,
         } => {
-            let column = column_name(target, view)?
-                .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?;
-            let between = Filter::Between {
-                column,
-                low: literal(low)?,
-                high: literal(high)?,
+            let between = match (literal(low), literal(high)) {
+                (Ok(low), Ok(high)) => Filter::Between {
+                    column: column_name(target, view)?
+                        .ok_or_else(|| SqlError::at(target.as_ref(), "expected a column name"))?,
+                    low,
+                    high,
+                },
+                // Bounds that are columns: `icu_day BETWEEN toci_day AND toci_day + 3`.
+                _ => Filter::And(vec![
+                    comparison(target, CmpOp::Ge, low, expr, view)?,
+                    comparison(target, CmpOp::Le, high, expr, view)?,
+                ]),
             };
             Ok(if *negated {
                 Filter::Not(Box::new(between))
@@ -528,6 +779,146 @@ fn filter(expr: &Expr, view: &str) -> Result<Filter, SqlError> {
             )),
         },
     }
+}
+
+/// `left op right`: a column and a value (the column put on the left), or two columns and
+/// a constant (`icu_day > toci_day + 3`, `icu_day - toci_day <= 3`).
+fn comparison(
+    left: &Expr,
+    op: CmpOp,
+    right: &Expr,
+    whole: &Expr,
+    view: &str,
+) -> Result<Filter, SqlError> {
+    match (column_name(left, view)?, column_name(right, view)?) {
+        (Some(column), None) if matches!(right, Expr::Value(_)) || literal(right).is_ok() => {
+            return Ok(Filter::cmp(column, op, literal(right)?));
+        }
+        (None, Some(column)) if matches!(left, Expr::Value(_)) || literal(left).is_ok() => {
+            return Ok(Filter::cmp(column, op.flipped(), literal(left)?));
+        }
+        _ => {}
+    }
+    let expected = || {
+        SqlError::at(
+            whole,
+            "expected a comparison between a column and a value, or between two columns (`icu_day > toci_day + 3`)",
+        )
+    };
+    let (Some(l), Some(r)) = (linear(left, view)?, linear(right, view)?) else {
+        return Err(expected());
+    };
+    // left - right op 0, with like columns cancelled.
+    let difference = l.minus(r).ok_or_else(expected)?;
+    let mut positive = Vec::new();
+    let mut negative = Vec::new();
+    for (column, weight) in &difference.columns {
+        match weight {
+            1 => positive.push(column.clone()),
+            -1 => negative.push(column.clone()),
+            0 => {}
+            _ => return Err(expected()),
+        }
+    }
+    let constant = |negate: bool| {
+        let digits = if negate {
+            -difference.constant.0
+        } else {
+            difference.constant.0
+        };
+        let digits =
+            i64::try_from(digits).map_err(|_| SqlError::at(whole, "number out of range"))?;
+        Ok::<_, SqlError>(match difference.constant.1 {
+            0 => Literal::Integer(digits),
+            scale => Literal::Decimal(Decimal { digits, scale }),
+        })
+    };
+    match (positive.as_slice(), negative.as_slice()) {
+        // a - b + c op 0  ⇔  a op b - c
+        ([a], [b]) => Ok(Filter::Columns {
+            left: a.clone(),
+            op,
+            right: b.clone(),
+            offset: constant(true)?,
+        }),
+        ([a], []) => Ok(Filter::cmp(a.clone(), op, constant(true)?)),
+        ([], [b]) => Ok(Filter::cmp(b.clone(), op.flipped(), constant(false)?)),
+        _ => Err(expected()),
+    }
+}
+
+/// A sum of columns with weights and a constant (digits, scale): `a`, `a + 3`, `a - b`.
+#[derive(Debug)]
+struct Linear {
+    columns: Vec<(String, i64)>,
+    constant: (i128, u8),
+}
+
+impl Linear {
+    fn minus(self, other: Linear) -> Option<Linear> {
+        self.plus(other.negated())
+    }
+
+    fn negated(mut self) -> Linear {
+        self.columns.iter_mut().for_each(|(_, w)| *w = -*w);
+        self.constant.0 = -self.constant.0;
+        self
+    }
+
+    fn plus(mut self, other: Linear) -> Option<Linear> {
+        for (column, weight) in other.columns {
+            match self.columns.iter_mut().find(|(c, _)| *c == column) {
+                Some((_, w)) => *w += weight,
+                None => self.columns.push((column, weight)),
+            }
+        }
+        let scale = self.constant.1.max(other.constant.1);
+        let at = |(digits, from): (i128, u8)| {
+            10i128
+                .checked_pow(u32::from(scale - from))
+                .and_then(|f| digits.checked_mul(f))
+        };
+        self.constant = (at(self.constant)?.checked_add(at(other.constant)?)?, scale);
+        Some(self)
+    }
+}
+
+/// The linear form of an expression of columns, numbers, `+`, `-` and parentheses.
+fn linear(expr: &Expr, view: &str) -> Result<Option<Linear>, SqlError> {
+    if let Some(column) = column_name(expr, view)? {
+        return Ok(Some(Linear {
+            columns: vec![(column, 1)],
+            constant: (0, 0),
+        }));
+    }
+    Ok(match expr {
+        Expr::Nested(inner) => linear(inner, view)?,
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr: inner,
+        } => linear(inner, view)?.map(Linear::negated),
+        Expr::BinaryOp {
+            left,
+            op: op @ (BinaryOperator::Plus | BinaryOperator::Minus),
+            right,
+        } => match (linear(left, view)?, linear(right, view)?) {
+            (Some(l), Some(r)) if *op == BinaryOperator::Plus => l.plus(r),
+            (Some(l), Some(r)) => l.minus(r),
+            _ => None,
+        },
+        Expr::Value(_) => match literal(expr) {
+            Ok(Literal::Integer(n)) => Some(Linear {
+                columns: vec![],
+                constant: (i128::from(n), 0),
+            }),
+            Ok(Literal::Decimal(d)) => Some(Linear {
+                columns: vec![],
+                constant: (i128::from(d.digits), d.scale),
+            }),
+            Ok(Literal::Text(_) | Literal::Bool(_)) | Err(_) => None,
+        },
+        _ => None,
+    })
 }
 
 /// The column an expression names, if it is a column: `age`; `timepoints.age` when the
@@ -620,16 +1011,6 @@ fn number(text: &str) -> Option<Literal> {
                 scale: u8::try_from(fraction.len()).ok()?,
             }))
         }
-    }
-}
-
-fn flip(op: CmpOp) -> CmpOp {
-    match op {
-        CmpOp::Lt => CmpOp::Gt,
-        CmpOp::Le => CmpOp::Ge,
-        CmpOp::Gt => CmpOp::Lt,
-        CmpOp::Ge => CmpOp::Le,
-        other => other,
     }
 }
 
@@ -779,5 +1160,170 @@ mod tests {
             assert!(compile(ignored).is_err(), "{ignored} was accepted");
         }
         assert!(compile("SELECT COUNT(*) FROM patients WHERE patients.age > 3").is_ok());
+    }
+
+    const TEMPORAL: &str = "WITH p AS (
+      SELECT patient_id,
+             MIN(days_since_admission) FILTER (WHERE tocilizumab) AS toci_day,
+             MIN(days_since_admission) FILTER (WHERE care_level IN ('icu_ventilation', 'ecmo')) AS icu_day,
+             MAX(crp) AS max_crp,
+             BOOL_OR(dexamethasone) AS dexa,
+             ARG_MIN(crp, days_since_onset) AS first_crp,
+             COUNT(*) AS visits
+      FROM timepoints GROUP BY patient_id)
+    SELECT COUNT(*) FROM p WHERE toci_day <= 3 AND icu_day > toci_day";
+
+    #[test]
+    fn compiles_a_with_table_of_per_patient_summaries() {
+        let q = compile(TEMPORAL).unwrap();
+        assert_eq!(q.aggregate, Aggregate::CountPatients);
+        assert_eq!(q.view, "p");
+        assert_eq!(q.source_view(), "timepoints");
+        let table = q.per_patient.as_ref().unwrap();
+        assert_eq!(table.source, "timepoints");
+        let names: Vec<&str> = table.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                "dexa",
+                "first_crp",
+                "icu_day",
+                "max_crp",
+                "toci_day",
+                "visits"
+            ],
+            "sorted: the canonical form"
+        );
+        assert_eq!(
+            table.derived("first_crp").unwrap().summary,
+            Summary::ValueAtMin {
+                value: "crp".into(),
+                by: "days_since_onset".into()
+            }
+        );
+        assert_eq!(
+            table.derived("toci_day").unwrap().filter,
+            Filter::eq("tocilizumab", Literal::Bool(true))
+        );
+        assert!(q.filter.columns().contains("icu_day"));
+        // Policies see the stored columns the derivation reads, not its names.
+        let columns: Vec<&str> = q.columns().into_iter().collect();
+        assert_eq!(
+            columns,
+            vec![
+                "care_level",
+                "crp",
+                "days_since_admission",
+                "days_since_onset",
+                "dexamethasone",
+                "tocilizumab"
+            ]
+        );
+        // The printed form compiles back to the same query.
+        let again = compile(&q.to_string()).unwrap();
+        assert_eq!(again, q, "{q}");
+    }
+
+    #[test]
+    fn compiles_comparisons_between_columns() {
+        let with = |condition: &str| {
+            compile(&format!(
+                "WITH p AS (SELECT patient_id, MIN(days_since_admission) FILTER (WHERE tocilizumab) AS a, MIN(days_since_admission) FILTER (WHERE care_level = 'ecmo') AS b FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p WHERE {condition}"
+            ))
+            .map(|q| q.filter)
+        };
+        // Canonical: the columns in name order.
+        let within = Filter::Columns {
+            left: "a".into(),
+            op: CmpOp::Ge,
+            right: "b".into(),
+            offset: Literal::Integer(-3),
+        };
+        assert_eq!(with("b <= a + 3").unwrap(), within);
+        assert_eq!(with("b - a <= 3").unwrap(), within);
+        assert_eq!(with("a + 3 >= b").unwrap(), within);
+        assert_eq!(with("b - 3 <= a").unwrap(), within);
+        assert_eq!(
+            with("b BETWEEN a AND a + 3").unwrap(),
+            with("b >= a AND b <= a + 3").unwrap()
+        );
+        assert_eq!(
+            with("NOT b BETWEEN a AND a + 3").unwrap(),
+            with("NOT (b >= a AND a + 3 >= b)").unwrap()
+        );
+        // Arithmetic with one column is a plain comparison.
+        assert_eq!(
+            with("a + 2 > 5").unwrap(),
+            Filter::cmp("a", CmpOp::Gt, Literal::Integer(3))
+        );
+        assert_eq!(
+            with("b - a > 1.5").unwrap(),
+            Filter::Columns {
+                left: "a".into(),
+                op: CmpOp::Lt,
+                right: "b".into(),
+                offset: Literal::Decimal(Decimal {
+                    digits: -15,
+                    scale: 1
+                }),
+            }
+        );
+        for bad in ["a + b > 3", "2 * a > b", "a - a > 0", "a > b + c"] {
+            assert!(with(bad).is_err(), "{bad} was accepted");
+        }
+        // On stored views too.
+        let q = compile(
+            "SELECT COUNT(*) FROM timepoints WHERE days_since_onset > days_since_admission + 7",
+        )
+        .unwrap();
+        assert!(
+            q.to_string()
+                .ends_with("days_since_admission < days_since_onset - 7"),
+            "{q}"
+        );
+    }
+
+    #[test]
+    fn a_with_table_that_is_not_per_patient_is_refused_where_it_goes_wrong() {
+        for (bad, says) in [
+            (
+                "WITH p AS (SELECT patient_id, MAX(crp) AS m FROM timepoints) SELECT COUNT(*) FROM p",
+                "GROUP BY patient_id",
+            ),
+            (
+                "WITH p AS (SELECT MAX(crp) AS m FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p",
+                "selects patient_id",
+            ),
+            (
+                "WITH p AS (SELECT patient_id, MAX(crp) FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p",
+                "name each derived column",
+            ),
+            (
+                "WITH p AS (SELECT patient_id, STDDEV(crp) AS s FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p",
+                "not a per-patient summary",
+            ),
+            (
+                "WITH p AS (SELECT patient_id, MAX(crp) AS m FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM patients",
+                "must range over it",
+            ),
+            (
+                "WITH p AS (SELECT patient_id, age, MAX(crp) AS m FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p",
+                "not in GROUP BY",
+            ),
+            (
+                "WITH p AS (SELECT patient_id, MAX(crp) AS m FROM timepoints GROUP BY patient_id), q AS (SELECT patient_id, MAX(crp) AS m FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p",
+                "exactly one",
+            ),
+            (
+                "WITH p AS (SELECT patient_id, MAX(crp) AS m, MIN(crp) AS m FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p",
+                "twice",
+            ),
+        ] {
+            let err = compile(bad).unwrap_err();
+            assert!(err.message.contains(says), "{bad}: {err}");
+        }
+        let sql = "WITH p AS (SELECT patient_id,\n  MODE(crp) AS m FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p";
+        let err = compile(sql).unwrap_err();
+        assert_eq!((err.line, err.column), (2, 3), "{err}");
     }
 }

@@ -100,7 +100,7 @@ impl VerifiedPolicy {
                 ),
             );
         }
-        let view = query.view.as_str();
+        let view = query.source_view();
         let aggregations = query.required_aggregations();
         let mut min_cell_size = bundle
             .limits

@@ -28,7 +28,9 @@ pub use messages::{
     PolicyResponse, PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Quote, Refusal,
     RefusalCode, Release, RequestId, UnmaskRequest, Unmasking,
 };
-pub use query::{Aggregate, CmpOp, Decimal, Filter, Literal, Query};
+pub use query::{
+    Aggregate, CmpOp, Decimal, DerivedColumn, Filter, Literal, PerPatient, Query, Summary,
+};
 pub use transport::{EncodedRequest, PolicyCodec, QueryCodec};
 
 /// Seconds since the Unix epoch, as used for `issued_at` / `expires_at`.

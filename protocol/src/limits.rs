@@ -38,6 +38,9 @@ pub const MAX_FILTER_DEPTH: usize = 8;
 /// Most values in one `IN` list.
 pub const MAX_IN_VALUES: usize = 64;
 
+/// Most derived columns one `WITH` clause may define.
+pub const MAX_DERIVED_COLUMNS: usize = 16;
+
 /// Longest identifier (column, study, category value) in a query, in bytes.
 pub const MAX_IDENTIFIER_BYTES: usize = 128;
 

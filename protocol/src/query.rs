@@ -7,13 +7,21 @@
 //! comparisons, `IN`, `BETWEEN` and `IS [NOT] NULL` on the view's columns. Literals are exact
 //! (decimals as digits and a scale), so no floating point enters a signed query.
 //! [`Query::canonical`] puts a query in one normal form, so equal questions hash equally.
+//!
+//! A query may range over a per-patient table derived from a lower layer ([`PerPatient`],
+//! SQL's `WITH p AS (SELECT patient_id, MIN(…) FILTER (WHERE …) AS … FROM timepoints
+//! GROUP BY patient_id)`): one row per patient, so the usual patient-level sensitivity holds
+//! whatever the derivation. Filters may compare two columns (`icu_day > toci_day + 3`), which
+//! is how "A before B within N days" is asked.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{MAX_FILTER_DEPTH, MAX_IDENTIFIER_BYTES, MAX_IN_VALUES, MAX_PREDICATES};
+use crate::limits::{
+    MAX_DERIVED_COLUMNS, MAX_FILTER_DEPTH, MAX_IDENTIFIER_BYTES, MAX_IN_VALUES, MAX_PREDICATES,
+};
 
 /// What is computed over the matching rows.
 ///
@@ -131,6 +139,18 @@ pub enum CmpOp {
 }
 
 impl CmpOp {
+    /// The operator with its sides swapped: `a < b` is `b > a`.
+    pub fn flipped(self) -> CmpOp {
+        match self {
+            CmpOp::Lt => CmpOp::Gt,
+            CmpOp::Le => CmpOp::Ge,
+            CmpOp::Gt => CmpOp::Lt,
+            CmpOp::Ge => CmpOp::Le,
+            CmpOp::Eq => CmpOp::Eq,
+            CmpOp::Ne => CmpOp::Ne,
+        }
+    }
+
     pub fn symbol(self) -> &'static str {
         match self {
             CmpOp::Eq => "=",
@@ -169,6 +189,15 @@ pub enum Filter {
         column: String,
         negated: bool,
     },
+    /// `left op right + offset`: two numeric columns of the same row compared, e.g.
+    /// `icu_day > toci_day` or `icu_day <= toci_day + 3` (a missing side is unknown).
+    Columns {
+        left: String,
+        op: CmpOp,
+        right: String,
+        /// An integer or exact decimal, in the columns' unit.
+        offset: Literal,
+    },
 }
 
 impl Filter {
@@ -200,6 +229,10 @@ impl Filter {
             | Filter::IsNull { column, .. } => {
                 columns.insert(column.as_str());
             }
+            Filter::Columns { left, right, .. } => {
+                columns.insert(left.as_str());
+                columns.insert(right.as_str());
+            }
             Filter::True | Filter::And(_) | Filter::Or(_) | Filter::Not(_) => {}
         });
         columns
@@ -216,7 +249,8 @@ impl Filter {
             | Filter::Compare { .. }
             | Filter::In { .. }
             | Filter::Between { .. }
-            | Filter::IsNull { .. } => {}
+            | Filter::IsNull { .. }
+            | Filter::Columns { .. } => {}
         }
     }
 
@@ -230,7 +264,8 @@ impl Filter {
             | Filter::Compare { .. }
             | Filter::In { .. }
             | Filter::Between { .. }
-            | Filter::IsNull { .. } => 1,
+            | Filter::IsNull { .. }
+            | Filter::Columns { .. } => 1,
         }
     }
 
@@ -286,6 +321,25 @@ impl Filter {
                 values.dedup();
                 Filter::In { column, values }
             }
+            // `b <= a + 3` and `a >= b - 3` are one question: the columns in name order.
+            Filter::Columns {
+                left,
+                op,
+                right,
+                offset,
+            } if right < left => Filter::Columns {
+                left: right,
+                op: op.flipped(),
+                right: left,
+                offset: match offset {
+                    Literal::Integer(n) => Literal::Integer(n.saturating_neg()),
+                    Literal::Decimal(d) => Literal::Decimal(Decimal {
+                        digits: d.digits.saturating_neg(),
+                        scale: d.scale,
+                    }),
+                    other @ (Literal::Text(_) | Literal::Bool(_)) => other,
+                },
+            },
             other => other,
         }
     }
@@ -333,7 +387,197 @@ impl Filter {
             Filter::IsNull { column, negated } => {
                 write!(f, "{column} IS {}NULL", if *negated { "NOT " } else { "" })
             }
+            Filter::Columns {
+                left,
+                op,
+                right,
+                offset,
+            } => {
+                write!(f, "{left} {} {right}", op.symbol())?;
+                match offset {
+                    Literal::Integer(0) => Ok(()),
+                    Literal::Integer(n) if *n < 0 => write!(f, " - {}", n.unsigned_abs()),
+                    Literal::Decimal(d) if d.digits < 0 => write!(
+                        f,
+                        " - {}",
+                        Decimal {
+                            digits: d.digits.saturating_neg(),
+                            scale: d.scale
+                        }
+                    ),
+                    Literal::Decimal(d) if d.digits == 0 => Ok(()),
+                    other @ (Literal::Integer(_)
+                    | Literal::Decimal(_)
+                    | Literal::Text(_)
+                    | Literal::Bool(_)) => write!(f, " + {other}"),
+                }
+            }
         }
+    }
+}
+
+/// What a derived column summarises of one patient's rows.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Summary {
+    /// `MIN(column)`: the smallest non-missing value (levels in the schema's order).
+    Min { column: String },
+    /// `MAX(column)`.
+    Max { column: String },
+    /// `COUNT(*)` (no column) or `COUNT(column)` (its non-missing values): 0 when none.
+    Count { column: Option<String> },
+    /// `BOOL_OR(condition)`: whether the condition holds at any row where it is known.
+    Any { condition: Filter },
+    /// `BOOL_AND(condition)`: whether it holds at every row where it is known.
+    Every { condition: Filter },
+    /// `ARG_MIN(value, by)`: `value` at the row with the smallest `by` (rows where either
+    /// is missing are skipped; of tied rows, the first), e.g. the first CRP by onset day.
+    ValueAtMin { value: String, by: String },
+    /// `ARG_MAX(value, by)`: the last by time.
+    ValueAtMax { value: String, by: String },
+}
+
+impl Summary {
+    /// The columns of the source view it reads.
+    pub fn columns(&self) -> BTreeSet<&str> {
+        match self {
+            Summary::Min { column } | Summary::Max { column } => BTreeSet::from([column.as_str()]),
+            Summary::Count { column } => column.iter().map(String::as_str).collect(),
+            Summary::Any { condition } | Summary::Every { condition } => condition.columns(),
+            Summary::ValueAtMin { value, by } | Summary::ValueAtMax { value, by } => {
+                BTreeSet::from([value.as_str(), by.as_str()])
+            }
+        }
+    }
+
+    fn canonical(self) -> Self {
+        match self {
+            Summary::Any { condition } => Summary::Any {
+                condition: condition.canonical(),
+            },
+            Summary::Every { condition } => Summary::Every {
+                condition: condition.canonical(),
+            },
+            other @ (Summary::Min { .. }
+            | Summary::Max { .. }
+            | Summary::Count { .. }
+            | Summary::ValueAtMin { .. }
+            | Summary::ValueAtMax { .. }) => other,
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Summary::Min { column } => write!(f, "MIN({column})"),
+            Summary::Max { column } => write!(f, "MAX({column})"),
+            Summary::Count { column: None } => f.write_str("COUNT(*)"),
+            Summary::Count {
+                column: Some(column),
+            } => write!(f, "COUNT({column})"),
+            Summary::Any { condition } => {
+                f.write_str("BOOL_OR(")?;
+                condition.write(f, false)?;
+                f.write_str(")")
+            }
+            Summary::Every { condition } => {
+                f.write_str("BOOL_AND(")?;
+                condition.write(f, false)?;
+                f.write_str(")")
+            }
+            Summary::ValueAtMin { value, by } => write!(f, "ARG_MIN({value}, {by})"),
+            Summary::ValueAtMax { value, by } => write!(f, "ARG_MAX({value}, {by})"),
+        }
+    }
+}
+
+/// One column of a per-patient table: `summary FILTER (WHERE filter) AS name`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DerivedColumn {
+    pub name: String,
+    pub summary: Summary,
+    /// Which of the patient's rows it summarises (`True`: all of them).
+    pub filter: Filter,
+}
+
+/// A per-patient table derived from the rows of a lower layer (`WITH p AS (SELECT
+/// patient_id, … FROM timepoints [WHERE …] GROUP BY patient_id)`): one row per patient with
+/// at least one row of `source` matching `filter`, holding its derived columns and the
+/// patient's own columns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PerPatient {
+    /// The name the outer query ranges over (`p`).
+    pub name: String,
+    /// The view whose rows are summarised: `timepoints` or an information kind.
+    pub source: String,
+    /// Which rows of `source` count at all (the WITH's WHERE).
+    pub filter: Filter,
+    pub columns: Vec<DerivedColumn>,
+    /// Patient columns the WITH names besides `patient_id` (`SELECT patient_id, age, …
+    /// GROUP BY patient_id, age`): each must be one of the patient's own columns.
+    pub patient_columns: Vec<String>,
+}
+
+impl PerPatient {
+    /// The derived column called `name`.
+    pub fn derived(&self, name: &str) -> Option<&DerivedColumn> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Every column of the source view it reads.
+    pub fn source_columns(&self) -> BTreeSet<&str> {
+        let mut columns = self.filter.columns();
+        for derived in &self.columns {
+            columns.extend(derived.summary.columns());
+            columns.extend(derived.filter.columns());
+        }
+        columns.extend(self.patient_columns.iter().map(String::as_str));
+        columns
+    }
+
+    fn canonical(mut self) -> Self {
+        self.filter = self.filter.canonical();
+        self.columns = self
+            .columns
+            .into_iter()
+            .map(|c| DerivedColumn {
+                name: c.name,
+                summary: c.summary.canonical(),
+                filter: c.filter.canonical(),
+            })
+            .collect();
+        self.columns.sort();
+        self.patient_columns.sort();
+        self.patient_columns.dedup();
+        self
+    }
+}
+
+impl fmt::Display for PerPatient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} AS (SELECT patient_id", self.name)?;
+        for column in &self.patient_columns {
+            write!(f, ", {column}")?;
+        }
+        for derived in &self.columns {
+            write!(f, ", {}", derived.summary)?;
+            if derived.filter != Filter::True {
+                f.write_str(" FILTER (WHERE ")?;
+                derived.filter.write(f, false)?;
+                f.write_str(")")?;
+            }
+            write!(f, " AS {}", derived.name)?;
+        }
+        write!(f, " FROM {}", self.source)?;
+        if self.filter != Filter::True {
+            f.write_str(" WHERE ")?;
+            self.filter.write(f, false)?;
+        }
+        f.write_str(" GROUP BY patient_id")?;
+        for column in &self.patient_columns {
+            write!(f, ", {column}")?;
+        }
+        f.write_str(")")
     }
 }
 
@@ -347,6 +591,8 @@ pub struct Query {
     /// Categorical columns to group by (at most two): a histogram or contingency table for
     /// counts, a sum or mean per cell otherwise.
     pub group_by: Vec<String>,
+    /// The per-patient table `view` names, when it names one rather than a stored view.
+    pub per_patient: Option<PerPatient>,
 }
 
 /// A structural problem with a query, found before any schema is consulted.
@@ -365,6 +611,12 @@ pub enum QueryShapeError {
     BadGrouping,
     #[error("a quantile must lie strictly between 0 and 1")]
     BadQuantile,
+    #[error("the query ranges over `{view}`, but its WITH clause defines `{defined}`")]
+    UnknownTable { view: String, defined: String },
+    #[error("WITH defines {count} columns; at most {max} are allowed")]
+    TooManyDerived { count: usize, max: usize },
+    #[error("WITH defines `{0}` twice")]
+    DuplicateDerived(String),
 }
 
 impl Query {
@@ -375,15 +627,38 @@ impl Query {
             aggregate: Aggregate::CountPatients,
             filter,
             group_by: Vec::new(),
+            per_patient: None,
         }
     }
 
-    /// Every column the query reads: the filter's, the aggregate's and the groups'.
-    pub fn columns(&self) -> BTreeSet<&str> {
+    /// The columns the outer query names (its filter's, aggregate's and groups'), derived
+    /// ones included.
+    pub fn named_columns(&self) -> BTreeSet<&str> {
         let mut columns = self.filter.columns();
         columns.extend(self.aggregate.column());
         columns.extend(self.group_by.iter().map(String::as_str));
         columns
+    }
+
+    /// Every stored column the query reads: what policies check. A derived column stands
+    /// for the source columns it summarises.
+    pub fn columns(&self) -> BTreeSet<&str> {
+        let named = self.named_columns();
+        match &self.per_patient {
+            None => named,
+            Some(table) => {
+                let mut columns = table.source_columns();
+                columns.extend(named.into_iter().filter(|c| table.derived(c).is_none()));
+                columns
+            }
+        }
+    }
+
+    /// The stored view whose rows the query reads: the WITH's source, or `view`.
+    pub fn source_view(&self) -> &str {
+        self.per_patient
+            .as_ref()
+            .map_or(self.view.as_str(), |table| table.source.as_str())
     }
 
     /// The aggregation's name as policies list it (`histogram` for grouped counts).
@@ -435,6 +710,79 @@ impl Query {
         if let Some(e) = too_long(&self.view) {
             return Err(e);
         }
+        if let Some(table) = &self.per_patient {
+            if table.name != self.view {
+                return Err(QueryShapeError::UnknownTable {
+                    view: self.view.clone(),
+                    defined: table.name.clone(),
+                });
+            }
+            if table.columns.len() > MAX_DERIVED_COLUMNS {
+                return Err(QueryShapeError::TooManyDerived {
+                    count: table.columns.len(),
+                    max: MAX_DERIVED_COLUMNS,
+                });
+            }
+            let mut names = BTreeSet::new();
+            for derived in &table.columns {
+                if !names.insert(derived.name.as_str()) {
+                    return Err(QueryShapeError::DuplicateDerived(derived.name.clone()));
+                }
+            }
+            let nodes = table.filter.nodes()
+                + table
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        c.filter.nodes()
+                            + match &c.summary {
+                                Summary::Any { condition } | Summary::Every { condition } => {
+                                    condition.nodes()
+                                }
+                                Summary::Min { .. }
+                                | Summary::Max { .. }
+                                | Summary::Count { .. }
+                                | Summary::ValueAtMin { .. }
+                                | Summary::ValueAtMax { .. } => 1,
+                            }
+                    })
+                    .sum::<usize>();
+            if nodes + self.filter.nodes() > 2 * MAX_PREDICATES {
+                return Err(QueryShapeError::TooManyPredicates {
+                    count: nodes + self.filter.nodes(),
+                    max: 2 * MAX_PREDICATES,
+                });
+            }
+            if let Some(e) = [&table.name, &table.source]
+                .into_iter()
+                .chain(&table.patient_columns)
+                .chain(table.columns.iter().map(|c| &c.name))
+                .map(String::as_str)
+                .chain(table.source_columns())
+                .find_map(&too_long)
+            {
+                return Err(e);
+            }
+            for filter in std::iter::once(&table.filter).chain(table.columns.iter().flat_map(|c| {
+                let condition = match &c.summary {
+                    Summary::Any { condition } | Summary::Every { condition } => Some(condition),
+                    Summary::Min { .. }
+                    | Summary::Max { .. }
+                    | Summary::Count { .. }
+                    | Summary::ValueAtMin { .. }
+                    | Summary::ValueAtMax { .. } => None,
+                };
+                std::iter::once(&c.filter).chain(condition)
+            })) {
+                if filter.depth() > MAX_FILTER_DEPTH {
+                    return Err(QueryShapeError::TooDeep {
+                        depth: filter.depth(),
+                        max: MAX_FILTER_DEPTH,
+                    });
+                }
+                filter_values_shape(filter, &too_long)?;
+            }
+        }
         let groupable = match self.aggregate {
             Aggregate::CountPatients
             | Aggregate::CountRows
@@ -458,48 +806,66 @@ impl Query {
         {
             return Err(QueryShapeError::BadQuantile);
         }
-        let mut problem = None;
-        self.filter.visit(&mut |f| {
-            if problem.is_some() {
-                return;
-            }
-            match f {
-                Filter::In { values, .. } if values.len() > MAX_IN_VALUES => {
-                    problem = Some(QueryShapeError::TooManyValues {
-                        count: values.len(),
-                        max: MAX_IN_VALUES,
-                    });
-                }
-                Filter::Compare { column, value, .. } => {
-                    problem = too_long(column).or_else(|| match value {
-                        Literal::Text(t) => too_long(t),
-                        Literal::Integer(_) | Literal::Decimal(_) | Literal::Bool(_) => None,
-                    });
-                }
-                Filter::In { column, .. }
-                | Filter::Between { column, .. }
-                | Filter::IsNull { column, .. } => problem = too_long(column),
-                Filter::True | Filter::And(_) | Filter::Or(_) | Filter::Not(_) => {}
-            }
-        });
-        problem.map_or(Ok(()), Err)
+        filter_values_shape(&self.filter, &too_long)
     }
 
-    /// The normal form: nested AND/OR flattened, terms sorted and deduplicated.
+    /// The normal form: nested AND/OR flattened, terms sorted and deduplicated (in the WITH
+    /// clause too, whose columns are sorted by name).
     pub fn canonical(mut self) -> Self {
         self.filter = self.filter.canonical();
+        self.per_patient = self.per_patient.map(PerPatient::canonical);
         self
     }
 }
 
+/// The limits on a filter's lists and identifiers.
+fn filter_values_shape(
+    filter: &Filter,
+    too_long: &dyn Fn(&str) -> Option<QueryShapeError>,
+) -> Result<(), QueryShapeError> {
+    let mut problem = None;
+    filter.visit(&mut |f| {
+        if problem.is_some() {
+            return;
+        }
+        match f {
+            Filter::In { values, .. } if values.len() > MAX_IN_VALUES => {
+                problem = Some(QueryShapeError::TooManyValues {
+                    count: values.len(),
+                    max: MAX_IN_VALUES,
+                });
+            }
+            Filter::Compare { column, value, .. } => {
+                problem = too_long(column).or_else(|| match value {
+                    Literal::Text(t) => too_long(t),
+                    Literal::Integer(_) | Literal::Decimal(_) | Literal::Bool(_) => None,
+                });
+            }
+            Filter::Columns { left, right, .. } => {
+                problem = too_long(left).or_else(|| too_long(right));
+            }
+            Filter::In { column, .. }
+            | Filter::Between { column, .. }
+            | Filter::IsNull { column, .. } => problem = too_long(column),
+            Filter::True | Filter::And(_) | Filter::Or(_) | Filter::Not(_) => {}
+        }
+    });
+    problem.map_or(Ok(()), Err)
+}
+
 impl fmt::Display for Query {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(table) = &self.per_patient {
+            write!(f, "WITH {table} ")?;
+        }
         f.write_str("SELECT ")?;
         for group in &self.group_by {
             write!(f, "{group}, ")?;
         }
         match &self.aggregate {
-            Aggregate::CountPatients if self.view == "patients" => f.write_str("COUNT(*)")?,
+            Aggregate::CountPatients if self.view == "patients" || self.per_patient.is_some() => {
+                f.write_str("COUNT(*)")?
+            }
             Aggregate::CountPatients => f.write_str("COUNT(DISTINCT patient_id)")?,
             Aggregate::CountRows => f.write_str("COUNT(*)")?,
             Aggregate::Sum { column } => write!(f, "SUM({column})")?,
@@ -579,6 +945,7 @@ mod tests {
             view: "timepoints".into(),
             aggregate: Aggregate::CountPatients,
             group_by: vec![],
+            per_patient: None,
             filter: Filter::And(vec![
                 Filter::Or(vec![
                     Filter::cmp(

@@ -668,6 +668,36 @@ fn eval(row: &Row<'_>, filter: &Filter) -> Option<bool> {
             Some(compare(cell, low)?.is_ge() && compare(cell, high)?.is_le())
         }
         Filter::IsNull { column, negated } => Some(row(column).is_none() != *negated),
+        Filter::Columns {
+            left,
+            op,
+            right,
+            offset,
+        } => {
+            // left - offset op right, all as exact fractions.
+            let fraction = |cell: Cell| match cell {
+                Cell::Int(n) => Some((i128::from(n), 1i128)),
+                Cell::Fixed(d, s) => Some((i128::from(d), 10i128.pow(u32::from(s)))),
+                Cell::Text(_) | Cell::Bool(_) => None,
+            };
+            let (a, ad) = fraction(row(left)?)?;
+            let (b, bd) = fraction(row(right)?)?;
+            let (k, kd) = match offset {
+                Literal::Integer(n) => (i128::from(*n), 1),
+                Literal::Decimal(d) => (i128::from(d.digits), 10i128.pow(u32::from(d.scale))),
+                Literal::Text(_) | Literal::Bool(_) => return None,
+            };
+            let lhs = a * bd * kd;
+            let rhs = b * ad * kd + k * ad * bd;
+            Some(match op {
+                CmpOp::Eq => lhs == rhs,
+                CmpOp::Ne => lhs != rhs,
+                CmpOp::Lt => lhs < rhs,
+                CmpOp::Le => lhs <= rhs,
+                CmpOp::Gt => lhs > rhs,
+                CmpOp::Ge => lhs >= rhs,
+            })
+        }
     }
 }
 

@@ -40,6 +40,18 @@ pub(crate) enum Test {
     IsNull { negated: bool },
 }
 
+/// Two numeric columns compared: `left · left_factor op right · right_factor + offset`,
+/// both sides brought to one fixed-point scale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ColumnComparison {
+    pub(crate) left: Source,
+    pub(crate) left_factor: i64,
+    pub(crate) op: renkei_protocol::CmpOp,
+    pub(crate) right: Source,
+    pub(crate) right_factor: i64,
+    pub(crate) offset: i64,
+}
+
 /// A filter bound to the dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Node {
@@ -48,6 +60,7 @@ pub(crate) enum Node {
     Or(Vec<Node>),
     Not(Box<Node>),
     Test(Source, Test),
+    Columns(ColumnComparison),
 }
 
 /// A numeric column read by a statistic: where it lives, its bounds in stored units and
@@ -313,6 +326,71 @@ impl<'a> Binder<'a> {
                 self.needs_consent(source);
                 Node::Test(source, Test::IsNull { negated: *negated })
             }
+            Filter::Columns {
+                left,
+                op,
+                right,
+                offset,
+            } => Node::Columns(self.column_comparison(left, *op, right, offset)?),
+        })
+    }
+
+    /// `left op right + offset` over two numeric columns, at the finer of their scales
+    /// (and the offset's).
+    fn column_comparison(
+        &mut self,
+        left: &str,
+        op: renkei_protocol::CmpOp,
+        right: &str,
+        offset: &Literal,
+    ) -> Result<ColumnComparison, SchemaError> {
+        let numeric = |binder: &Self, name: &str| -> Result<(Source, u8), SchemaError> {
+            let (source, def) = binder.column(name)?;
+            match &def.kind {
+                ColumnType::Integer { .. } => Ok((source, 0)),
+                ColumnType::Decimal { scale, .. } => Ok((source, *scale)),
+                other @ (ColumnType::Categorical { .. } | ColumnType::Boolean) => {
+                    Err(SchemaError::Value(format!(
+                        "`{name}` is {other}; only numeric columns can be compared with each other"
+                    )))
+                }
+            }
+        };
+        let (left_source, left_scale) = numeric(self, left)?;
+        let (right_source, right_scale) = numeric(self, right)?;
+        let offset_scale = match offset {
+            Literal::Integer(_) => 0,
+            Literal::Decimal(d) => d.scale,
+            Literal::Text(_) | Literal::Bool(_) => {
+                return Err(SchemaError::Value(format!(
+                    "`{left} {} {right} + {offset}` needs a number to add",
+                    op.symbol()
+                )));
+            }
+        };
+        let scale = left_scale.max(right_scale).max(offset_scale);
+        let factor = |from: u8| 10i64.checked_pow(u32::from(scale - from));
+        let too_fine = || {
+            SchemaError::Value(format!(
+                "`{left} {} {right}` compares at {scale} digits after the point; too many",
+                op.symbol()
+            ))
+        };
+        let offset = match offset {
+            Literal::Integer(n) => factor(0).and_then(|f| n.checked_mul(f)),
+            Literal::Decimal(d) => factor(d.scale).and_then(|f| d.digits.checked_mul(f)),
+            Literal::Text(_) | Literal::Bool(_) => None,
+        }
+        .ok_or_else(too_fine)?;
+        self.needs_consent(left_source);
+        self.needs_consent(right_source);
+        Ok(ColumnComparison {
+            left: left_source,
+            left_factor: factor(left_scale).ok_or_else(too_fine)?,
+            op,
+            right: right_source,
+            right_factor: factor(right_scale).ok_or_else(too_fine)?,
+            offset,
         })
     }
 }

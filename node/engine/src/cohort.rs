@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use renkei_protocol::CmpOp;
 
-use crate::bind::{Grouping, Node, Test};
+use crate::bind::{ColumnComparison, Grouping, Node, Test};
 use crate::bitset::Bitset;
 use crate::column::{Column, NO_CELL, NULL};
 use crate::image::{Dataset, Source, View};
@@ -168,7 +168,7 @@ impl Dataset {
     }
 
     /// (rows where the filter is true, rows where it is false); rows in neither are unknown.
-    fn eval(&self, node: &Node, view: View) -> (Bitset, Bitset) {
+    pub(crate) fn eval(&self, node: &Node, view: View) -> (Bitset, Bitset) {
         let len = self.rows(view);
         match node {
             Node::True => (Bitset::full(len), Bitset::empty(len)),
@@ -197,7 +197,37 @@ impl Dataset {
                 (f, t)
             }
             Node::Test(source, test) => self.test(*source, test, view),
+            Node::Columns(comparison) => self.compare_columns(comparison, view),
         }
+    }
+
+    /// (true, false) rows of a comparison between two columns; a missing side is neither.
+    fn compare_columns(&self, c: &ColumnComparison, view: View) -> (Bitset, Bitset) {
+        let len = self.rows(view);
+        let (left, right) = (self.values(c.left, view), self.values(c.right, view));
+        let (mut t, mut f) = (Bitset::empty(len), Bitset::empty(len));
+        for row in 0..len {
+            let (a, b) = (left.get(row), right.get(row));
+            if a == NULL || b == NULL {
+                continue;
+            }
+            let lhs = i128::from(a) * i128::from(c.left_factor);
+            let rhs = i128::from(b) * i128::from(c.right_factor) + i128::from(c.offset);
+            let holds = match c.op {
+                CmpOp::Eq => lhs == rhs,
+                CmpOp::Ne => lhs != rhs,
+                CmpOp::Lt => lhs < rhs,
+                CmpOp::Le => lhs <= rhs,
+                CmpOp::Gt => lhs > rhs,
+                CmpOp::Ge => lhs >= rhs,
+            };
+            if holds {
+                t.insert(row);
+            } else {
+                f.insert(row);
+            }
+        }
+        (t, f)
     }
 
     /// Evaluates a test where its column lives, then carries the result to the view's rows.

@@ -4,8 +4,11 @@
 
 use renkei_protocol::{Query, Release};
 
+use std::sync::Arc;
+
 use crate::bind::{Binder, Node, SchemaError};
 use crate::image::{Dataset, View};
+use crate::per_patient::BoundTable;
 use crate::schema::SECONDARY_USE;
 use crate::statistic::{self, Accumulator, Exact, NoisyPart, Part};
 
@@ -18,6 +21,8 @@ pub struct CompiledQuery {
     pub(crate) statistic: Box<dyn Accumulator>,
     /// Consent scopes a patient must have given to be counted.
     pub required_consents: Vec<String>,
+    /// The `WITH` table the query ranges over, if it names one.
+    pub(crate) per_patient: Option<BoundTable>,
 }
 
 impl CompiledQuery {
@@ -58,6 +63,14 @@ impl CompiledQuery {
 impl Dataset {
     /// Binds `query` to this dataset, or says which part does not fit.
     pub fn compile(&self, query: &Query) -> Result<CompiledQuery, SchemaError> {
+        if let Some(table) = &query.per_patient {
+            // The outer query binds to the table's schema as to `patients`.
+            let table = self.bind_per_patient(table)?;
+            let shell = Dataset::empty(Arc::clone(&table.schema));
+            let mut compiled = shell.compile_on(query, View::Patients, table.consents.clone())?;
+            compiled.per_patient = Some(table);
+            return Ok(compiled);
+        }
         let view = self.view(&query.view)?;
         let mut consents = vec![SECONDARY_USE.to_string()];
         if let View::Items(k) = view
@@ -65,6 +78,15 @@ impl Dataset {
         {
             consents.push(scope.clone());
         }
+        self.compile_on(query, view, consents)
+    }
+
+    fn compile_on(
+        &self,
+        query: &Query,
+        view: View,
+        consents: Vec<String>,
+    ) -> Result<CompiledQuery, SchemaError> {
         let mut binder = Binder::new(self, &query.view, view, consents);
         let filter = binder.filter(&query.filter)?;
         let statistic = statistic::for_query(query).bind(query, &mut binder)?;
@@ -74,13 +96,23 @@ impl Dataset {
             filter,
             statistic,
             required_consents,
+            per_patient: None,
         })
     }
 
     /// The exact answer of a compiled query over consenting patients. Never leaves the node
     /// without noise.
     pub fn evaluate(&self, query: &CompiledQuery) -> Exact {
-        let cohort = self.cohort(query.view, &query.filter, &query.required_consents);
-        query.statistic.evaluate(&cohort)
+        match &query.per_patient {
+            None => {
+                let cohort = self.cohort(query.view, &query.filter, &query.required_consents);
+                query.statistic.evaluate(&cohort)
+            }
+            Some(table) => {
+                let table = self.per_patient(table);
+                let cohort = table.cohort(query.view, &query.filter, &query.required_consents);
+                query.statistic.evaluate(&cohort)
+            }
+        }
     }
 }

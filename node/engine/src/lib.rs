@@ -12,6 +12,9 @@
 //! - [`bind`]: a query's parts bound to the schema: view, columns, literals, consent scopes,
 //!   and what a statistic may ask while it binds ([`bind::Binder`]).
 //! - [`cohort`]: the rows a bound filter selects, and what statistics read from them.
+//! - `per_patient`: tables derived per patient in a query's `WITH` clause (first and last
+//!   days, maxima, flags over a patient's timepoints), on which the outer query runs as on
+//!   `patients`.
 //! - [`compile`]: a query compiled for this node ([`Dataset::compile`]) and evaluated
 //!   ([`Dataset::evaluate`]); the one place that joins binding, cohorts and statistics.
 //! - [`statistic`]: one file per statistic, each implementing [`Statistic`] (bind, combine,
@@ -51,6 +54,7 @@ pub mod column;
 pub mod compile;
 pub mod estimate;
 pub mod image;
+mod per_patient;
 pub mod release;
 pub mod schema;
 pub mod statistic;
