@@ -336,16 +336,25 @@ fn with_table(with: &ast::With) -> Result<PerPatient, SqlError> {
     })
 }
 
-/// A per-patient summary in a WITH: `MIN`, `MAX`, `COUNT`, `BOOL_OR`, `BOOL_AND`,
-/// `ARG_MIN` / `ARG_MAX` (DuckDB's names; `MIN_BY` / `MAX_BY` too).
-fn summary(function: &ast::Function, view: &str) -> Result<Summary, SqlError> {
+/// A function call's lowercased name and its argument list.
+fn call<'f>(
+    function: &'f ast::Function,
+    what: &str,
+) -> Result<(String, &'f ast::FunctionArgumentList), SqlError> {
     let name = match function.name.0.as_slice() {
         [ObjectNamePart::Identifier(ident)] => ident.value.to_ascii_lowercase(),
-        _ => return Err(SqlError::at(function, "unknown summary")),
+        _ => return Err(SqlError::at(function, format!("unknown {what}"))),
     };
     let FunctionArguments::List(list) = &function.args else {
         return Err(SqlError::at(function, format!("{name} needs arguments")));
     };
+    Ok((name, list))
+}
+
+/// A per-patient summary in a WITH: `MIN`, `MAX`, `COUNT`, `BOOL_OR`, `BOOL_AND`,
+/// `ARG_MIN` / `ARG_MAX` (DuckDB's names; `MIN_BY` / `MAX_BY` too).
+fn summary(function: &ast::Function, view: &str) -> Result<Summary, SqlError> {
+    let (name, list) = call(function, "summary")?;
     if !list.clauses.is_empty()
         || function.over.is_some()
         || function.null_treatment.is_some()
@@ -359,6 +368,14 @@ fn summary(function: &ast::Function, view: &str) -> Result<Summary, SqlError> {
             "a per-patient summary takes its arguments and an optional FILTER (WHERE …), nothing else",
         ));
     }
+    if name == "count"
+        && matches!(
+            list.args.as_slice(),
+            [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]
+        )
+    {
+        return Ok(Summary::Count { column: None });
+    }
     let args: Vec<&Expr> = list
         .args
         .iter()
@@ -369,11 +386,7 @@ fn summary(function: &ast::Function, view: &str) -> Result<Summary, SqlError> {
                 format!("unexpected argument `{other}`"),
             )),
         })
-        .collect::<Result<_, _>>()
-        .or_else(|e| match list.args.as_slice() {
-            [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)] if name == "count" => Ok(vec![]),
-            _ => Err(e),
-        })?;
+        .collect::<Result<_, _>>()?;
     let column = |expr: &Expr| {
         column_name(expr, view)?.ok_or_else(|| SqlError::at(expr, "expected a column name"))
     };
@@ -398,7 +411,6 @@ fn summary(function: &ast::Function, view: &str) -> Result<Summary, SqlError> {
             })
         }
         "count" => match args.as_slice() {
-            [] => Ok(Summary::Count { column: None }),
             [expr] => Ok(Summary::Count {
                 column: Some(column(expr)?),
             }),
@@ -575,13 +587,7 @@ fn function_aggregate(
     view: &str,
     per_patient: bool,
 ) -> Result<Aggregate, SqlError> {
-    let name = match function.name.0.as_slice() {
-        [ObjectNamePart::Identifier(ident)] => ident.value.to_ascii_lowercase(),
-        _ => return Err(SqlError::at(function, "unknown aggregate")),
-    };
-    let FunctionArguments::List(list) = &function.args else {
-        return Err(SqlError::at(function, format!("{name} needs arguments")));
-    };
+    let (name, list) = call(function, "aggregate")?;
     if !list.clauses.is_empty()
         || function.filter.is_some()
         || function.over.is_some()

@@ -151,6 +151,18 @@ impl CmpOp {
         }
     }
 
+    /// Whether `a op b` holds when `a` compares to `b` as `order`.
+    pub fn holds(self, order: std::cmp::Ordering) -> bool {
+        match self {
+            CmpOp::Eq => order.is_eq(),
+            CmpOp::Ne => order.is_ne(),
+            CmpOp::Lt => order.is_lt(),
+            CmpOp::Le => order.is_le(),
+            CmpOp::Gt => order.is_gt(),
+            CmpOp::Ge => order.is_ge(),
+        }
+    }
+
     pub fn symbol(self) -> &'static str {
         match self {
             CmpOp::Eq => "=",
@@ -437,6 +449,18 @@ pub enum Summary {
 }
 
 impl Summary {
+    /// The condition it tests at each row (`BOOL_OR`, `BOOL_AND`), if any.
+    pub fn condition(&self) -> Option<&Filter> {
+        match self {
+            Summary::Any { condition } | Summary::Every { condition } => Some(condition),
+            Summary::Min { .. }
+            | Summary::Max { .. }
+            | Summary::Count { .. }
+            | Summary::ValueAtMin { .. }
+            | Summary::ValueAtMax { .. } => None,
+        }
+    }
+
     /// The columns of the source view it reads.
     pub fn columns(&self) -> BTreeSet<&str> {
         match self {
@@ -729,24 +753,22 @@ impl Query {
                     return Err(QueryShapeError::DuplicateDerived(derived.name.clone()));
                 }
             }
-            let nodes = table.filter.nodes()
+            // Every filter of the WITH: its WHERE, each column's FILTER and condition.
+            let filters: Vec<&Filter> = std::iter::once(&table.filter)
+                .chain(
+                    table
+                        .columns
+                        .iter()
+                        .flat_map(|c| std::iter::once(&c.filter).chain(c.summary.condition())),
+                )
+                .collect();
+            // A summary without a condition counts as one term.
+            let nodes = filters.iter().map(|f| f.nodes()).sum::<usize>()
                 + table
                     .columns
                     .iter()
-                    .map(|c| {
-                        c.filter.nodes()
-                            + match &c.summary {
-                                Summary::Any { condition } | Summary::Every { condition } => {
-                                    condition.nodes()
-                                }
-                                Summary::Min { .. }
-                                | Summary::Max { .. }
-                                | Summary::Count { .. }
-                                | Summary::ValueAtMin { .. }
-                                | Summary::ValueAtMax { .. } => 1,
-                            }
-                    })
-                    .sum::<usize>();
+                    .filter(|c| c.summary.condition().is_none())
+                    .count();
             if nodes + self.filter.nodes() > 2 * MAX_PREDICATES {
                 return Err(QueryShapeError::TooManyPredicates {
                     count: nodes + self.filter.nodes(),
@@ -763,17 +785,7 @@ impl Query {
             {
                 return Err(e);
             }
-            for filter in std::iter::once(&table.filter).chain(table.columns.iter().flat_map(|c| {
-                let condition = match &c.summary {
-                    Summary::Any { condition } | Summary::Every { condition } => Some(condition),
-                    Summary::Min { .. }
-                    | Summary::Max { .. }
-                    | Summary::Count { .. }
-                    | Summary::ValueAtMin { .. }
-                    | Summary::ValueAtMax { .. } => None,
-                };
-                std::iter::once(&c.filter).chain(condition)
-            })) {
+            for filter in filters {
                 if filter.depth() > MAX_FILTER_DEPTH {
                     return Err(QueryShapeError::TooDeep {
                         depth: filter.depth(),

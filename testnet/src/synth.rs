@@ -25,7 +25,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use renkei_protocol::{CmpOp, Filter, Literal, Query};
+use renkei_protocol::{Filter, Literal, Query};
 
 pub const SEXES: &[&str] = &["female", "male", "other"];
 pub const SEVERITIES: &[&str] = &["mild", "moderate", "severe", "critical"];
@@ -644,17 +644,7 @@ fn eval(row: &Row<'_>, filter: &Filter) -> Option<bool> {
             result
         }
         Filter::Not(inner) => eval(row, inner).map(|b| !b),
-        Filter::Compare { column, op, value } => {
-            let order = compare(row(column)?, value)?;
-            Some(match op {
-                CmpOp::Eq => order.is_eq(),
-                CmpOp::Ne => !order.is_eq(),
-                CmpOp::Lt => order.is_lt(),
-                CmpOp::Le => order.is_le(),
-                CmpOp::Gt => order.is_gt(),
-                CmpOp::Ge => order.is_ge(),
-            })
-        }
+        Filter::Compare { column, op, value } => Some(op.holds(compare(row(column)?, value)?)),
         Filter::In { column, values } => {
             let cell = row(column)?;
             Some(
@@ -674,7 +664,7 @@ fn eval(row: &Row<'_>, filter: &Filter) -> Option<bool> {
             right,
             offset,
         } => {
-            // left - offset op right, all as exact fractions.
+            // left op right + offset, all as exact fractions.
             let fraction = |cell: Cell| match cell {
                 Cell::Int(n) => Some((i128::from(n), 1i128)),
                 Cell::Fixed(d, s) => Some((i128::from(d), 10i128.pow(u32::from(s)))),
@@ -689,14 +679,7 @@ fn eval(row: &Row<'_>, filter: &Filter) -> Option<bool> {
             };
             let lhs = a * bd * kd;
             let rhs = b * ad * kd + k * ad * bd;
-            Some(match op {
-                CmpOp::Eq => lhs == rhs,
-                CmpOp::Ne => lhs != rhs,
-                CmpOp::Lt => lhs < rhs,
-                CmpOp::Le => lhs <= rhs,
-                CmpOp::Gt => lhs > rhs,
-                CmpOp::Ge => lhs >= rhs,
-            })
+            Some(op.holds(lhs.cmp(&rhs)))
         }
     }
 }

@@ -213,15 +213,7 @@ impl Dataset {
             }
             let lhs = i128::from(a) * i128::from(c.left_factor);
             let rhs = i128::from(b) * i128::from(c.right_factor) + i128::from(c.offset);
-            let holds = match c.op {
-                CmpOp::Eq => lhs == rhs,
-                CmpOp::Ne => lhs != rhs,
-                CmpOp::Lt => lhs < rhs,
-                CmpOp::Le => lhs <= rhs,
-                CmpOp::Gt => lhs > rhs,
-                CmpOp::Ge => lhs >= rhs,
-            };
-            if holds {
+            if c.op.holds(lhs.cmp(&rhs)) {
                 t.insert(row);
             } else {
                 f.insert(row);

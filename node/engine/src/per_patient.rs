@@ -13,6 +13,7 @@
 //! `COUNT` is bounded by the schema's rows per patient, `BOOL_OR` / `BOOL_AND` are flags.
 //! Missing values follow SQL: `MIN` of no values is missing, `COUNT` of none is 0.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use renkei_protocol::{PerPatient, Summary};
@@ -174,7 +175,7 @@ impl Dataset {
             .map(|c| {
                 let mut rows = self.eval(&c.filter, view).0;
                 rows.and(&kept);
-                let values = |s: Source| self.values(s, view).into_owned();
+                let values = |s: Source| self.values(s, view);
                 let reads = match &c.summary {
                     BoundSummary::Min(s) => Reads::Min(values(*s)),
                     BoundSummary::Max(s) => Reads::Max(values(*s)),
@@ -297,35 +298,30 @@ fn ordered(
     }
 }
 
-/// What one derived column reads for every source row.
-struct Input {
+/// What one derived column reads for every source row (columns of the view's own layer
+/// borrowed, others gathered once).
+struct Input<'a> {
     rows: Bitset,
-    reads: Reads,
+    reads: Reads<'a>,
 }
 
-enum Reads {
-    Min(Column),
-    Max(Column),
-    CountValues(Column),
+enum Reads<'a> {
+    Min(Cow<'a, Column>),
+    Max(Cow<'a, Column>),
+    CountValues(Cow<'a, Column>),
     CountRows,
     /// (true, false) rows of a condition.
     Any(Bitset, Bitset),
     Every(Bitset, Bitset),
     /// (value, by).
-    AtMin(Column, Column),
-    AtMax(Column, Column),
+    AtMin(Cow<'a, Column>, Cow<'a, Column>),
+    AtMax(Cow<'a, Column>, Cow<'a, Column>),
 }
 
-impl Input {
+impl Input<'_> {
     /// One patient's value over its rows `run` (in timepoint order).
     fn summarise(&self, run: &[usize]) -> i64 {
         let rows = run.iter().copied().filter(|r| self.rows.contains(*r));
-        let present = |column: &Column| {
-            rows.clone()
-                .map(|r| column.get(r))
-                .filter(|v| *v != NULL)
-                .collect::<Vec<i64>>()
-        };
         // (whether any known row has the condition true, false; whether any is known)
         let known = |t: &Bitset, f: &Bitset| {
             rows.clone()
@@ -335,9 +331,9 @@ impl Input {
                 })
         };
         match &self.reads {
-            Reads::Min(column) => present(column).into_iter().min().unwrap_or(NULL),
-            Reads::Max(column) => present(column).into_iter().max().unwrap_or(NULL),
-            Reads::CountValues(column) => present(column).len() as i64,
+            Reads::Min(column) => present(rows, column).min().unwrap_or(NULL),
+            Reads::Max(column) => present(rows, column).max().unwrap_or(NULL),
+            Reads::CountValues(column) => present(rows, column).count() as i64,
             Reads::CountRows => rows.count() as i64,
             Reads::Any(t, f) => match known(t, f) {
                 (_, _, false) => NULL,
@@ -351,6 +347,14 @@ impl Input {
             Reads::AtMax(value, by) => pick(rows, value, by, |candidate, best| candidate > best),
         }
     }
+}
+
+/// The non-missing values of `column` at `rows`.
+fn present<'c>(
+    rows: impl Iterator<Item = usize> + 'c,
+    column: &'c Column,
+) -> impl Iterator<Item = i64> + 'c {
+    rows.map(|r| column.get(r)).filter(|v| *v != NULL)
 }
 
 /// `value` at the first row whose `by` beats every earlier one (rows missing either are
