@@ -1,0 +1,270 @@
+//! renkei's exact (pre-noise) engine results against DuckDB running the same SQL on the
+//! pooled exports of every hospital: per-patient `WITH` tables (MIN, MAX, COUNT, BOOL_OR,
+//! BOOL_AND, ARG_MIN/ARG_MAX, each with FILTER), comparisons between derived columns, and
+//! counts, sums, means and groups over them.
+//!
+//! The reference is `tests/reference/duckdb_pooled.py`, run by the Python that
+//! `RENKEI_PYTHON` names (or `python3`). When `RENKEI_REQUIRE_REFERENCES` is set (as CI sets
+//! it), a Python without `duckdb` fails the test; otherwise the test says it skipped.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use renkei_aggregator::sql;
+use renkei_engine::DatasetSchema;
+use renkei_engine::schema::{ColumnDef, ColumnType};
+use renkei_protocol::{MicroRho, Release};
+use renkei_tests::start_testnet;
+use serde_json::{Value, json};
+
+/// Each query is valid SQL for both renkei and DuckDB, and is sent to both unchanged.
+const QUERIES: &[&str] = &[
+    // The issue's example, as a researcher writes it.
+    "WITH p AS (SELECT patient_id, \
+       MIN(days_since_admission) FILTER (WHERE tocilizumab) AS toci_day, \
+       MIN(days_since_admission) FILTER (WHERE care_level IN ('icu_ventilation', 'ecmo')) AS icu_day, \
+       MAX(crp) AS max_crp, BOOL_OR(dexamethasone) AS dexa \
+     FROM timepoints GROUP BY patient_id) \
+     SELECT COUNT(*) FROM p WHERE toci_day <= 3 AND icu_day > toci_day",
+    "WITH p AS (SELECT patient_id, \
+       MIN(days_since_admission) FILTER (WHERE tocilizumab) AS toci_day, \
+       MIN(days_since_admission) FILTER (WHERE care_level IN ('icu_ventilation', 'ecmo')) AS icu_day \
+     FROM timepoints GROUP BY patient_id) \
+     SELECT COUNT(*) FROM p WHERE icu_day BETWEEN toci_day AND toci_day + 4",
+    "WITH p AS (SELECT patient_id, MIN(days_since_onset) AS first_day, \
+       MAX(days_since_onset) AS last_day FROM timepoints GROUP BY patient_id) \
+     SELECT COUNT(*) FROM p WHERE last_day - first_day >= 7",
+    "WITH p AS (SELECT patient_id, ARG_MIN(crp, days_since_onset) AS first_crp, \
+       ARG_MAX(crp, days_since_onset) AS last_crp FROM timepoints GROUP BY patient_id) \
+     SELECT COUNT(*) FROM p WHERE last_crp < first_crp",
+    "WITH p AS (SELECT patient_id, ARG_MAX(care_level, days_since_onset) AS last_care, \
+       MAX(severity) AS worst FROM timepoints GROUP BY patient_id) \
+     SELECT COUNT(*) FROM p WHERE worst >= 'severe' AND last_care IN ('outpatient', 'hospitalized')",
+    "WITH p AS (SELECT patient_id, COUNT(*) FILTER (WHERE il6 > 100) AS high_il6, \
+       COUNT(crp) AS crp_measured FROM timepoints GROUP BY patient_id) \
+     SELECT COUNT(*) FROM p WHERE high_il6 >= 2",
+    "WITH p AS (SELECT patient_id, COUNT(crp) AS crp_measured FROM timepoints \
+       GROUP BY patient_id) SELECT SUM(crp_measured) FROM p",
+    "WITH p AS (SELECT patient_id, age, BOOL_AND(NOT dexamethasone) AS never_dexa \
+       FROM timepoints GROUP BY patient_id, age) \
+     SELECT COUNT(*) FROM p WHERE age >= 65 AND never_dexa",
+    "WITH p AS (SELECT patient_id, MIN(igg) FILTER (WHERE days_since_onset >= 14) AS late_igg \
+       FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p WHERE late_igg IS NULL",
+    "WITH p AS (SELECT patient_id, MAX(neutralizing_titer) AS peak_titer FROM timepoints \
+       WHERE age >= 60 GROUP BY patient_id) SELECT COUNT(*) FROM p WHERE peak_titer >= 160",
+    "WITH p AS (SELECT patient_id, MAX(crp) AS max_crp, BOOL_OR(dexamethasone) AS dexa \
+       FROM timepoints GROUP BY patient_id) SELECT AVG(max_crp) FROM p WHERE dexa",
+    "WITH p AS (SELECT patient_id, MAX(il6) AS peak_il6 FROM timepoints \
+       WHERE severity = 'critical' GROUP BY patient_id) SELECT SUM(peak_il6) FROM p",
+    "WITH p AS (SELECT patient_id, sex, BOOL_OR(remdesivir) AS remdesivir_given \
+       FROM timepoints GROUP BY patient_id, sex) \
+     SELECT remdesivir_given, COUNT(*) FROM p GROUP BY remdesivir_given",
+    "WITH p AS (SELECT patient_id, diabetes, MAX(severity) AS worst FROM timepoints \
+       GROUP BY patient_id, diabetes) \
+     SELECT diabetes, worst, COUNT(*) FROM p GROUP BY diabetes, worst",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
+    let Some(python) = python_with_duckdb() else {
+        return;
+    };
+    let fixture = start_testnet(2, 1_200, MicroRho(MicroRho::PER_RHO)).await;
+    let testnet = &fixture.testnet;
+
+    let exports: Vec<Value> = (0..testnet.nodes.len())
+        .map(|i| {
+            let dir = testnet.dir.join(format!("node-{i}")).join("export");
+            let tables: Vec<String> = ["course", "labs", "antibodies", "cytokines"]
+                .iter()
+                .map(|t| path(&dir.join(format!("{t}.csv"))))
+                .collect();
+            json!({"patients": path(&dir.join("patients.csv")), "timepoints": tables})
+        })
+        .collect();
+    let schema = DatasetSchema::covid19().unwrap();
+    let spec = json!({
+        "exports": exports,
+        "schema": {
+            "patients": columns(&schema.patients),
+            "timepoints": columns(&schema.timepoints),
+        },
+        "queries": QUERIES,
+    });
+    let spec_path = fixture.dir.path().join("duckdb-spec.json");
+    std::fs::write(&spec_path, spec.to_string()).unwrap();
+    let output = Command::new(&python)
+        .arg(reference_script())
+        .arg(&spec_path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "DuckDB reference failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(results.len(), QUERIES.len());
+
+    let datasets: Vec<_> = (0..testnet.nodes.len())
+        .map(|i| testnet.running(i).unwrap().desk().dataset())
+        .collect();
+    let mut nonzero = 0;
+    for (text, reference) in QUERIES.iter().zip(&results) {
+        let query = sql::compile(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        // The pooled answer is the sum of every hospital's exact answer.
+        let releases: Vec<(Release, u8)> = datasets
+            .iter()
+            .map(|dataset| {
+                let compiled = dataset
+                    .compile(&query)
+                    .unwrap_or_else(|e| panic!("{text}: {e}"));
+                (
+                    compiled.unnoised_release(dataset.evaluate(&compiled)),
+                    compiled.value_scale(),
+                )
+            })
+            .collect();
+        let rows = reference["rows"].as_array().unwrap();
+        match &releases[0].0 {
+            Release::Scalar { .. } => {
+                let scale = 10f64.powi(i32::from(releases[0].1));
+                let engine: i64 = releases
+                    .iter()
+                    .map(|(r, _)| match r {
+                        Release::Scalar { value, .. } => *value,
+                        other => panic!("{text}: {other:?}"),
+                    })
+                    .sum();
+                let duck = number(&rows[0][0]);
+                assert_eq!(engine, (duck * scale).round() as i64, "{text}");
+                nonzero += usize::from(engine != 0);
+            }
+            Release::SumAndCount { .. } => {
+                let scale = 10f64.powi(i32::from(releases[0].1));
+                let (sum, count) = releases.iter().fold((0, 0), |(s, c), (r, _)| match r {
+                    Release::SumAndCount { sum, count } => (s + sum, c + count),
+                    other => panic!("{text}: {other:?}"),
+                });
+                let duck = number(&rows[0][0]);
+                let engine = sum as f64 / scale / count as f64;
+                assert!(
+                    (engine - duck).abs() <= 1e-9 * duck.abs().max(1.0),
+                    "{text}: renkei {engine}, DuckDB {duck}"
+                );
+                nonzero += usize::from(count != 0);
+            }
+            Release::Groups { labels, .. } => {
+                let mut engine = vec![0i64; labels.len()];
+                for (release, _) in &releases {
+                    let Release::Groups {
+                        labels: theirs,
+                        counts,
+                        ..
+                    } = release
+                    else {
+                        panic!("{text}: {release:?}")
+                    };
+                    assert_eq!(theirs, labels, "{text}: every node has the same cells");
+                    for (total, count) in engine.iter_mut().zip(counts) {
+                        *total += count;
+                    }
+                }
+                // DuckDB lists only the groups that occur; renkei lists every cell.
+                let mut matched = 0;
+                for row in rows {
+                    let row = row.as_array().unwrap();
+                    let (keys, count) = row.split_at(row.len() - 1);
+                    let label: Vec<String> = keys.iter().map(text_of).collect();
+                    let cell = labels
+                        .iter()
+                        .position(|l| *l == label)
+                        .unwrap_or_else(|| panic!("{text}: DuckDB group {label:?} not a cell"));
+                    assert_eq!(engine[cell], number(&count[0]) as i64, "{text} {label:?}");
+                    matched += engine[cell];
+                }
+                assert_eq!(
+                    matched,
+                    engine.iter().sum::<i64>(),
+                    "{text}: renkei counts patients in cells DuckDB has none in"
+                );
+                nonzero += usize::from(rows.len() >= 2);
+            }
+            other => panic!("{text}: unexpected release {other:?}"),
+        }
+    }
+    // The queries must select something, or the comparison proves little.
+    assert!(
+        nonzero >= QUERIES.len() - 1,
+        "only {nonzero} of {} queries selected anything",
+        QUERIES.len()
+    );
+    fixture.testnet.shutdown().await;
+}
+
+/// The schema's columns with what DuckDB needs to type them.
+fn columns(defs: &[ColumnDef]) -> Vec<Value> {
+    defs.iter()
+        .map(|c| {
+            let kind = match &c.kind {
+                ColumnType::Integer { .. } => json!({"type": "integer"}),
+                ColumnType::Decimal { scale, .. } => json!({"type": "decimal", "scale": scale}),
+                ColumnType::Categorical { levels } => {
+                    json!({"type": "categorical", "levels": levels})
+                }
+                ColumnType::Boolean => json!({"type": "boolean"}),
+            };
+            json!([c.name, kind])
+        })
+        .collect()
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn number(value: &Value) -> f64 {
+    match value {
+        Value::Number(n) => n.as_f64().unwrap(),
+        Value::String(s) => s.parse().unwrap(),
+        Value::Null => 0.0,
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn reference_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/duckdb_pooled.py")
+}
+
+/// The Python to run the reference with, if it has DuckDB.
+fn python_with_duckdb() -> Option<PathBuf> {
+    let python = std::env::var_os("RENKEI_PYTHON").map_or_else(|| "python3".into(), PathBuf::from);
+    let has_duckdb = Command::new(&python)
+        .args(["-c", "import duckdb"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_duckdb {
+        return Some(python);
+    }
+    assert!(
+        std::env::var_os("RENKEI_REQUIRE_REFERENCES").is_none(),
+        "RENKEI_REQUIRE_REFERENCES is set but {} cannot import duckdb",
+        python.display()
+    );
+    eprintln!(
+        "skipped: {} cannot import duckdb (set RENKEI_PYTHON to a Python that can)",
+        python.display()
+    );
+    None
+}
