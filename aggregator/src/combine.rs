@@ -182,6 +182,7 @@ mod tests {
             std_dev: None,
             ci95: None,
             groups: Vec::new(),
+            survival: None,
             note: None,
             aborted: false,
             recovered_without: Vec::new(),

@@ -197,6 +197,7 @@ pub async fn fan_out_with_progress(
         std_dev: None,
         ci95: None,
         groups: Vec::new(),
+        survival: None,
         note: None,
         aborted: false,
         recovered_without: Vec::new(),
@@ -291,6 +292,7 @@ pub async fn fan_out_with_progress(
         result.std_dev = combined.std_dev;
         result.ci95 = combined.ci95;
         result.groups = combined.groups;
+        result.survival = combined.survival;
         result.note = combined.note;
     }
     Ok(result)

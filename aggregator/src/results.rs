@@ -6,7 +6,7 @@
 use renkei_protocol::{Answer, Mechanism, MicroRho, RefusalCode, Release};
 use serde::Serialize;
 
-pub use renkei_engine::{Estimate, GroupEstimate, Z_95};
+pub use renkei_engine::{Estimate, GroupEstimate, LogRank, Survival, SurvivalCurve, Z_95};
 
 /// One node's accepted answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -98,6 +98,10 @@ pub struct FederatedAnswer {
     /// GROUP BY cells, each with its estimate and interval.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<GroupEstimate>,
+    /// A `KAPLAN_MEIER` query's curves (one per stratum, day by day with band and numbers
+    /// at risk), median survival and log-rank test.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub survival: Option<Survival>,
     /// Why there is no estimate although nodes answered, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,

@@ -569,13 +569,14 @@ fn projection(
         Aggregate::CountPatients
         | Aggregate::CountRows
         | Aggregate::Sum { .. }
-        | Aggregate::Mean { .. } => true,
+        | Aggregate::Mean { .. }
+        | Aggregate::KaplanMeier { .. } => true,
         Aggregate::Quantile { .. } => false,
     };
     if !group_by.is_empty() && !groupable {
         return Err(SqlError::at(
             select,
-            "GROUP BY works with COUNT, SUM and AVG; a quantile per group is not offered yet",
+            "GROUP BY works with COUNT, SUM, AVG and KAPLAN_MEIER; a quantile per group is not offered yet",
         ));
     }
     Ok(aggregate)
@@ -669,13 +670,84 @@ fn function_aggregate(
                 per_mille: p,
             })
         }
+        "kaplan_meier" => survival(function, &list.args, view),
         other => Err(SqlError::at(
             function,
             format!(
-                "`{other}` is not an aggregate renkei computes; use COUNT, SUM, AVG, MEDIAN or PERCENTILE_CONT"
+                "`{other}` is not an aggregate renkei computes; use COUNT, SUM, AVG, MEDIAN, PERCENTILE_CONT or KAPLAN_MEIER"
             ),
         )),
     }
+}
+
+/// The survival horizon when `KAPLAN_MEIER` names none, in days.
+pub const DEFAULT_SURVIVAL_HORIZON: u16 = 90;
+
+/// `KAPLAN_MEIER(time, event [, horizon_days])`: `time` a day column or `COALESCE` of
+/// several, `event` a condition on the row.
+fn survival(
+    function: &ast::Function,
+    args: &[FunctionArg],
+    view: &str,
+) -> Result<Aggregate, SqlError> {
+    let usage = "expected KAPLAN_MEIER(time, event [, horizon_days]), e.g. \
+                 KAPLAN_MEIER(COALESCE(death_day, followup_day), death_day IS NOT NULL, 90)";
+    let exprs: Vec<&Expr> = args
+        .iter()
+        .map(|arg| match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => Ok(expr),
+            _ => Err(SqlError::at(function, usage)),
+        })
+        .collect::<Result<_, _>>()?;
+    let (time, event, horizon) = match exprs.as_slice() {
+        [time, event] => (*time, *event, None),
+        [time, event, horizon] => (*time, *event, Some(*horizon)),
+        _ => return Err(SqlError::at(function, usage)),
+    };
+    let times = match time {
+        Expr::Function(coalesce) if call(coalesce, "COALESCE")?.0 == "coalesce" => {
+            let (_, list) = call(coalesce, "COALESCE")?;
+            list.args
+                .iter()
+                .map(|arg| match arg {
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => column_name(expr, view)?
+                        .ok_or_else(|| SqlError::at(expr, "COALESCE takes day columns")),
+                    _ => Err(SqlError::at(coalesce, "COALESCE takes day columns")),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        other => vec![column_name(other, view)?.ok_or_else(|| {
+            SqlError::at(
+                other,
+                "a survival time is a day column or COALESCE(day columns)",
+            )
+        })?],
+    };
+    let horizon_days = match horizon {
+        None => DEFAULT_SURVIVAL_HORIZON,
+        Some(expr) => match literal(expr)? {
+            Literal::Integer(days) => u16::try_from(days)
+                .ok()
+                .filter(|d| (1..=renkei_protocol::query::MAX_SURVIVAL_DAYS).contains(d))
+                .ok_or_else(|| {
+                    SqlError::at(
+                        expr,
+                        format!(
+                            "the horizon is a whole number of days from 1 to {}",
+                            renkei_protocol::query::MAX_SURVIVAL_DAYS
+                        ),
+                    )
+                })?,
+            _ => {
+                return Err(SqlError::at(expr, "the horizon is a whole number of days"));
+            }
+        },
+    };
+    Ok(Aggregate::KaplanMeier {
+        time: times,
+        event: filter(event, view)?,
+        horizon_days,
+    })
 }
 
 /// Compiles a WHERE condition on columns of `view`.
@@ -1331,5 +1403,70 @@ mod tests {
         let sql = "WITH p AS (SELECT patient_id,\n  MODE(crp) AS m FROM timepoints GROUP BY patient_id) SELECT COUNT(*) FROM p";
         let err = compile(sql).unwrap_err();
         assert_eq!((err.line, err.column), (2, 3), "{err}");
+    }
+    #[test]
+    fn compiles_survival_curves_and_prints_them_back() {
+        let q = compile(
+            "SELECT dexa, KAPLAN_MEIER(COALESCE(death_day, followup_day), death_day IS NOT NULL, 60) FROM patients GROUP BY dexa",
+        )
+        .unwrap();
+        assert_eq!(
+            q.aggregate,
+            Aggregate::KaplanMeier {
+                time: vec!["death_day".into(), "followup_day".into()],
+                event: Filter::IsNull {
+                    column: "death_day".into(),
+                    negated: true,
+                },
+                horizon_days: 60,
+            }
+        );
+        assert_eq!(q.group_by, vec!["dexa".to_string()]);
+        assert_eq!(q.aggregation_name(), "kaplan_meier");
+        assert!(q.columns().contains("followup_day"));
+        // What Display prints compiles to the same query.
+        assert_eq!(compile(&q.to_string()).unwrap(), q, "{q}");
+        // One time column and the default horizon.
+        let q =
+            compile("SELECT KAPLAN_MEIER(followup_day, outcome = 'died') FROM patients").unwrap();
+        assert!(
+            matches!(q.aggregate, Aggregate::KaplanMeier { horizon_days: DEFAULT_SURVIVAL_HORIZON, ref time, .. } if time == &["followup_day".to_string()])
+        );
+        assert_eq!(compile(&q.to_string()).unwrap(), q, "{q}");
+    }
+
+    #[test]
+    fn a_survival_curve_that_does_not_fit_is_refused_where_it_goes_wrong() {
+        for (bad, says, column) in [
+            (
+                "SELECT KAPLAN_MEIER(followup_day) FROM patients",
+                "expected KAPLAN_MEIER(time, event",
+                8,
+            ),
+            (
+                "SELECT KAPLAN_MEIER(followup_day, death_day IS NOT NULL, 0) FROM patients",
+                "from 1 to 730",
+                58,
+            ),
+            (
+                "SELECT KAPLAN_MEIER(followup_day, death_day IS NOT NULL, 9000) FROM patients",
+                "from 1 to 730",
+                58,
+            ),
+            (
+                "SELECT KAPLAN_MEIER(followup_day + 1, death_day IS NOT NULL) FROM patients",
+                "day column or COALESCE",
+                21,
+            ),
+            (
+                "SELECT KAPLAN_MEIER(COALESCE(death_day, 3), death_day IS NOT NULL) FROM patients",
+                "COALESCE takes day columns",
+                41,
+            ),
+        ] {
+            let err = compile(bad).unwrap_err();
+            assert!(err.message.contains(says), "{bad}: {err}");
+            assert_eq!(err.column, column, "{bad}: {err}");
+        }
     }
 }

@@ -276,6 +276,84 @@ fn extra_decimal_digits_are_refused_unless_rounding_is_asked_for() {
     assert_eq!(value, 125 + 123 + 250);
 }
 
+/// Outcome dates become days from each patient's own onset date at ingest; the onset date
+/// itself is read and never stored. A date with no onset to count from, a malformed onset
+/// and a day beyond the schema's bounds are refused with their line and column.
+#[test]
+fn outcome_dates_become_days_from_onset() {
+    use renkei_protocol::{Aggregate, Filter, Query, Release};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_patients(
+        dir.path(),
+        "patient_id,age,onset_date,admission_day,death_day,followup_day,consent_secondary_use\n\
+         P1,60,2020-03-30,2020-04-02,2020-04-20T08:15:00Z,2020-04-20,1\n\
+         P2,70,2021-02-27,3,,2021-03-29,1\n\
+         P3,40,,,,12,1\n",
+    );
+    let node_dir = node.to_str().unwrap();
+    let home = renkei_node::NodeHome::open(&node).unwrap();
+    {
+        let store = home.open_store().unwrap();
+        let data =
+            renkei_node::image::load(&store, std::sync::Arc::new(store.schema().unwrap())).unwrap();
+        let sum = |column: &str| {
+            let query = Query {
+                aggregate: Aggregate::Sum {
+                    column: column.into(),
+                },
+                ..Query::count_patients("patients", Filter::True)
+            };
+            let compiled = data.compile(&query).unwrap();
+            match compiled.unnoised_release(data.evaluate(&compiled)) {
+                Release::Scalar { value, .. } => value,
+                other => panic!("{other:?}"),
+            }
+        };
+        // P1: admitted on day 3, died on day 21 (2020 is a leap year); P2: admitted on day 3
+        // as given, followed for 30 days (2021 is not); P3: 12 days as given.
+        assert_eq!(sum("admission_day"), 3 + 3);
+        assert_eq!(sum("death_day"), 21);
+        assert_eq!(sum("followup_day"), 21 + 30 + 12);
+        drop(data);
+        drop(store);
+        for entry in std::fs::read_dir(&node).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(!bytes.windows(10).any(|w| w == b"2020-03-30"));
+            }
+        }
+    }
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "patient_id,age,onset_date,death_day,consent_secondary_use\n\
+         P4,50,,2020-05-01,1\n\
+         P5,50,2020-02-30,3,1\n\
+         P6,50,2019-01-01,2020-06-01,1\n",
+    )
+    .unwrap();
+    let refused = node_cli(&[
+        "ingest",
+        "--dir",
+        node_dir,
+        "--patients",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("bad.csv:2 column `death_day`"), "{stderr}");
+    assert!(
+        stderr.contains("no `onset_date` to count days from"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bad.csv:3 column `onset_date`"), "{stderr}");
+    assert!(stderr.contains("`2020-02-30` is not a date"), "{stderr}");
+    assert!(stderr.contains("bad.csv:4 column `death_day`"), "{stderr}");
+    assert!(stderr.contains("is day 517 from the origin"), "{stderr}");
+}
+
 /// A patient with more timepoints than the schema's bound (8 in covid19) is reported at
 /// ingest and in `status`, and a timepoint answer keeps 8 of its rows spread over its
 /// course, not its first 8.

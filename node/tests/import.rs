@@ -83,6 +83,23 @@ fn a_synthea_export_is_mapped_onto_the_schema() {
         ),
         1
     );
+    // Outcome days from the onset (2020-04-01): admitted on day 4, died on day 19 before
+    // the stay ended, so never discharged; followed up to death.
+    let day = |column: &str, days: i64| Filter::cmp(column, CmpOp::Eq, Literal::Integer(days));
+    assert_eq!(count(&data, "patients", day("admission_day", 4)), 1);
+    assert_eq!(count(&data, "patients", day("death_day", 19)), 1);
+    assert_eq!(count(&data, "patients", day("followup_day", 19)), 1);
+    let discharged = Filter::IsNull {
+        column: "discharge_day".into(),
+        negated: true,
+    };
+    assert_eq!(count(&data, "patients", discharged), 0);
+    // The patient without COVID-19 has no onset, so no outcome days.
+    let followed = Filter::IsNull {
+        column: "followup_day".into(),
+        negated: true,
+    };
+    assert_eq!(count(&data, "patients", followed), 1);
     // No identifier reached the store.
     drop(data);
     drop(store);

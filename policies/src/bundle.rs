@@ -17,7 +17,15 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::PolicyError;
 
 /// Aggregations a study may allow, by name.
-pub const AGGREGATIONS: &[&str] = &["count", "sum", "mean", "median", "quantile", "histogram"];
+pub const AGGREGATIONS: &[&str] = &[
+    "count",
+    "sum",
+    "mean",
+    "median",
+    "quantile",
+    "histogram",
+    "kaplan_meier",
+];
 
 /// One version of the consortium's rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

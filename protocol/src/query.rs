@@ -43,6 +43,15 @@ pub enum Aggregate {
     /// A quantile (`per_mille` / 1000; 500 is the median) of a numeric column, read from a
     /// noisy histogram over the column's declared bounds.
     Quantile { column: String, per_mille: u16 },
+    /// A Kaplan–Meier survival curve over patient-level rows: each patient's time is the
+    /// first present of `time` (day columns, as `COALESCE`), clamped to `[0, horizon_days]`,
+    /// and the patient had the event then when `event` holds (censored otherwise). Released
+    /// as noisy per-day event and censoring counts aggregated in a tree.
+    KaplanMeier {
+        time: Vec<String>,
+        event: Filter,
+        horizon_days: u16,
+    },
 }
 
 impl Aggregate {
@@ -54,6 +63,7 @@ impl Aggregate {
             Aggregate::Mean { .. } => "mean",
             Aggregate::Quantile { per_mille: 500, .. } => "median",
             Aggregate::Quantile { .. } => "quantile",
+            Aggregate::KaplanMeier { .. } => "kaplan_meier",
         }
     }
 
@@ -63,10 +73,28 @@ impl Aggregate {
             Aggregate::Sum { column }
             | Aggregate::Mean { column }
             | Aggregate::Quantile { column, .. } => Some(column),
-            Aggregate::CountPatients | Aggregate::CountRows => None,
+            Aggregate::CountPatients | Aggregate::CountRows | Aggregate::KaplanMeier { .. } => None,
+        }
+    }
+
+    /// Every column it reads: the measured column, or a survival curve's time columns and
+    /// the columns of its event condition.
+    pub fn columns(&self) -> BTreeSet<&str> {
+        match self {
+            Aggregate::KaplanMeier { time, event, .. } => {
+                let mut columns = event.columns();
+                columns.extend(time.iter().map(String::as_str));
+                columns
+            }
+            other => other.column().into_iter().collect(),
         }
     }
 }
+
+/// The longest survival horizon, in days.
+pub const MAX_SURVIVAL_DAYS: u16 = 730;
+/// Most time columns a survival curve's `COALESCE` may name.
+pub const MAX_SURVIVAL_TIMES: usize = 4;
 
 /// An exact decimal: `digits / 10^scale`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -631,10 +659,14 @@ pub enum QueryShapeError {
     TooManyValues { count: usize, max: usize },
     #[error("identifier `{prefix}…` is longer than {max} bytes")]
     IdentifierTooLong { prefix: String, max: usize },
-    #[error("GROUP BY takes one or two columns and only with COUNT, SUM or AVG")]
+    #[error("GROUP BY takes one or two columns and only with COUNT, SUM, AVG or KAPLAN_MEIER")]
     BadGrouping,
     #[error("a quantile must lie strictly between 0 and 1")]
     BadQuantile,
+    #[error(
+        "KAPLAN_MEIER takes 1 to {MAX_SURVIVAL_TIMES} time columns and a horizon of 1 to {MAX_SURVIVAL_DAYS} days"
+    )]
+    BadSurvival,
     #[error("the query ranges over `{view}`, but its WITH clause defines `{defined}`")]
     UnknownTable { view: String, defined: String },
     #[error("WITH defines {count} columns; at most {max} are allowed")]
@@ -659,7 +691,7 @@ impl Query {
     /// ones included.
     pub fn named_columns(&self) -> BTreeSet<&str> {
         let mut columns = self.filter.columns();
-        columns.extend(self.aggregate.column());
+        columns.extend(self.aggregate.columns());
         columns.extend(self.group_by.iter().map(String::as_str));
         columns
     }
@@ -695,7 +727,8 @@ impl Query {
             | Aggregate::CountRows
             | Aggregate::Sum { .. }
             | Aggregate::Mean { .. }
-            | Aggregate::Quantile { .. }) => aggregate.name(),
+            | Aggregate::Quantile { .. }
+            | Aggregate::KaplanMeier { .. }) => aggregate.name(),
         }
     }
 
@@ -799,9 +832,33 @@ impl Query {
             Aggregate::CountPatients
             | Aggregate::CountRows
             | Aggregate::Sum { .. }
-            | Aggregate::Mean { .. } => true,
+            | Aggregate::Mean { .. }
+            | Aggregate::KaplanMeier { .. } => true,
             Aggregate::Quantile { .. } => false,
         };
+        if let Aggregate::KaplanMeier {
+            time,
+            event,
+            horizon_days,
+        } = &self.aggregate
+        {
+            if time.is_empty() || time.len() > MAX_SURVIVAL_TIMES || *horizon_days == 0 {
+                return Err(QueryShapeError::BadSurvival);
+            }
+            if *horizon_days > MAX_SURVIVAL_DAYS {
+                return Err(QueryShapeError::BadSurvival);
+            }
+            if event.depth() > MAX_FILTER_DEPTH {
+                return Err(QueryShapeError::TooDeep {
+                    depth: event.depth(),
+                    max: MAX_FILTER_DEPTH,
+                });
+            }
+            if let Some(e) = time.iter().find_map(|c| too_long(c)) {
+                return Err(e);
+            }
+            filter_values_shape(event, &too_long)?;
+        }
         if self.group_by.len() > 2 || !self.group_by.is_empty() && !groupable {
             return Err(QueryShapeError::BadGrouping);
         }
@@ -825,6 +882,9 @@ impl Query {
     /// clause too, whose columns are sorted by name).
     pub fn canonical(mut self) -> Self {
         self.filter = self.filter.canonical();
+        if let Aggregate::KaplanMeier { event, .. } = &mut self.aggregate {
+            *event = std::mem::replace(event, Filter::True).canonical();
+        }
         self.per_patient = self.per_patient.map(PerPatient::canonical);
         self
     }
@@ -894,6 +954,20 @@ impl fmt::Display for Query {
                     scale: 3
                 }
             )?,
+            Aggregate::KaplanMeier {
+                time,
+                event,
+                horizon_days,
+            } => {
+                f.write_str("KAPLAN_MEIER(")?;
+                match time.as_slice() {
+                    [one] => f.write_str(one)?,
+                    many => write!(f, "COALESCE({})", many.join(", "))?,
+                }
+                f.write_str(", ")?;
+                event.write(f, false)?;
+                write!(f, ", {horizon_days})")?;
+            }
         }
         write!(f, " FROM {}", self.view)?;
         if self.filter != Filter::True {

@@ -45,6 +45,10 @@ pub const COMORBIDITIES: &[&str] = &[
     "kidney_disease",
     "cancer",
     "obesity",
+    "admission_day",
+    "discharge_day",
+    "death_day",
+    "followup_day",
 ];
 pub const DRUGS: &[&str] = &[
     "favipiravir",
@@ -193,18 +197,8 @@ fn patient(rng: &mut ChaCha8Rng, hospital: usize, i: usize, full_data: bool) -> 
         49..99 => SEXES[1],
         _ => SEXES[2],
     };
-    let died = [0.0, 0.005, 0.05, 0.25][worst];
-    let outcome = if rng.gen_bool(died) {
-        OUTCOMES[1]
-    } else if rng.gen_bool(0.05) {
-        OUTCOMES[2]
-    } else {
-        OUTCOMES[0]
-    };
     cells.push(("sex", Cell::Text(sex)));
     cells.push(("severity", Cell::Text(SEVERITIES[worst])));
-    cells.push(("outcome", Cell::Text(outcome)));
-    cells.extend(comorbid);
     let consent_secondary_use = rng.gen_bool(0.92);
     let consent_genome = consent_secondary_use && rng.gen_bool(0.75);
 
@@ -336,6 +330,47 @@ fn patient(rng: &mut ChaCha8Rng, hospital: usize, i: usize, full_data: bool) -> 
         });
         days += rng.gen_range(3..6);
     }
+    // The outcome, after the course: older, comorbid patients (a higher `worst`) die more
+    // often, and dexamethasone in severe and critical disease lowers the risk (as in the
+    // RECOVERY trial). The last timepoint's day is `days` less its last step.
+    let last_day = lookup(&timepoints[visits - 1].cells, "days_since_onset")
+        .and_then(|c| match c {
+            Cell::Int(day) => Some(day),
+            _ => None,
+        })
+        .unwrap_or(days);
+    let dexamethasone = timepoints
+        .iter()
+        .any(|t| lookup(&t.cells, "dexamethasone") == Some(Cell::Bool(true)));
+    let treated = if dexamethasone && worst >= 2 {
+        0.6
+    } else {
+        1.0
+    };
+    let died = [0.0, 0.005, 0.06, 0.3][worst] * treated;
+    let (outcome, death_day, discharge_day, followup_day) = if rng.gen_bool(died) {
+        let death = last_day + rng.gen_range(0..6);
+        (OUTCOMES[1], Some(death), None, death)
+    } else if rng.gen_bool(0.05) {
+        (OUTCOMES[2], None, None, last_day)
+    } else {
+        let discharge = admitted_on.map(|_| last_day + rng.gen_range(1..6));
+        let followup = (discharge.unwrap_or(last_day) + rng.gen_range(0..40)).min(90);
+        (OUTCOMES[0], None, discharge, followup)
+    };
+    cells.push(("outcome", Cell::Text(outcome)));
+    cells.extend(comorbid);
+    let days_cell = |day: Option<i64>| day.map(Cell::Int);
+    for (name, day) in [
+        ("admission_day", days_cell(admitted_on)),
+        ("discharge_day", days_cell(discharge_day)),
+        ("death_day", days_cell(death_day)),
+        ("followup_day", Some(Cell::Int(followup_day))),
+    ] {
+        if let Some(day) = day {
+            cells.push((name, day));
+        }
+    }
     SyntheticPatient {
         patient_id: format!("H{hospital}-{i:07}"),
         cells,
@@ -367,6 +402,10 @@ const PATIENT_COLUMNS: &[&str] = &[
     "kidney_disease",
     "cancer",
     "obesity",
+    "admission_day",
+    "discharge_day",
+    "death_day",
+    "followup_day",
 ];
 
 const TIMEPOINT_TABLES: &[(&str, &[&str])] = &[
@@ -782,7 +821,7 @@ pub fn true_count<'a>(
 ) -> u64 {
     match true_value(patients, query) {
         TrueValue::Number(n) => n as u64,
-        TrueValue::Groups(_) | TrueValue::Cells(_) | TrueValue::Nothing => 0,
+        TrueValue::Groups(_) | TrueValue::Cells(_) | TrueValue::Curves(_) | TrueValue::Nothing => 0,
     }
 }
 
@@ -800,6 +839,13 @@ pub fn true_value<'a>(
         MAX_ROWS_PER_PATIENT
     };
     let column = query.aggregate.column().map(str::to_string);
+    // A survival curve's time is the first present of its time columns.
+    let (times, event): (Vec<&str>, Option<&renkei_protocol::Filter>) =
+        if let renkei_protocol::Aggregate::KaplanMeier { time, event, .. } = &query.aggregate {
+            (time.iter().map(String::as_str).collect(), Some(event))
+        } else {
+            (Vec::new(), None)
+        };
     let mut cohort = renkei_engine::PooledCohort::default();
     for p in counted(patients, query) {
         let rows = matching_rows(p, query);
@@ -811,8 +857,12 @@ pub fn true_value<'a>(
             renkei_engine::cohort::spread(rows.len(), rows_per_patient)
                 .map(|i| &rows[i])
                 .map(|row| renkei_engine::PooledRow {
-                    value: column.as_deref().and_then(|c| numeric(row(c))),
+                    value: match column.as_deref() {
+                        Some(c) => numeric(row(c)),
+                        None => times.iter().find_map(|c| numeric(row(c))),
+                    },
                     cell: query.group_by.iter().map(|g| label(row(g))).collect(),
+                    event: event.is_some_and(|e| eval(row, e) == Some(true)),
                 })
                 .collect(),
         );

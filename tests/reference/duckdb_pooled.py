@@ -1,7 +1,8 @@
 """Runs SQL on the pooled exports of every hospital in DuckDB, without noise: the reference
 that renkei's exact (pre-noise) engine results are checked against.
 
-Usage: python duckdb_pooled.py SPEC.json  (prints one JSON result per query on stdout)
+Usage: python duckdb_pooled.py SPEC.json  (prints one JSON result per query on stdout,
+then one per survival curve, fitted by lifelines' KaplanMeierFitter)
 
 SPEC.json names each hospital's export files, the schema's columns with their DuckDB types,
 and the queries. Patients who did not consent to secondary use are left out, as every node
@@ -99,6 +100,31 @@ def plain(value):
     return value
 
 
+def curves(con, curve):
+    """Kaplan-Meier curves by lifelines, one per group: `curve["sql"]` returns the group
+    columns, then each patient's time and event; times are clamped to [0, horizon] and a
+    patient later than the horizon is censored at it, as renkei bins them."""
+    from lifelines import KaplanMeierFitter
+
+    horizon = curve["horizon"]
+    by_group = {}
+    for row in con.execute(curve["sql"]).fetchall():
+        *group, time, event = row
+        if time is None:
+            continue
+        day = min(max(int(time), 0), horizon)
+        had_event = bool(event) and int(time) <= horizon
+        by_group.setdefault(tuple(plain(g) for g in group), []).append((day, had_event))
+    out = []
+    for group, patients in sorted(by_group.items(), key=lambda kv: [str(g) for g in kv[0]]):
+        fitter = KaplanMeierFitter()
+        fitter.fit([d for d, _ in patients], [e for _, e in patients])
+        days = list(range(horizon + 1))
+        survival = fitter.survival_function_at_times(days).tolist()
+        out.append({"group": list(group), "survival": survival, "patients": len(patients)})
+    return out
+
+
 def main():
     with open(sys.argv[1], encoding="utf-8") as f:
         spec = json.load(f)
@@ -110,6 +136,8 @@ def main():
         columns = [d[0] for d in cursor.description]
         rows = [[plain(v) for v in row] for row in cursor.fetchall()]
         results.append({"columns": columns, "rows": rows})
+    for curve in spec.get("curves", []):
+        results.append({"curves": curves(con, curve)})
     json.dump(results, sys.stdout)
 
 

@@ -1,7 +1,8 @@
 //! renkei's exact (pre-noise) engine results against DuckDB running the same SQL on the
 //! pooled exports of every hospital: per-patient `WITH` tables (MIN, MAX, COUNT, BOOL_OR,
 //! BOOL_AND, ARG_MIN/ARG_MAX, each with FILTER), comparisons between derived columns, and
-//! counts, sums, means and groups over them.
+//! counts, sums, means and groups over them; and Kaplan–Meier curves against lifelines on
+//! the same pooled patients.
 //!
 //! The reference is `tests/reference/duckdb_pooled.py`, run by the Python that
 //! `RENKEI_PYTHON` names (or `python3`). When `RENKEI_REQUIRE_REFERENCES` is set (as CI sets
@@ -14,13 +15,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use renkei_aggregator::sql;
-use renkei_engine::DatasetSchema;
 use renkei_engine::schema::{ColumnDef, ColumnType};
+use renkei_engine::{DatasetSchema, SiteRelease};
 use renkei_protocol::{MicroRho, Release};
 use renkei_tests::start_testnet;
 use serde_json::{Value, json};
 
 /// Each query is valid SQL for both renkei and DuckDB, and is sent to both unchanged.
+///
+/// Levels are compared with `IN`, not `>=`: DuckDB compares an ENUM that comes out of an
+/// aggregate (`MAX(severity)` in a CTE) with a string literal as text (`'critical' >=
+/// 'severe'` is false there), where renkei, like a direct ENUM column in DuckDB, uses the
+/// schema's order.
 const QUERIES: &[&str] = &[
     // The issue's example, as a researcher writes it.
     "WITH p AS (SELECT patient_id, \
@@ -42,7 +48,7 @@ const QUERIES: &[&str] = &[
      SELECT COUNT(*) FROM p WHERE last_crp < first_crp",
     "WITH p AS (SELECT patient_id, ARG_MAX(care_level, days_since_onset) AS last_care, \
        MAX(severity) AS worst FROM timepoints GROUP BY patient_id) \
-     SELECT COUNT(*) FROM p WHERE worst >= 'severe' AND last_care IN ('outpatient', 'hospitalized')",
+     SELECT COUNT(*) FROM p WHERE worst IN ('severe', 'critical') AND last_care IN ('outpatient', 'hospitalized')",
     "WITH p AS (SELECT patient_id, COUNT(*) FILTER (WHERE il6 > 100) AS high_il6, \
        COUNT(crp) AS crp_measured FROM timepoints GROUP BY patient_id) \
      SELECT COUNT(*) FROM p WHERE high_il6 >= 2",
@@ -65,6 +71,42 @@ const QUERIES: &[&str] = &[
     "WITH p AS (SELECT patient_id, diabetes, MAX(severity) AS worst FROM timepoints \
        GROUP BY patient_id, diabetes) \
      SELECT diabetes, worst, COUNT(*) FROM p GROUP BY diabetes, worst",
+    "WITH p AS (SELECT patient_id, death_day, followup_day, BOOL_OR(dexamethasone) AS dexa, \
+       MAX(severity) AS worst FROM timepoints GROUP BY patient_id, death_day, followup_day) \
+     SELECT dexa, COUNT(*) FROM p WHERE worst IN ('severe', 'critical') GROUP BY dexa",
+];
+
+/// Survival curves: renkei's query, and the DuckDB query that lists each patient's groups,
+/// time and event for lifelines to fit, with the horizon.
+const CURVES: &[(&str, &str, u16)] = &[
+    (
+        "SELECT diabetes, KAPLAN_MEIER(COALESCE(death_day, followup_day), death_day IS NOT NULL, 60) \
+         FROM patients GROUP BY diabetes",
+        "SELECT diabetes, COALESCE(death_day, followup_day), death_day IS NOT NULL FROM patients",
+        60,
+    ),
+    (
+        "WITH p AS (SELECT patient_id, death_day, followup_day, BOOL_OR(dexamethasone) AS dexa, \
+           MAX(severity) AS worst FROM timepoints GROUP BY patient_id, death_day, followup_day) \
+         SELECT dexa, KAPLAN_MEIER(COALESCE(death_day, followup_day), death_day IS NOT NULL, 30) \
+         FROM p WHERE worst IN ('severe', 'critical') GROUP BY dexa",
+        "WITH p AS (SELECT patient_id, death_day, followup_day, BOOL_OR(dexamethasone) AS dexa, \
+           MAX(severity) AS worst FROM timepoints GROUP BY patient_id, death_day, followup_day) \
+         SELECT dexa, COALESCE(death_day, followup_day), death_day IS NOT NULL FROM p \
+         WHERE worst IN ('severe', 'critical')",
+        30,
+    ),
+    (
+        "WITH p AS (SELECT patient_id, followup_day, MIN(days_since_onset) \
+           FILTER (WHERE care_level IN ('icu_ventilation', 'ecmo')) AS icu_day \
+           FROM timepoints GROUP BY patient_id, followup_day) \
+         SELECT KAPLAN_MEIER(COALESCE(icu_day, followup_day), icu_day IS NOT NULL, 45) FROM p",
+        "WITH p AS (SELECT patient_id, followup_day, MIN(days_since_onset) \
+           FILTER (WHERE care_level IN ('icu_ventilation', 'ecmo')) AS icu_day \
+           FROM timepoints GROUP BY patient_id, followup_day) \
+         SELECT COALESCE(icu_day, followup_day), icu_day IS NOT NULL FROM p",
+        45,
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,6 +135,10 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
             "timepoints": columns(&schema.timepoints),
         },
         "queries": QUERIES,
+        "curves": CURVES
+            .iter()
+            .map(|(_, sql, horizon)| json!({"sql": sql, "horizon": horizon}))
+            .collect::<Vec<_>>(),
     });
     let spec_path = fixture.dir.path().join("duckdb-spec.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
@@ -107,7 +153,7 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
         String::from_utf8_lossy(&output.stderr)
     );
     let results: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(results.len(), QUERIES.len());
+    assert_eq!(results.len(), QUERIES.len() + CURVES.len());
 
     let datasets: Vec<_> = (0..testnet.nodes.len())
         .map(|i| testnet.running(i).unwrap().desk().dataset())
@@ -195,6 +241,72 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
             }
             other => panic!("{text}: unexpected release {other:?}"),
         }
+    }
+    // Survival curves: the exact trees of every node, added and read as the aggregator
+    // reads them (no noise), equal lifelines' Kaplan–Meier on the pooled patients.
+    for ((text, _, horizon), reference) in CURVES.iter().zip(&results[QUERIES.len()..]) {
+        let query = sql::compile(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let releases: Vec<Release> = datasets
+            .iter()
+            .map(|dataset| {
+                let compiled = dataset
+                    .compile(&query)
+                    .unwrap_or_else(|e| panic!("{text}: {e}"));
+                compiled.unnoised_release(dataset.evaluate(&compiled))
+            })
+            .collect();
+        let sites: Vec<SiteRelease<'_>> = releases
+            .iter()
+            .map(|release| SiteRelease {
+                release,
+                value_scale: 0,
+                min_cell_size: 0,
+                noise_std: 0.0,
+                count_noise_std: None,
+            })
+            .collect();
+        let combined = renkei_engine::statistic::combine(&query, &sites).unwrap();
+        let survival = combined
+            .survival
+            .unwrap_or_else(|| panic!("{text}: {:?}", combined.note));
+        let expected = reference["curves"].as_array().unwrap();
+        let mut compared = 0;
+        for stratum in expected {
+            let group: Vec<String> = stratum["group"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(text_of)
+                .collect();
+            let curve = survival
+                .strata
+                .iter()
+                .find(|c| c.group == group)
+                .unwrap_or_else(|| panic!("{text}: no stratum {group:?}"));
+            let truth: Vec<f64> = stratum["survival"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(number)
+                .collect();
+            assert_eq!(truth.len(), usize::from(*horizon) + 1);
+            assert_eq!(curve.survival.len(), truth.len(), "{text}");
+            for (day, (ours, theirs)) in curve.survival.iter().zip(&truth).enumerate() {
+                assert!(
+                    (ours - theirs).abs() < 1e-9,
+                    "{text} {group:?} day {day}: renkei {ours}, lifelines {theirs}"
+                );
+            }
+            assert_eq!(
+                curve.patients,
+                number(&stratum["patients"]),
+                "{text} {group:?}"
+            );
+            // The curve must fall, or the comparison proves little.
+            assert!(truth[truth.len() - 1] < 0.99, "{text} {group:?}: {truth:?}");
+            compared += 1;
+        }
+        assert_eq!(compared, survival.strata.len(), "{text}");
     }
     // The queries must select something, or the comparison proves little.
     assert!(

@@ -118,6 +118,11 @@ impl<'a> Cohort<'a> {
         pairs
     }
 
+    /// The view's rows where a bound condition holds (consenting or not).
+    pub(crate) fn holds(&self, node: &Node) -> Bitset {
+        self.dataset.eval(node, self.view).0
+    }
+
     /// A column's values for every row of the view.
     pub fn values(&self, source: Source) -> Cow<'a, Column> {
         self.dataset.values(source, self.view)

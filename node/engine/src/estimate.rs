@@ -56,6 +56,8 @@ pub struct Combined {
     pub std_dev: Option<f64>,
     pub ci95: Option<[f64; 2]>,
     pub groups: Vec<GroupEstimate>,
+    /// A survival curve per stratum (`KAPLAN_MEIER`).
+    pub survival: Option<crate::statistic::Survival>,
     /// Why no estimate could be made, if so.
     pub note: Option<String>,
     /// A secure round that could not be read (nothing was revealed).

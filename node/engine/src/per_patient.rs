@@ -136,11 +136,22 @@ impl Dataset {
                     (BoundSummary::ValueAtMax { value, by }, kind)
                 }
             };
+            // A minimum, maximum or value at one keeps its column's unit (the minimum of a
+            // day column is a day column); counts and flags have none.
+            let unit = match &derived.summary {
+                Summary::Min { column }
+                | Summary::Max { column }
+                | Summary::ValueAtMin { value: column, .. }
+                | Summary::ValueAtMax { value: column, .. } => {
+                    binder.column(column)?.1.unit.clone()
+                }
+                Summary::Count { .. } | Summary::Any { .. } | Summary::Every { .. } => None,
+            };
             let filter = binder.filter(&derived.filter)?;
             defs.push(ColumnDef {
                 name: derived.name.clone(),
                 description: Some(format!("{} per patient", derived.summary)),
-                unit: None,
+                unit,
                 kind,
             });
             columns.push(BoundColumn { summary, filter });

@@ -233,7 +233,28 @@ pub struct DatasetSchema {
     pub timepoints: Vec<ColumnDef>,
     #[serde(default)]
     pub items: Vec<ItemKind>,
+    /// The time axis the day columns share; absent in schemas written before it.
+    #[serde(default)]
+    pub time: Option<TimeAxis>,
 }
+
+/// What day 0 is and how time is counted. Every integer column whose unit is the axis's unit
+/// is a day column: an offset from the patient's own origin. No calendar date is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeAxis {
+    /// What day 0 is for each patient (e.g. symptom onset).
+    pub origin: String,
+    /// The unit of every day column (only `days`).
+    pub unit: String,
+    /// The input column holding each patient's origin as a calendar date. A file with it
+    /// may give day columns as dates; ingest turns them into days from the origin.
+    #[serde(default)]
+    pub origin_date: Option<String>,
+}
+
+/// The only unit of time a schema may declare.
+pub const DAYS: &str = "days";
 
 /// Most consent scopes a schema may name (`secondary_use` included): each is one bit of a
 /// stored patient row.
@@ -316,6 +337,21 @@ impl DatasetSchema {
                 _ => {}
             }
         }
+        if let Some(time) = &self.time {
+            if time.unit != DAYS {
+                return invalid(format!(
+                    "time unit `{}` is not supported; day columns count `{DAYS}`",
+                    time.unit
+                ));
+            }
+            if let Some(origin) = &time.origin_date
+                && (names.contains(origin.as_str()) || reserved.contains(&origin.as_str()))
+            {
+                return invalid(format!(
+                    "time origin_date `{origin}` clashes with a column: it is read, never stored"
+                ));
+            }
+        }
         let scopes: BTreeSet<&str> = self
             .items
             .iter()
@@ -341,6 +377,11 @@ impl DatasetSchema {
             }
         }
         Ok(())
+    }
+
+    /// The input column that gives each patient's origin as a date, if the schema has one.
+    pub fn origin_date_column(&self) -> Option<&str> {
+        self.time.as_ref()?.origin_date.as_deref()
     }
 
     pub fn item(&self, kind: &str) -> Option<&ItemKind> {
@@ -513,6 +554,11 @@ impl ColumnDef {
         Ok((Some(value), rounded))
     }
 
+    /// Whether the column counts days from the time origin (an integer in `days`).
+    pub fn is_day(&self) -> bool {
+        matches!(self.kind, ColumnType::Integer { .. }) && self.unit.as_deref() == Some(DAYS)
+    }
+
     /// The stored integer as text, for reports.
     pub fn display_value(&self, stored: i64) -> String {
         match &self.kind {
@@ -570,6 +616,54 @@ pub fn parse_flag(cell: &str) -> Option<bool> {
     } else {
         None
     }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The day (since 1970-01-01) of `2020-03-01` or `2020-03-01T10:00:00Z`: the date part of
+/// an ISO 8601 date or date-time, which must be a real calendar day.
+pub fn parse_day(text: &str) -> Option<i64> {
+    let date = text.get(..10)?;
+    if text.len() > 10 && !text[10..].starts_with(['T', ' ']) {
+        return None;
+    }
+    let bytes = date.as_bytes();
+    if bytes[4] != b'-' || bytes[7] != b'-' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = &date[range];
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let (y, m, d) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let last = *month_days.get(usize::try_from(m - 1).ok()?)?;
+    (1..=last).contains(&d).then(|| days_from_civil(y, m, d))
 }
 
 /// Parses `-12.345` exactly.
@@ -631,6 +725,52 @@ fn round_to_scale(decimal: &Decimal, scale: u8) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn civil_days_are_exact() {
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(parse_day("2000-03-01T10:00:00Z"), Some(11_017));
+        assert_eq!(parse_day("2000-03-01 10:00"), Some(11_017));
+        assert_eq!(parse_day("2020-02-29"), Some(18_321));
+        assert_eq!(parse_day("2020-03-01"), Some(18_322));
+        assert_eq!(parse_day("1969-12-31"), Some(-1));
+        for not_a_day in [
+            "2021-02-29",
+            "1900-02-29",
+            "2020-13-01",
+            "2020-04-31",
+            "2020-00-10",
+            "2020-1-01",
+            "2020/01/01",
+            "+020-01-01",
+            "2020-01-01x",
+            "20",
+            "",
+        ] {
+            assert_eq!(parse_day(not_a_day), None, "{not_a_day}");
+        }
+    }
+
+    #[test]
+    fn a_time_axis_counts_days_and_its_origin_date_is_not_a_column() {
+        let schema = DatasetSchema::covid19().unwrap();
+        assert_eq!(schema.origin_date_column(), Some("onset_date"));
+        assert!(schema.patient_column("death_day").unwrap().1.is_day());
+        assert!(!schema.patient_column("age").unwrap().1.is_day());
+        for (from, to) in [
+            ("unit = \"days\"", "unit = \"hours\""),
+            ("origin_date = \"onset_date\"", "origin_date = \"age\""),
+        ] {
+            let text = COVID19.replacen(from, to, 1);
+            assert!(
+                matches!(
+                    DatasetSchema::from_toml(&text),
+                    Err(SchemaFileError::Invalid(_))
+                ),
+                "{to}"
+            );
+        }
+    }
 
     #[test]
     fn the_covid19_schema_loads() {

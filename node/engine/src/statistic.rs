@@ -27,6 +27,7 @@ mod mean;
 mod quantile;
 mod shared;
 mod sum;
+mod survival;
 mod traits;
 
 use renkei_protocol::{Aggregate, Query};
@@ -36,6 +37,7 @@ use crate::truth::{PooledCohort, TrueValue};
 
 pub use quantile::QUANTILE_BINS;
 pub use shared::split_budget;
+pub use survival::{LogRank, MAX_SURVIVAL_NUMBERS, Survival, SurvivalCurve, TreeShape};
 pub use traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 
 /// The registry: the statistic that answers `query`.
@@ -49,6 +51,7 @@ pub fn for_query(query: &Query) -> &'static dyn Statistic {
         Aggregate::Mean { .. } if grouped => &grouped_sum::GroupedSum { mean: true },
         Aggregate::Mean { .. } => &mean::Mean,
         Aggregate::Quantile { .. } => &quantile::Quantile,
+        Aggregate::KaplanMeier { .. } => &survival::KaplanMeier,
     }
 }
 

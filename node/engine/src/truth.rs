@@ -13,6 +13,8 @@
 pub struct PooledRow {
     pub value: Option<f64>,
     pub cell: Option<Vec<String>>,
+    /// Whether a survival curve's event condition holds on the row (`false` otherwise).
+    pub event: bool,
 }
 
 /// Every consenting patient with at least one matching row, each with its matching rows in
@@ -30,6 +32,8 @@ pub enum TrueValue {
     Groups(Vec<(Vec<String>, u64)>),
     /// Cells of a GROUP BY sum or mean: labels and values (only cells with a value).
     Cells(Vec<(Vec<String>, f64)>),
+    /// Survival curves per stratum: S(t) for each day from 0 to the horizon.
+    Curves(Vec<(Vec<String>, Vec<f64>)>),
     /// No value (a mean or quantile of nothing).
     Nothing,
 }

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use renkei_engine::NULL;
-use renkei_engine::schema::{Digits, TIMEPOINT_COLUMN, parse_flag};
+use renkei_engine::schema::{
+    DatasetSchema, Digits, TIMEPOINT_COLUMN, parse_day, parse_flag, trim_cell,
+};
 
 use crate::error::NodeError;
 use crate::store::NodeStore;
@@ -31,6 +33,15 @@ struct RowParser<'a> {
     digits: Digits,
     /// Values rounded so far (with [`Digits::Round`]).
     rounded: usize,
+    /// The file's column of each patient's origin date (its position and name), if it has
+    /// one: day columns may then be given as dates.
+    origin: Option<(usize, &'a str)>,
+}
+
+/// The file's column of the schema's origin date, if the schema has one and the file too.
+fn origin_column<'a>(file: &CsvFile, schema: &'a DatasetSchema) -> Option<(usize, &'a str)> {
+    let name = schema.origin_date_column()?;
+    file.index.get(name).map(|at| (*at, name))
 }
 
 impl RowParser<'_> {
@@ -42,9 +53,53 @@ impl RowParser<'_> {
         values: &mut [i64],
         problems: &mut Problems,
     ) {
+        let origin = self.origin.and_then(|(at, name)| {
+            let text = trim_cell(cell(row, at));
+            if text.is_empty() {
+                return None;
+            }
+            let day = parse_day(text);
+            if day.is_none() {
+                problems.push(
+                    Some(line),
+                    Some(name),
+                    format!("`{text}` is not a date (YYYY-MM-DD)"),
+                );
+            }
+            day
+        });
         for ((at, position), value) in self.columns.iter().zip(values.iter_mut()) {
             let def = &self.defs[*position];
-            match def.parse_cell_with(cell(row, *at), self.digits) {
+            let text = trim_cell(cell(row, *at));
+            if def.is_day()
+                && let Some(date) = parse_day(text)
+            {
+                // A date in a day column: days from this patient's origin date.
+                *value = NULL;
+                let Some(origin) = origin else {
+                    let reason = match self.origin {
+                        Some((_, name)) => format!(
+                            "`{text}` is a date, and this row has no `{name}` to count days from"
+                        ),
+                        None => format!(
+                            "`{text}` is a date; give days from the time origin, or the \
+                             patient's origin date in its own column"
+                        ),
+                    };
+                    problems.push(Some(line), Some(&def.name), reason);
+                    continue;
+                };
+                match def.parse_cell_with(&(date - origin).to_string(), self.digits) {
+                    Ok((parsed, _)) => *value = parsed.unwrap_or(NULL),
+                    Err(e) => problems.push(
+                        Some(line),
+                        Some(&def.name),
+                        format!("`{text}` is day {} from the origin: {}", date - origin, e.0),
+                    ),
+                }
+                continue;
+            }
+            match def.parse_cell_with(text, self.digits) {
                 Ok((parsed, rounded)) => {
                     *value = parsed.unwrap_or(NULL);
                     self.rounded += usize::from(rounded);
@@ -92,8 +147,11 @@ pub fn ingest_patients_with(
             .join(", "),
         consent_columns.join(", ")
     );
+    let origin_date = schema.origin_date_column();
     let allowed = |name: &str| {
-        schema.patient_column(name).is_some() || consent_columns.iter().any(|c| c == name)
+        schema.patient_column(name).is_some()
+            || consent_columns.iter().any(|c| c == name)
+            || origin_date == Some(name)
     };
     let Some(file) = CsvFile::open(path, &["patient_id"], &allowed, &expected, &mut problems)
     else {
@@ -119,6 +177,7 @@ pub fn ingest_patients_with(
         defs: &schema.patients,
         digits: options.digits,
         rounded: 0,
+        origin: origin_column(&file, &schema),
     };
     file.for_each_row(
         id_at,
@@ -205,7 +264,8 @@ pub fn ingest_timepoints_with(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let allowed = |name: &str| schema.timepoint_column(name).is_some();
+    let origin_date = schema.origin_date_column();
+    let allowed = |name: &str| schema.timepoint_column(name).is_some() || origin_date == Some(name);
     let Some(file) = CsvFile::open(
         path,
         &["patient_id", TIMEPOINT_COLUMN],
@@ -230,6 +290,7 @@ pub fn ingest_timepoints_with(
         defs: &schema.timepoints,
         digits: options.digits,
         rounded: 0,
+        origin: origin_column(&file, &schema),
     };
     file.for_each_row(
         id_at,

@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use renkei_engine::schema::parse_day;
 use serde_json::Value;
 
 use crate::error::NodeError;
@@ -135,6 +136,8 @@ pub struct ExportEncounter {
     pub id: String,
     pub patient: String,
     pub start: i64,
+    /// The day the encounter ended (Synthea's `STOP`, FHIR's `period.end`), if known.
+    pub stop: Option<i64>,
     /// Synthea's lowercase class names (`inpatient`, `emergency`, `ambulatory`, …).
     pub class: String,
     pub origin: Origin,
@@ -316,24 +319,45 @@ impl Problems {
     }
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The day of `2020-03-01` or `2020-03-01T10:00:00Z`.
-pub fn parse_day(text: &str) -> Option<i64> {
-    let date = text.get(..10)?;
-    let mut parts = date.split('-');
-    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
-    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
-    ((1..=12).contains(&m) && (1..=31).contains(&d)).then(|| days_from_civil(y, m, d))
+/// The patient's outcome days from COVID-19 onset, each kept only inside its column's
+/// bounds: admission (the first inpatient stay from two weeks before onset), discharge (the
+/// end of the last inpatient stay, if alive at it), death, and the end of follow-up (death,
+/// else the last day any encounter shows the patient alive).
+fn outcome_days(
+    schema: &renkei_engine::DatasetSchema,
+    onset: i64,
+    death: Option<i64>,
+    visits: &[&ExportEncounter],
+    cells: &mut Cells,
+) {
+    let mut put = |column: &'static str, day: Option<i64>| {
+        let Some(days) = day.map(|d| d - onset) else {
+            return;
+        };
+        if let Some((_, def)) = schema.patient_column(column)
+            && let renkei_engine::schema::ColumnType::Integer { min, max } = def.kind
+            && (min..=max).contains(&days)
+        {
+            cells.insert(column, days.to_string());
+        }
+    };
+    let stays: Vec<&ExportEncounter> = visits
+        .iter()
+        .copied()
+        .filter(|v| v.class == "inpatient" && v.start >= onset - 14)
+        .collect();
+    put("admission_day", stays.first().map(|v| v.start));
+    let discharge = stays
+        .last()
+        .and_then(|v| v.stop)
+        .filter(|stop| death.is_none_or(|d| *stop < d));
+    put("discharge_day", discharge);
+    put("death_day", death);
+    let last_seen = visits
+        .iter()
+        .map(|v| v.stop.unwrap_or(v.start).max(v.start))
+        .max();
+    put("followup_day", death.or(last_seen));
 }
 
 /// Reads Synthea's CSV output directory (`patients.csv`, `encounters.csv`, `conditions.csv`,
@@ -437,6 +461,7 @@ pub fn read_synthea(dir: &Path) -> Result<ClinicalExport, IngestErrors> {
             id: get(&cells, "Id"),
             patient: get(&cells, "PATIENT"),
             start,
+            stop: parse_day(&get(&cells, "STOP")),
             class: get(&cells, "ENCOUNTERCLASS").to_ascii_lowercase(),
             origin,
         });
@@ -716,6 +741,11 @@ fn read_resource(
                 .and_then(|p| p.get("start"))
                 .and_then(Value::as_str)
                 .and_then(parse_day);
+            let stop = resource
+                .get("period")
+                .and_then(|p| p.get("end"))
+                .and_then(Value::as_str)
+                .and_then(parse_day);
             let class = resource
                 .get("class")
                 .and_then(|c| {
@@ -729,6 +759,7 @@ fn read_resource(
                     id,
                     patient: subject,
                     start,
+                    stop,
                     class: fhir_class(class).to_string(),
                     origin,
                 }),
@@ -899,6 +930,9 @@ pub fn import(
             .filter(|c| c.is_snomed() && c.code == COVID19_CODE)
             .map(|c| c.start)
             .min();
+        if let Some(onset) = onset {
+            outcome_days(&schema, onset, patient.death, &visits, &mut cells);
+        }
         let mut worst: Option<usize> = None;
         let levels = ["mild", "moderate", "severe", "critical"];
         for (number, visit) in visits.iter().enumerate().take(usize::from(u16::MAX)) {
@@ -1081,15 +1115,6 @@ pub fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_days_are_exact() {
-        assert_eq!(parse_day("1970-01-01"), Some(0));
-        assert_eq!(parse_day("2000-03-01T10:00:00Z"), Some(11_017));
-        assert_eq!(parse_day("2020-02-29"), Some(18_321));
-        assert_eq!(parse_day("2020-13-01"), None);
-        assert_eq!(parse_day(""), None);
-    }
 
     #[test]
     fn references_and_classes_map() {

@@ -40,7 +40,8 @@ pub(crate) fn counts_rows(query: &Query, patient_view: bool) -> bool {
         Aggregate::CountPatients
         | Aggregate::Sum { .. }
         | Aggregate::Mean { .. }
-        | Aggregate::Quantile { .. } => false,
+        | Aggregate::Quantile { .. }
+        | Aggregate::KaplanMeier { .. } => false,
     }
 }
 

@@ -118,6 +118,7 @@ pub(crate) fn pooled(
             .map(|i| PooledRow {
                 value: value(matching[i]),
                 cell: cell(matching[i]),
+                event: false,
             })
             .collect();
         if !rows.is_empty() {

@@ -44,7 +44,8 @@ fn fraction(query: &Query) -> f64 {
         Aggregate::CountPatients
         | Aggregate::CountRows
         | Aggregate::Sum { .. }
-        | Aggregate::Mean { .. } => 0.5,
+        | Aggregate::Mean { .. }
+        | Aggregate::KaplanMeier { .. } => 0.5,
     }
 }
 
@@ -287,6 +288,7 @@ mod tests {
                     vec![crate::truth::PooledRow {
                         value: Some(*age),
                         cell: None,
+                        event: false,
                     }]
                 })
                 .collect(),

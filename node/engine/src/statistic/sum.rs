@@ -32,6 +32,9 @@ pub(crate) fn bind_measure(query: &Query, binder: &Binder<'_>) -> Result<Measure
         Aggregate::CountPatients | Aggregate::CountRows => {
             Err(SchemaError::Unsupported("a count reads no column".into()))
         }
+        Aggregate::KaplanMeier { .. } => Err(SchemaError::Unsupported(
+            "a survival curve reads time columns, not one measure".into(),
+        )),
     }
 }
 
