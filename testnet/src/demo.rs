@@ -1,11 +1,12 @@
 //! The demo: a three-hospital testnet, a handful of count queries through the real
 //! aggregator, and for each the true count (known only because the data is synthetic), the
-//! differentially private estimate, its 95% interval and which nodes answered; then two of
-//! them again as secure totals.
+//! differentially private estimate, its 95% interval and which nodes answered (a survival
+//! comparison as curves against the true ones); then some of them again as secure totals.
 
 use std::path::Path;
 
 use renkei_aggregator::combine::{Estimate, GroupEstimate};
+use renkei_aggregator::results::Survival;
 use renkei_aggregator::sql;
 use renkei_aggregator::{AnswerMode, NetworkClient, QueryOptions, ResearcherSession};
 use renkei_policies::SignedPolicy;
@@ -28,13 +29,20 @@ pub const DEMO_QUERIES: &[&str] = &[
     "SELECT AVG(il6) FROM timepoints WHERE severity = 'critical'",
     "SELECT MEDIAN(age) FROM patients WHERE severity >= 'severe'",
     "SELECT sex, severity, COUNT(*) FROM patients WHERE age >= 65 GROUP BY sex, severity",
+    SURVIVAL_DEMO_QUERY,
 ];
+
+/// Time to death by diabetes, censored at the end of follow-up: a Kaplan–Meier comparison.
+pub const SURVIVAL_DEMO_QUERY: &str = "SELECT diabetes, \
+    KAPLAN_MEIER(COALESCE(death_day, followup_day), death_day IS NOT NULL, 60) \
+    FROM patients GROUP BY diabetes";
 
 /// Asked again as secure totals: each hospital adds a share of the noise under pairwise
 /// masks, so only the sum is readable, with a third of the per-site noise variance.
 pub const SECURE_DEMO_QUERIES: &[&str] = &[
     "SELECT COUNT(*) FROM patients WHERE age >= 65 AND diabetes",
     "SELECT MEDIAN(age) FROM patients WHERE severity >= 'severe'",
+    SURVIVAL_DEMO_QUERY,
 ];
 
 /// One line of the demo's report.
@@ -46,6 +54,8 @@ pub struct DemoRow {
     pub estimate: Option<Estimate>,
     pub ci95: Option<[f64; 2]>,
     pub groups: Vec<GroupEstimate>,
+    /// A survival query's curves.
+    pub survival: Option<Survival>,
     pub answered: Vec<String>,
     pub missing_or_refused: Vec<String>,
     /// Per-site answers added up, or a secure total (no hospital's own answer visible).
@@ -89,6 +99,7 @@ async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
             estimate: answer.estimate,
             ci95: answer.ci95,
             groups: answer.groups,
+            survival: answer.survival,
             answered: answer
                 .answered
                 .iter()

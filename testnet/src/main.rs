@@ -181,6 +181,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             );
                         }
                     }
+                    (TrueValue::Curves(curves), _, _) => match &row.survival {
+                        Some(survival) => print_curves(curves, survival),
+                        None => println!("  no curve"),
+                    },
                     (truth, _, _) => println!("  true {truth:?}   no answer"),
                 }
                 println!(
@@ -308,4 +312,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A demo survival answer against the true curves: S(t) every two weeks and at the horizon,
+/// the median and the log-rank test.
+fn print_curves(
+    truth: &[(Vec<String>, Vec<f64>)],
+    survival: &renkei_aggregator::results::Survival,
+) {
+    for curve in &survival.strata {
+        let exact = truth
+            .iter()
+            .find(|(labels, _)| *labels == curve.group)
+            .map(|(_, s)| s.as_slice())
+            .unwrap_or(&[]);
+        println!("  {}", curve.group.join(" / "));
+        let last = curve.day.len().saturating_sub(1);
+        for day in (0..=last).filter(|d| d % 14 == 0 || *d == last) {
+            println!(
+                "    day {:>3}   true S {:.3}   estimate {:.3}   95% band [{:.3}, {:.3}]   at risk {}",
+                day,
+                exact.get(day).copied().unwrap_or(f64::NAN),
+                curve.survival[day],
+                curve.ci95_low[day],
+                curve.ci95_high[day],
+                curve.at_risk[day].map_or_else(|| "withheld".to_string(), |n| n.to_string())
+            );
+        }
+    }
+    if let Some(test) = &survival.log_rank {
+        println!(
+            "  log-rank chi2 {:.2}, p {:.4} (noise included in its variance)",
+            test.statistic, test.p_value
+        );
+    }
 }

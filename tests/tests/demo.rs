@@ -46,6 +46,19 @@ async fn the_demo_answers_every_question() {
                 }
             }
             (TrueValue::Groups(_), None) => assert!(!row.groups.is_empty(), "{}", row.sql),
+            (TrueValue::Curves(truth), None) => {
+                let survival = row.survival.as_ref().unwrap();
+                assert_eq!(survival.strata.len(), truth.len(), "{}", row.sql);
+                for (labels, exact) in truth {
+                    let curve = survival.strata.iter().find(|c| &c.group == labels).unwrap();
+                    // Widened 2x around the band, at the horizon.
+                    let (low, high) = (curve.ci95_low[60], curve.ci95_high[60]);
+                    let (middle, half) = ((low + high) / 2.0, (high - low) / 2.0);
+                    if (exact[60] - middle).abs() > 2.0 * half {
+                        outside += 1;
+                    }
+                }
+            }
             (truth, ci) => panic!("{}: truth {truth:?}, interval {ci:?}", row.sql),
         }
     }

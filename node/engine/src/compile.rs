@@ -42,6 +42,12 @@ impl CompiledQuery {
         self.parts().iter().any(|p| p.counts)
     }
 
+    /// Whether the answer must say the minimum cell size: some part is a count, or the
+    /// aggregator applies it to what it reads from the release.
+    pub fn reports_min_cell(&self) -> bool {
+        self.counts() || self.statistic.withholds_when_combined()
+    }
+
     /// Whether the release is a vector (a histogram or cells): released under zCDP only.
     pub fn vector(&self) -> bool {
         self.statistic.vector()

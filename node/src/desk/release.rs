@@ -111,7 +111,7 @@ impl QueryDesk {
                 request_digest: digest,
                 release: release.clone(),
                 value_scale: compiled.value_scale(),
-                min_cell_size: if compiled.counts() {
+                min_cell_size: if compiled.reports_min_cell() {
                     grant.min_cell_size
                 } else {
                     0

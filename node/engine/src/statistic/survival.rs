@@ -19,7 +19,9 @@
 //! and read as leaves; their running totals are fitted monotone (pool adjacent violators,
 //! never below 0) and differenced, so no day has negative events or censorings and no
 //! day's positive noise is kept while its negative noise is dropped. The curve is the
-//! product-limit estimate over these days, monotone and within `[0, 1]`. Its 95% band
+//! product-limit estimate over these days, monotone and within `[0, 1]`; a day with fewer at
+//! risk than the minimum cell size or five node noise sds takes no step (the tail, where
+//! noise would pass for deaths, stays at the last estimate). Its 95% band
 //! adds Greenwood's sampling variance to the noise's variance, the latter from a parametric
 //! bootstrap of the released trees (post-processing, so it costs no budget). Median
 //! survival is the first day with S ≤ ½, its interval the first days the band's lower and
@@ -273,7 +275,7 @@ impl Statistic for KaplanMeier {
                 (events, censored)
             })
             .collect();
-        let estimate = estimate(shape, horizon, &trees, variance.sqrt());
+        let estimate = estimate(shape, horizon, &trees, variance.sqrt(), min_cell);
         let strata = labels
             .iter()
             .zip(estimate.curves)
@@ -314,7 +316,7 @@ impl Statistic for KaplanMeier {
         TrueValue::Curves(
             by_cell
                 .into_iter()
-                .map(|(cell, (events, censored))| (cell, product_limit(&events, &censored).0))
+                .map(|(cell, (events, censored))| (cell, product_limit(&events, &censored, 1.0).0))
                 .collect(),
         )
     }
@@ -392,6 +394,10 @@ impl Accumulator for Curve {
             labels: self.labels.clone(),
             parts: u32::try_from(2 * self.shape.nodes()).unwrap_or(u32::MAX),
         }
+    }
+
+    fn withholds_when_combined(&self) -> bool {
+        true
     }
 }
 
@@ -552,8 +558,14 @@ fn isotonic(values: &[f64]) -> Vec<f64> {
 }
 
 /// The product-limit curve over per-day counts (events clamped to the numbers at risk, so
-/// it never rises): (S(t), at risk, events used).
-fn product_limit(events: &[f64], censored: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+/// it never rises): (S(t), at risk, events used). Days with fewer than `min_at_risk` at
+/// risk take no step: where a handful remain, noise would pass for deaths, so the curve
+/// stays at its last estimate, as a Kaplan–Meier curve does after its last observation.
+fn product_limit(
+    events: &[f64],
+    censored: &[f64],
+    min_at_risk: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let days = events.len();
     let mut at_risk = vec![0.0; days];
     let mut remaining = 0.0;
@@ -566,8 +578,12 @@ fn product_limit(events: &[f64], censored: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f
     let mut s = 1.0;
     for day in 0..days {
         let n = at_risk[day];
-        let d = events[day].clamp(0.0, n.max(0.0));
-        if n >= 1.0 {
+        let d = if n >= min_at_risk.max(1.0) {
+            events[day].clamp(0.0, n)
+        } else {
+            0.0
+        };
+        if d > 0.0 {
             s *= 1.0 - d / n;
         }
         survival.push(s);
@@ -609,18 +625,24 @@ fn log_rank_terms(a: (&[f64], &[f64]), b: (&[f64], &[f64])) -> (f64, f64) {
     (o_minus_e, variance)
 }
 
+/// How many noise sds of a tree node the numbers at risk must exceed for a day's events to
+/// count.
+const TAIL_NOISE_SDS: f64 = 5.0;
+
 fn estimate(
     shape: TreeShape,
     horizon: usize,
     trees: &[(Vec<f64>, Vec<f64>)],
     node_sd: f64,
+    min_cell: u64,
 ) -> Estimate {
+    let min_at_risk = (min_cell as f64).max(TAIL_NOISE_SDS * node_sd).max(1.0);
     let read = |trees: &[(Vec<f64>, Vec<f64>)]| -> Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> {
         trees
             .iter()
             .map(|tree| {
                 let (events, censored) = leaves(shape, horizon, tree);
-                product_limit(&events, &censored)
+                product_limit(&events, &censored, min_at_risk)
             })
             .collect()
     };
@@ -804,7 +826,7 @@ mod tests {
     fn product_limit_matches_the_hand_computation() {
         let events = [0.0, 1.0, 0.0, 2.0, 0.0, 0.0];
         let censored = [0.0, 0.0, 1.0, 0.0, 1.0, 1.0];
-        let (s, at_risk, _) = product_limit(&events, &censored);
+        let (s, at_risk, _) = product_limit(&events, &censored, 1.0);
         assert_eq!(at_risk, vec![6.0, 6.0, 5.0, 4.0, 2.0, 1.0]);
         let after_day_1 = 5.0 / 6.0;
         let after_day_3 = after_day_1 * (1.0 - 2.0 / 4.0);
@@ -837,6 +859,52 @@ mod tests {
         let (events, _) = leaves(shape, 4, &(noisy.clone(), noisy));
         assert!(events.iter().all(|d| *d >= 0.0), "{events:?}");
         assert!((events.iter().sum::<f64>() - 6.0).abs() < 1.0);
+    }
+
+    /// The 95% band covers the true survival 93–97% of the time over repeated cohorts and
+    /// noise: patients' times are exponential (S(t) = exp(−λ(t + 1)) by the end of day t),
+    /// censored uniformly, released with noise sd 3 per tree node.
+    #[test]
+    fn the_band_covers_the_truth_95_times_in_100() {
+        let (horizon, patients, rate, sd) = (40usize, 1_500, 0.01f64, 3.0f64);
+        let shape = TreeShape::for_days(horizon + 1);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let days = [10usize, 25, 40];
+        let mut covered = [0usize; 3];
+        let reps = 1_000;
+        for _ in 0..reps {
+            let mut events = vec![0i64; horizon + 1];
+            let mut censored = vec![0i64; horizon + 1];
+            for _ in 0..patients {
+                let u: f64 = rng.r#gen::<f64>().max(f64::MIN_POSITIVE);
+                let death = (-u.ln() / rate).floor() as usize;
+                let end = rng.gen_range(0..60usize);
+                if death <= end && death <= horizon {
+                    events[death] += 1;
+                } else {
+                    censored[end.min(death).min(horizon)] += 1;
+                }
+            }
+            let mut noisy = |leaves: &[i64]| -> Vec<f64> {
+                shape
+                    .build(leaves)
+                    .into_iter()
+                    .map(|v| v as f64 + sd * normal(&mut rng))
+                    .collect()
+            };
+            let trees = vec![(noisy(&events), noisy(&censored))];
+            let estimate = estimate(shape, horizon, &trees, sd, 0);
+            let curve = estimate.curves[0].clone().report(Vec::new(), 0);
+            for (k, day) in days.iter().enumerate() {
+                let truth = (-rate * (*day as f64 + 1.0)).exp();
+                covered[k] +=
+                    usize::from(curve.ci95_low[*day] <= truth && truth <= curve.ci95_high[*day]);
+            }
+        }
+        for (k, day) in days.iter().enumerate() {
+            let rate = covered[k] as f64 / reps as f64;
+            assert!((0.93..=0.97).contains(&rate), "day {day}: covered {rate}");
+        }
     }
 
     #[test]

@@ -98,4 +98,11 @@ pub trait Accumulator: fmt::Debug + Send + Sync {
 
     /// What a secure round's masked words (every part, in order) add up to.
     fn masked_shape(&self) -> MaskedShape;
+
+    /// Whether the minimum cell size applies to what the aggregator reports from the
+    /// release rather than to the released numbers (a survival curve's numbers at risk,
+    /// read from tree nodes that are not cells).
+    fn withholds_when_combined(&self) -> bool {
+        false
+    }
 }
