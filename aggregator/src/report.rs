@@ -167,7 +167,18 @@ fn survival_table(survival: &Survival, partial: &str, out: &mut dyn Write) -> io
         } else {
             curve.group.join(" / ")
         };
-        writeln!(out, "  {name}   (about {:.0} patients)", curve.patients)?;
+        let until = match curve.estimated_until {
+            Some(day) if day + 1 < curve.day.len() => {
+                format!("; estimated to day {day}, too few at risk after it")
+            }
+            Some(_) => String::new(),
+            None => "; too few at risk to estimate".to_string(),
+        };
+        writeln!(
+            out,
+            "  {name}   (about {:.0} patients{until})",
+            curve.patients
+        )?;
         writeln!(
             out,
             "    {:>5}  {:>6}  {:<17}  {:>8}",

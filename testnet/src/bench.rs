@@ -12,6 +12,9 @@
 //!   the latency of both modes; then as secure rounds that survive dropouts, with every
 //!   node up and with one node stopped.
 //!
+//! - [`survival`]: Kaplan–Meier curves asked of N nodes per site and as secure totals,
+//!   against lifelines' curves on the pooled patients and one central mechanism.
+//!
 //! DuckDB runs through its Python package: the bench installs it into a virtual environment
 //! of its own when `python3` lacks it (see [`python`]; set `RENKEI_BENCH_PYTHON` to choose
 //! the interpreter). A missing tool is reported, not fatal.
@@ -89,6 +92,37 @@ fn python() -> Option<&'static str> {
             }
         })
         .as_deref()
+}
+
+/// A Python that can import DuckDB and `module` (for the survival bench, lifelines): as
+/// [`python`], installing both into the bench's environment when needed.
+fn python_with(module: &str) -> Option<String> {
+    let imports = |python: &str| {
+        Command::new(python)
+            .args(["-c", &format!("import duckdb, {module}")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if let Ok(chosen) = std::env::var("RENKEI_BENCH_PYTHON") {
+        return Some(chosen);
+    }
+    if imports("python3") {
+        return Some("python3".into());
+    }
+    let venv = bench_venv()?;
+    let interpreter = venv.join("bin").join("python").display().to_string();
+    if !imports(&interpreter) {
+        eprintln!("installing duckdb and {module} into {}", venv.display());
+        let _ = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status();
+        let _ = Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "duckdb", module])
+            .status();
+    }
+    imports(&interpreter).then_some(interpreter)
 }
 
 fn has_duckdb(python: &str) -> bool {
@@ -716,5 +750,287 @@ pub async fn secure(
         rmse_one_down: rmse(&one_down_errors),
         reported_sd_one_down: one_down_sd,
         one_down_p50_ms: percentile(&mut one_down_latency, 0.5),
+    })
+}
+
+/// Survival curves the bench asks: renkei's SQL, the DuckDB SQL listing each patient's
+/// groups, time and event for lifelines, and the horizon.
+pub const SURVIVAL_CURVES: &[(&str, &str, u16)] = &[
+    (
+        "SELECT diabetes, KAPLAN_MEIER(COALESCE(death_day, followup_day), death_day IS NOT NULL, 60) FROM patients GROUP BY diabetes",
+        "SELECT diabetes, COALESCE(death_day, followup_day), death_day IS NOT NULL FROM patients",
+        60,
+    ),
+    (
+        "SELECT KAPLAN_MEIER(COALESCE(discharge_day, followup_day), discharge_day IS NOT NULL, 30) FROM patients WHERE admission_day IS NOT NULL",
+        "SELECT COALESCE(discharge_day, followup_day), discharge_day IS NOT NULL FROM patients WHERE admission_day IS NOT NULL",
+        30,
+    ),
+];
+
+/// How close one survival query's curves come to lifelines' on the pooled patients.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CurveAccuracy {
+    pub query: String,
+    pub horizon_days: u16,
+    pub strata: usize,
+    /// Per repetition, the largest |S(t) − lifelines S(t)| over strata and days; its mean
+    /// and worst over repetitions, per site, as a secure total and from one central
+    /// mechanism (the same rho on the pooled trees).
+    pub per_site_max_error_mean: f64,
+    pub per_site_max_error_worst: f64,
+    pub secure_max_error_mean: f64,
+    pub secure_max_error_worst: f64,
+    pub central_max_error_mean: f64,
+    pub ratio_secure_to_central: f64,
+    /// The same, over the days where at least 10% of the stratum is still at risk.
+    pub secure_max_error_mean_while_10pct_at_risk: f64,
+    /// Share of (stratum, day) pairs whose 95% band holds lifelines' S(t).
+    pub per_site_band_coverage: f64,
+    pub secure_band_coverage: f64,
+    /// Share of (repetition, stratum) pairs, where lifelines' median is reached, whose
+    /// reported median interval holds it (per site and secure together).
+    pub median_in_interval: Option<f64>,
+    pub per_site_p50_ms: f64,
+    pub secure_p50_ms: f64,
+}
+
+/// The survival bench's report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SurvivalBench {
+    pub nodes: usize,
+    pub patients: usize,
+    pub repetitions: usize,
+    pub rho: f64,
+    pub curves: Vec<CurveAccuracy>,
+}
+
+/// The largest absolute difference between `curve`'s strata and the reference's, over the
+/// days where `keep(stratum, day)`.
+fn largest_difference(
+    survival: &renkei_engine::Survival,
+    truth: &[(Vec<String>, Vec<f64>)],
+    keep: &dyn Fn(&renkei_engine::SurvivalCurve, usize) -> bool,
+) -> f64 {
+    let mut largest: f64 = 0.0;
+    for (group, exact) in truth {
+        if let Some(curve) = survival.strata.iter().find(|c| &c.group == group) {
+            for (day, (s, t)) in curve.survival.iter().zip(exact).enumerate() {
+                if keep(curve, day) {
+                    largest = largest.max((s - t).abs());
+                }
+            }
+        }
+    }
+    largest
+}
+
+/// Kaplan–Meier curves asked `repetitions` times per site and as secure totals (alternating)
+/// at `rho` per query, against lifelines' non-private curves on the pooled patients and one
+/// central mechanism on the pooled trees.
+pub async fn survival(
+    dir: &Path,
+    nodes: usize,
+    patients: usize,
+    repetitions: usize,
+    rho: MicroRho,
+) -> anyhow::Result<SurvivalBench> {
+    anyhow::ensure!(nodes >= 2, "a secure total needs at least two nodes");
+    let python = python_with("lifelines").context(
+        "the survival bench needs Python with duckdb and lifelines (set RENKEI_BENCH_PYTHON)",
+    )?;
+    let config = crate::TestnetConfig {
+        nodes,
+        patients,
+        full_data_patients: 0,
+        budget: MicroRho(1_000_000 * MicroRho::PER_RHO),
+        ..crate::TestnetConfig::new(dir.join("net"))
+    };
+    let testnet = crate::Testnet::start(config).await?;
+    let curves: Vec<crate::reference::CurveSql<'_>> = SURVIVAL_CURVES
+        .iter()
+        .map(|(_, sql, horizon_days)| crate::reference::CurveSql {
+            sql,
+            horizon_days: *horizon_days,
+        })
+        .collect();
+    let spec = crate::reference::spec(&testnet, &[], &curves)?;
+    let references = crate::reference::run(Path::new(&python), dir, &spec)?;
+    let key = SecretKey::read_file(&testnet.consortium.researcher_key)?;
+    let policy = SignedPolicy::read_file(&testnet.consortium.policy)?.verify_self_anchored()?;
+    let session = ResearcherSession::new(key, policy, NetworkClient::start(None).await?);
+    let addresses = testnet.addresses();
+    let privacy = PrivacyRequest::Zcdp { rho };
+    let per_site = QueryOptions {
+        privacy,
+        secure: false,
+        ..session.default_options()?
+    };
+    let secure = QueryOptions {
+        secure: true,
+        ..per_site.clone()
+    };
+    let mut report = Vec::new();
+    for ((sql_text, _, horizon_days), reference) in SURVIVAL_CURVES.iter().zip(&references) {
+        let truth = crate::reference::curves(reference)?;
+        let query = renkei_aggregator::sql::compile(sql_text)?;
+        // The pooled exact trees, for one central mechanism at the same rho.
+        let mut pooled: Option<(renkei_protocol::Release, f64)> = None;
+        for i in 0..nodes {
+            let dataset = testnet
+                .running(i)
+                .context("every node runs")?
+                .desk()
+                .dataset();
+            let compiled = dataset.compile(&query)?;
+            let sensitivity = compiled.parts()[0].sensitivity;
+            let exact = compiled.unnoised_release(dataset.evaluate(&compiled));
+            pooled = Some(match (pooled, exact) {
+                (None, exact) => (exact, sensitivity),
+                (
+                    Some((
+                        renkei_protocol::Release::Cells {
+                            labels,
+                            parts,
+                            suppressed,
+                        },
+                        s,
+                    )),
+                    renkei_protocol::Release::Cells { parts: more, .. },
+                ) => {
+                    let parts = parts
+                        .into_iter()
+                        .zip(more)
+                        .map(|(a, b)| a.into_iter().zip(b).map(|(x, y)| x + y).collect())
+                        .collect();
+                    (
+                        renkei_protocol::Release::Cells {
+                            labels,
+                            parts,
+                            suppressed,
+                        },
+                        s,
+                    )
+                }
+                (other, _) => anyhow::bail!("not survival trees: {other:?}"),
+            });
+        }
+        let Some((
+            renkei_protocol::Release::Cells {
+                labels,
+                parts,
+                suppressed,
+            },
+            sensitivity,
+        )) = pooled
+        else {
+            anyhow::bail!("no pooled trees");
+        };
+        let central =
+            renkei_node::privacy::dp::Calibration::for_request(privacy, sensitivity, 1e-6)?;
+
+        let (mut per_site_errors, mut secure_errors, mut central_errors, mut secure_body) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut per_site_latency, mut secure_latency) = (Vec::new(), Vec::new());
+        let (mut per_site_cover, mut secure_cover, mut cells) = (0usize, 0usize, 0usize);
+        let (mut medians, mut medians_in) = (0usize, 0usize);
+        let mut strata = 0;
+        for _ in 0..repetitions {
+            for (options, errors, latency, cover) in [
+                (
+                    &per_site,
+                    &mut per_site_errors,
+                    &mut per_site_latency,
+                    &mut per_site_cover,
+                ),
+                (
+                    &secure,
+                    &mut secure_errors,
+                    &mut secure_latency,
+                    &mut secure_cover,
+                ),
+            ] {
+                let start = Instant::now();
+                let answer = session.query(&addresses, sql_text, options).await?;
+                latency.push(start.elapsed());
+                anyhow::ensure!(
+                    answer.answered.len() == nodes,
+                    "a node did not answer: {answer:?}"
+                );
+                let survival = answer.survival.context("no survival curve")?;
+                strata = survival.strata.len();
+                errors.push(largest_difference(&survival, &truth, &|_, _| true));
+                if options.secure {
+                    secure_body.push(largest_difference(&survival, &truth, &|curve, day| {
+                        curve.at_risk[day].is_some_and(|n| n as f64 >= 0.1 * curve.patients)
+                    }));
+                } else {
+                    cells += survival.strata.iter().map(|c| c.day.len()).sum::<usize>();
+                }
+                for (group, exact) in &truth {
+                    let Some(curve) = survival.strata.iter().find(|c| &c.group == group) else {
+                        continue;
+                    };
+                    for (day, t) in exact.iter().enumerate() {
+                        *cover +=
+                            usize::from(curve.ci95_low[day] <= *t && *t <= curve.ci95_high[day]);
+                    }
+                    if let Some(true_median) = exact.iter().position(|s| *s <= 0.5) {
+                        medians += 1;
+                        let [low, high] = curve.median_ci95;
+                        let inside = low.is_some_and(|l| l <= true_median)
+                            && high.is_none_or(|h| true_median <= h);
+                        medians_in += usize::from(inside);
+                    }
+                }
+            }
+            // One central mechanism on the pooled trees, read the same way.
+            let flat: Vec<i64> = parts.iter().flatten().copied().collect();
+            let noisy = central.release(flat)?;
+            let cells_per_part = labels.len().max(1);
+            let release = renkei_protocol::Release::Cells {
+                labels: labels.clone(),
+                parts: noisy.chunks(cells_per_part).map(<[i64]>::to_vec).collect(),
+                suppressed: suppressed.clone(),
+            };
+            let site = renkei_engine::SiteRelease {
+                release: &release,
+                value_scale: 0,
+                min_cell_size: QueryLimits::default().min_cell_size,
+                noise_std: central.noise_std,
+                count_noise_std: None,
+            };
+            let combined = renkei_engine::statistic::combine(&query, &[site])
+                .context("the central release combines")?;
+            let survival = combined.survival.context("no central curve")?;
+            central_errors.push(largest_difference(&survival, &truth, &|_, _| true));
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let worst = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        report.push(CurveAccuracy {
+            query: sql_text.to_string(),
+            horizon_days: *horizon_days,
+            strata,
+            per_site_max_error_mean: mean(&per_site_errors),
+            per_site_max_error_worst: worst(&per_site_errors),
+            secure_max_error_mean: mean(&secure_errors),
+            secure_max_error_worst: worst(&secure_errors),
+            central_max_error_mean: mean(&central_errors),
+            ratio_secure_to_central: mean(&secure_errors) / mean(&central_errors),
+            secure_max_error_mean_while_10pct_at_risk: mean(&secure_body),
+            per_site_band_coverage: per_site_cover as f64 / cells.max(1) as f64,
+            secure_band_coverage: secure_cover as f64 / cells.max(1) as f64,
+            median_in_interval: (medians > 0).then(|| medians_in as f64 / medians as f64),
+            per_site_p50_ms: percentile(&mut per_site_latency, 0.5),
+            secure_p50_ms: percentile(&mut secure_latency, 0.5),
+        });
+    }
+    testnet.shutdown().await;
+    Ok(SurvivalBench {
+        nodes,
+        patients,
+        repetitions,
+        rho: rho.as_rho(),
+        curves: report,
     })
 }

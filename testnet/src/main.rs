@@ -107,6 +107,21 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Kaplan–Meier curves per site and secure, against lifelines on the pooled patients.
+    Survival {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 6_000)]
+        patients: usize,
+        /// Queries asked in each mode, per curve.
+        #[arg(long, default_value_t = 50)]
+        repetitions: usize,
+        /// zCDP rho of each query (the default budget per query).
+        #[arg(long, default_value = "0.05")]
+        rho: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn init_tracing() {
@@ -261,6 +276,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         &dir, nodes, patients, queries, rho, dropouts,
                     )
                     .await?;
+                    serde_json::to_string_pretty(&report)?
+                }
+                BenchCommand::Survival {
+                    nodes,
+                    patients,
+                    repetitions,
+                    rho,
+                    dir,
+                } => {
+                    let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
+                    let rho: renkei_protocol::MicroRho = rho
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?;
+                    let report =
+                        renkei_testnet::bench::survival(&dir, nodes, patients, repetitions, rho)
+                            .await?;
                     serde_json::to_string_pretty(&report)?
                 }
             };

@@ -4,22 +4,23 @@
 //! counts, sums, means and groups over them; and Kaplan–Meier curves against lifelines on
 //! the same pooled patients.
 //!
-//! The reference is `tests/reference/duckdb_pooled.py`, run by the Python that
+//! The reference is `tests/reference/duckdb_pooled.py` (through
+//! `renkei_testnet::reference`), run by the Python that
 //! `RENKEI_PYTHON` names (or `python3`). When `RENKEI_REQUIRE_REFERENCES` is set (as CI sets
 //! it), a Python without `duckdb` fails the test; otherwise the test says it skipped.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use renkei_aggregator::sql;
-use renkei_engine::schema::{ColumnDef, ColumnType};
-use renkei_engine::{DatasetSchema, SiteRelease};
+use renkei_engine::SiteRelease;
 use renkei_protocol::{MicroRho, Release};
+use renkei_testnet::reference::{self, CurveSql};
 use renkei_tests::start_testnet;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Each query is valid SQL for both renkei and DuckDB, and is sent to both unchanged.
 ///
@@ -117,42 +118,15 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
     let fixture = start_testnet(2, 1_200, MicroRho(MicroRho::PER_RHO)).await;
     let testnet = &fixture.testnet;
 
-    let exports: Vec<Value> = (0..testnet.nodes.len())
-        .map(|i| {
-            let dir = testnet.dir.join(format!("node-{i}")).join("export");
-            let tables: Vec<String> = ["course", "labs", "antibodies", "cytokines"]
-                .iter()
-                .map(|t| path(&dir.join(format!("{t}.csv"))))
-                .collect();
-            json!({"patients": path(&dir.join("patients.csv")), "timepoints": tables})
+    let curves: Vec<CurveSql<'_>> = CURVES
+        .iter()
+        .map(|(_, sql, horizon_days)| CurveSql {
+            sql,
+            horizon_days: *horizon_days,
         })
         .collect();
-    let schema = DatasetSchema::covid19().unwrap();
-    let spec = json!({
-        "exports": exports,
-        "schema": {
-            "patients": columns(&schema.patients),
-            "timepoints": columns(&schema.timepoints),
-        },
-        "queries": QUERIES,
-        "curves": CURVES
-            .iter()
-            .map(|(_, sql, horizon)| json!({"sql": sql, "horizon": horizon}))
-            .collect::<Vec<_>>(),
-    });
-    let spec_path = fixture.dir.path().join("duckdb-spec.json");
-    std::fs::write(&spec_path, spec.to_string()).unwrap();
-    let output = Command::new(&python)
-        .arg(reference_script())
-        .arg(&spec_path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "DuckDB reference failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let spec = reference::spec(testnet, QUERIES, &curves).unwrap();
+    let results = reference::run(&python, fixture.dir.path(), &spec).unwrap();
     assert_eq!(results.len(), QUERIES.len() + CURVES.len());
 
     let datasets: Vec<_> = (0..testnet.nodes.len())
@@ -317,27 +291,6 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
     fixture.testnet.shutdown().await;
 }
 
-/// The schema's columns with what DuckDB needs to type them.
-fn columns(defs: &[ColumnDef]) -> Vec<Value> {
-    defs.iter()
-        .map(|c| {
-            let kind = match &c.kind {
-                ColumnType::Integer { .. } => json!({"type": "integer"}),
-                ColumnType::Decimal { scale, .. } => json!({"type": "decimal", "scale": scale}),
-                ColumnType::Categorical { levels } => {
-                    json!({"type": "categorical", "levels": levels})
-                }
-                ColumnType::Boolean => json!({"type": "boolean"}),
-            };
-            json!([c.name, kind])
-        })
-        .collect()
-}
-
-fn path(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
-
 fn number(value: &Value) -> f64 {
     match value {
         Value::Number(n) => n.as_f64().unwrap(),
@@ -348,15 +301,7 @@ fn number(value: &Value) -> f64 {
 }
 
 fn text_of(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Bool(b) => b.to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn reference_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("reference/duckdb_pooled.py")
+    reference::label(value)
 }
 
 /// The Python to run the reference with, if it has DuckDB.

@@ -20,8 +20,8 @@
 //! never below 0) and differenced, so no day has negative events or censorings and no
 //! day's positive noise is kept while its negative noise is dropped. The curve is the
 //! product-limit estimate over these days, monotone and within `[0, 1]`; a day with fewer at
-//! risk than the minimum cell size or five node noise sds takes no step (the tail, where
-//! noise would pass for deaths, stays at the last estimate). Its 95% band
+//! risk than the minimum cell size or ten node noise sds takes no step (the tail, where
+//! noise would pass for deaths, stays at the last estimate, its band's lower end 0 there). Its 95% band
 //! adds Greenwood's sampling variance to the noise's variance, the latter from a parametric
 //! bootstrap of the released trees (post-processing, so it costs no budget). Median
 //! survival is the first day with S ≤ ½, its interval the first days the band's lower and
@@ -436,6 +436,10 @@ pub struct SurvivalCurve {
     pub median_ci95: [Option<usize>; 2],
     /// Estimated patients in the stratum.
     pub patients: f64,
+    /// The last day with enough at risk for its events to count; after it the curve is not
+    /// estimated (it stays at its last value, and the band's lower end is 0: survival can
+    /// only have fallen since).
+    pub estimated_until: Option<usize>,
 }
 
 /// The log-rank test between two strata.
@@ -458,6 +462,8 @@ struct Estimated {
     sd: Vec<f64>,
     at_risk: Vec<f64>,
     events: Vec<f64>,
+    /// Days before this one had enough at risk to be estimated.
+    estimated_days: usize,
 }
 
 impl Estimated {
@@ -466,7 +472,14 @@ impl Estimated {
             .survival
             .iter()
             .zip(&self.sd)
-            .map(|(s, sd)| (s - Z_95 * sd).clamp(0.0, 1.0))
+            .enumerate()
+            .map(|(day, (s, sd))| {
+                if day < self.estimated_days {
+                    (s - Z_95 * sd).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let high: Vec<f64> = self
             .survival
@@ -493,6 +506,7 @@ impl Estimated {
                 .collect(),
             events: self.events,
             survival: self.survival,
+            estimated_until: self.estimated_days.checked_sub(1),
         }
     }
 }
@@ -627,7 +641,7 @@ fn log_rank_terms(a: (&[f64], &[f64]), b: (&[f64], &[f64])) -> (f64, f64) {
 
 /// How many noise sds of a tree node the numbers at risk must exceed for a day's events to
 /// count.
-const TAIL_NOISE_SDS: f64 = 5.0;
+const TAIL_NOISE_SDS: f64 = 10.0;
 
 fn estimate(
     shape: TreeShape,
@@ -697,6 +711,10 @@ fn estimate(
         .map(|(k, (survival, at_risk, events))| {
             let sampling = greenwood(survival, at_risk, events);
             Estimated {
+                estimated_days: at_risk
+                    .iter()
+                    .position(|n| *n < min_at_risk)
+                    .unwrap_or(at_risk.len()),
                 sd: sampling
                     .iter()
                     .enumerate()
