@@ -174,11 +174,11 @@ fn survival_table(survival: &Survival, partial: &str, out: &mut dyn Write) -> io
             Some(_) => String::new(),
             None => "; too few at risk to estimate".to_string(),
         };
-        writeln!(
-            out,
-            "  {name}   (about {:.0} patients{until})",
-            curve.patients
-        )?;
+        let patients = curve.patients.map_or_else(
+            || "fewer patients than the minimum cell size".to_string(),
+            |n| format!("about {n} patients"),
+        );
+        writeln!(out, "  {name}   ({patients}{until})")?;
         writeln!(
             out,
             "    {:>5}  {:>6}  {:<17}  {:>8}",
@@ -227,7 +227,11 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
     let mut out = csv::Writer::from_writer(out);
     // `day` and `at_risk` are columns only when there is a survival curve, so every other
     // answer's table keeps its columns.
-    let width = if answer.survival.is_some() { 14 } else { 12 };
+    let width = if answer.aggregate == "kaplan_meier" {
+        14
+    } else {
+        12
+    };
     out.write_record(
         &[
             "row",
@@ -273,7 +277,11 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
                 )?;
             }
         }
-    } else if answer.groups.is_empty() && !answer.dry_run {
+    }
+    if (answer.survival.is_none() || answer.note.is_some())
+        && answer.groups.is_empty()
+        && !answer.dry_run
+    {
         out.write_record(
             &[
                 "estimate",

@@ -352,6 +352,32 @@ fn outcome_dates_become_days_from_onset() {
     assert!(stderr.contains("`2020-02-30` is not a date"), "{stderr}");
     assert!(stderr.contains("bad.csv:4 column `death_day`"), "{stderr}");
     assert!(stderr.contains("is day 517 from the origin"), "{stderr}");
+    // A day column that counts from another event takes no date.
+    let course = dir.path().join("course.csv");
+    std::fs::write(
+        &course,
+        "patient_id,timepoint,onset_date,days_since_onset,days_since_admission\n\
+         P1,0,2020-03-30,2020-04-02,2020-04-02\n",
+    )
+    .unwrap();
+    let refused = node_cli(&[
+        "ingest",
+        "--dir",
+        node_dir,
+        "--timepoints",
+        course.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("course.csv:2 column `days_since_admission`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("counts days from another event"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("column `days_since_onset`"), "{stderr}");
 }
 
 /// A patient with more timepoints than the schema's bound (8 in covid19) is reported at

@@ -848,6 +848,12 @@ impl Query {
             if *horizon_days > MAX_SURVIVAL_DAYS {
                 return Err(QueryShapeError::BadSurvival);
             }
+            if event.nodes() + self.filter.nodes() > 2 * MAX_PREDICATES {
+                return Err(QueryShapeError::TooManyPredicates {
+                    count: event.nodes() + self.filter.nodes(),
+                    max: 2 * MAX_PREDICATES,
+                });
+            }
             if event.depth() > MAX_FILTER_DEPTH {
                 return Err(QueryShapeError::TooDeep {
                     depth: event.depth(),

@@ -962,7 +962,8 @@ pub async fn survival(
                 errors.push(largest_difference(&survival, &truth, &|_, _| true));
                 if options.secure {
                     secure_body.push(largest_difference(&survival, &truth, &|curve, day| {
-                        curve.at_risk[day].is_some_and(|n| n as f64 >= 0.1 * curve.patients)
+                        curve.at_risk[day]
+                            .is_some_and(|n| n as f64 >= 0.1 * curve.patients.unwrap_or(0) as f64)
                     }));
                 } else {
                     cells += survival.strata.iter().map(|c| c.day.len()).sum::<usize>();

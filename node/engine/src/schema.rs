@@ -251,6 +251,10 @@ pub struct TimeAxis {
     /// may give day columns as dates; ingest turns them into days from the origin.
     #[serde(default)]
     pub origin_date: Option<String>,
+    /// Day columns that count from another event (e.g. `days_since_admission`): a day count
+    /// still, but never computed from the origin date.
+    #[serde(default)]
+    pub other_origins: Vec<String>,
 }
 
 /// The only unit of time a schema may declare.
@@ -377,6 +381,14 @@ impl DatasetSchema {
             }
         }
         Ok(())
+    }
+
+    /// Whether `def` counts days from the time origin, so a date given in it becomes days
+    /// from the patient's origin date.
+    pub fn counts_from_origin(&self, def: &ColumnDef) -> bool {
+        self.time
+            .as_ref()
+            .is_some_and(|time| def.is_day() && !time.other_origins.contains(&def.name))
     }
 
     /// The input column that gives each patient's origin as a date, if the schema has one.
@@ -757,6 +769,10 @@ mod tests {
         assert_eq!(schema.origin_date_column(), Some("onset_date"));
         assert!(schema.patient_column("death_day").unwrap().1.is_day());
         assert!(!schema.patient_column("age").unwrap().1.is_day());
+        let death_day = schema.patient_column("death_day").unwrap().1;
+        let since_admission = schema.timepoint_column("days_since_admission").unwrap().1;
+        assert!(schema.counts_from_origin(death_day));
+        assert!(since_admission.is_day() && !schema.counts_from_origin(since_admission));
         for (from, to) in [
             ("unit = \"days\"", "unit = \"hours\""),
             ("origin_date = \"onset_date\"", "origin_date = \"age\""),

@@ -30,6 +30,7 @@ fn file_columns(file: &CsvFile, defs: &[renkei_engine::schema::ColumnDef]) -> Ve
 struct RowParser<'a> {
     columns: &'a [(usize, usize)],
     defs: &'a [renkei_engine::schema::ColumnDef],
+    schema: &'a DatasetSchema,
     digits: Digits,
     /// Values rounded so far (with [`Digits::Round`]).
     rounded: usize,
@@ -74,6 +75,18 @@ impl RowParser<'_> {
             if def.is_day()
                 && let Some(date) = parse_day(text)
             {
+                if !self.schema.counts_from_origin(def) {
+                    problems.push(
+                        Some(line),
+                        Some(&def.name),
+                        format!(
+                            "`{text}` is a date, but `{}` counts days from another event: give the number of days",
+                            def.name
+                        ),
+                    );
+                    *value = NULL;
+                    continue;
+                }
                 // A date in a day column: days from this patient's origin date.
                 *value = NULL;
                 let Some(origin) = origin else {
@@ -175,6 +188,7 @@ pub fn ingest_patients_with(
     let mut parser = RowParser {
         columns: &columns,
         defs: &schema.patients,
+        schema: &schema,
         digits: options.digits,
         rounded: 0,
         origin: origin_column(&file, &schema),
@@ -288,6 +302,7 @@ pub fn ingest_timepoints_with(
     let mut parser = RowParser {
         columns: &columns,
         defs: &schema.timepoints,
+        schema: &schema,
         digits: options.digits,
         rounded: 0,
         origin: origin_column(&file, &schema),

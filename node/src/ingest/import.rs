@@ -347,17 +347,31 @@ fn outcome_days(
         .filter(|v| v.class == "inpatient" && v.start >= onset - 14)
         .collect();
     put("admission_day", stays.first().map(|v| v.start));
+    // The discharge from the COVID-19 stay: the last stay that began within the course's
+    // first six weeks (a later, unrelated stay does not hide it).
     let discharge = stays
-        .last()
+        .iter()
+        .rfind(|v| v.start <= onset + 42)
         .and_then(|v| v.stop)
         .filter(|stop| death.is_none_or(|d| *stop < d));
     put("discharge_day", discharge);
     put("death_day", death);
+    // Follow-up past the column's bounds is censored at its end, not dropped: a long
+    // survivor must stay in the curve.
     let last_seen = visits
         .iter()
         .map(|v| v.stop.unwrap_or(v.start).max(v.start))
         .max();
-    put("followup_day", death.or(last_seen));
+    let followed = death.or(last_seen).map(|day| {
+        if let Some((_, def)) = schema.patient_column("followup_day")
+            && let renkei_engine::schema::ColumnType::Integer { max, .. } = def.kind
+        {
+            day.min(onset + max)
+        } else {
+            day
+        }
+    });
+    put("followup_day", followed);
 }
 
 /// Reads Synthea's CSV output directory (`patients.csv`, `encounters.csv`, `conditions.csv`,

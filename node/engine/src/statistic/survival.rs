@@ -434,8 +434,8 @@ pub struct SurvivalCurve {
     /// Its 95% interval: the first days the band's lower and upper ends reach ½ (`null`:
     /// not by the horizon).
     pub median_ci95: [Option<usize>; 2],
-    /// Estimated patients in the stratum.
-    pub patients: f64,
+    /// Estimated patients in the stratum (rounded; `null` below the minimum cell size).
+    pub patients: Option<i64>,
     /// The last day with enough at risk for its events to count; after it the curve is not
     /// estimated (it stays at its last value, and the band's lower end is 0: survival can
     /// only have fallen since).
@@ -495,7 +495,11 @@ impl Estimated {
             median_ci95: [first_half(&low), first_half(&high)],
             ci95_low: low,
             ci95_high: high,
-            patients: self.at_risk.first().copied().unwrap_or(0.0),
+            patients: self
+                .at_risk
+                .first()
+                .map(|n| n.round() as i64)
+                .filter(|n| *n >= i64::try_from(min_cell).unwrap_or(i64::MAX)),
             at_risk: self
                 .at_risk
                 .iter()
@@ -622,11 +626,16 @@ fn greenwood(survival: &[f64], at_risk: &[f64], events: &[f64]) -> Vec<f64> {
 }
 
 /// The log-rank observed-minus-expected and hypergeometric variance for two strata.
-fn log_rank_terms(a: (&[f64], &[f64]), b: (&[f64], &[f64])) -> (f64, f64) {
+/// Only days on which both strata are still estimated (at least `min_at_risk` each) count:
+/// past a stratum's tail its events are not read, and its expected ones must not be either.
+fn log_rank_terms(a: (&[f64], &[f64]), b: (&[f64], &[f64]), min_at_risk: f64) -> (f64, f64) {
     let (mut o_minus_e, mut variance) = (0.0, 0.0);
-    for day in 0..a.0.len() {
+    for day in 0..a.0.len().min(b.0.len()) {
         let (d1, n1) = (a.0[day], a.1[day]);
         let (d2, n2) = (b.0[day], b.1[day]);
+        if n1 < min_at_risk || n2 < min_at_risk {
+            break;
+        }
         let (d, n) = (d1 + d2, n1 + n2);
         if n < 1.0 || d <= 0.0 {
             continue;
@@ -693,7 +702,7 @@ fn estimate(
             }
         }
         if let [a, b] = curves.as_slice() {
-            let (ome, _) = log_rank_terms((&a.2, &a.1), (&b.2, &b.1));
+            let (ome, _) = log_rank_terms((&a.2, &a.1), (&b.2, &b.1), min_at_risk);
             lr_sum += ome;
             lr_sq += ome * ome;
         }
@@ -728,7 +737,7 @@ fn estimate(
         .collect();
     let log_rank = match point.as_slice() {
         [a, b] => {
-            let (o_minus_e, variance) = log_rank_terms((&a.2, &a.1), (&b.2, &b.1));
+            let (o_minus_e, variance) = log_rank_terms((&a.2, &a.1), (&b.2, &b.1), min_at_risk);
             let noise_variance = spread(lr_sum, lr_sq);
             let total = variance + noise_variance;
             let statistic = if total > 0.0 {
