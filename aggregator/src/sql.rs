@@ -705,7 +705,10 @@ fn survival(
         _ => return Err(SqlError::at(function, usage)),
     };
     let times = match time {
-        Expr::Function(coalesce) if call(coalesce, "COALESCE")?.0 == "coalesce" => {
+        Expr::Function(coalesce)
+            if matches!(coalesce.name.0.as_slice(),
+                [ObjectNamePart::Identifier(name)] if name.value.eq_ignore_ascii_case("coalesce")) =>
+        {
             let (_, list) = call(coalesce, "COALESCE")?;
             list.args
                 .iter()

@@ -86,7 +86,10 @@ impl Aggregate {
                 columns.extend(time.iter().map(String::as_str));
                 columns
             }
-            other => other.column().into_iter().collect(),
+            Aggregate::Sum { column }
+            | Aggregate::Mean { column }
+            | Aggregate::Quantile { column, .. } => BTreeSet::from([column.as_str()]),
+            Aggregate::CountPatients | Aggregate::CountRows => BTreeSet::new(),
         }
     }
 }

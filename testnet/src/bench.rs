@@ -60,77 +60,53 @@ fn python() -> Option<&'static str> {
     static PYTHON: OnceLock<Option<String>> = OnceLock::new();
     PYTHON
         .get_or_init(|| {
-            if let Ok(chosen) = std::env::var("RENKEI_BENCH_PYTHON") {
-                return Some(chosen);
-            }
-            if has_duckdb("python3") {
-                return Some("python3".into());
-            }
-            let venv = bench_venv()?;
-            let interpreter = venv.join("bin").join("python").display().to_string();
-            if has_duckdb(&interpreter) {
-                return Some(interpreter);
-            }
-            eprintln!(
-                "installing DuckDB's Python package into {} for the comparison",
-                venv.display()
-            );
-            let installed = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .status()
-                .is_ok_and(|s| s.success())
-                && Command::new(venv.join("bin").join("pip"))
-                    .args(["install", "--quiet", "duckdb"])
-                    .status()
-                    .is_ok_and(|s| s.success());
-            if installed && has_duckdb(&interpreter) {
-                Some(interpreter)
-            } else {
+            let found = python_importing(&["duckdb"]);
+            if found.is_none() {
                 eprintln!("DuckDB is not available: its figures are reported as null");
-                None
             }
+            found
         })
         .as_deref()
 }
 
-/// A Python that can import DuckDB and `module` (for the survival bench, lifelines): as
-/// [`python`], installing both into the bench's environment when needed.
-fn python_with(module: &str) -> Option<String> {
+/// A Python that can import every one of `modules`, found as [`python`] finds one: the
+/// bench's environment gets what is missing with pip.
+fn python_importing(modules: &[&str]) -> Option<String> {
+    if let Ok(chosen) = std::env::var("RENKEI_BENCH_PYTHON") {
+        return Some(chosen);
+    }
     let imports = |python: &str| {
         Command::new(python)
-            .args(["-c", &format!("import duckdb, {module}")])
+            .args(["-c", &format!("import {}", modules.join(", "))])
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
-    if let Ok(chosen) = std::env::var("RENKEI_BENCH_PYTHON") {
-        return Some(chosen);
-    }
     if imports("python3") {
         return Some("python3".into());
     }
     let venv = bench_venv()?;
     let interpreter = venv.join("bin").join("python").display().to_string();
-    if !imports(&interpreter) {
-        eprintln!("installing duckdb and {module} into {}", venv.display());
-        let _ = Command::new("python3")
+    if imports(&interpreter) {
+        return Some(interpreter);
+    }
+    eprintln!(
+        "installing {} into {} for the comparison",
+        modules.join(" and "),
+        venv.display()
+    );
+    let installed = (venv.join("bin").join("pip").exists()
+        || Command::new("python3")
             .args(["-m", "venv"])
             .arg(&venv)
-            .status();
-        let _ = Command::new(venv.join("bin").join("pip"))
-            .args(["install", "--quiet", "duckdb", module])
-            .status();
-    }
-    imports(&interpreter).then_some(interpreter)
-}
-
-fn has_duckdb(python: &str) -> bool {
-    Command::new(python)
-        .args(["-c", "import duckdb"])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+            .status()
+            .is_ok_and(|s| s.success()))
+        && Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet"])
+            .args(modules)
+            .status()
+            .is_ok_and(|s| s.success());
+    (installed && imports(&interpreter)).then_some(interpreter)
 }
 
 /// Where the benchmark's own Python environment lives.
@@ -836,7 +812,7 @@ pub async fn survival(
     rho: MicroRho,
 ) -> anyhow::Result<SurvivalBench> {
     anyhow::ensure!(nodes >= 2, "a secure total needs at least two nodes");
-    let python = python_with("lifelines").context(
+    let python = python_importing(&["duckdb", "lifelines"]).context(
         "the survival bench needs Python with duckdb and lifelines (set RENKEI_BENCH_PYTHON)",
     )?;
     let config = crate::TestnetConfig {

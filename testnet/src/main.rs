@@ -269,9 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     dir,
                 } => {
                     let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
-                    let rho: renkei_protocol::MicroRho = rho
-                        .parse()
-                        .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?;
+                    let rho = rho_arg(&rho)?;
                     let report = renkei_testnet::bench::secure(
                         &dir, nodes, patients, queries, rho, dropouts,
                     )
@@ -286,9 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     dir,
                 } => {
                     let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
-                    let rho: renkei_protocol::MicroRho = rho
-                        .parse()
-                        .map_err(|e| anyhow::anyhow!("--rho {rho}: {e}"))?;
+                    let rho = rho_arg(&rho)?;
                     let report =
                         renkei_testnet::bench::survival(&dir, nodes, patients, repetitions, rho)
                             .await?;
@@ -377,4 +373,10 @@ fn print_curves(
             test.statistic, test.p_value
         );
     }
+}
+
+/// A `--rho` argument as micro-rho.
+fn rho_arg(text: &str) -> anyhow::Result<renkei_protocol::MicroRho> {
+    text.parse()
+        .map_err(|e| anyhow::anyhow!("--rho {text}: {e}"))
 }

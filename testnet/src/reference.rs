@@ -12,9 +12,7 @@ use renkei_engine::schema::{ColumnDef, ColumnType};
 use serde_json::{Value, json};
 
 use crate::network::Testnet;
-
-/// The timepoint tables a testnet hospital exports, as `synth::write_hospital` names them.
-const TIMEPOINT_FILES: &[&str] = &["course", "labs", "antibodies", "cytokines"];
+use crate::synth::TIMEPOINT_TABLES;
 
 /// The reference script's path in this repository.
 pub fn script() -> PathBuf {
@@ -35,9 +33,9 @@ pub fn spec(testnet: &Testnet, queries: &[&str], curves: &[CurveSql<'_>]) -> any
     let exports: Vec<Value> = (0..testnet.nodes.len())
         .map(|i| {
             let dir = testnet.dir.join(format!("node-{i}")).join("export");
-            let tables: Vec<String> = TIMEPOINT_FILES
+            let tables: Vec<String> = TIMEPOINT_TABLES
                 .iter()
-                .map(|t| dir.join(format!("{t}.csv")).display().to_string())
+                .map(|(t, _)| dir.join(format!("{t}.csv")).display().to_string())
                 .collect();
             json!({"patients": dir.join("patients.csv").display().to_string(), "timepoints": tables})
         })

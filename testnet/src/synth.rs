@@ -408,7 +408,8 @@ const PATIENT_COLUMNS: &[&str] = &[
     "followup_day",
 ];
 
-const TIMEPOINT_TABLES: &[(&str, &[&str])] = &[
+/// The timepoint tables a hospital exports (file stem, columns), one CSV each.
+pub(crate) const TIMEPOINT_TABLES: &[(&str, &[&str])] = &[
     (
         "course",
         &[

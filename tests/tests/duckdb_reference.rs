@@ -198,7 +198,7 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
                 for row in rows {
                     let row = row.as_array().unwrap();
                     let (keys, count) = row.split_at(row.len() - 1);
-                    let label: Vec<String> = keys.iter().map(text_of).collect();
+                    let label: Vec<String> = keys.iter().map(reference::label).collect();
                     let cell = labels
                         .iter()
                         .position(|l| *l == label)
@@ -250,7 +250,7 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(text_of)
+                .map(reference::label)
                 .collect();
             let curve = survival
                 .strata
@@ -298,10 +298,6 @@ fn number(value: &Value) -> f64 {
         Value::Null => 0.0,
         other => panic!("not a number: {other}"),
     }
-}
-
-fn text_of(value: &Value) -> String {
-    reference::label(value)
 }
 
 /// The Python to run the reference with, if it has DuckDB.

@@ -9,10 +9,10 @@
 //! (the histogram cannot tell where in a bin the quantile lies). It reflects the privacy
 //! noise and the binning, not sampling.
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use renkei_protocol::{Aggregate, MaskedShape, Query, Release};
 
-use super::shared::{pooled_values, unscale};
+use super::shared::{pooled_values, standard_normal, unscale};
 use super::sum::bind_measure;
 use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, Measure, SchemaError};
@@ -218,20 +218,13 @@ impl Accumulator for Histogram {
     }
 }
 
-/// A standard normal draw (Box–Muller), for the quantile's interval only.
-fn standard_normal(rng: &mut impl Rng) -> f64 {
-    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
-    let u2: f64 = rng.gen_range(0.0..1.0);
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
 #[cfg(test)]
 mod tests {
     use renkei_protocol::{Aggregate, Filter, Query, Release};
 
-    use super::standard_normal;
     use crate::statistic::fixture::{self, pooled, release, sites};
     use crate::statistic::for_query;
+    use crate::statistic::shared::standard_normal;
     use crate::truth::TrueValue;
 
     fn median_age() -> Query {

@@ -103,6 +103,14 @@ pub(crate) fn pooled_values(cohort: &PooledCohort) -> Vec<f64> {
         .collect()
 }
 
+/// A standard normal draw (Box–Muller), for redrawing noise around a release: intervals by
+/// parametric bootstrap are post-processing and need no secure randomness.
+pub(crate) fn standard_normal(rng: &mut impl rand::Rng) -> f64 {
+    let u1: f64 = rng.gen_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.gen_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

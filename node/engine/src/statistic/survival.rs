@@ -30,10 +30,11 @@
 
 use std::collections::BTreeMap;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use renkei_protocol::{Aggregate, MaskedShape, Query, Release};
 use serde::Serialize;
 
+use super::shared::standard_normal;
 use super::traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
 use crate::bind::{Binder, Grouping, Node, SchemaError};
 use crate::cohort::Cohort;
@@ -689,7 +690,9 @@ fn estimate(
             .iter()
             .map(|(e, c)| {
                 let mut jitter = |v: &Vec<f64>| -> Vec<f64> {
-                    v.iter().map(|x| x + node_sd * normal(&mut rng)).collect()
+                    v.iter()
+                        .map(|x| x + node_sd * standard_normal(&mut rng))
+                        .collect()
                 };
                 (jitter(e), jitter(c))
             })
@@ -758,13 +761,6 @@ fn estimate(
     Estimate { curves, log_rank }
 }
 
-/// A standard normal draw (Box–Muller).
-fn normal(rng: &mut impl Rng) -> f64 {
-    let u: f64 = rng.r#gen::<f64>().max(f64::MIN_POSITIVE);
-    let v: f64 = rng.r#gen();
-    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-}
-
 /// The complementary error function (W. J. Cody's rational Chebyshev form as in Numerical
 /// Recipes' `erfcc`, relative error below 1.2e-7): the chi-square(1) tail is
 /// `erfc(sqrt(x / 2))`.
@@ -785,6 +781,8 @@ fn erfc(x: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use rand::Rng;
+
     use super::*;
 
     #[test]
@@ -832,13 +830,16 @@ mod tests {
         for _ in 0..200 {
             let noisy: Vec<f64> = tree
                 .iter()
-                .map(|v| *v as f64 + sd * normal(&mut rng))
+                .map(|v| *v as f64 + sd * standard_normal(&mut rng))
                 .collect();
             let back = shape.consistent_leaves(&noisy);
             let truth: f64 = leaves.iter().sum::<i64>() as f64;
             tree_error += (back[..days].iter().sum::<f64>() - truth).powi(2);
             // One noisy count per day, at sensitivity 1 (sd 1 at the same rho).
-            let flat: f64 = leaves.iter().map(|v| *v as f64 + normal(&mut rng)).sum();
+            let flat: f64 = leaves
+                .iter()
+                .map(|v| *v as f64 + standard_normal(&mut rng))
+                .sum();
             flat_error += (flat - truth).powi(2);
         }
         assert!(
@@ -916,7 +917,7 @@ mod tests {
                 shape
                     .build(leaves)
                     .into_iter()
-                    .map(|v| v as f64 + sd * normal(&mut rng))
+                    .map(|v| v as f64 + sd * standard_normal(&mut rng))
                     .collect()
             };
             let trees = vec![(noisy(&events), noisy(&censored))];
