@@ -183,6 +183,8 @@ mod tests {
             ci95: None,
             groups: Vec::new(),
             survival: None,
+            regression: None,
+            fit: None,
             note: None,
             aborted: false,
             recovered_without: Vec::new(),

@@ -22,9 +22,11 @@ use futures::stream::FuturesUnordered;
 use libp2p::PeerId;
 use renkei_policies::VerifiedPolicy;
 use renkei_protocol::limits::MAX_RESPONSE_BYTES;
+use renkei_protocol::query::fit_step_budgets;
 use renkei_protocol::transport::EncodedRequest;
 use renkei_protocol::{
-    Answer, PublicKey, Purpose, QueryResponse, Release, SecretKey, SignedEnvelope,
+    Aggregate, Answer, FitStep, MicroRho, PrivacyRequest, PublicKey, Purpose, QueryResponse,
+    Release, RequestId, SecretKey, SignedEnvelope,
 };
 
 use crate::client::{NetworkClient, ask_until};
@@ -35,8 +37,8 @@ use crate::unmask::unmask_round;
 pub use crate::client::NodeAddress;
 pub use crate::request::{PreparedQuery, QueryOptions};
 pub use crate::results::{
-    AnswerMode, FederatedAnswer, MissingNode, NodeAnswer, NodeQuote, Progress, RefusedNode, Z_95,
-    node_answer,
+    AnswerMode, FederatedAnswer, FitSteps, MissingNode, NodeAnswer, NodeQuote, Progress,
+    RefusedNode, Z_95, node_answer,
 };
 
 enum Outcome {
@@ -79,8 +81,146 @@ pub async fn fan_out(
     .await
 }
 
-/// As [`fan_out`], telling `progress` as each node finishes.
+/// As [`fan_out`], telling `progress` as each node finishes. A logistic fit's first step
+/// is followed by its later steps ([`fit`]).
 pub async fn fan_out_with_progress(
+    client: &NetworkClient,
+    policy: &VerifiedPolicy,
+    nodes: &[NodeAddress],
+    prepared: &PreparedQuery,
+    researcher: &SecretKey,
+    deadline: Duration,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<FederatedAnswer, AggregatorError> {
+    let first = ask_once(
+        client, policy, nodes, prepared, researcher, deadline, progress,
+    )
+    .await?;
+    match &prepared.request.query.aggregate {
+        // Only a fit's first step opens it; a later step asked alone is answered alone.
+        Aggregate::LogisticRegression { step, .. }
+            if !prepared.request.dry_run && step.fit.is_none() =>
+        {
+            fit(
+                client, policy, nodes, prepared, researcher, deadline, progress, first,
+            )
+            .await
+        }
+        Aggregate::CountPatients
+        | Aggregate::CountRows
+        | Aggregate::Sum { .. }
+        | Aggregate::Mean { .. }
+        | Aggregate::Quantile { .. }
+        | Aggregate::KaplanMeier { .. }
+        | Aggregate::LinearRegression { .. }
+        | Aggregate::LogisticRegression { .. } => Ok(first),
+    }
+}
+
+/// A logistic fit by Newton's method over the network, after its first step (`first`,
+/// answered for `opening`): each later step is a request signed anew by `researcher`,
+/// naming the fit it belongs to and the coefficients the last step's combination gave, and
+/// asked of the same nodes; nodes charge nothing more for it. Every node that answered the
+/// first step must answer every step (the fit is over one set of patients); otherwise the
+/// fit stops with a note, and what was charged stays charged. The answer is the last
+/// step's, with the steps' requests and the budget's split.
+#[allow(clippy::too_many_arguments)]
+async fn fit(
+    client: &NetworkClient,
+    policy: &VerifiedPolicy,
+    nodes: &[NodeAddress],
+    opening: &PreparedQuery,
+    researcher: &SecretKey,
+    deadline: Duration,
+    progress: &(dyn Fn(Progress) + Sync),
+    first: FederatedAnswer,
+) -> Result<FederatedAnswer, AggregatorError> {
+    let Aggregate::LogisticRegression { iterations, .. } = &opening.request.query.aggregate else {
+        return Ok(first);
+    };
+    let iterations = *iterations;
+    let rho = match opening.request.privacy {
+        PrivacyRequest::Zcdp { rho } => rho,
+        PrivacyRequest::PureDp { .. } => MicroRho(0),
+    };
+    let steps = FitSteps {
+        requests: vec![opening.request.request_id.to_string()],
+        rho_per_step: fit_step_budgets(rho.0, iterations)
+            .into_iter()
+            .map(|budget| MicroRho(budget).as_rho())
+            .collect(),
+        rho_charged: first
+            .answered
+            .iter()
+            .map(|a| (a.institution.clone(), a.rho.as_rho()))
+            .collect(),
+    };
+    let contributors = |answer: &FederatedAnswer| -> Vec<String> {
+        let mut names: Vec<String> = answer.answered.iter().map(|a| a.node.clone()).collect();
+        names.sort();
+        names
+    };
+    let asked = contributors(&first);
+    let mut current = first;
+    current.fit = Some(steps);
+    for iteration in 1..iterations {
+        let Some(coefficients) = current
+            .regression
+            .as_ref()
+            .and_then(|r| r.next_step.clone())
+        else {
+            // No estimate (a refusal, a failed node, a matrix that is not positive
+            // definite): the fit stops here, its note saying why.
+            return Ok(current);
+        };
+        if current.aborted || current.is_partial() {
+            return Ok(stopped(current, iteration, "not every node answered it"));
+        }
+        let mut request = opening.request.clone();
+        request.request_id = RequestId::random()?;
+        request.nonce = RequestId::random()?.0;
+        request.issued_at = renkei_protocol::unix_now();
+        if let Aggregate::LogisticRegression { step, .. } = &mut request.query.aggregate {
+            *step = FitStep {
+                fit: Some(opening.request.request_id),
+                iteration,
+                coefficients,
+            };
+        }
+        let prepared = PreparedQuery::from_request(researcher, request)?;
+        let next = ask_once(
+            client, policy, nodes, &prepared, researcher, deadline, progress,
+        )
+        .await?;
+        let fit_steps = current.fit.take().map(|mut steps| {
+            steps.requests.push(prepared.request.request_id.to_string());
+            steps
+        });
+        current = next;
+        current.fit = fit_steps;
+        if contributors(&current) != asked && current.regression.is_some() {
+            current.regression = None;
+            return Ok(stopped(
+                current,
+                iteration + 1,
+                "other nodes answered it than the fit's first step",
+            ));
+        }
+    }
+    Ok(current)
+}
+
+/// A fit that stopped before its last step: no estimate, and a note saying where and why.
+fn stopped(mut answer: FederatedAnswer, step: u8, why: &str) -> FederatedAnswer {
+    answer.regression = None;
+    answer.note = Some(format!(
+        "the fit stopped at step {step}: {why}; nothing is estimated, and what the nodes charged for the fit stays charged"
+    ));
+    answer
+}
+
+/// One signed request asked of every node, its answers checked and combined.
+async fn ask_once(
     client: &NetworkClient,
     policy: &VerifiedPolicy,
     nodes: &[NodeAddress],
@@ -198,6 +338,8 @@ pub async fn fan_out_with_progress(
         ci95: None,
         groups: Vec::new(),
         survival: None,
+        regression: None,
+        fit: None,
         note: None,
         aborted: false,
         recovered_without: Vec::new(),
@@ -293,6 +435,7 @@ pub async fn fan_out_with_progress(
         result.ci95 = combined.ci95;
         result.groups = combined.groups;
         result.survival = combined.survival;
+        result.regression = combined.regression;
         result.note = combined.note;
     }
     Ok(result)

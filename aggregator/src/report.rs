@@ -4,7 +4,7 @@
 
 use std::io::{self, Write};
 
-use crate::results::{AnswerMode, FederatedAnswer, Survival};
+use crate::results::{AnswerMode, FederatedAnswer, FitSteps, Model, Regression, Survival};
 
 /// The answer as a table for people.
 pub fn table(answer: &FederatedAnswer, out: &mut dyn Write) -> io::Result<()> {
@@ -65,6 +65,11 @@ pub fn table(answer: &FederatedAnswer, out: &mut dyn Write) -> io::Result<()> {
         _ if answer.survival.is_some() => {
             if let Some(survival) = &answer.survival {
                 survival_table(survival, &partial, out)?;
+            }
+        }
+        _ if answer.regression.is_some() => {
+            if let Some(fit) = &answer.regression {
+                regression_table(fit, answer.fit.as_ref(), &partial, out)?;
             }
         }
         _ if !answer.groups.is_empty() => {
@@ -141,6 +146,82 @@ pub fn table(answer: &FederatedAnswer, out: &mut dyn Write) -> io::Result<()> {
         for m in &answer.missing {
             writeln!(out, "  {} {}  {}", m.node, m.address, m.reason)?;
         }
+    }
+    Ok(())
+}
+
+/// A fit as a table: one row per coefficient (estimate, standard error with the noise's
+/// share, 95% interval, p-value; odds ratios for a logistic fit), then the patients, the
+/// steps and the budget's split over them.
+fn regression_table(
+    fit: &Regression,
+    steps: Option<&FitSteps>,
+    partial: &str,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let logistic = fit.model == Model::Logistic;
+    writeln!(
+        out,
+        "fit       {} regression over about {:.0} patients{partial}",
+        match fit.model {
+            Model::Linear => "linear",
+            Model::Logistic => "logistic",
+        },
+        fit.patients
+    )?;
+    writeln!(
+        out,
+        "  {:<28} {:>11} {:>10} {:>10}  {:<25} {:>8}{}",
+        "term",
+        "estimate",
+        "std err",
+        "(noise)",
+        "95% CI",
+        "p",
+        if logistic {
+            "   odds ratio [95% CI]"
+        } else {
+            ""
+        }
+    )?;
+    for c in &fit.coefficients {
+        let interval = format!("[{:.4}, {:.4}]", c.ci95[0], c.ci95[1]);
+        let odds = match (c.odds_ratio, c.odds_ratio_ci95) {
+            (Some(or), Some([low, high])) => format!("   {or:.3} [{low:.3}, {high:.3}]"),
+            _ => String::new(),
+        };
+        writeln!(
+            out,
+            "  {:<28} {:>11.5} {:>10.5} {:>10.5}  {:<25} {:>8.4}{odds}",
+            c.term, c.estimate, c.std_error, c.noise_std_error, interval, c.p_value
+        )?;
+    }
+    if let Some(residual) = fit.residual_std {
+        writeln!(out, "  residual sd {residual:.4}")?;
+    }
+    writeln!(
+        out,
+        "  {} of {} step(s){}; noise sd per released number {:.3} (scaled design)",
+        fit.steps,
+        fit.iterations,
+        if fit.converged {
+            ", converged"
+        } else {
+            ", NOT converged (the last step moved further than its noise explains)"
+        },
+        fit.noise_std
+    )?;
+    if let Some(steps) = steps {
+        writeln!(
+            out,
+            "  budget per step: {}",
+            steps
+                .rho_per_step
+                .iter()
+                .map(|rho| format!("{rho:.4}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
     }
     Ok(())
 }
@@ -225,15 +306,24 @@ fn survival_table(survival: &Survival, partial: &str, out: &mut dyn Write) -> io
 /// node that answered, refused or was missing.
 pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Error> {
     let mut out = csv::Writer::from_writer(out);
-    // `day` and `at_risk` are columns only when there is a survival curve, so every other
-    // answer's table keeps its columns.
-    let width = if answer.aggregate == "kaplan_meier" {
-        14
-    } else {
-        12
+    // `day` and `at_risk` are columns only when there is a survival curve, and a fit's
+    // columns only for a regression, so every other answer's table keeps its columns.
+    let extra = match answer.aggregate.as_str() {
+        "kaplan_meier" => Extra::Survival,
+        "linear_regression" | "logistic_regression" => Extra::Regression,
+        _ => Extra::None,
     };
-    out.write_record(
-        &[
+    let mut write = |fields: [&str; 14], fit: [&str; 5]| -> Result<(), csv::Error> {
+        let mut row: Vec<&str> = fields[..12].to_vec();
+        match extra {
+            Extra::Survival => row.extend_from_slice(&fields[12..]),
+            Extra::Regression => row.extend_from_slice(&fit),
+            Extra::None => {}
+        }
+        out.write_record(&row)
+    };
+    write(
+        [
             "row",
             "group",
             "node",
@@ -248,15 +338,22 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
             "budget_remaining",
             "day",
             "at_risk",
-        ][..width],
+        ],
+        [
+            "noise_std_error",
+            "p_value",
+            "odds_ratio",
+            "odds_ratio_ci95_low",
+            "odds_ratio_ci95_high",
+        ],
     )?;
     let mode = answer.mode.to_string();
     let number = |x: Option<f64>| x.map(|x| x.to_string()).unwrap_or_default();
     if let Some(survival) = &answer.survival {
         for curve in &survival.strata {
             for day in 0..curve.day.len() {
-                out.write_record(
-                    &[
+                write(
+                    [
                         "survival",
                         &curve.group.join("/"),
                         "",
@@ -273,17 +370,18 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
                         &curve.at_risk[day]
                             .map(|n| n.to_string())
                             .unwrap_or_default(),
-                    ][..width],
+                    ],
+                    NO_FIT,
                 )?;
             }
         }
     }
-    if (answer.survival.is_none() || answer.note.is_some())
+    if (answer.survival.is_none() && answer.regression.is_none() || answer.note.is_some())
         && answer.groups.is_empty()
         && !answer.dry_run
     {
-        out.write_record(
-            &[
+        write(
+            [
                 "estimate",
                 "",
                 "",
@@ -298,12 +396,13 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
                 "",
                 "",
                 "",
-            ][..width],
+            ],
+            NO_FIT,
         )?;
     }
     for group in &answer.groups {
-        out.write_record(
-            &[
+        write(
+            [
                 "estimate",
                 &group.group.join("/"),
                 "",
@@ -318,12 +417,13 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
                 "",
                 "",
                 "",
-            ][..width],
+            ],
+            NO_FIT,
         )?;
     }
     for a in &answer.answered {
-        out.write_record(
-            &[
+        write(
+            [
                 "answered",
                 "",
                 &a.node,
@@ -338,12 +438,13 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
                 &a.budget_remaining.to_string(),
                 "",
                 "",
-            ][..width],
+            ],
+            NO_FIT,
         )?;
     }
     for q in &answer.quotes {
-        out.write_record(
-            &[
+        write(
+            [
                 "quoted",
                 "",
                 &q.node,
@@ -358,12 +459,13 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
                 &q.budget_remaining.to_string(),
                 "",
                 "",
-            ][..width],
+            ],
+            NO_FIT,
         )?;
     }
     for r in &answer.refused {
-        out.write_record(
-            &[
+        write(
+            [
                 "refused",
                 "",
                 &r.node,
@@ -378,16 +480,63 @@ pub fn csv(answer: &FederatedAnswer, out: &mut dyn Write) -> Result<(), csv::Err
                 "",
                 "",
                 "",
-            ][..width],
+            ],
+            NO_FIT,
         )?;
     }
     for m in &answer.missing {
-        out.write_record(
-            &[
+        write(
+            [
                 "missing", "", &m.node, "", "", "", "", "", "", &m.reason, &mode, "", "", "",
-            ][..width],
+            ],
+            NO_FIT,
         )?;
+    }
+    if let Some(fit) = &answer.regression {
+        for c in &fit.coefficients {
+            let or = c.odds_ratio.map(|x| x.to_string()).unwrap_or_default();
+            let or_low = number(c.odds_ratio_ci95.map(|c| c[0]));
+            let or_high = number(c.odds_ratio_ci95.map(|c| c[1]));
+            write(
+                [
+                    "coefficient",
+                    &c.term,
+                    "",
+                    &c.estimate.to_string(),
+                    &c.ci95[0].to_string(),
+                    &c.ci95[1].to_string(),
+                    &c.std_error.to_string(),
+                    "",
+                    "",
+                    "",
+                    &mode,
+                    "",
+                    "",
+                    "",
+                ],
+                [
+                    &c.noise_std_error.to_string(),
+                    &c.p_value.to_string(),
+                    &or,
+                    &or_low,
+                    &or_high,
+                ],
+            )?;
+        }
     }
     out.flush()?;
     Ok(())
 }
+
+/// The columns a CSV answer has besides the common ones.
+#[derive(Debug, Clone, Copy)]
+enum Extra {
+    None,
+    /// `day`, `at_risk`.
+    Survival,
+    /// A coefficient's `noise_std_error`, `p_value` and odds ratio with its interval.
+    Regression,
+}
+
+/// A row's empty regression columns.
+const NO_FIT: [&str; 5] = ["", "", "", "", ""];

@@ -6,7 +6,9 @@
 use renkei_protocol::{Answer, Mechanism, MicroRho, RefusalCode, Release};
 use serde::Serialize;
 
-pub use renkei_engine::{Estimate, GroupEstimate, LogRank, Survival, SurvivalCurve, Z_95};
+pub use renkei_engine::{
+    Coefficient, Estimate, GroupEstimate, LogRank, Model, Regression, Survival, SurvivalCurve, Z_95,
+};
 
 /// One node's accepted answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -58,6 +60,17 @@ pub struct RefusedNode {
     pub reason: String,
 }
 
+/// The steps of a logistic fit as they were asked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FitSteps {
+    /// Each step's request id, in order (the first opened the fit).
+    pub requests: Vec<String>,
+    /// Each step's share of the fit's rho at every node (the last step takes half).
+    pub rho_per_step: Vec<f64>,
+    /// What each node was charged for the whole fit, at its first step.
+    pub rho_charged: Vec<(String, f64)>,
+}
+
 /// How the nodes answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -102,6 +115,13 @@ pub struct FederatedAnswer {
     /// at risk), median survival and log-rank test.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub survival: Option<Survival>,
+    /// A regression's coefficients, standard errors, intervals (odds ratios for a logistic
+    /// fit), patients, steps and convergence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regression: Option<Regression>,
+    /// A logistic fit's steps: one signed request each, the first charged for all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fit: Option<FitSteps>,
     /// Why there is no estimate although nodes answered, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -183,7 +203,8 @@ pub fn node_answer(node: String, institution: String, answer: Answer) -> NodeAns
         | Release::Histogram { .. }
         | Release::Groups { .. }
         | Release::Masked { .. }
-        | Release::Cells { .. } => (None, false, None),
+        | Release::Cells { .. }
+        | Release::Regression { .. } => (None, false, None),
     };
     NodeAnswer {
         node,

@@ -16,7 +16,8 @@ use std::fmt;
 
 use renkei_protocol::query::QueryShapeError;
 use renkei_protocol::{
-    Aggregate, CmpOp, Decimal, DerivedColumn, Filter, Literal, PerPatient, Query, Summary,
+    Aggregate, CmpOp, Covariate, Decimal, DerivedColumn, Filter, FitStep, Literal, PerPatient,
+    Query, Summary,
 };
 use sqlparser::ast::{
     self, BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
@@ -571,12 +572,14 @@ fn projection(
         | Aggregate::Sum { .. }
         | Aggregate::Mean { .. }
         | Aggregate::KaplanMeier { .. } => true,
-        Aggregate::Quantile { .. } => false,
+        Aggregate::Quantile { .. }
+        | Aggregate::LinearRegression { .. }
+        | Aggregate::LogisticRegression { .. } => false,
     };
     if !group_by.is_empty() && !groupable {
         return Err(SqlError::at(
             select,
-            "GROUP BY works with COUNT, SUM, AVG and KAPLAN_MEIER; a quantile per group is not offered yet",
+            "GROUP BY works with COUNT, SUM, AVG and KAPLAN_MEIER; a quantile or regression per group is not offered yet (put the group in the model as a covariate, or in WHERE)",
         ));
     }
     Ok(aggregate)
@@ -671,12 +674,99 @@ fn function_aggregate(
             })
         }
         "kaplan_meier" => survival(function, &list.args, view),
+        "linear_regression" => regression(function, &list.args, view, false),
+        "logistic_regression" => regression(function, &list.args, view, true),
         other => Err(SqlError::at(
             function,
             format!(
-                "`{other}` is not an aggregate renkei computes; use COUNT, SUM, AVG, MEDIAN, PERCENTILE_CONT or KAPLAN_MEIER"
+                "`{other}` is not an aggregate renkei computes; use COUNT, SUM, AVG, MEDIAN, PERCENTILE_CONT, KAPLAN_MEIER, LINEAR_REGRESSION or LOGISTIC_REGRESSION"
             ),
         )),
+    }
+}
+
+/// Newton steps of a logistic fit when `LOGISTIC_REGRESSION` names none.
+pub const DEFAULT_FIT_ITERATIONS: u8 = 10;
+
+/// `LINEAR_REGRESSION(outcome, covariate, …)` (the outcome a numeric column) and
+/// `LOGISTIC_REGRESSION(outcome, covariate, … [, iterations => n])` (the outcome a
+/// condition): each covariate a numeric or true/false column, or a condition read as 1 or
+/// 0 (`sex = 'male'`).
+fn regression(
+    function: &ast::Function,
+    args: &[FunctionArg],
+    view: &str,
+    logistic: bool,
+) -> Result<Aggregate, SqlError> {
+    let usage = if logistic {
+        "expected LOGISTIC_REGRESSION(outcome condition, covariate, … [, iterations => n]), e.g. \
+         LOGISTIC_REGRESSION(severity IN ('severe', 'critical'), age, sex = 'male', diabetes)"
+    } else {
+        "expected LINEAR_REGRESSION(outcome column, covariate, …), e.g. \
+         LINEAR_REGRESSION(crp, age, sex = 'male', diabetes)"
+    };
+    let mut exprs = Vec::with_capacity(args.len());
+    let mut iterations = None;
+    for arg in args {
+        match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) if iterations.is_none() => {
+                exprs.push(expr)
+            }
+            FunctionArg::Named {
+                name,
+                arg: FunctionArgExpr::Expr(expr),
+                ..
+            } if logistic && name.value.eq_ignore_ascii_case("iterations") => {
+                let max = renkei_protocol::query::MAX_FIT_ITERATIONS;
+                let steps = match literal(expr)? {
+                    Literal::Integer(n) => u8::try_from(n).ok().filter(|n| (1..=max).contains(n)),
+                    _ => None,
+                };
+                iterations = Some(steps.ok_or_else(|| {
+                    SqlError::at(
+                        expr,
+                        format!("iterations is a whole number of Newton steps from 1 to {max}"),
+                    )
+                })?);
+            }
+            _ => return Err(SqlError::at(function, usage)),
+        }
+    }
+    let [outcome, covariates @ ..] = exprs.as_slice() else {
+        return Err(SqlError::at(function, usage));
+    };
+    let max = renkei_protocol::query::MAX_COVARIATES;
+    if covariates.is_empty() || covariates.len() > max {
+        return Err(SqlError::at(
+            function,
+            format!("a regression takes 1 to {max} covariates after its outcome; {usage}"),
+        ));
+    }
+    let covariates = covariates
+        .iter()
+        .map(|expr| match column_name(expr, view)? {
+            Some(column) => Ok(Covariate::Column(column)),
+            None => Ok(Covariate::Indicator(filter(expr, view)?)),
+        })
+        .collect::<Result<Vec<_>, SqlError>>()?;
+    if logistic {
+        Ok(Aggregate::LogisticRegression {
+            // A bare true/false column is the condition that it is true.
+            outcome: match column_name(outcome, view)? {
+                Some(column) => Filter::eq(column, Literal::Bool(true)),
+                None => filter(outcome, view)?,
+            },
+            covariates,
+            iterations: iterations.unwrap_or(DEFAULT_FIT_ITERATIONS),
+            step: FitStep::default(),
+        })
+    } else {
+        let outcome = column_name(outcome, view)?
+            .ok_or_else(|| SqlError::at(*outcome, "a linear fit's outcome is a numeric column"))?;
+        Ok(Aggregate::LinearRegression {
+            outcome,
+            covariates,
+        })
     }
 }
 
@@ -1465,6 +1555,82 @@ mod tests {
                 "SELECT KAPLAN_MEIER(COALESCE(death_day, 3), death_day IS NOT NULL) FROM patients",
                 "COALESCE takes day columns",
                 41,
+            ),
+        ] {
+            let err = compile(bad).unwrap_err();
+            assert!(err.message.contains(says), "{bad}: {err}");
+            assert_eq!(err.column, column, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn compiles_regressions_and_prints_them_back() {
+        let q = compile(
+            "SELECT LOGISTIC_REGRESSION(severity IN ('severe', 'critical'), age, sex = 'male', \
+             diabetes, iterations => 6) FROM patients WHERE age >= 18",
+        )
+        .unwrap();
+        let Aggregate::LogisticRegression {
+            outcome,
+            covariates,
+            iterations,
+            step,
+        } = &q.aggregate
+        else {
+            panic!("{q:?}");
+        };
+        assert!(matches!(outcome, Filter::In { column, .. } if column == "severity"));
+        assert_eq!(
+            covariates,
+            &vec![
+                Covariate::Column("age".into()),
+                Covariate::Indicator(Filter::eq("sex", Literal::Text("male".into()))),
+                Covariate::Column("diabetes".into()),
+            ]
+        );
+        assert_eq!((*iterations, step), (6, &FitStep::default()));
+        assert_eq!(q.aggregation_name(), "logistic_regression");
+        assert_eq!(compile(&q.to_string()).unwrap(), q, "{q}");
+        // A bare flag is its being true; the steps default.
+        let q = compile("SELECT LOGISTIC_REGRESSION(diabetes, age) FROM patients").unwrap();
+        assert!(matches!(
+            q.aggregate,
+            Aggregate::LogisticRegression { ref outcome, iterations: DEFAULT_FIT_ITERATIONS, .. }
+                if *outcome == Filter::eq("diabetes", Literal::Bool(true))
+        ));
+        let q =
+            compile("SELECT LINEAR_REGRESSION(crp, age, dexamethasone) FROM timepoints").unwrap();
+        assert_eq!(q.aggregation_name(), "linear_regression");
+        assert_eq!(compile(&q.to_string()).unwrap(), q, "{q}");
+    }
+
+    #[test]
+    fn a_regression_that_does_not_fit_is_refused_where_it_goes_wrong() {
+        for (bad, says, column) in [
+            (
+                "SELECT LINEAR_REGRESSION(crp) FROM timepoints",
+                "1 to 16 covariates",
+                8,
+            ),
+            (
+                "SELECT LINEAR_REGRESSION(crp > 3, age) FROM timepoints",
+                "a linear fit's outcome is a numeric column",
+                26,
+            ),
+            (
+                "SELECT LOGISTIC_REGRESSION(diabetes, age, iterations => 0) FROM patients",
+                "from 1 to 25",
+                57,
+            ),
+            (
+                "SELECT LINEAR_REGRESSION(crp, age, iterations => 3) FROM timepoints",
+                "expected LINEAR_REGRESSION",
+                8,
+            ),
+            (
+                "SELECT sex, LOGISTIC_REGRESSION(diabetes, age) FROM patients GROUP BY sex",
+                "regression per group is not offered",
+                1,
             ),
         ] {
             let err = compile(bad).unwrap_err();

@@ -53,7 +53,7 @@ use crate::audit::{AuditEvent, AuditLog, NoiseCount, hex_hash};
 use crate::error::NodeError;
 use crate::governance::PolicyKeeper;
 use crate::privacy::dp::Calibration;
-use crate::privacy::ledger::{ChargeRequest, PrivacyLedger, scoped_key};
+use crate::privacy::ledger::{ChargeRequest, FitLink, PrivacyLedger, scoped_key};
 use crate::privacy::secure;
 
 /// Audit events also go to their own tracing target.
@@ -139,6 +139,8 @@ struct Checked {
     grant: Grant,
     /// For a secure round: every participating node's key, sorted.
     participants: Option<Vec<PublicKey>>,
+    /// How the request belongs to a logistic fit.
+    fit: FitLink,
 }
 
 impl QueryDesk {
@@ -425,6 +427,7 @@ fn charge_request<'a>(
     digest: &'a [u8; 32],
     cost: MicroRho,
     grant: &Grant,
+    fit: FitLink,
 ) -> ChargeRequest<'a> {
     ChargeRequest {
         researcher,
@@ -437,5 +440,6 @@ fn charge_request<'a>(
         budget: grant.budget_per_researcher,
         study_budget: grant.study_budget,
         dataset_budget: grant.dataset_budget,
+        fit,
     }
 }

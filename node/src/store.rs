@@ -5,7 +5,8 @@
 //! see [`tables`]; information items in [`records`]), `ledger` (researcher and study → rho spent), `nonces` (seen
 //! request nonces, for replay refusal), `requests` (each request's charge and signed answer,
 //! for idempotent resends), `rounds` (the survivors each recoverable secure round was
-//! unmasked for), `audit` (the signed, hash-chained audit log) and `meta` (the
+//! unmasked for), `fits` (each logistic fit accepted and the request that answered each
+//! of its steps), `audit` (the signed, hash-chained audit log) and `meta` (the
 //! pseudonymisation secret, the active policy and its pinned anchor, the audit head). Callers
 //! go through the modules that own each tree ([`crate::ingest`] and [`crate::image`] for the
 //! tables, [`crate::privacy::ledger`], [`crate::audit`], [`crate::governance`]), never to

@@ -25,6 +25,8 @@ pub const AGGREGATIONS: &[&str] = &[
     "quantile",
     "histogram",
     "kaplan_meier",
+    "linear_regression",
+    "logistic_regression",
 ];
 
 /// One version of the consortium's rules.

@@ -26,10 +26,11 @@ pub use keys::{KeyError, PublicKey, SecretKey};
 pub use messages::{
     AdminSignature, Answer, MaskedShape, Mechanism, MicroEpsilon, MicroRho, PolicyRequest,
     PolicyResponse, PolicyTransfer, PrivacyRequest, QueryRequest, QueryResponse, Quote, Refusal,
-    RefusalCode, Release, RequestId, UnmaskRequest, Unmasking,
+    RefusalCode, Release, RequestId, TermScale, UnmaskRequest, Unmasking,
 };
 pub use query::{
-    Aggregate, CmpOp, Decimal, DerivedColumn, Filter, Literal, PerPatient, Query, Summary,
+    Aggregate, CmpOp, Covariate, Decimal, DerivedColumn, Filter, FitStep, Literal, PerPatient,
+    Query, Summary,
 };
 pub use transport::{EncodedRequest, PolicyCodec, QueryCodec};
 

@@ -6,7 +6,7 @@
 /// The query protocol: `/{prefix}/{protocol}/{version}/{encoding}`. Version 2 added secure
 /// rounds, policy versions and dry runs to requests and quotes to responses; version 3 added
 /// secure rounds that survive dropouts (`dropouts` in requests, the unmasking step).
-pub const QUERY_PROTOCOL: &str = "/renkei/query/4/bincode";
+pub const QUERY_PROTOCOL: &str = "/renkei/query/5/bincode";
 
 /// The policy protocol: offering and fetching signed bundles.
 pub const POLICY_PROTOCOL: &str = "/renkei/policy/1/bincode";

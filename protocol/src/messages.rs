@@ -260,6 +260,39 @@ pub enum MaskedShape {
         labels: Vec<Vec<String>>,
         parts: u32,
     },
+    /// `values` numbers of a regression over terms scaled by `terms`.
+    Regression {
+        terms: Vec<TermScale>,
+        values: u32,
+    },
+}
+
+/// How a regression's term was scaled onto `[-1, 1]` before its products were summed: its
+/// declared bounds in stored units (`value / 10^scale`), read as `(2·x − low − high) /
+/// (high − low)`. A flag or condition is `0..1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TermScale {
+    pub low: i64,
+    pub high: i64,
+    pub scale: u8,
+}
+
+impl TermScale {
+    /// A flag or condition: 0 or 1.
+    pub const FLAG: TermScale = TermScale {
+        low: 0,
+        high: 1,
+        scale: 0,
+    };
+
+    /// The bounds' centre and half-width, in the term's units.
+    pub fn center_and_half(&self) -> (f64, f64) {
+        let unit = 10f64.powi(i32::from(self.scale));
+        (
+            (self.low as f64 + self.high as f64) / 2.0 / unit,
+            (self.high as f64 - self.low as f64) / 2.0 / unit,
+        )
+    }
 }
 
 /// The noisy numbers of an answer.
@@ -296,6 +329,13 @@ pub enum Release {
         labels: Vec<Vec<String>>,
         parts: Vec<Vec<i64>>,
         suppressed: Vec<bool>,
+    },
+    /// A regression's noisy sums over its patients, in fixed point (2^20 per unit), each
+    /// term scaled by `terms` (the outcome's last for a linear fit): a linear fit's
+    /// cross-products of the design, or a logistic step's score, information and count.
+    Regression {
+        terms: Vec<TermScale>,
+        values: Vec<i64>,
     },
 }
 
@@ -403,6 +443,10 @@ pub enum RefusalCode {
     /// An unmasking that contradicts one this node already gave for the same round (another
     /// set of survivors), or for a round this node has no contribution to.
     RoundConflict,
+    /// A logistic fit's step that is not part of a fit this node accepted from this
+    /// researcher (unknown fit, another question, a step past its last or one already
+    /// answered for another request).
+    FitStepRefused,
 }
 
 impl RefusalCode {
@@ -427,6 +471,7 @@ impl RefusalCode {
             RefusalCode::SecureAggregationRequired => "secure_aggregation_required",
             RefusalCode::PolicyVersionMismatch => "policy_version_mismatch",
             RefusalCode::RoundConflict => "round_conflict",
+            RefusalCode::FitStepRefused => "fit_step_refused",
             RefusalCode::Replayed => "replayed",
             RefusalCode::BudgetExhausted => "budget_exhausted",
             RefusalCode::DatasetBudgetExhausted => "dataset_budget_exhausted",

@@ -52,6 +52,117 @@ pub enum Aggregate {
         event: Filter,
         horizon_days: u16,
     },
+    /// An ordinary least-squares fit of `outcome` (a numeric column) on the covariates, with
+    /// an intercept, over patient-level rows: released once as the noisy cross-products of
+    /// the design (each column clamped and scaled by its declared bounds).
+    LinearRegression {
+        outcome: String,
+        covariates: Vec<Covariate>,
+    },
+    /// A logistic fit of `outcome` (a condition: 1 where it holds) on the covariates, with an
+    /// intercept, by Newton's method over the network: `iterations` steps, each released as
+    /// the noisy score and information at the step's coefficients. Charged in full at the
+    /// first step; the others are bound to it by [`FitStep::fit`].
+    LogisticRegression {
+        outcome: Filter,
+        covariates: Vec<Covariate>,
+        iterations: u8,
+        step: FitStep,
+    },
+}
+
+/// One covariate of a regression.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Covariate {
+    /// A numeric or boolean column, clamped to its declared bounds.
+    Column(String),
+    /// A condition, 1 where it holds and 0 where it does not (`sex = 'male'`).
+    Indicator(Filter),
+}
+
+impl Covariate {
+    /// The columns it reads.
+    pub fn columns(&self) -> BTreeSet<&str> {
+        match self {
+            Covariate::Column(column) => BTreeSet::from([column.as_str()]),
+            Covariate::Indicator(filter) => filter.columns(),
+        }
+    }
+}
+
+impl fmt::Display for Covariate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Covariate::Column(column) => f.write_str(column),
+            Covariate::Indicator(filter) => filter.write(f, false),
+        }
+    }
+}
+
+/// Where a Newton fit stands: which step this request is and the coefficients the nodes
+/// evaluate the score and information at.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FitStep {
+    /// The request that opened the fit (and was charged for all of it); `None` for that
+    /// first step itself.
+    pub fit: Option<crate::messages::RequestId>,
+    /// 0 for the first step.
+    pub iteration: u8,
+    /// The coefficients, intercept first, in millionths, on the scale the nodes fit on
+    /// (each covariate scaled by its declared bounds); empty at the first step (all 0).
+    pub coefficients: Vec<i64>,
+}
+
+/// Millionths per unit of a [`FitStep`]'s coefficients.
+pub const COEFFICIENT_SCALE: f64 = 1e6;
+/// Most covariates a regression may name.
+pub const MAX_COVARIATES: usize = 16;
+/// Most Newton steps a logistic fit may declare.
+pub const MAX_FIT_ITERATIONS: u8 = 25;
+
+/// Each step's budget of a fit's `total` (in any unit, e.g. micro-rho): its share
+/// ([`fit_step_shares`]) rounded down, the last step taking what rounding left, so the
+/// steps together spend exactly `total`.
+pub fn fit_step_budgets(total: u64, iterations: u8) -> Vec<u64> {
+    let mut budgets: Vec<u64> = fit_step_shares(iterations)
+        .iter()
+        .map(|share| {
+            u64::try_from(u128::from(total) * u128::from(*share) / 1_000_000).unwrap_or(u64::MAX)
+        })
+        .collect();
+    let early: u64 = budgets.iter().rev().skip(1).sum();
+    if let Some(last) = budgets.last_mut() {
+        *last = total.saturating_sub(early);
+    }
+    budgets
+}
+
+/// Each step's share of a fit's privacy budget, in millionths of the whole, for a fit of
+/// `iterations` steps. The last step's noise is what remains in the estimate: it takes a
+/// third. The step before it sets where the last one starts, and its error enters the
+/// estimate squared: it takes a sixth. The earlier ones, whose errors the next steps
+/// correct, share the other half equally. Fewer steps share alike.
+pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
+    let steps = usize::from(iterations.max(1));
+    let weights: Vec<u64> = match steps {
+        1 => vec![1],
+        2 => vec![1, 2],
+        _ => {
+            // In 6ths of the whole, scaled by the early steps' count so all are whole.
+            let early = steps as u64 - 2;
+            let mut weights = vec![3; steps - 2];
+            weights.push(early);
+            weights.push(2 * early);
+            weights
+        }
+    };
+    let total: u64 = weights.iter().sum();
+    let mut shares: Vec<u64> = weights.iter().map(|w| 1_000_000 * w / total).collect();
+    let early: u64 = shares.iter().rev().skip(1).sum();
+    if let Some(last) = shares.last_mut() {
+        *last = 1_000_000 - early;
+    }
+    shares
 }
 
 impl Aggregate {
@@ -64,6 +175,8 @@ impl Aggregate {
             Aggregate::Quantile { per_mille: 500, .. } => "median",
             Aggregate::Quantile { .. } => "quantile",
             Aggregate::KaplanMeier { .. } => "kaplan_meier",
+            Aggregate::LinearRegression { .. } => "linear_regression",
+            Aggregate::LogisticRegression { .. } => "logistic_regression",
         }
     }
 
@@ -73,7 +186,11 @@ impl Aggregate {
             Aggregate::Sum { column }
             | Aggregate::Mean { column }
             | Aggregate::Quantile { column, .. } => Some(column),
-            Aggregate::CountPatients | Aggregate::CountRows | Aggregate::KaplanMeier { .. } => None,
+            Aggregate::CountPatients
+            | Aggregate::CountRows
+            | Aggregate::KaplanMeier { .. }
+            | Aggregate::LinearRegression { .. }
+            | Aggregate::LogisticRegression { .. } => None,
         }
     }
 
@@ -84,6 +201,23 @@ impl Aggregate {
             Aggregate::KaplanMeier { time, event, .. } => {
                 let mut columns = event.columns();
                 columns.extend(time.iter().map(String::as_str));
+                columns
+            }
+            Aggregate::LinearRegression {
+                outcome,
+                covariates,
+            } => {
+                let mut columns = BTreeSet::from([outcome.as_str()]);
+                columns.extend(covariates.iter().flat_map(Covariate::columns));
+                columns
+            }
+            Aggregate::LogisticRegression {
+                outcome,
+                covariates,
+                ..
+            } => {
+                let mut columns = outcome.columns();
+                columns.extend(covariates.iter().flat_map(Covariate::columns));
                 columns
             }
             Aggregate::Sum { column }
@@ -670,6 +804,10 @@ pub enum QueryShapeError {
         "KAPLAN_MEIER takes 1 to {MAX_SURVIVAL_TIMES} time columns and a horizon of 1 to {MAX_SURVIVAL_DAYS} days"
     )]
     BadSurvival,
+    #[error(
+        "a regression takes 1 to {MAX_COVARIATES} covariates, and a logistic fit 1 to {MAX_FIT_ITERATIONS} steps, each naming its place in the fit"
+    )]
+    BadRegression,
     #[error("the query ranges over `{view}`, but its WITH clause defines `{defined}`")]
     UnknownTable { view: String, defined: String },
     #[error("WITH defines {count} columns; at most {max} are allowed")]
@@ -731,7 +869,9 @@ impl Query {
             | Aggregate::Sum { .. }
             | Aggregate::Mean { .. }
             | Aggregate::Quantile { .. }
-            | Aggregate::KaplanMeier { .. }) => aggregate.name(),
+            | Aggregate::KaplanMeier { .. }
+            | Aggregate::LinearRegression { .. }
+            | Aggregate::LogisticRegression { .. }) => aggregate.name(),
         }
     }
 
@@ -837,8 +977,11 @@ impl Query {
             | Aggregate::Sum { .. }
             | Aggregate::Mean { .. }
             | Aggregate::KaplanMeier { .. } => true,
-            Aggregate::Quantile { .. } => false,
+            Aggregate::Quantile { .. }
+            | Aggregate::LinearRegression { .. }
+            | Aggregate::LogisticRegression { .. } => false,
         };
+        self.check_regression_shape(&too_long)?;
         if let Aggregate::KaplanMeier {
             time,
             event,
@@ -887,15 +1030,128 @@ impl Query {
         filter_values_shape(&self.filter, &too_long)
     }
 
+    /// A regression's limits: 1 to [`MAX_COVARIATES`] covariates, 1 to
+    /// [`MAX_FIT_ITERATIONS`] steps, a step's coefficients one per term, and its conditions
+    /// within the filter limits.
+    fn check_regression_shape(
+        &self,
+        too_long: &dyn Fn(&str) -> Option<QueryShapeError>,
+    ) -> Result<(), QueryShapeError> {
+        let (covariates, conditions): (&[Covariate], Vec<&Filter>) = match &self.aggregate {
+            Aggregate::LinearRegression {
+                outcome,
+                covariates,
+            } => {
+                if let Some(e) = too_long(outcome) {
+                    return Err(e);
+                }
+                (covariates, Vec::new())
+            }
+            Aggregate::LogisticRegression {
+                outcome,
+                covariates,
+                iterations,
+                step,
+            } => {
+                let terms = covariates.len() + 1;
+                if *iterations == 0
+                    || *iterations > MAX_FIT_ITERATIONS
+                    || step.iteration >= *iterations
+                    || step.fit.is_some() != (step.iteration > 0)
+                    || !(step.coefficients.is_empty() || step.coefficients.len() == terms)
+                {
+                    return Err(QueryShapeError::BadRegression);
+                }
+                (covariates, vec![outcome])
+            }
+            Aggregate::CountPatients
+            | Aggregate::CountRows
+            | Aggregate::Sum { .. }
+            | Aggregate::Mean { .. }
+            | Aggregate::Quantile { .. }
+            | Aggregate::KaplanMeier { .. } => return Ok(()),
+        };
+        if covariates.is_empty() || covariates.len() > MAX_COVARIATES {
+            return Err(QueryShapeError::BadRegression);
+        }
+        let mut conditions = conditions;
+        for covariate in covariates {
+            match covariate {
+                Covariate::Column(column) => {
+                    if let Some(e) = too_long(column) {
+                        return Err(e);
+                    }
+                }
+                Covariate::Indicator(filter) => conditions.push(filter),
+            }
+        }
+        let nodes = conditions.iter().map(|f| f.nodes()).sum::<usize>() + self.filter.nodes();
+        if nodes > 2 * MAX_PREDICATES {
+            return Err(QueryShapeError::TooManyPredicates {
+                count: nodes,
+                max: 2 * MAX_PREDICATES,
+            });
+        }
+        for filter in conditions {
+            if filter.depth() > MAX_FILTER_DEPTH {
+                return Err(QueryShapeError::TooDeep {
+                    depth: filter.depth(),
+                    max: MAX_FILTER_DEPTH,
+                });
+            }
+            filter_values_shape(filter, too_long)?;
+        }
+        Ok(())
+    }
+
+    /// The fit a logistic step belongs to, as the nodes compare it: the query with its step
+    /// cleared, so every step of one fit has the same one.
+    pub fn fit_identity(&self) -> Option<Query> {
+        let Aggregate::LogisticRegression { .. } = &self.aggregate else {
+            return None;
+        };
+        let mut identity = self.clone();
+        if let Aggregate::LogisticRegression { step, .. } = &mut identity.aggregate {
+            *step = FitStep::default();
+        }
+        Some(identity)
+    }
+
     /// The normal form: nested AND/OR flattened, terms sorted and deduplicated (in the WITH
     /// clause too, whose columns are sorted by name).
     pub fn canonical(mut self) -> Self {
         self.filter = self.filter.canonical();
-        if let Aggregate::KaplanMeier { event, .. } = &mut self.aggregate {
-            *event = std::mem::replace(event, Filter::True).canonical();
+        match &mut self.aggregate {
+            Aggregate::KaplanMeier { event, .. } => {
+                *event = std::mem::replace(event, Filter::True).canonical();
+            }
+            Aggregate::LogisticRegression {
+                outcome,
+                covariates,
+                ..
+            } => {
+                *outcome = std::mem::replace(outcome, Filter::True).canonical();
+                canonical_covariates(covariates);
+            }
+            Aggregate::LinearRegression { covariates, .. } => canonical_covariates(covariates),
+            Aggregate::CountPatients
+            | Aggregate::CountRows
+            | Aggregate::Sum { .. }
+            | Aggregate::Mean { .. }
+            | Aggregate::Quantile { .. } => {}
         }
         self.per_patient = self.per_patient.map(PerPatient::canonical);
         self
+    }
+}
+
+/// Each indicator's condition in normal form; the covariates' order is kept (it is the
+/// order of the coefficients).
+fn canonical_covariates(covariates: &mut [Covariate]) {
+    for covariate in covariates {
+        if let Covariate::Indicator(filter) = covariate {
+            *filter = std::mem::replace(filter, Filter::True).canonical();
+        }
     }
 }
 
@@ -976,6 +1232,29 @@ impl fmt::Display for Query {
                 f.write_str(", ")?;
                 event.write(f, false)?;
                 write!(f, ", {horizon_days})")?;
+            }
+            Aggregate::LinearRegression {
+                outcome,
+                covariates,
+            } => {
+                write!(f, "LINEAR_REGRESSION({outcome}")?;
+                for covariate in covariates {
+                    write!(f, ", {covariate}")?;
+                }
+                f.write_str(")")?;
+            }
+            Aggregate::LogisticRegression {
+                outcome,
+                covariates,
+                iterations,
+                ..
+            } => {
+                f.write_str("LOGISTIC_REGRESSION(")?;
+                outcome.write(f, false)?;
+                for covariate in covariates {
+                    write!(f, ", {covariate}")?;
+                }
+                write!(f, ", iterations => {iterations})")?;
             }
         }
         write!(f, " FROM {}", self.view)?;

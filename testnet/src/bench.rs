@@ -830,7 +830,7 @@ pub async fn survival(
             horizon_days: *horizon_days,
         })
         .collect();
-    let spec = crate::reference::spec(&testnet, &[], &curves)?;
+    let spec = crate::reference::spec(&testnet, &[], &curves, &[])?;
     let references = crate::reference::run(Path::new(&python), dir, &spec)?;
     let key = SecretKey::read_file(&testnet.consortium.researcher_key)?;
     let policy = SignedPolicy::read_file(&testnet.consortium.policy)?.verify_self_anchored()?;

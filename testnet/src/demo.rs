@@ -1,12 +1,14 @@
 //! The demo: a three-hospital testnet, a handful of count queries through the real
 //! aggregator, and for each the true count (known only because the data is synthetic), the
 //! differentially private estimate, its 95% interval and which nodes answered (a survival
-//! comparison as curves against the true ones); then some of them again as secure totals.
+//! comparison as curves against the true ones); then some of them again as secure totals,
+//! and a logistic regression of severe disease as a secure fit beside the non-private
+//! pooled coefficients.
 
 use std::path::Path;
 
 use renkei_aggregator::combine::{Estimate, GroupEstimate};
-use renkei_aggregator::results::Survival;
+use renkei_aggregator::results::{Regression, Survival};
 use renkei_aggregator::sql;
 use renkei_aggregator::{AnswerMode, NetworkClient, QueryOptions, ResearcherSession};
 use renkei_policies::SignedPolicy;
@@ -45,6 +47,14 @@ pub const SECURE_DEMO_QUERIES: &[&str] = &[
     SURVIVAL_DEMO_QUERY,
 ];
 
+/// Which comorbidities raise the odds of severe COVID-19, adjusted for age and sex: a
+/// logistic fit by Newton steps over the network, asked as a secure total.
+pub const REGRESSION_DEMO_QUERY: &str = "SELECT LOGISTIC_REGRESSION(severity IN ('severe', 'critical'), \
+    age, diabetes, hypertension, obesity, sex = 'male') FROM patients";
+
+/// The regression's budget per node: a fit of several steps needs more than one count.
+pub const REGRESSION_DEMO_RHO: renkei_protocol::MicroRho = renkei_protocol::MicroRho(1_000_000);
+
 /// One line of the demo's report.
 #[derive(Debug, Clone)]
 pub struct DemoRow {
@@ -56,6 +66,8 @@ pub struct DemoRow {
     pub groups: Vec<GroupEstimate>,
     /// A survival query's curves.
     pub survival: Option<Survival>,
+    /// A regression's coefficients.
+    pub regression: Option<Regression>,
     pub answered: Vec<String>,
     pub missing_or_refused: Vec<String>,
     /// Per-site answers added up, or a secure total (no hospital's own answer visible).
@@ -84,12 +96,19 @@ async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
         secure: true,
         ..options.clone()
     };
+    let fit = QueryOptions {
+        privacy: renkei_protocol::PrivacyRequest::Zcdp {
+            rho: REGRESSION_DEMO_RHO,
+        },
+        ..secure.clone()
+    };
     let nodes = testnet.addresses();
-    let mut rows = Vec::with_capacity(DEMO_QUERIES.len() + SECURE_DEMO_QUERIES.len());
+    let mut rows = Vec::with_capacity(DEMO_QUERIES.len() + SECURE_DEMO_QUERIES.len() + 1);
     let asks = DEMO_QUERIES
         .iter()
         .map(|q| (q, &options))
-        .chain(SECURE_DEMO_QUERIES.iter().map(|q| (q, &secure)));
+        .chain(SECURE_DEMO_QUERIES.iter().map(|q| (q, &secure)))
+        .chain(std::iter::once((&REGRESSION_DEMO_QUERY, &fit)));
     for (sql_text, options) in asks {
         let truth = testnet.true_value(&sql::compile(sql_text)?);
         let answer = session.query(&nodes, sql_text, options).await?;
@@ -100,6 +119,7 @@ async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
             ci95: answer.ci95,
             groups: answer.groups,
             survival: answer.survival,
+            regression: answer.regression,
             answered: answer
                 .answered
                 .iter()

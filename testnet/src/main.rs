@@ -200,6 +200,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         Some(survival) => print_curves(curves, survival),
                         None => println!("  no curve"),
                     },
+                    (TrueValue::Coefficients(pooled), _, _) => match &row.regression {
+                        Some(fit) => print_fit(pooled, fit),
+                        None => println!("  no fit"),
+                    },
                     (truth, _, _) => println!("  true {truth:?}   no answer"),
                 }
                 println!(
@@ -339,6 +343,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A demo regression beside the non-private pooled fit: each coefficient (its odds ratio
+/// for a logistic fit), its interval, and the pooled coefficient.
+fn print_fit(pooled: &[f64], fit: &renkei_aggregator::results::Regression) {
+    println!(
+        "  {:<20} {:>10} {:>24} {:>10}",
+        "term", "estimate", "95% CI", "pooled"
+    );
+    for (c, truth) in fit.coefficients.iter().zip(pooled) {
+        let interval = format!("[{:.3}, {:.3}]", c.ci95[0], c.ci95[1]);
+        let odds = match (c.odds_ratio, truth) {
+            (Some(or), truth) => format!("   odds ratio {or:.2} (pooled {:.2})", truth.exp()),
+            (None, _) => String::new(),
+        };
+        println!(
+            "  {:<20} {:>10.4} {:>24} {:>10.4}{odds}",
+            c.term, c.estimate, interval, truth
+        );
+    }
+    println!(
+        "  about {:.0} patients, {} of {} Newton steps{}",
+        fit.patients,
+        fit.steps,
+        fit.iterations,
+        if fit.converged {
+            ", converged"
+        } else {
+            ", not converged"
+        }
+    );
 }
 
 /// A demo survival answer against the true curves: S(t) every two weeks and at the horizon,

@@ -1,7 +1,8 @@
 //! The outside reference on pooled data: `tests/reference/duckdb_pooled.py` loads every
 //! hospital's exports into DuckDB (consented patients only, typed by the schema) and runs
-//! SQL there, and fits Kaplan–Meier curves with lifelines. Tests compare renkei's exact
-//! results with it; the survival bench measures noisy curves against it.
+//! SQL there, fits Kaplan–Meier curves with lifelines and regressions with statsmodels.
+//! Tests compare renkei's exact results with it; the survival and regression benches
+//! measure noisy answers against it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,9 +28,22 @@ pub struct CurveSql<'a> {
     pub horizon_days: u16,
 }
 
+/// A regression for statsmodels: the SQL that lists each patient's outcome, then each
+/// covariate, and the model (`ols` or `logit`).
+#[derive(Debug, Clone, Copy)]
+pub struct FitSql<'a> {
+    pub sql: &'a str,
+    pub model: &'a str,
+}
+
 /// The script's input: the testnet's exports, the schema's columns with their types, the
-/// queries and the curves.
-pub fn spec(testnet: &Testnet, queries: &[&str], curves: &[CurveSql<'_>]) -> anyhow::Result<Value> {
+/// queries, the curves and the fits.
+pub fn spec(
+    testnet: &Testnet,
+    queries: &[&str],
+    curves: &[CurveSql<'_>],
+    fits: &[FitSql<'_>],
+) -> anyhow::Result<Value> {
     let exports: Vec<Value> = (0..testnet.nodes.len())
         .map(|i| {
             let dir = testnet.dir.join(format!("node-{i}")).join("export");
@@ -52,11 +66,15 @@ pub fn spec(testnet: &Testnet, queries: &[&str], curves: &[CurveSql<'_>]) -> any
             .iter()
             .map(|c| json!({"sql": c.sql, "horizon": c.horizon_days}))
             .collect::<Vec<_>>(),
+        "fits": fits
+            .iter()
+            .map(|f| json!({"sql": f.sql, "model": f.model}))
+            .collect::<Vec<_>>(),
     }))
 }
 
 /// Runs the reference with `python` on `spec` (written into `dir`): one result per query,
-/// then one per curve.
+/// then one per curve, then one per fit.
 pub fn run(python: &Path, dir: &Path, spec: &Value) -> anyhow::Result<Vec<Value>> {
     let path = dir.join("reference-spec.json");
     std::fs::write(&path, spec.to_string())
@@ -97,6 +115,22 @@ pub fn curves(result: &Value) -> anyhow::Result<Vec<(Vec<String>, Vec<f64>)>> {
             Ok((group, survival))
         })
         .collect()
+}
+
+/// A fit result's coefficients and standard errors, intercept first, and its patients.
+pub fn fit(result: &Value) -> anyhow::Result<(Vec<f64>, Vec<f64>, usize)> {
+    let numbers = |key: &str| -> anyhow::Result<Vec<f64>> {
+        result["fit"][key]
+            .as_array()
+            .with_context(|| format!("a fit result has its {key}"))?
+            .iter()
+            .map(|v| v.as_f64().context("a coefficient is a number"))
+            .collect()
+    };
+    let n = result["fit"]["n"]
+        .as_u64()
+        .context("a fit result has its n")?;
+    Ok((numbers("params")?, numbers("bse")?, usize::try_from(n)?))
 }
 
 /// A DuckDB value as renkei labels a group (`true`, a level).

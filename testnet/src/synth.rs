@@ -815,6 +815,43 @@ fn label(cell: Option<Cell>) -> Option<String> {
 
 pub use renkei_engine::TrueValue;
 
+/// A number, or a flag as 1 or 0.
+fn number_or_flag(cell: Option<Cell>) -> Option<f64> {
+    match cell? {
+        Cell::Bool(b) => Some(f64::from(u8::from(b))),
+        other => numeric(Some(other)),
+    }
+}
+
+/// A regression's terms on a row, outcome first (see [`renkei_engine::PooledRow::terms`]).
+fn regression_terms(aggregate: &renkei_protocol::Aggregate, row: &Row<'_>) -> Vec<Option<f64>> {
+    use renkei_protocol::{Aggregate, Covariate};
+    let flag = |holds: Option<bool>| holds.map(|b| f64::from(u8::from(b)));
+    let (outcome, covariates) = match aggregate {
+        Aggregate::LinearRegression {
+            outcome,
+            covariates,
+        } => (numeric(row(outcome)), covariates),
+        Aggregate::LogisticRegression {
+            outcome,
+            covariates,
+            ..
+        } => (flag(eval(row, outcome)), covariates),
+        Aggregate::CountPatients
+        | Aggregate::CountRows
+        | Aggregate::Sum { .. }
+        | Aggregate::Mean { .. }
+        | Aggregate::Quantile { .. }
+        | Aggregate::KaplanMeier { .. } => return Vec::new(),
+    };
+    std::iter::once(outcome)
+        .chain(covariates.iter().map(|covariate| match covariate {
+            Covariate::Column(column) => number_or_flag(row(column)),
+            Covariate::Indicator(condition) => flag(eval(row, condition)),
+        }))
+        .collect()
+}
+
 /// The exact answer of a counting `query` over `patients`.
 pub fn true_count<'a>(
     patients: impl IntoIterator<Item = &'a SyntheticPatient>,
@@ -822,7 +859,11 @@ pub fn true_count<'a>(
 ) -> u64 {
     match true_value(patients, query) {
         TrueValue::Number(n) => n as u64,
-        TrueValue::Groups(_) | TrueValue::Cells(_) | TrueValue::Curves(_) | TrueValue::Nothing => 0,
+        TrueValue::Groups(_)
+        | TrueValue::Cells(_)
+        | TrueValue::Curves(_)
+        | TrueValue::Coefficients(_)
+        | TrueValue::Nothing => 0,
     }
 }
 
@@ -864,6 +905,7 @@ pub fn true_value<'a>(
                     },
                     cell: query.group_by.iter().map(|g| label(row(g))).collect(),
                     event: event.is_some_and(|e| eval(row, e) == Some(true)),
+                    terms: regression_terms(&query.aggregate, row),
                 })
                 .collect(),
         );

@@ -2,7 +2,8 @@
 that renkei's exact (pre-noise) engine results are checked against.
 
 Usage: python duckdb_pooled.py SPEC.json  (prints one JSON result per query on stdout,
-then one per survival curve, fitted by lifelines' KaplanMeierFitter)
+then one per survival curve, fitted by lifelines' KaplanMeierFitter, then one per
+regression, fitted by statsmodels' OLS or Logit)
 
 SPEC.json names each hospital's export files, the schema's columns with their DuckDB types,
 and the queries. Patients who did not consent to secondary use are left out, as every node
@@ -125,6 +126,29 @@ def curves(con, curve):
     return out
 
 
+def fit(con, model):
+    """A regression by statsmodels on the pooled rows `model["sql"]` returns: the outcome,
+    then each covariate, as numbers (a row with any NULL left out, as renkei leaves it
+    out), with an intercept. `model["model"]` is `ols` or `logit`."""
+    import numpy
+    import statsmodels.api as sm
+
+    rows = [
+        [float(v) for v in row]
+        for row in con.execute(model["sql"]).fetchall()
+        if all(v is not None for v in row)
+    ]
+    data = numpy.array(rows, dtype=float)
+    outcome, design = data[:, 0], sm.add_constant(data[:, 1:], has_constant="add")
+    if model["model"] == "ols":
+        result = sm.OLS(outcome, design).fit()
+    elif model["model"] == "logit":
+        result = sm.Logit(outcome, design).fit(disp=0, maxiter=100, tol=1e-12)
+    else:
+        raise ValueError(f"unknown model {model['model']}")
+    return {"params": result.params.tolist(), "bse": result.bse.tolist(), "n": len(rows)}
+
+
 def main():
     with open(sys.argv[1], encoding="utf-8") as f:
         spec = json.load(f)
@@ -138,6 +162,8 @@ def main():
         results.append({"columns": columns, "rows": rows})
     for curve in spec.get("curves", []):
         results.append({"curves": curves(con, curve)})
+    for model in spec.get("fits", []):
+        results.append({"fit": fit(con, model)})
     json.dump(results, sys.stdout)
 
 

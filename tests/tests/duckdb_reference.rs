@@ -1,8 +1,9 @@
 //! renkei's exact (pre-noise) engine results against DuckDB running the same SQL on the
 //! pooled exports of every hospital: per-patient `WITH` tables (MIN, MAX, COUNT, BOOL_OR,
 //! BOOL_AND, ARG_MIN/ARG_MAX, each with FILTER), comparisons between derived columns, and
-//! counts, sums, means and groups over them; and Kaplan–Meier curves against lifelines on
-//! the same pooled patients.
+//! counts, sums, means and groups over them; Kaplan–Meier curves against lifelines on the
+//! same pooled patients; and linear and logistic regressions (over `patients` and over
+//! `WITH` tables) against statsmodels' OLS and Logit, coefficients and standard errors.
 //!
 //! The reference is `tests/reference/duckdb_pooled.py` (through
 //! `renkei_testnet::reference`), run by the Python that
@@ -16,9 +17,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use renkei_aggregator::sql;
+use renkei_engine::Regression;
 use renkei_engine::SiteRelease;
-use renkei_protocol::{MicroRho, Release};
-use renkei_testnet::reference::{self, CurveSql};
+use renkei_protocol::{Aggregate, FitStep, MicroRho, Query, Release, RequestId};
+use renkei_testnet::reference::{self, CurveSql, FitSql};
 use renkei_tests::start_testnet;
 use serde_json::Value;
 
@@ -110,6 +112,101 @@ const CURVES: &[(&str, &str, u16)] = &[
     ),
 ];
 
+/// Regressions: renkei's query, the DuckDB query that lists each patient's outcome and
+/// covariates for statsmodels, and the model.
+const FITS: &[(&str, &str, &str)] = &[
+    (
+        "SELECT LINEAR_REGRESSION(hypertension, age, diabetes, sex = 'male') FROM patients \
+         WHERE age >= 20",
+        "SELECT CAST(hypertension AS DOUBLE), age, CAST(diabetes AS DOUBLE), \
+         CAST(sex = 'male' AS DOUBLE) FROM patients WHERE age >= 20",
+        "ols",
+    ),
+    (
+        "WITH p AS (SELECT patient_id, age, MAX(crp) AS max_crp, BOOL_OR(dexamethasone) AS dexa \
+           FROM timepoints GROUP BY patient_id, age) \
+         SELECT LINEAR_REGRESSION(max_crp, age, dexa) FROM p",
+        "WITH p AS (SELECT patient_id, age, MAX(crp) AS max_crp, BOOL_OR(dexamethasone) AS dexa \
+           FROM timepoints GROUP BY patient_id, age) \
+         SELECT max_crp, age, CAST(dexa AS DOUBLE) FROM p",
+        "ols",
+    ),
+    (
+        "SELECT LOGISTIC_REGRESSION(severity IN ('severe', 'critical'), age, diabetes, \
+           hypertension, obesity, sex = 'male', iterations => 15) FROM patients",
+        "SELECT CAST(severity IN ('severe', 'critical') AS DOUBLE), age, \
+           CAST(diabetes AS DOUBLE), CAST(hypertension AS DOUBLE), CAST(obesity AS DOUBLE), \
+           CAST(sex = 'male' AS DOUBLE) FROM patients",
+        "logit",
+    ),
+    (
+        "WITH p AS (SELECT patient_id, age, death_day, BOOL_OR(dexamethasone) AS dexa, \
+           MAX(severity) AS worst FROM timepoints GROUP BY patient_id, age, death_day) \
+         SELECT LOGISTIC_REGRESSION(death_day IS NOT NULL, age, dexa, iterations => 15) FROM p \
+         WHERE worst IN ('moderate', 'severe', 'critical')",
+        "WITH p AS (SELECT patient_id, age, death_day, BOOL_OR(dexamethasone) AS dexa, \
+           MAX(severity) AS worst FROM timepoints GROUP BY patient_id, age, death_day) \
+         SELECT CAST(death_day IS NOT NULL AS DOUBLE), age, CAST(dexa AS DOUBLE) FROM p \
+         WHERE worst IN ('moderate', 'severe', 'critical')",
+        "logit",
+    ),
+];
+
+/// Every node's exact (unnoised) release of `query`.
+fn exact_releases(
+    datasets: &[std::sync::Arc<renkei_engine::Dataset>],
+    query: &Query,
+) -> Vec<Release> {
+    datasets
+        .iter()
+        .map(|dataset| {
+            let compiled = dataset
+                .compile(query)
+                .unwrap_or_else(|e| panic!("{query}: {e}"));
+            compiled.unnoised_release(dataset.evaluate(&compiled))
+        })
+        .collect()
+}
+
+/// Releases as the aggregator reads them, without noise.
+fn noiseless_sites(releases: &[Release]) -> Vec<SiteRelease<'_>> {
+    releases
+        .iter()
+        .map(|release| SiteRelease {
+            release,
+            value_scale: 0,
+            min_cell_size: 0,
+            noise_std: 0.0,
+            count_noise_std: None,
+        })
+        .collect()
+}
+
+/// renkei's fit of `query` from the nodes' exact releases, combined as the aggregator
+/// combines them (no noise): one release for a linear fit; for a logistic one, each
+/// step's coefficients from the step before, to the last.
+fn exact_fit(datasets: &[std::sync::Arc<renkei_engine::Dataset>], query: &Query) -> Regression {
+    let mut query = query.clone();
+    loop {
+        let releases = exact_releases(datasets, &query);
+        let combined =
+            renkei_engine::statistic::combine(&query, &noiseless_sites(&releases)).unwrap();
+        let fit = combined
+            .regression
+            .unwrap_or_else(|| panic!("{query}: {:?}", combined.note));
+        match (&mut query.aggregate, &fit.next_step) {
+            (Aggregate::LogisticRegression { step, .. }, Some(next)) => {
+                *step = FitStep {
+                    fit: Some(RequestId([1; 16])),
+                    iteration: step.iteration + 1,
+                    coefficients: next.clone(),
+                };
+            }
+            _ => return fit,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
     let Some(python) = python_with_duckdb() else {
@@ -125,9 +222,13 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
             horizon_days: *horizon_days,
         })
         .collect();
-    let spec = reference::spec(testnet, QUERIES, &curves).unwrap();
+    let fits: Vec<FitSql<'_>> = FITS
+        .iter()
+        .map(|(_, sql, model)| FitSql { sql, model })
+        .collect();
+    let spec = reference::spec(testnet, QUERIES, &curves, &fits).unwrap();
     let results = reference::run(&python, fixture.dir.path(), &spec).unwrap();
-    assert_eq!(results.len(), QUERIES.len() + CURVES.len());
+    assert_eq!(results.len(), QUERIES.len() + CURVES.len() + FITS.len());
 
     let datasets: Vec<_> = (0..testnet.nodes.len())
         .map(|i| testnet.running(i).unwrap().desk().dataset())
@@ -220,26 +321,9 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
     // reads them (no noise), equal lifelines' Kaplan–Meier on the pooled patients.
     for ((text, _, horizon), reference) in CURVES.iter().zip(&results[QUERIES.len()..]) {
         let query = sql::compile(text).unwrap_or_else(|e| panic!("{text}: {e}"));
-        let releases: Vec<Release> = datasets
-            .iter()
-            .map(|dataset| {
-                let compiled = dataset
-                    .compile(&query)
-                    .unwrap_or_else(|e| panic!("{text}: {e}"));
-                compiled.unnoised_release(dataset.evaluate(&compiled))
-            })
-            .collect();
-        let sites: Vec<SiteRelease<'_>> = releases
-            .iter()
-            .map(|release| SiteRelease {
-                release,
-                value_scale: 0,
-                min_cell_size: 0,
-                noise_std: 0.0,
-                count_noise_std: None,
-            })
-            .collect();
-        let combined = renkei_engine::statistic::combine(&query, &sites).unwrap();
+        let releases = exact_releases(&datasets, &query);
+        let combined =
+            renkei_engine::statistic::combine(&query, &noiseless_sites(&releases)).unwrap();
         let survival = combined
             .survival
             .unwrap_or_else(|| panic!("{text}: {:?}", combined.note));
@@ -282,6 +366,36 @@ async fn per_patient_tables_agree_with_duckdb_on_the_pooled_data() {
         }
         assert_eq!(compared, survival.strata.len(), "{text}");
     }
+    // Regressions: the exact fit equals statsmodels' on the pooled rows, coefficients and
+    // standard errors (without noise, renkei's are the sampling ones statsmodels reports).
+    let fit_results = &results[QUERIES.len() + CURVES.len()..];
+    for ((text, _, _), reference) in FITS.iter().zip(fit_results) {
+        let query = sql::compile(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let fit = exact_fit(&datasets, &query);
+        let (params, bse, n) = reference::fit(reference).unwrap();
+        assert_eq!(fit.coefficients.len(), params.len(), "{text}");
+        assert!(
+            (fit.patients - n as f64).abs() < 1e-3,
+            "{text}: {} vs {n}",
+            fit.patients
+        );
+        assert!(n >= 100, "{text}: only {n} rows");
+        for (c, (p, se)) in fit.coefficients.iter().zip(params.iter().zip(&bse)) {
+            assert!(
+                (c.estimate - p).abs() <= 1e-6 * (1.0 + p.abs()),
+                "{text} {}: renkei {}, statsmodels {p}",
+                c.term,
+                c.estimate
+            );
+            assert!(
+                (c.std_error - se).abs() <= 1e-5 * se,
+                "{text} {}: renkei se {}, statsmodels {se}",
+                c.term,
+                c.std_error
+            );
+        }
+        assert!(fit.converged, "{text}");
+    }
     // The queries must select something, or the comparison proves little.
     assert!(
         nonzero >= QUERIES.len() - 1,
@@ -304,7 +418,7 @@ fn number(value: &Value) -> f64 {
 fn python_with_duckdb() -> Option<PathBuf> {
     let python = std::env::var_os("RENKEI_PYTHON").map_or_else(|| "python3".into(), PathBuf::from);
     let has_duckdb = Command::new(&python)
-        .args(["-c", "import duckdb"])
+        .args(["-c", "import duckdb, lifelines, statsmodels"])
         .output()
         .is_ok_and(|o| o.status.success());
     if has_duckdb {
@@ -312,11 +426,11 @@ fn python_with_duckdb() -> Option<PathBuf> {
     }
     assert!(
         std::env::var_os("RENKEI_REQUIRE_REFERENCES").is_none(),
-        "RENKEI_REQUIRE_REFERENCES is set but {} cannot import duckdb",
+        "RENKEI_REQUIRE_REFERENCES is set but {} cannot import duckdb, lifelines and statsmodels",
         python.display()
     );
     eprintln!(
-        "skipped: {} cannot import duckdb (set RENKEI_PYTHON to a Python that can)",
+        "skipped: {} cannot import duckdb, lifelines and statsmodels (set RENKEI_PYTHON to a Python that can)",
         python.display()
     );
     None

@@ -123,6 +123,12 @@ impl<'a> Cohort<'a> {
         self.dataset.eval(node, self.view).0
     }
 
+    /// The view's rows where a bound condition is true, and where it is false (a row in
+    /// neither is one where it is unknown: a comparison with a missing value).
+    pub(crate) fn decides(&self, node: &Node) -> (Bitset, Bitset) {
+        self.dataset.eval(node, self.view)
+    }
+
     /// A column's values for every row of the view.
     pub fn values(&self, source: Source) -> Cow<'a, Column> {
         self.dataset.values(source, self.view)

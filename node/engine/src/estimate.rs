@@ -58,6 +58,8 @@ pub struct Combined {
     pub groups: Vec<GroupEstimate>,
     /// A survival curve per stratum (`KAPLAN_MEIER`).
     pub survival: Option<crate::statistic::Survival>,
+    /// A fitted regression (`LINEAR_REGRESSION`, `LOGISTIC_REGRESSION`).
+    pub regression: Option<crate::statistic::Regression>,
     /// Why no estimate could be made, if so.
     pub note: Option<String>,
     /// A secure round that could not be read (nothing was revealed).

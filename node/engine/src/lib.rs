@@ -68,5 +68,5 @@ pub use estimate::{Combined, Estimate, GroupEstimate, Z_95};
 pub use image::{Dataset, ImageBuilder, TooManyRows};
 pub use schema::DatasetSchema;
 pub use statistic::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
-pub use statistic::{LogRank, Survival, SurvivalCurve};
+pub use statistic::{Coefficient, LogRank, Model, Regression, Survival, SurvivalCurve};
 pub use truth::{PooledCohort, PooledRow, TrueValue};

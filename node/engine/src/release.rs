@@ -12,6 +12,7 @@ pub fn masked_words(shape: &MaskedShape) -> Option<usize> {
         MaskedShape::Histogram { .. } => None,
         MaskedShape::Groups { labels } => Some(labels.len()),
         MaskedShape::Cells { labels, parts } => Some(labels.len() * *parts as usize),
+        MaskedShape::Regression { values, .. } => Some(*values as usize),
     }
 }
 
@@ -72,6 +73,10 @@ pub fn release_from_total(shape: &MaskedShape, total: Vec<i64>, min_cell_size: u
                 suppressed,
             }
         }
+        MaskedShape::Regression { terms, .. } => Release::Regression {
+            terms: terms.clone(),
+            values: total,
+        },
     }
 }
 
@@ -101,6 +106,11 @@ pub fn same_shape(a: &Release, b: &Release) -> bool {
             ..
         } => matches!(b, Release::Cells { labels: l2, parts: p2, .. }
             if l1 == l2 && p1.len() == p2.len() && p1.iter().zip(p2).all(|(x, y)| x.len() == y.len())),
+        Release::Regression {
+            terms: t1,
+            values: v1,
+        } => matches!(b, Release::Regression { terms: t2, values: v2 }
+            if t1 == t2 && v1.len() == v2.len()),
     }
 }
 

@@ -25,6 +25,7 @@ mod grouped_count;
 mod grouped_sum;
 mod mean;
 mod quantile;
+mod regression;
 mod shared;
 mod sum;
 mod survival;
@@ -36,6 +37,7 @@ use crate::estimate::Combined;
 use crate::truth::{PooledCohort, TrueValue};
 
 pub use quantile::QUANTILE_BINS;
+pub use regression::{Coefficient, FIXED_POINT, Model, Regression};
 pub use shared::split_budget;
 pub use survival::{LogRank, MAX_SURVIVAL_NUMBERS, Survival, SurvivalCurve, TreeShape};
 pub use traits::{Accumulator, Exact, NoisyPart, Part, SiteRelease, Statistic};
@@ -52,6 +54,8 @@ pub fn for_query(query: &Query) -> &'static dyn Statistic {
         Aggregate::Mean { .. } => &mean::Mean,
         Aggregate::Quantile { .. } => &quantile::Quantile,
         Aggregate::KaplanMeier { .. } => &survival::KaplanMeier,
+        Aggregate::LinearRegression { .. } => &regression::LinearRegression,
+        Aggregate::LogisticRegression { .. } => &regression::LogisticRegression,
     }
 }
 

@@ -15,6 +15,9 @@ pub struct PooledRow {
     pub cell: Option<Vec<String>>,
     /// Whether a survival curve's event condition holds on the row (`false` otherwise).
     pub event: bool,
+    /// A regression's terms on the row, outcome first (a condition 1 or 0), then each
+    /// covariate (a flag or condition 1 or 0); `None` where missing.
+    pub terms: Vec<Option<f64>>,
 }
 
 /// Every consenting patient with at least one matching row, each with its matching rows in
@@ -34,6 +37,8 @@ pub enum TrueValue {
     Cells(Vec<(Vec<String>, f64)>),
     /// Survival curves per stratum: S(t) for each day from 0 to the horizon.
     Curves(Vec<(Vec<String>, Vec<f64>)>),
+    /// A regression's coefficients, intercept first, in the columns' units.
+    Coefficients(Vec<f64>),
     /// No value (a mean or quantile of nothing).
     Nothing,
 }

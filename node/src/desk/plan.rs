@@ -7,7 +7,11 @@ use std::sync::Arc;
 use renkei_policies::{Grant, VerifiedPolicy};
 use renkei_protocol::{MicroRho, PrivacyRequest, PublicKey, QueryRequest, Refusal, RefusalCode};
 
+use renkei_protocol::query::fit_step_budgets;
+use sha2::{Digest, Sha256};
+
 use crate::privacy::dp::Calibration;
+use crate::privacy::ledger::FitLink;
 use crate::privacy::secure;
 
 use super::{Checked, QueryDesk};
@@ -39,9 +43,6 @@ impl QueryDesk {
         let compiled = dataset
             .compile(&request.query)
             .map_err(|e| Refusal::new(RefusalCode::InvalidQuery, e.to_string()))?;
-        let out_of_range = |e: crate::privacy::dp::DpError| {
-            Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
-        };
         let participants = if request.secure {
             let participants = secure_participants(&request, bundle, &grant)?;
             // Agree with every peer now, so a key unusable for masks is refused before any
@@ -79,9 +80,67 @@ impl QueryDesk {
                 "the query's statistic releases nothing; nothing was spent",
             ));
         }
-        let calibrations = match &participants {
+        let calibrate = |privacy: PrivacyRequest| -> Result<Vec<Calibration>, Refusal> {
+            self.calibrate(privacy, &parts, participants.as_deref(), &request, &grant)
+        };
+        let fit = fit_link(&request)?;
+        let (calibrations, cost) = match fit.link {
+            FitLink::None => {
+                let calibrations = calibrate(request.privacy)?;
+                let cost = MicroRho(calibrations.iter().map(|c| c.cost.0).sum());
+                grant.check_cost(cost)?;
+                (calibrations, cost)
+            }
+            FitLink::Opens { iterations, .. } | FitLink::Continues { iterations, .. } => {
+                // Each step spends its share of the fit's rho; the first is charged for all,
+                // within one query's limit.
+                let steps: Vec<Vec<Calibration>> = step_privacies(request.privacy, iterations)?
+                    .into_iter()
+                    .map(calibrate)
+                    .collect::<Result<_, _>>()?;
+                let whole = MicroRho(steps.iter().flatten().map(|c| c.cost.0).sum());
+                let cost = match fit.link {
+                    FitLink::Opens { .. } => whole,
+                    FitLink::Continues { .. } | FitLink::None => MicroRho(0),
+                };
+                grant.check_cost(whole)?;
+                let calibrations = steps
+                    .into_iter()
+                    .nth(usize::from(fit.iteration))
+                    .ok_or_else(|| Refusal::new(RefusalCode::MalformedRequest, "no such step"))?;
+                (calibrations, cost)
+            }
+        };
+        Ok(Checked {
+            digest,
+            researcher,
+            request,
+            dataset,
+            compiled,
+            calibrations,
+            cost,
+            grant,
+            participants,
+            fit: fit.link,
+        })
+    }
+
+    /// One mechanism per part for `privacy`: per site, or a noise share for a secure round
+    /// among `participants`.
+    fn calibrate(
+        &self,
+        privacy: PrivacyRequest,
+        parts: &[renkei_engine::Part],
+        participants: Option<&[PublicKey]>,
+        request: &QueryRequest,
+        grant: &Grant,
+    ) -> Result<Vec<Calibration>, Refusal> {
+        let out_of_range = |e: crate::privacy::dp::DpError| {
+            Refusal::new(RefusalCode::PrivacyParameterOutOfRange, e.to_string())
+        };
+        Ok(match participants {
             Some(participants) => {
-                let PrivacyRequest::Zcdp { rho } = request.privacy else {
+                let PrivacyRequest::Zcdp { rho } = privacy else {
                     return Err(Refusal::new(
                         RefusalCode::PrivacyParameterOutOfRange,
                         "secure totals add distributed discrete Gaussian noise under zCDP; ask with a rho",
@@ -90,7 +149,7 @@ impl QueryDesk {
                 // Each part gets its share of the rho and a noise share sized for the total.
                 renkei_engine::statistic::split_budget(rho.0, parts.len())
                     .into_iter()
-                    .zip(&parts)
+                    .zip(parts)
                     .map(|(rho, part)| {
                         secure::share_calibration(
                             MicroRho(rho),
@@ -106,28 +165,95 @@ impl QueryDesk {
                     .collect::<Result<Vec<_>, _>>()?
             }
             None => Calibration::split(
-                request.privacy,
+                privacy,
                 &parts.iter().map(|p| p.sensitivity).collect::<Vec<_>>(),
                 grant.report_delta,
             )
             .map_err(out_of_range)?,
-        };
-        let cost = MicroRho(calibrations.iter().map(|c| c.cost.0).sum());
-        grant.check_cost(cost)?;
-        Ok(Checked {
-            digest,
-            researcher,
-            request,
-            dataset,
-            compiled,
-            calibrations,
-            cost,
-            grant,
-            participants,
         })
     }
 }
 
+/// A request's place in a logistic fit, as the ledger checks it.
+#[derive(Debug, Clone, Copy)]
+struct Fit {
+    link: FitLink,
+    iteration: u8,
+}
+
+/// How `request` belongs to a logistic fit: its identity is the digest of the question
+/// with its step cleared and of how it is asked (study, audience, privacy, mode, policy),
+/// which every step of one fit shares.
+fn fit_link(request: &QueryRequest) -> Result<Fit, Refusal> {
+    let Some(question) = request.query.fit_identity() else {
+        return Ok(Fit {
+            link: FitLink::None,
+            iteration: 0,
+        });
+    };
+    let renkei_protocol::Aggregate::LogisticRegression {
+        iterations, step, ..
+    } = &request.query.aggregate
+    else {
+        return Ok(Fit {
+            link: FitLink::None,
+            iteration: 0,
+        });
+    };
+    let asked = (
+        &question,
+        &request.study,
+        &request.audience,
+        &request.privacy,
+        request.secure,
+        request.dropouts,
+        request.policy_version,
+    );
+    let encoded = renkei_protocol::codec::encode(&asked)
+        .map_err(|e| Refusal::new(RefusalCode::MalformedRequest, e.to_string()))?;
+    let identity: [u8; 32] = Sha256::digest(&encoded).into();
+    let link = match step.fit {
+        None => FitLink::Opens {
+            identity,
+            iterations: *iterations,
+        },
+        Some(fit) => FitLink::Continues {
+            fit,
+            iteration: step.iteration,
+            identity,
+            issued_at: request.issued_at,
+            iterations: *iterations,
+        },
+    };
+    Ok(Fit {
+        link,
+        iteration: step.iteration,
+    })
+}
+
+/// Each step's privacy: its budget of the fit's rho ([`fit_step_budgets`]), so the steps
+/// together spend exactly what was asked.
+fn step_privacies(privacy: PrivacyRequest, iterations: u8) -> Result<Vec<PrivacyRequest>, Refusal> {
+    let PrivacyRequest::Zcdp { rho } = privacy else {
+        return Err(Refusal::new(
+            RefusalCode::PrivacyParameterOutOfRange,
+            "a regression is released under zCDP only; ask with a rho",
+        ));
+    };
+    let rhos = fit_step_budgets(rho.0, iterations);
+    if rhos.contains(&0) {
+        return Err(Refusal::new(
+            RefusalCode::PrivacyParameterOutOfRange,
+            format!(
+                "rho {rho} is too little to share over {iterations} steps; ask more, or fewer steps"
+            ),
+        ));
+    }
+    Ok(rhos
+        .into_iter()
+        .map(|r| PrivacyRequest::Zcdp { rho: MicroRho(r) })
+        .collect())
+}
 /// The nodes of a secure round: the request's audience, each a member node of the policy
 /// (a key outside the consortium could be one whose masks the aggregator knows), and at
 /// least two more than the policy's tolerated colluders.

@@ -28,6 +28,8 @@ impl QueryDesk {
             &digest,
             cost,
             &grant,
+            // A quote reads the budget only; a fit's steps are checked when admitted.
+            crate::privacy::ledger::FitLink::None,
         ));
         let known = Known {
             researcher: Some(researcher),

@@ -61,9 +61,10 @@ impl QueryDesk {
             cost,
             grant,
             participants,
+            fit,
         } = checked;
         let _guard = self.hold(&researcher, &request.request_id)?;
-        let charging = charge_request(&researcher, &request, &digest, cost, &grant);
+        let charging = charge_request(&researcher, &request, &digest, cost, &grant, fit);
         // Refused or answered before: decided without touching the data (its scan time
         // would otherwise be a signal nobody pays for).
         let stored = self

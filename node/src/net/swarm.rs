@@ -2,7 +2,7 @@
 //! [`QueryDesk`] and replies back.
 //!
 //! Transport is TCP + noise + yamux, with identify and ping; queries use request-response on
-//! `/renkei/query/4/bincode`, policy bundles on `/renkei/policy/1/bincode` (offers from
+//! `/renkei/query/5/bincode`, policy bundles on `/renkei/policy/1/bincode` (offers from
 //! admins and peers, fetches by peers). Connections are capped per peer and in all. Queries
 //! are answered concurrently in a bounded set of tasks; past [`MAX_IN_FLIGHT`] a request is
 //! refused as overloaded instead of queued. A newly activated bundle is offered on to the

@@ -17,6 +17,14 @@
 //! dataset), each → spent micro-rho (big-endian u64); nonces are `researcher key || nonce` →
 //! expiry; requests are `researcher key || request id` → an encoded [`RequestRecord`]. Nonces and request records are kept until their request has
 //! expired (plus clock skew); after that the request is refused as expired anyway.
+//!
+//! A logistic fit's steps ([`FitLink`]) are bound in the same transaction: the first step
+//! is charged for the whole fit and writes a fit record (`fits`: `researcher key || its
+//! request id` → an encoded [`FitRecord`]: what was asked, how many steps, which request
+//! answered each); a later step is charged nothing and admitted only if it names a fit of
+//! the same researcher, asks the same question in the same way, is within its steps and
+//! its window, and its step was not answered for another request. So a fit releases at
+//! most the steps it paid for, each once.
 
 use renkei_protocol::limits::MAX_CLOCK_SKEW_SECS;
 use renkei_protocol::{MicroRho, PublicKey, Refusal, RefusalCode, RequestId};
@@ -70,6 +78,37 @@ pub struct LedgerEntry {
     pub spent: MicroRho,
 }
 
+/// How a request belongs to a logistic fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitLink {
+    /// Not a fit's step.
+    None,
+    /// The first step: charged for all `iterations`.
+    Opens { identity: [u8; 32], iterations: u8 },
+    /// A later step of the fit opened by request `fit`, charged nothing.
+    Continues {
+        fit: RequestId,
+        iteration: u8,
+        identity: [u8; 32],
+        issued_at: u64,
+        /// The steps this request says the fit has (part of its identity too).
+        iterations: u8,
+    },
+}
+
+/// What the node keeps of a fit it accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FitRecord {
+    /// Digest of the question and how it is asked (study, audience, privacy, mode), which
+    /// every step must share.
+    pub identity: [u8; 32],
+    pub iterations: u8,
+    /// The opening request's expiry: no step signed later belongs to it.
+    pub expires_at: u64,
+    /// The request that was answered for each step.
+    pub steps: Vec<Option<RequestId>>,
+}
+
 /// What one charge is for.
 #[derive(Debug, Clone, Copy)]
 pub struct ChargeRequest<'a> {
@@ -88,6 +127,7 @@ pub struct ChargeRequest<'a> {
     pub study_budget: Option<MicroRho>,
     /// The node's cap over everyone, from the active policy.
     pub dataset_budget: Option<MicroRho>,
+    pub fit: FitLink,
 }
 
 /// The ledger over the node's store.
@@ -192,9 +232,12 @@ fn exhausted(stop: Stop, request: &ChargeRequest<'_>) -> Refusal {
                 ),
             )
         }
-        Stop::Seen(_) | Stop::Answer(_) | Stop::ReusedId | Stop::Replayed | Stop::Corrupt(_) => {
-            Refusal::new(RefusalCode::Internal, "the ledger failed")
-        }
+        Stop::Seen(_)
+        | Stop::Answer(_)
+        | Stop::ReusedId
+        | Stop::Replayed
+        | Stop::Fit(_)
+        | Stop::Corrupt(_) => Refusal::new(RefusalCode::Internal, "the ledger failed"),
     }
 }
 
@@ -218,7 +261,34 @@ enum Stop {
         spent: u64,
         cap: u64,
     },
+    /// A fit's step that does not belong to a fit this node accepted.
+    Fit(FitProblem),
     Corrupt(&'static str),
+}
+
+/// Why a fit's step is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FitProblem {
+    #[error(
+        "this step names a fit this node never accepted from this researcher (or one long expired); open a new fit"
+    )]
+    Unknown,
+    #[error(
+        "this step asks another question, or asks it differently (study, nodes, privacy, mode), than the fit it names"
+    )]
+    OtherQuestion,
+    #[error("the fit this step names has expired; open a new fit")]
+    Expired,
+    #[error("the fit this step names was charged for {0} step(s); this one is past its last")]
+    PastLast(u8),
+    #[error(
+        "step {0} of this fit was already answered for another request; a step is released once"
+    )]
+    Answered(u8),
+}
+
+fn decode_fit(bytes: &[u8]) -> Option<FitRecord> {
+    renkei_protocol::codec::decode_limited(bytes, 64 * 1024).ok()
 }
 
 type Abort = ConflictableTransactionError<Stop>;
@@ -246,8 +316,13 @@ impl PrivacyLedger {
         let study_account = study_key(request.study);
         let nonce = scoped_key(request.researcher, request.nonce);
         let request_key = scoped_key(request.researcher, &request.request_id.0);
-        let trees = (&self.store.ledger, &self.store.nonces, &self.store.requests);
-        let outcome = trees.transaction(|(ledger, nonces, requests)| {
+        let trees = (
+            &self.store.ledger,
+            &self.store.nonces,
+            &self.store.requests,
+            &self.store.fits,
+        );
+        let outcome = trees.transaction(|(ledger, nonces, requests, fits)| {
             let answered = |charge: Charge| {
                 answer(charge).map_err(|e| Abort::Abort(Stop::Answer(e.to_string())))
             };
@@ -276,6 +351,58 @@ impl PrivacyLedger {
             if nonces.get(nonce)?.is_some() {
                 return Err(Abort::Abort(Stop::Replayed));
             }
+            // A fit's record: written by its first step, extended by each later one.
+            let fit_write = match request.fit {
+                FitLink::None => None,
+                FitLink::Opens {
+                    identity,
+                    iterations,
+                } => {
+                    let mut steps = vec![None; usize::from(iterations.max(1))];
+                    steps[0] = Some(*request.request_id);
+                    Some((
+                        request_key,
+                        FitRecord {
+                            identity,
+                            iterations,
+                            expires_at: request.expires_at,
+                            steps,
+                        },
+                    ))
+                }
+                FitLink::Continues {
+                    fit,
+                    iteration,
+                    identity,
+                    issued_at,
+                    ..
+                } => {
+                    let key = scoped_key(request.researcher, &fit.0);
+                    let bytes = fits
+                        .get(key)?
+                        .ok_or(Abort::Abort(Stop::Fit(FitProblem::Unknown)))?;
+                    let mut record =
+                        decode_fit(&bytes).ok_or(Abort::Abort(Stop::Corrupt("fit record")))?;
+                    let problem = if record.identity != identity {
+                        Some(FitProblem::OtherQuestion)
+                    } else if issued_at > record.expires_at {
+                        Some(FitProblem::Expired)
+                    } else {
+                        match record.steps.get(usize::from(iteration)) {
+                            None => Some(FitProblem::PastLast(record.iterations)),
+                            Some(Some(id)) if id != request.request_id => {
+                                Some(FitProblem::Answered(iteration))
+                            }
+                            Some(_) => None,
+                        }
+                    };
+                    if let Some(problem) = problem {
+                        return Err(Abort::Abort(Stop::Fit(problem)));
+                    }
+                    record.steps[usize::from(iteration)] = Some(*request.request_id);
+                    Some((key, record))
+                }
+            };
             let read = |bytes: Option<sled::IVec>, what| match bytes {
                 None => Ok(0),
                 Some(bytes) => decode_u64(&bytes).ok_or(Abort::Abort(Stop::Corrupt(what))),
@@ -304,6 +431,11 @@ impl PrivacyLedger {
             ledger.insert(DATASET_ACCOUNT, &dataset_total.to_be_bytes()[..])?;
             nonces.insert(&nonce[..], &request.expires_at.to_be_bytes()[..])?;
             requests.insert(&request_key[..], encoded)?;
+            if let Some((key, record)) = fit_write {
+                let encoded = renkei_protocol::codec::encode(&record)
+                    .map_err(|_| Abort::Abort(Stop::Corrupt("fit record")))?;
+                fits.insert(&key[..], encoded)?;
+            }
             Ok((charge, bytes))
         });
         let refusal = |code, reason: String| Ok(Err(Refusal::new(code, reason)));
@@ -327,6 +459,9 @@ impl PrivacyLedger {
                 | Stop::StudyExhausted { .. }
                 | Stop::DatasetExhausted { .. }),
             )) => Ok(Err(exhausted(stop, &request))),
+            Err(TransactionError::Abort(Stop::Fit(problem))) => {
+                refusal(RefusalCode::FitStepRefused, problem.to_string())
+            }
             Err(TransactionError::Abort(Stop::Corrupt(what))) => Err(NodeError::CorruptStore {
                 what: what.into(),
                 reason: "undecodable value".into(),
@@ -548,6 +683,13 @@ impl PrivacyLedger {
                 pruned += 1;
             }
         }
+        for item in self.store.fits.iter() {
+            let (key, bytes) = item?;
+            if decode_fit(&bytes).is_some_and(|r| r.expires_at < horizon) {
+                self.store.fits.remove(key)?;
+                pruned += 1;
+            }
+        }
         // A settled round is kept while its request can still be answered or unmasked.
         for item in self.store.rounds.iter() {
             let (key, value) = item?;
@@ -595,6 +737,7 @@ mod tests {
                 budget: MicroRho(budget),
                 study_budget: None,
                 dataset_budget: None,
+                fit: FitLink::None,
             }
         }
     }

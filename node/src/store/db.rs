@@ -74,6 +74,8 @@ pub struct NodeStore {
     pub(crate) nonces: sled::Tree,
     pub(crate) requests: sled::Tree,
     pub(crate) rounds: sled::Tree,
+    /// Logistic fits accepted, for binding their later steps.
+    pub(crate) fits: sled::Tree,
     pub(crate) audit: sled::Tree,
     pub(crate) meta: sled::Tree,
     /// Shared by every clone: concurrent flushes are coalesced into one fsync.
@@ -218,6 +220,7 @@ impl NodeStore {
             nonces: db.open_tree("nonces")?,
             requests: db.open_tree("requests")?,
             rounds: db.open_tree("rounds")?,
+            fits: db.open_tree("fits")?,
             audit: db.open_tree("audit")?,
             meta: db.open_tree("meta")?,
             path: path.to_path_buf(),

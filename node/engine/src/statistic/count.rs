@@ -41,7 +41,9 @@ pub(crate) fn counts_rows(query: &Query, patient_view: bool) -> bool {
         | Aggregate::Sum { .. }
         | Aggregate::Mean { .. }
         | Aggregate::Quantile { .. }
-        | Aggregate::KaplanMeier { .. } => false,
+        | Aggregate::KaplanMeier { .. }
+        | Aggregate::LinearRegression { .. }
+        | Aggregate::LogisticRegression { .. } => false,
     }
 }
 

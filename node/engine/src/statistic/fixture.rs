@@ -119,6 +119,7 @@ pub(crate) fn pooled(
                 value: value(matching[i]),
                 cell: cell(matching[i]),
                 event: false,
+                terms: Vec::new(),
             })
             .collect();
         if !rows.is_empty() {

@@ -45,7 +45,9 @@ fn fraction(query: &Query) -> f64 {
         | Aggregate::CountRows
         | Aggregate::Sum { .. }
         | Aggregate::Mean { .. }
-        | Aggregate::KaplanMeier { .. } => 0.5,
+        | Aggregate::KaplanMeier { .. }
+        | Aggregate::LinearRegression { .. }
+        | Aggregate::LogisticRegression { .. } => 0.5,
     }
 }
 
@@ -282,6 +284,7 @@ mod tests {
                         value: Some(*age),
                         cell: None,
                         event: false,
+                        terms: Vec::new(),
                     }]
                 })
                 .collect(),

@@ -35,6 +35,9 @@ pub(crate) fn bind_measure(query: &Query, binder: &Binder<'_>) -> Result<Measure
         Aggregate::KaplanMeier { .. } => Err(SchemaError::Unsupported(
             "a survival curve reads time columns, not one measure".into(),
         )),
+        Aggregate::LinearRegression { .. } | Aggregate::LogisticRegression { .. } => Err(
+            SchemaError::Unsupported("a regression reads its terms, not one measure".into()),
+        ),
     }
 }
 

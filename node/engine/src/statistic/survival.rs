@@ -190,7 +190,9 @@ fn survival_of(query: &Query) -> Option<(&[String], &renkei_protocol::Filter, us
         | Aggregate::CountRows
         | Aggregate::Sum { .. }
         | Aggregate::Mean { .. }
-        | Aggregate::Quantile { .. } => None,
+        | Aggregate::Quantile { .. }
+        | Aggregate::LinearRegression { .. }
+        | Aggregate::LogisticRegression { .. } => None,
     }
 }
 
