@@ -103,6 +103,19 @@ pub fn table(answer: &FederatedAnswer, out: &mut dyn Write) -> io::Result<()> {
             "quoted    {} of {asked} node(s); nothing was spent",
             answer.quotes.len()
         )?;
+    } else if let Some(fit) = &answer.fit {
+        // A fit's later steps are charged nothing: what each node charged was at the first.
+        let charged = fit
+            .rho_charged
+            .iter()
+            .map(|(_, rho)| *rho)
+            .fold(0.0, f64::max);
+        writeln!(
+            out,
+            "answered  {} of {asked} node(s) at the last of {} step(s); privacy spent at each: rho {charged} (all of it at the fit's first step)",
+            answer.answered.len(),
+            fit.requests.len()
+        )?;
     } else {
         writeln!(
             out,

@@ -141,7 +141,9 @@ pub fn fit_step_budgets(total: u64, iterations: u8) -> Vec<u64> {
 /// `iterations` steps. The last step's noise is what remains in the estimate: it takes a
 /// third. The step before it sets where the last one starts, and its error enters the
 /// estimate squared: it takes a sixth. The earlier ones, whose errors the next steps
-/// correct, share the other half equally. Fewer steps share alike.
+/// correct, share the other half equally. Fewer steps share alike. (Half for the last step
+/// lowered the error at rho 1 by a fifth but left a quarter of per-site fits unconverged
+/// or undefined: BENCHMARKS.md.)
 pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
     let steps = usize::from(iterations.max(1));
     let weights: Vec<u64> = match steps {

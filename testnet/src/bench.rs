@@ -15,6 +15,12 @@
 //! - [`survival`]: Kaplan–Meier curves asked of N nodes per site and as secure totals,
 //!   against lifelines' curves on the pooled patients and one central mechanism.
 //!
+//! - [`regression`]: a logistic fit asked of N nodes per site and as a secure total, and
+//!   fitted from the pooled exact statistics with one central mechanism per step, against
+//!   statsmodels' non-private fit on the pooled patients (largest coefficient error,
+//!   coverage of the noise intervals, interval width), and the wall time of a fit against
+//!   statsmodels' on the pooled data.
+//!
 //! DuckDB runs through its Python package: the bench installs it into a virtual environment
 //! of its own when `python3` lacks it (see [`python`]; set `RENKEI_BENCH_PYTHON` to choose
 //! the interpreter). A missing tool is reported, not fatal.
@@ -1009,5 +1015,317 @@ pub async fn survival(
         repetitions,
         rho: rho.as_rho(),
         curves: report,
+    })
+}
+
+/// The regression bench's model: which comorbidities raise the odds of severe COVID-19,
+/// adjusted for age and sex (six covariates), with the DuckDB query listing the same terms
+/// for statsmodels.
+pub const REGRESSION_MODEL: (&str, &str) = (
+    "SELECT LOGISTIC_REGRESSION(severity IN ('severe', 'critical'), age, diabetes, \
+     hypertension, obesity, cardiovascular_disease, sex = 'male') FROM patients",
+    "SELECT CAST(severity IN ('severe', 'critical') AS DOUBLE), age, CAST(diabetes AS DOUBLE), \
+     CAST(hypertension AS DOUBLE), CAST(obesity AS DOUBLE), \
+     CAST(cardiovascular_disease AS DOUBLE), CAST(sex = 'male' AS DOUBLE) FROM patients",
+);
+
+/// Ten covariates, for the speed figure.
+pub const REGRESSION_MODEL_10: (&str, &str) = (
+    "SELECT LOGISTIC_REGRESSION(severity IN ('severe', 'critical'), age, diabetes, \
+     hypertension, obesity, cardiovascular_disease, chronic_lung_disease, kidney_disease, \
+     cancer, sex = 'male', age >= 65) FROM patients",
+    "SELECT CAST(severity IN ('severe', 'critical') AS DOUBLE), age, CAST(diabetes AS DOUBLE), \
+     CAST(hypertension AS DOUBLE), CAST(obesity AS DOUBLE), \
+     CAST(cardiovascular_disease AS DOUBLE), CAST(chronic_lung_disease AS DOUBLE), \
+     CAST(kidney_disease AS DOUBLE), CAST(cancer AS DOUBLE), CAST(sex = 'male' AS DOUBLE), \
+     CAST(age >= 65 AS DOUBLE) FROM patients",
+);
+
+/// How close one mode's fits come to statsmodels' on the pooled patients.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FitAccuracy {
+    /// Per fit, the largest |β − statsmodels β| over the covariates (log-odds per unit of
+    /// each); its mean and worst over the fits.
+    pub max_coefficient_error_mean: f64,
+    pub max_coefficient_error_worst: f64,
+    /// Share of (fit, coefficient) pairs, intercept included, whose noise interval
+    /// (`estimate ± 1.96 noise_std_error`) holds statsmodels' coefficient.
+    pub noise_interval_coverage: f64,
+    /// The same for the reported 95% interval (sampling and noise together).
+    pub ci95_coverage: f64,
+    /// renkei's 95% interval width over statsmodels' (`2 · 1.96 · bse`), averaged over the
+    /// covariates and fits.
+    pub width_ratio_to_statsmodels: f64,
+    /// Share of fits that said they converged.
+    pub converged: f64,
+    /// Fits that gave no estimate (a matrix not positive definite, a divergence).
+    pub failed: usize,
+    /// Wall time of one whole fit (all its steps), median.
+    pub p50_ms: f64,
+}
+
+/// The regression bench's report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RegressionBench {
+    pub nodes: usize,
+    pub patients: usize,
+    pub covariates: usize,
+    pub repetitions: usize,
+    pub rho: f64,
+    pub iterations: u8,
+    pub per_site: FitAccuracy,
+    pub secure: FitAccuracy,
+    pub central: FitAccuracy,
+    /// Mean largest error, secure over central.
+    pub ratio_secure_to_central: f64,
+    /// statsmodels' `Logit.fit` on the pooled rows, the fit alone (loading excluded).
+    pub statsmodels_fit_ms: f64,
+    /// The pooled rows statsmodels fitted.
+    pub pooled_patients: usize,
+}
+
+/// Tallies fits against the pooled reference.
+#[derive(Default)]
+struct FitTally {
+    errors: Vec<f64>,
+    noise_covered: usize,
+    ci_covered: usize,
+    pairs: usize,
+    widths: Vec<f64>,
+    converged: usize,
+    fits: usize,
+    failed: usize,
+    latency: Vec<Duration>,
+}
+
+impl FitTally {
+    fn add(&mut self, fit: Option<&renkei_engine::Regression>, params: &[f64], bse: &[f64]) {
+        self.fits += 1;
+        let Some(fit) = fit else {
+            self.failed += 1;
+            return;
+        };
+        self.converged += usize::from(fit.converged);
+        let mut largest: f64 = 0.0;
+        for (i, (c, (p, se))) in fit
+            .coefficients
+            .iter()
+            .zip(params.iter().zip(bse))
+            .enumerate()
+        {
+            self.pairs += 1;
+            let off = (c.estimate - p).abs();
+            self.noise_covered += usize::from(off <= renkei_engine::Z_95 * c.noise_std_error);
+            self.ci_covered += usize::from(c.ci95[0] <= *p && *p <= c.ci95[1]);
+            if i > 0 {
+                largest = largest.max(off);
+                self.widths
+                    .push((c.ci95[1] - c.ci95[0]) / (2.0 * renkei_engine::Z_95 * se));
+            }
+        }
+        self.errors.push(largest);
+    }
+
+    fn report(mut self) -> FitAccuracy {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        FitAccuracy {
+            max_coefficient_error_mean: mean(&self.errors),
+            max_coefficient_error_worst: self.errors.iter().copied().fold(0.0, f64::max),
+            noise_interval_coverage: self.noise_covered as f64 / self.pairs.max(1) as f64,
+            ci95_coverage: self.ci_covered as f64 / self.pairs.max(1) as f64,
+            width_ratio_to_statsmodels: mean(&self.widths),
+            converged: self.converged as f64 / self.fits.max(1) as f64,
+            failed: self.failed,
+            p50_ms: if self.latency.is_empty() {
+                0.0
+            } else {
+                percentile(&mut self.latency, 0.5)
+            },
+        }
+    }
+}
+
+/// One fit from the pooled exact statistics of `datasets`, each step noised once by a
+/// central mechanism at its share of `rho`: what a trusted curator holding every
+/// hospital's patients would release.
+fn central_fit(
+    datasets: &[Arc<Dataset>],
+    query: &renkei_protocol::Query,
+    rho: MicroRho,
+) -> anyhow::Result<Option<renkei_engine::Regression>> {
+    let renkei_protocol::Aggregate::LogisticRegression { iterations, .. } = &query.aggregate else {
+        anyhow::bail!("the bench fits a logistic regression");
+    };
+    let budgets = renkei_protocol::query::fit_step_budgets(rho.0, *iterations);
+    let mut query = query.clone();
+    for budget in budgets {
+        let mut pooled: Option<(Vec<renkei_protocol::TermScale>, Vec<i64>)> = None;
+        let mut sensitivity = 0.0;
+        for dataset in datasets {
+            let compiled = dataset.compile(&query)?;
+            sensitivity = compiled.parts()[0].sensitivity;
+            let renkei_protocol::Release::Regression { terms, values } =
+                compiled.unnoised_release(dataset.evaluate(&compiled))
+            else {
+                anyhow::bail!("not a regression's sums");
+            };
+            pooled = Some(match pooled {
+                None => (terms, values),
+                Some((terms, sums)) => (
+                    terms,
+                    sums.iter().zip(&values).map(|(a, b)| a + b).collect(),
+                ),
+            });
+        }
+        let (terms, sums) = pooled.context("no node")?;
+        let mechanism = renkei_node::privacy::dp::Calibration::for_request(
+            PrivacyRequest::Zcdp {
+                rho: MicroRho(budget),
+            },
+            sensitivity,
+            1e-6,
+        )?;
+        let release = renkei_protocol::Release::Regression {
+            terms,
+            values: mechanism.release(sums)?,
+        };
+        let site = renkei_engine::SiteRelease {
+            release: &release,
+            value_scale: 0,
+            min_cell_size: 0,
+            noise_std: mechanism.noise_std,
+            count_noise_std: None,
+        };
+        let combined =
+            renkei_engine::statistic::combine(&query, &[site]).context("the release combines")?;
+        let Some(fit) = combined.regression else {
+            return Ok(None);
+        };
+        match (&mut query.aggregate, &fit.next_step) {
+            (renkei_protocol::Aggregate::LogisticRegression { step, .. }, Some(next)) => {
+                *step = renkei_protocol::FitStep {
+                    fit: Some(renkei_protocol::RequestId([0; 16])),
+                    iteration: step.iteration + 1,
+                    coefficients: next.clone(),
+                };
+            }
+            _ => return Ok(Some(fit)),
+        }
+    }
+    Ok(None)
+}
+
+/// A logistic fit asked `repetitions` times per site and as a secure total (alternating)
+/// at `rho` per fit, and fitted as often from the pooled statistics with central noise,
+/// against statsmodels' fit on the pooled patients; with ten covariates when `wide`.
+pub async fn regression(
+    dir: &Path,
+    nodes: usize,
+    patients: usize,
+    repetitions: usize,
+    rho: MicroRho,
+    wide: bool,
+) -> anyhow::Result<RegressionBench> {
+    anyhow::ensure!(nodes >= 2, "a secure total needs at least two nodes");
+    let python = python_importing(&["duckdb", "statsmodels"]).context(
+        "the regression bench needs Python with duckdb and statsmodels (set RENKEI_BENCH_PYTHON)",
+    )?;
+    let (renkei_sql, duckdb_sql) = if wide {
+        REGRESSION_MODEL_10
+    } else {
+        REGRESSION_MODEL
+    };
+    let config = crate::TestnetConfig {
+        nodes,
+        patients,
+        full_data_patients: 0,
+        budget: MicroRho(1_000_000 * MicroRho::PER_RHO),
+        limits: QueryLimits {
+            max_rho_per_query: MicroRho(10 * MicroRho::PER_RHO),
+            ..QueryLimits::default()
+        },
+        ..crate::TestnetConfig::new(dir.join("net"))
+    };
+    let testnet = crate::Testnet::start(config).await?;
+    let fits = [crate::reference::FitSql {
+        sql: duckdb_sql,
+        model: "logit",
+    }];
+    let spec = crate::reference::spec(&testnet, &[], &[], &fits)?;
+    let references = crate::reference::run(Path::new(&python), dir, &spec)?;
+    let reference = references.first().context("no reference fit")?;
+    let (params, bse, pooled_patients) = crate::reference::fit(reference)?;
+    let statsmodels_fit_ms = reference["fit"]["seconds"].as_f64().unwrap_or(f64::NAN) * 1e3;
+    let key = SecretKey::read_file(&testnet.consortium.researcher_key)?;
+    let policy = SignedPolicy::read_file(&testnet.consortium.policy)?.verify_self_anchored()?;
+    let session = ResearcherSession::new(key, policy, NetworkClient::start(None).await?);
+    let addresses = testnet.addresses();
+    let per_site = QueryOptions {
+        privacy: PrivacyRequest::Zcdp { rho },
+        secure: false,
+        deadline: Duration::from_secs(600),
+        ..session.default_options()?
+    };
+    let secure = QueryOptions {
+        secure: true,
+        ..per_site.clone()
+    };
+    let query = renkei_aggregator::sql::compile(renkei_sql)?;
+    let iterations = match &query.aggregate {
+        renkei_protocol::Aggregate::LogisticRegression { iterations, .. } => *iterations,
+        _ => 0,
+    };
+    let covariates = match &query.aggregate {
+        renkei_protocol::Aggregate::LogisticRegression { covariates, .. } => covariates.len(),
+        _ => 0,
+    };
+    let datasets: Vec<Arc<Dataset>> = (0..nodes)
+        .map(|i| {
+            testnet
+                .running(i)
+                .map(|node| node.desk().dataset())
+                .context("every node runs")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (mut per_site_tally, mut secure_tally, mut central_tally) = (
+        FitTally::default(),
+        FitTally::default(),
+        FitTally::default(),
+    );
+    for _ in 0..repetitions {
+        for (options, tally) in [
+            (&per_site, &mut per_site_tally),
+            (&secure, &mut secure_tally),
+        ] {
+            let start = Instant::now();
+            let answer = session.query(&addresses, renkei_sql, options).await?;
+            tally.latency.push(start.elapsed());
+            tally.add(answer.regression.as_ref(), &params, &bse);
+        }
+        let start = Instant::now();
+        let central = central_fit(&datasets, &query, rho)?;
+        central_tally.latency.push(start.elapsed());
+        central_tally.add(central.as_ref(), &params, &bse);
+    }
+    testnet.shutdown().await;
+    let (per_site, secure, central) = (
+        per_site_tally.report(),
+        secure_tally.report(),
+        central_tally.report(),
+    );
+    Ok(RegressionBench {
+        nodes,
+        patients,
+        covariates,
+        repetitions,
+        rho: rho.as_rho(),
+        iterations,
+        ratio_secure_to_central: secure.max_coefficient_error_mean
+            / central.max_coefficient_error_mean,
+        per_site,
+        secure,
+        central,
+        statsmodels_fit_ms,
+        pooled_patients,
     })
 }

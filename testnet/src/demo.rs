@@ -50,7 +50,7 @@ pub const SECURE_DEMO_QUERIES: &[&str] = &[
 /// Which comorbidities raise the odds of severe COVID-19, adjusted for age and sex: a
 /// logistic fit by Newton steps over the network, asked as a secure total.
 pub const REGRESSION_DEMO_QUERY: &str = "SELECT LOGISTIC_REGRESSION(severity IN ('severe', 'critical'), \
-    age, diabetes, hypertension, obesity, sex = 'male') FROM patients";
+    age, diabetes, hypertension, sex = 'male') FROM patients";
 
 /// The regression's budget per node: a fit of several steps needs more than one count.
 pub const REGRESSION_DEMO_RHO: renkei_protocol::MicroRho = renkei_protocol::MicroRho(1_000_000);
@@ -68,6 +68,8 @@ pub struct DemoRow {
     pub survival: Option<Survival>,
     /// A regression's coefficients.
     pub regression: Option<Regression>,
+    /// Why there is no estimate, if so.
+    pub note: Option<String>,
     pub answered: Vec<String>,
     pub missing_or_refused: Vec<String>,
     /// Per-site answers added up, or a secure total (no hospital's own answer visible).
@@ -120,6 +122,7 @@ async fn ask_all(testnet: &Testnet) -> anyhow::Result<Vec<DemoRow>> {
             groups: answer.groups,
             survival: answer.survival,
             regression: answer.regression,
+            note: answer.note,
             answered: answer
                 .answered
                 .iter()

@@ -122,6 +122,25 @@ enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// A logistic fit per site, secure and with central noise, against statsmodels on the
+    /// pooled patients.
+    Regression {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 6_000)]
+        patients: usize,
+        /// Fits in each mode.
+        #[arg(long, default_value_t = 30)]
+        repetitions: usize,
+        /// zCDP rho of each fit, over all its steps.
+        #[arg(long, default_value = "1")]
+        rho: String,
+        /// Ten covariates instead of six (the speed figure).
+        #[arg(long)]
+        wide: bool,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn init_tracing() {
@@ -292,6 +311,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let report =
                         renkei_testnet::bench::survival(&dir, nodes, patients, repetitions, rho)
                             .await?;
+                    serde_json::to_string_pretty(&report)?
+                }
+                BenchCommand::Regression {
+                    nodes,
+                    patients,
+                    repetitions,
+                    rho,
+                    wide,
+                    dir,
+                } => {
+                    let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
+                    let rho = rho_arg(&rho)?;
+                    let report = renkei_testnet::bench::regression(
+                        &dir,
+                        nodes,
+                        patients,
+                        repetitions,
+                        rho,
+                        wide,
+                    )
+                    .await?;
                     serde_json::to_string_pretty(&report)?
                 }
             };

@@ -15,6 +15,7 @@ same name wins), as a node's timepoint view has them.
 import decimal
 import json
 import sys
+import time
 
 import duckdb
 
@@ -140,13 +141,21 @@ def fit(con, model):
     ]
     data = numpy.array(rows, dtype=float)
     outcome, design = data[:, 0], sm.add_constant(data[:, 1:], has_constant="add")
+    started = time.perf_counter()
     if model["model"] == "ols":
         result = sm.OLS(outcome, design).fit()
     elif model["model"] == "logit":
         result = sm.Logit(outcome, design).fit(disp=0, maxiter=100, tol=1e-12)
     else:
         raise ValueError(f"unknown model {model['model']}")
-    return {"params": result.params.tolist(), "bse": result.bse.tolist(), "n": len(rows)}
+    bse = result.bse.tolist()
+    seconds = time.perf_counter() - started
+    return {
+        "params": result.params.tolist(),
+        "bse": bse,
+        "n": len(rows),
+        "seconds": seconds,
+    }
 
 
 def main():

@@ -63,7 +63,10 @@ async fn the_demo_answers_every_question() {
                 }
             }
             (TrueValue::Coefficients(pooled), None) => {
-                let fit = row.regression.as_ref().unwrap();
+                let fit = row
+                    .regression
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{}: {:?}", row.sql, row.note));
                 assert!(fit.converged, "{}", row.sql);
                 for (c, truth) in fit.coefficients.iter().zip(pooled) {
                     // Widened 2x around the interval.

@@ -213,11 +213,29 @@ async fn nodes_refuse_steps_of_no_fit_they_accepted() {
     assert_eq!(code, RefusalCode::FitStepRefused, "{reason}");
     assert!(reason.contains("never accepted"), "{reason}");
 
-    // Open a fit at the first node only (its first step, asked alone).
+    // Open a fit at the first node only: its first step, sent alone (the aggregator's
+    // fan-out would go on with the later steps itself).
     let opening = sign(with_step(FitStep::default()), &options);
-    let opened = within("a fit's first step", ask(opening.clone())).await;
-    assert_eq!(opened.answered.len(), 1, "{opened:#?}");
-    assert_eq!(opened.answered[0].rho, MicroRho(100_000));
+    let encoded = renkei_protocol::EncodedRequest::encode(&opening.envelope).unwrap();
+    let opened = within(
+        "a fit's first step",
+        session.client().ask(
+            nodes[0].peer_id,
+            nodes[0].address.clone(),
+            encoded,
+            Duration::from_secs(10),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(opened, renkei_protocol::QueryResponse::Answered(_)),
+        "{opened:?}"
+    );
+    assert_eq!(
+        spent(testnet, 0, &session, &options.study),
+        MicroRho(100_000)
+    );
     let step = |iteration| FitStep {
         fit: Some(opening.request.request_id),
         iteration,

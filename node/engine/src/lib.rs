@@ -41,6 +41,12 @@
 //! registry lines (sum and mean per cell), the SQL arm that lets GROUP BY take them, and
 //! `Release::Cells` / `MaskedShape::Cells`.
 //!
+//! A statistic asked over several requests (`statistic/regression.rs`: a logistic fit's
+//! Newton steps) names its step in the query itself (`FitStep`, the coefficients to
+//! evaluate at), so each step binds and evaluates like any query; its combination names the
+//! next step's coefficients. Only the node's charge differs: its ledger charges the first
+//! step for all and binds the later ones to it.
+//!
 //! Noise calibration needs nothing new: the node gives each part its own mechanism (the
 //! budget split evenly, [`statistic::split_budget`]), per site or as a secure share.
 

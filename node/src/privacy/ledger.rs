@@ -989,4 +989,96 @@ mod tests {
             MicroRho(1)
         );
     }
+
+    #[test]
+    fn a_fit_is_charged_once_and_each_step_released_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, _) = NodeHome::init(dir.path()).unwrap();
+        let f = Fixture::new();
+        let ledger = PrivacyLedger::new(home.open_store().unwrap());
+        let identity = [3; 32];
+        let fit = f.ids[0];
+        let opening = ChargeRequest {
+            fit: FitLink::Opens {
+                identity,
+                iterations: 3,
+            },
+            ..f.request(0, 60, 100)
+        };
+        ledger.admit(opening, &answer).unwrap().unwrap();
+        let step = |i: usize, iteration: u8, identity: [u8; 32]| ChargeRequest {
+            fit: FitLink::Continues {
+                fit,
+                iteration,
+                identity,
+                issued_at: 500,
+                iterations: 3,
+            },
+            ..f.request(i, 0, 100)
+        };
+        // Step 1 is admitted at no charge; its resend returns the same answer.
+        let first = ledger
+            .admit(step(1, 1, identity), &answer)
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(first, Admission::Recorded { charge, .. } if charge.spent == MicroRho(60))
+        );
+        let again = ledger
+            .admit(step(1, 1, identity), &answer)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(again, Admission::Answered(_)));
+        // Step 1 under another request, another question, a step past the last, a fit
+        // never opened: refused, and nothing more is spent.
+        for (request, says) in [
+            (step(2, 1, identity), "already answered"),
+            (step(3, 2, [4; 32]), "another question"),
+            (step(4, 3, identity), "past its last"),
+        ] {
+            let refusal = ledger.admit(request, &answer).unwrap().unwrap_err();
+            assert_eq!(refusal.code, RefusalCode::FitStepRefused);
+            assert!(refusal.reason.contains(says), "{}", refusal.reason);
+        }
+        let unknown = ChargeRequest {
+            fit: FitLink::Continues {
+                fit: f.ids[9],
+                iteration: 1,
+                identity,
+                issued_at: 500,
+                iterations: 3,
+            },
+            ..f.request(5, 0, 100)
+        };
+        let refusal = ledger.admit(unknown, &answer).unwrap().unwrap_err();
+        assert!(
+            refusal.reason.contains("never accepted"),
+            "{}",
+            refusal.reason
+        );
+        // A step signed after the fit's window closed.
+        let late = ChargeRequest {
+            fit: FitLink::Continues {
+                fit,
+                iteration: 2,
+                identity,
+                issued_at: 2_000,
+                iterations: 3,
+            },
+            ..f.request(6, 0, 100)
+        };
+        let refusal = ledger.admit(late, &answer).unwrap().unwrap_err();
+        assert!(refusal.reason.contains("expired"), "{}", refusal.reason);
+        assert_eq!(
+            ledger.spent(&f.researcher, "severity").unwrap(),
+            MicroRho(60)
+        );
+        // Pruned with its request once expired.
+        ledger.prune_expired(10_000).unwrap();
+        let after = ledger
+            .admit(step(7, 2, identity), &answer)
+            .unwrap()
+            .unwrap_err();
+        assert!(after.reason.contains("never accepted"), "{}", after.reason);
+    }
 }

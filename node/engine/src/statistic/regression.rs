@@ -662,12 +662,18 @@ fn newton_step(
     let n = totals[0];
     let score = &totals[1..=d];
     let information = symmetric(&totals[1 + d..], d);
-    let chol = Cholesky::of(&information).ok_or_else(|| not_definite(n, d - 1, "information"))?;
-    let change = if last {
-        chol.solve(score)
+    // Before the last step the matrix is guarded (so a noisy one that is not positive
+    // definite may still point the way); the last step's must be, as it stands.
+    let information = if last {
+        information
     } else {
-        guarded_step(&information, score, variance).unwrap_or_else(|| chol.solve(score))
+        guarded(&information, variance)
     };
+    let chol = Cholesky::of(&information).ok_or_else(|| not_definite(n, d - 1, "information"))?;
+    let mut change = chol.solve(score);
+    if !last {
+        shorten(&mut change);
+    }
     let next: Vec<f64> = at.iter().zip(&change).map(|(b, c)| b + c).collect();
     if next.iter().any(|b| !b.is_finite() || b.abs() > DIVERGED) {
         return Err(format!(
@@ -723,17 +729,16 @@ fn newton_step(
 /// Largest change a step before the last may make to a coefficient on the scaled terms.
 const MAX_STEP: f64 = 2.0;
 
-/// A step before the last, guarded against the noise in the information matrix: the
-/// matrix plus `2σ√d` on its diagonal (about the spectral norm of the noise a symmetric
-/// matrix of `d` rows with noise `σ` per number carries), so a direction the noise nearly
-/// flattened is not taken as one with no curvature; and the whole step shortened so no
-/// coefficient moves by more than [`MAX_STEP`]. Neither changes where the steps stop (where
-/// the score is 0); the last step is a plain Newton step, whose noise the standard errors
-/// describe.
-fn guarded_step(information: &[Vec<f64>], score: &[f64], variance: f64) -> Option<Vec<f64>> {
+/// The information matrix of a step before the last, guarded against its noise: plus
+/// `2σ√d` on its diagonal (about the spectral norm of the noise a symmetric matrix of `d`
+/// rows with noise `σ` per number carries), so a direction the noise nearly flattened, or
+/// turned negative, is not taken as one with no curvature. This does not change where the
+/// steps stop (where the score is 0); the last step is a plain Newton step, whose noise
+/// the standard errors describe.
+fn guarded(information: &[Vec<f64>], variance: f64) -> Vec<Vec<f64>> {
     let d = information.len();
     let ridge = 2.0 * variance.sqrt() * (d as f64).sqrt();
-    let damped: Vec<Vec<f64>> = information
+    information
         .iter()
         .enumerate()
         .map(|(i, row)| {
@@ -742,15 +747,17 @@ fn guarded_step(information: &[Vec<f64>], score: &[f64], variance: f64) -> Optio
                 .map(|(j, v)| if i == j { v + ridge } else { *v })
                 .collect()
         })
-        .collect();
-    let mut change = Cholesky::of(&damped)?.solve(score);
+        .collect()
+}
+
+/// A step before the last, shortened so no coefficient moves by more than [`MAX_STEP`].
+fn shorten(change: &mut [f64]) {
     let longest = change.iter().fold(0f64, |m, c| m.max(c.abs()));
     if longest > MAX_STEP {
-        for c in &mut change {
+        for c in change.iter_mut() {
             *c *= MAX_STEP / longest;
         }
     }
-    Some(change)
 }
 
 fn sigmoid(eta: f64) -> f64 {
