@@ -138,12 +138,12 @@ pub fn fit_step_budgets(total: u64, iterations: u8) -> Vec<u64> {
 }
 
 /// Each step's share of a fit's privacy budget, in millionths of the whole, for a fit of
-/// `iterations` steps. The last step's noise is what remains in the estimate: it takes a
-/// third. The step before it sets where the last one starts, and its error enters the
+/// `iterations` steps. The last step's noise is what remains in the estimate: it takes
+/// half. The step before it sets where the last one starts, and its error enters the
 /// estimate squared: it takes a sixth. The earlier ones, whose errors the next steps
-/// correct, share the other half equally. Fewer steps share alike. (Half for the last step
-/// lowered the error at rho 1 by a fifth but left a quarter of per-site fits unconverged
-/// or undefined: BENCHMARKS.md.)
+/// correct (their matrices guarded against noise), share the other third equally. Fewer
+/// steps share alike. (A third for the last step measured a tenth more error at rho 1:
+/// BENCHMARKS.md.)
 pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
     let steps = usize::from(iterations.max(1));
     let weights: Vec<u64> = match steps {
@@ -152,9 +152,9 @@ pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
         _ => {
             // In 6ths of the whole, scaled by the early steps' count so all are whole.
             let early = steps as u64 - 2;
-            let mut weights = vec![3; steps - 2];
+            let mut weights = vec![2; steps - 2];
             weights.push(early);
-            weights.push(2 * early);
+            weights.push(3 * early);
             weights
         }
     };

@@ -122,8 +122,8 @@ async fn regressions_per_site_and_as_secure_totals() {
         let total: f64 = steps.rho_per_step.iter().sum();
         assert!((total - 1.0).abs() < 1e-9);
         assert!(
-            (steps.rho_per_step[9] - 1.0 / 3.0).abs() < 1e-4,
-            "the last step takes a third"
+            (steps.rho_per_step[9] - 0.5).abs() < 1e-4,
+            "the last step takes half"
         );
         // Charged at the first step, for the whole fit; the last step's answers cost 0.
         for (_, rho) in &steps.rho_charged {

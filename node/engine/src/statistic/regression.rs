@@ -27,7 +27,7 @@
 //! side takes the Newton step `β + I⁻¹U` and names it as the next step's coefficients; the
 //! last step's is the estimate. Newton's map has zero derivative at the optimum, so the
 //! earlier steps' noise leaves the estimate to first order, and the last step's noise is
-//! what remains: it takes a third of the fit's budget, the step before it a sixth
+//! what remains: it takes half of the fit's budget, the step before it a sixth
 //! ([`renkei_protocol::query::fit_step_shares`]).
 //!
 //! **Uncertainty.** The standard errors add the sampling covariance (`s²(XᵀX)⁻¹` for a
