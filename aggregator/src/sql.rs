@@ -650,7 +650,7 @@ fn function_aggregate(
             let p = match list.args.as_slice() {
                 [FunctionArg::Unnamed(FunctionArgExpr::Expr(expr))] => match literal(expr)? {
                     Literal::Decimal(d) => renkei_protocol::query::Decimal::to_per_mille(&d),
-                    _ => None,
+                    Literal::Integer(_) | Literal::Text(_) | Literal::Bool(_) => None,
                 },
                 _ => None,
             };
@@ -720,7 +720,7 @@ fn regression(
                 let max = renkei_protocol::query::MAX_FIT_ITERATIONS;
                 let steps = match literal(expr)? {
                     Literal::Integer(n) => u8::try_from(n).ok().filter(|n| (1..=max).contains(n)),
-                    _ => None,
+                    Literal::Decimal(_) | Literal::Text(_) | Literal::Bool(_) => None,
                 };
                 iterations = Some(steps.ok_or_else(|| {
                     SqlError::at(

@@ -141,8 +141,8 @@ pub fn fit_step_budgets(total: u64, iterations: u8) -> Vec<u64> {
 /// `iterations` steps. The last step's noise is what remains in the estimate: it takes
 /// half. The step before it sets where the last one starts, and its error enters the
 /// estimate squared: it takes a sixth. The earlier ones, whose errors the next steps
-/// correct (their matrices guarded against noise), share the other third equally. Fewer
-/// steps share alike. (A third for the last step measured a tenth more error at rho 1:
+/// correct (their matrices guarded against noise), share the other third equally. Two steps
+/// take a third and two thirds; one takes all. (A third for the last step measured a tenth more error at rho 1:
 /// BENCHMARKS.md.)
 pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
     let steps = usize::from(iterations.max(1));

@@ -70,7 +70,7 @@ impl QueryDesk {
         if compiled.vector() && matches!(request.privacy, PrivacyRequest::PureDp { .. }) {
             return Err(Refusal::new(
                 RefusalCode::PrivacyParameterOutOfRange,
-                "histograms, quantiles and GROUP BY are released under zCDP only; ask with a rho",
+                "histograms, quantiles, GROUP BY, survival curves and regressions are released under zCDP only; ask with a rho",
             ));
         }
         let parts = compiled.parts();

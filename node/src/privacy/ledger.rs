@@ -287,6 +287,31 @@ pub enum FitProblem {
     Answered(u8),
 }
 
+/// Why a later step (of `identity`, signed at `issued_at`, numbered `iteration`) does not
+/// belong to the fit `record` describes, if it does not. A step already answered is
+/// refused whatever its request id: a resend of the same request is answered from its
+/// request record before this is asked, so the same id here means that record was pruned
+/// (the step's own expiry, which its researcher chose, came first), and answering again
+/// would release the step twice.
+fn fit_problem(
+    record: &FitRecord,
+    identity: [u8; 32],
+    issued_at: u64,
+    iteration: u8,
+) -> Option<FitProblem> {
+    if record.identity != identity {
+        return Some(FitProblem::OtherQuestion);
+    }
+    if issued_at > record.expires_at {
+        return Some(FitProblem::Expired);
+    }
+    match record.steps.get(usize::from(iteration)) {
+        None => Some(FitProblem::PastLast(record.iterations)),
+        Some(Some(_)) => Some(FitProblem::Answered(iteration)),
+        Some(None) => None,
+    }
+}
+
 fn decode_fit(bytes: &[u8]) -> Option<FitRecord> {
     renkei_protocol::codec::decode_limited(bytes, 64 * 1024).ok()
 }
@@ -383,20 +408,7 @@ impl PrivacyLedger {
                         .ok_or(Abort::Abort(Stop::Fit(FitProblem::Unknown)))?;
                     let mut record =
                         decode_fit(&bytes).ok_or(Abort::Abort(Stop::Corrupt("fit record")))?;
-                    let problem = if record.identity != identity {
-                        Some(FitProblem::OtherQuestion)
-                    } else if issued_at > record.expires_at {
-                        Some(FitProblem::Expired)
-                    } else {
-                        match record.steps.get(usize::from(iteration)) {
-                            None => Some(FitProblem::PastLast(record.iterations)),
-                            Some(Some(id)) if id != request.request_id => {
-                                Some(FitProblem::Answered(iteration))
-                            }
-                            Some(_) => None,
-                        }
-                    };
-                    if let Some(problem) = problem {
+                    if let Some(problem) = fit_problem(&record, identity, issued_at, iteration) {
                         return Err(Abort::Abort(Stop::Fit(problem)));
                     }
                     record.steps[usize::from(iteration)] = Some(*request.request_id);
@@ -523,6 +535,34 @@ impl PrivacyLedger {
                 RefusalCode::Replayed,
                 "this request's nonce was already used; sign a new request",
             )));
+        }
+        // A fit's later step is charged nothing, so the budget does not stop it: whether
+        // it belongs to a fit is decided here too, before the data is scanned.
+        if let FitLink::Continues {
+            fit,
+            iteration,
+            identity,
+            issued_at,
+            ..
+        } = request.fit
+        {
+            let key = scoped_key(request.researcher, &fit.0);
+            let problem = match self.store.fits.get(key)? {
+                None => Some(FitProblem::Unknown),
+                Some(bytes) => {
+                    let record = decode_fit(&bytes).ok_or_else(|| NodeError::CorruptStore {
+                        what: format!("fit record {fit}"),
+                        reason: "undecodable".into(),
+                    })?;
+                    fit_problem(&record, identity, issued_at, iteration)
+                }
+            };
+            if let Some(problem) = problem {
+                return Ok(Err(Refusal::new(
+                    RefusalCode::FitStepRefused,
+                    problem.to_string(),
+                )));
+            }
         }
         Ok(self.quote(request)?.map(|_| None))
     }
@@ -1072,6 +1112,38 @@ mod tests {
         assert_eq!(
             ledger.spent(&f.researcher, "severity").unwrap(),
             MicroRho(60)
+        );
+        // Refused before any scan too.
+        let refusal = ledger.precheck(&step(8, 1, identity)).unwrap().unwrap_err();
+        assert!(
+            refusal.reason.contains("already answered"),
+            "{}",
+            refusal.reason
+        );
+        // A step whose own request record was pruned first (its researcher chose an early
+        // expiry) is not released again under the same id.
+        let short = |expires_at| ChargeRequest {
+            expires_at,
+            fit: FitLink::Continues {
+                fit,
+                iteration: 2,
+                identity,
+                issued_at: 500,
+                iterations: 3,
+            },
+            ..f.request(10, 0, 100)
+        };
+        ledger.admit(short(100), &answer).unwrap().unwrap();
+        ledger.prune_expired(500).unwrap();
+        let renewed = ChargeRequest {
+            nonce: &f.ids[11].0,
+            ..short(900)
+        };
+        let refusal = ledger.admit(renewed, &answer).unwrap().unwrap_err();
+        assert!(
+            refusal.reason.contains("already answered"),
+            "{}",
+            refusal.reason
         );
         // Pruned with its request once expired.
         ledger.prune_expired(10_000).unwrap();

@@ -165,10 +165,7 @@ impl ReadDesign<'_> {
     /// A term's value on `row` as the integer `u` of `u / (high − low)` in `[-1, 1]`.
     fn numerator(&self, term: usize, scale: &TermScale, row: usize) -> i64 {
         match &self.terms[term] {
-            ReadTerm::Column(values) => {
-                let value = values.get(row).clamp(scale.low, scale.high);
-                2 * value - scale.low - scale.high
-            }
+            ReadTerm::Column(values) => numerator(values.get(row), scale),
             ReadTerm::Condition(holds) => {
                 if holds.contains(row) {
                     1
@@ -178,6 +175,18 @@ impl ReadDesign<'_> {
             }
         }
     }
+}
+
+/// Widest range a term may span, in stored units: it keeps every product and sum exact
+/// (`rows · width² · FIXED_POINT` stays far below 2^127 for any image's 2^32 rows).
+const MAX_TERM_WIDTH: i128 = 1 << 32;
+
+/// A value as the integer `u` of `u / (high − low)` in `[-1, 1]`, clamped to the bounds
+/// first; exact, as the width is at most [`MAX_TERM_WIDTH`].
+fn numerator(value: i64, scale: &TermScale) -> i64 {
+    let value = i128::from(value.clamp(scale.low, scale.high));
+    let u = 2 * value - i128::from(scale.low) - i128::from(scale.high);
+    i64::try_from(u).unwrap_or(0)
 }
 
 /// A numeric or flag column as a term: its source and bounds.
@@ -194,6 +203,12 @@ fn column_term(binder: &Binder<'_>, name: &str) -> Result<(Source, TermScale), S
             if measure.high <= measure.low {
                 return Err(SchemaError::Value(format!(
                     "`{name}` is declared with one value only; it cannot be a regression term"
+                )));
+            }
+            let width = i128::from(measure.high) - i128::from(measure.low);
+            if width > MAX_TERM_WIDTH {
+                return Err(SchemaError::Value(format!(
+                    "`{name}`'s declared range spans {width} stored units; a regression term may span at most 2^32 (narrower bounds or fewer decimal digits)"
                 )));
             }
             Ok((
@@ -279,10 +294,11 @@ impl Statistic for LinearRegression {
             return Combined::none("not a linear regression");
         };
         let size = covariates.len() + 2;
-        let (scales, totals, variance) = match network_totals(sites, triangle(size)) {
-            Ok(read) => read,
-            Err(note) => return Combined::none(note),
-        };
+        let (scales, totals, variance) =
+            match network_totals(sites, covariates.len() + 1, triangle(size)) {
+                Ok(read) => read,
+                Err(note) => return Combined::none(note),
+            };
         let moments = symmetric(&totals, size);
         match fit_linear(&moments, variance, &scales, &term_names(covariates)) {
             Ok(fit) => with_regression(fit),
@@ -343,7 +359,11 @@ impl Accumulator for LinearFit {
         let scales = self.scales();
         // Denominators of w: 1 for the intercept, high − low for the others.
         let widths: Vec<i128> = std::iter::once(1)
-            .chain(scales.iter().map(|s| i128::from(s.high - s.low)))
+            .chain(
+                scales
+                    .iter()
+                    .map(|s| i128::from(s.high) - i128::from(s.low)),
+            )
             .collect();
         if let Some(read) = self.design.read(cohort) {
             let outcome = cohort.values(self.outcome);
@@ -355,8 +375,8 @@ impl Accumulator for LinearFit {
                     w[t + 1] = i128::from(read.numerator(t, &term.scale, row));
                 }
                 let scale = &self.outcome_scale;
-                let y = outcome.get(row).clamp(scale.low, scale.high);
-                w[k + 1] = i128::from(2 * y - scale.low - scale.high);
+                let y = outcome.get(row);
+                w[k + 1] = i128::from(numerator(y, scale));
                 let mut at = 0;
                 for i in 0..size {
                     for j in i..size {
@@ -525,10 +545,11 @@ impl Statistic for LogisticRegression {
             return Combined::none("not a logistic regression");
         };
         let terms = covariates.len() + 1;
-        let (scales, totals, variance) = match network_totals(sites, LogisticFit::numbers(terms)) {
-            Ok(read) => read,
-            Err(note) => return Combined::none(note),
-        };
+        let (scales, totals, variance) =
+            match network_totals(sites, covariates.len(), LogisticFit::numbers(terms)) {
+                Ok(read) => read,
+                Err(note) => return Combined::none(note),
+            };
         let at = step_coefficients(&step.coefficients, terms);
         let last = step.iteration.saturating_add(1) >= *iterations;
         match newton_step(
@@ -611,7 +632,7 @@ impl Accumulator for LogisticFit {
                 .design
                 .terms
                 .iter()
-                .map(|t| (t.scale.high - t.scale.low) as f64)
+                .map(|t| (i128::from(t.scale.high) - i128::from(t.scale.low)) as f64)
                 .collect();
             let mut x = vec![0.0; d];
             for &row in &read.complete {
@@ -792,6 +813,7 @@ fn sums_shape(terms: Vec<TermScale>, numbers: usize) -> MaskedShape {
 /// point.
 fn network_totals(
     sites: &[SiteRelease<'_>],
+    scaled_terms: usize,
     numbers: usize,
 ) -> Result<(Vec<TermScale>, Vec<f64>, f64), String> {
     let mut scales: Option<&Vec<TermScale>> = None;
@@ -801,7 +823,7 @@ fn network_totals(
         let Release::Regression { terms, values } = site.release else {
             return Err("a node released something else than a regression's sums".into());
         };
-        if values.len() != numbers {
+        if values.len() != numbers || terms.len() != scaled_terms {
             return Err("a node's regression sums do not have the query's shape".into());
         }
         match scales {
@@ -933,14 +955,23 @@ fn coefficients(
                 estimate[i] - Z_95 * std_error,
                 estimate[i] + Z_95 * std_error,
             ];
-            let z = estimate[i] / std_error;
+            // No spread (a noiseless fit of data that fit exactly): no test to report.
+            let z = if std_error > 0.0 {
+                estimate[i] / std_error
+            } else {
+                f64::NAN
+            };
             Coefficient {
                 term: name.clone(),
                 estimate: estimate[i],
                 std_error,
                 noise_std_error,
                 ci95,
-                p_value: 2.0 * normal_upper_tail(z.abs()),
+                p_value: if z.is_nan() {
+                    f64::NAN
+                } else {
+                    2.0 * normal_upper_tail(z.abs())
+                },
                 odds_ratio: (odds && i > 0).then(|| estimate[i].exp()),
                 odds_ratio_ci95: (odds && i > 0).then(|| [ci95[0].exp(), ci95[1].exp()]),
             }
@@ -1551,6 +1582,19 @@ max = 10
         query.filter = Filter::cmp("age", CmpOp::Gt, Literal::Integer(99));
         let combined = LogisticRegression.combine(&query, &[site(&exact(&data, &query), 0.0)]);
         assert!(combined.regression.is_none(), "{combined:?}");
+    }
+
+    #[test]
+    fn a_release_with_other_terms_than_the_query_gives_a_note_not_a_panic() {
+        let data = image(&cohort(200, 11));
+        let Release::Regression { mut terms, values } = exact(&data, &linear()) else {
+            panic!("not a regression");
+        };
+        terms.pop();
+        let odd = Release::Regression { terms, values };
+        let combined = LinearRegression.combine(&linear(), &[site(&odd, 0.0)]);
+        assert!(combined.regression.is_none());
+        assert!(combined.note.unwrap().contains("shape"));
     }
 
     #[test]
