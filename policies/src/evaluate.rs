@@ -166,13 +166,8 @@ impl VerifiedPolicy {
                 .find(|c| !study.columns.iter().any(|allowed| allowed == c))
         {
             // A misspelling reads as a permission problem; say what was probably meant.
-            let nearest = study
-                .columns
-                .iter()
-                .map(|allowed| (edit_distance(allowed, column), allowed))
-                .filter(|(distance, allowed)| *distance <= 2.max(allowed.len() / 4))
-                .min()
-                .map(|(_, allowed)| {
+            let nearest = nearest_name(column, study.columns.iter().map(String::as_str))
+                .map(|allowed| {
                     format!(" (no column `{column}` in this study: did you mean `{allowed}`?)")
                 })
                 .unwrap_or_default();
@@ -239,6 +234,20 @@ fn in_words(query: &Query, aggregation: &str) -> String {
 }
 
 /// Levenshtein distance between two names (short names: the quadratic cost is nothing).
+/// Of `candidates`, the one `name` most probably misspells (within two edits, or a
+/// quarter of its length), if any.
+pub fn nearest_name<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|candidate| (edit_distance(candidate, name), candidate))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 4))
+        .min()
+        .map(|(_, candidate)| candidate)
+}
+
 fn edit_distance(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let mut previous: Vec<usize> = (0..=b.len()).collect();

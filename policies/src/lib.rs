@@ -20,5 +20,5 @@ pub use bundle::{
     AGGREGATIONS, Member, PolicyBundle, QueryLimits, Researcher, SensitiveRule, Study, Timestamp,
 };
 pub use error::PolicyError;
-pub use evaluate::Grant;
+pub use evaluate::{Grant, nearest_name};
 pub use signed::{AdminSignature, SignedPolicy, TrustAnchor, VerifiedPolicy};

@@ -396,6 +396,24 @@ impl<'a> Binder<'a> {
 }
 
 impl Dataset {
+    /// Every view of this dataset's schema with the columns a query may name on it (as a
+    /// study's policy lists them): what the consortium's tools check a study against.
+    pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
+        self.schema
+            .views()
+            .into_iter()
+            .filter_map(|name| {
+                let view = self.view(name).ok()?;
+                let columns = self
+                    .view_columns(view)
+                    .into_iter()
+                    .map(|(column, _, _)| column)
+                    .collect();
+                Some((name.to_string(), columns))
+            })
+            .collect()
+    }
+
     pub(crate) fn view(&self, name: &str) -> Result<View, SchemaError> {
         match name {
             PATIENTS_VIEW => Ok(View::Patients),

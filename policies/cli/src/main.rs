@@ -255,6 +255,10 @@ enum StudyCommand {
         /// Allow only secure totals: no node's own answer is ever visible.
         #[arg(long)]
         secure_only: bool,
+        /// The dataset schema (TOML) the nodes run, to check the study's views and columns
+        /// against [default: the covid19 schema renkei ships].
+        #[arg(long)]
+        schema: Option<PathBuf>,
     },
     /// Add the stricter rule for a sensitive view.
     Sensitive {
@@ -482,8 +486,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     until,
                     sensitive_views,
                     secure_only,
+                    schema,
                 },
         } => edit(&input, |bundle| {
+            check_study_against_schema(schema.as_deref(), &views, &sensitive_views, &columns)?;
             bundle.studies.push(Study {
                 id,
                 title,
@@ -698,4 +704,62 @@ async fn publish(policy: &Path, nodes: &[String], deadline: Duration) -> anyhow:
         }
     }
     Ok(failed)
+}
+
+/// Refuses a study naming a view or column the nodes' dataset schema (`schema`, or the
+/// shipped covid19 one) does not have, saying which and what it probably meant: a bogus
+/// name would otherwise pass in silence and only show as refusals at query time.
+fn check_study_against_schema(
+    schema: Option<&std::path::Path>,
+    views: &[String],
+    sensitive_views: &[String],
+    columns: &[String],
+) -> anyhow::Result<()> {
+    let (schema, source) = match schema {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the schema {}", path.display()))?;
+            let schema = renkei_engine::DatasetSchema::from_toml(&text)
+                .with_context(|| format!("the schema {}", path.display()))?;
+            (schema, path.display().to_string())
+        }
+        None => (
+            renkei_engine::DatasetSchema::covid19()?,
+            "covid19 (pass --schema for another)".to_string(),
+        ),
+    };
+    let catalogue = renkei_engine::Dataset::empty(std::sync::Arc::new(schema)).catalogue();
+    let suggestion = |name: &str, known: &mut dyn Iterator<Item = &str>| {
+        renkei_policies::nearest_name(name, known)
+            .map(|near| format!(" (did you mean `{near}`?)"))
+            .unwrap_or_default()
+    };
+    for view in views.iter().chain(sensitive_views) {
+        if !catalogue.iter().any(|(known, _)| known == view) {
+            let near = suggestion(view, &mut catalogue.iter().map(|(v, _)| v.as_str()));
+            anyhow::bail!(
+                "no view `{view}` in the schema {source}{near}; its views: {}",
+                catalogue
+                    .iter()
+                    .map(|(v, _)| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let known: std::collections::BTreeSet<&str> = catalogue
+        .iter()
+        .filter(|(view, _)| views.contains(view) || sensitive_views.contains(view))
+        .flat_map(|(_, columns)| columns.iter().map(String::as_str))
+        .collect();
+    for column in columns {
+        if !known.contains(column.as_str()) {
+            let near = suggestion(column, &mut known.iter().copied());
+            anyhow::bail!(
+                "no column `{column}` in the study's views ({}) of the schema {source}{near}",
+                views.join(", ")
+            );
+        }
+    }
+    Ok(())
 }

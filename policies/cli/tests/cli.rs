@@ -305,3 +305,99 @@ fn admins_and_the_threshold_are_set_by_command() {
     ]));
     assert!(twice.contains("already an admin"), "{twice}");
 }
+
+/// `study add` checks the study's views and columns against the nodes' schema: a bogus
+/// view or a misspelled column is refused with what was probably meant, and the file is
+/// left as it was.
+#[test]
+fn a_study_naming_what_the_schema_lacks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let admin = stdout(&policy_cli(&["keygen", "--out", &path(d, "admin.key")]));
+    let source = path(d, "policy.toml");
+    stdout(&policy_cli(&[
+        "new",
+        "--consortium",
+        "covid19-test",
+        "--admin",
+        &admin,
+        "--out",
+        &source,
+    ]));
+    let before = std::fs::read_to_string(&source).unwrap();
+    let add = |views: &str, columns: &str| {
+        policy_cli(&[
+            "study",
+            "add",
+            "--in",
+            &source,
+            "--id",
+            "severity",
+            "--title",
+            "Risk factors",
+            "--pi",
+            "Dr. Sato",
+            "--views",
+            views,
+            "--columns",
+            columns,
+            "--budget-per-researcher",
+            "1",
+            "--from",
+            "2026-01-01T00:00:00Z",
+            "--until",
+            "2027-12-31T00:00:00Z",
+        ])
+    };
+    let bogus = stderr(&add("patients,bogusview", "age"));
+    assert!(bogus.contains("no view `bogusview`"), "{bogus}");
+    assert!(
+        bogus.contains("timepoints"),
+        "the known views are listed: {bogus}"
+    );
+    let typo = stderr(&add("patients,timepoints", "age,diabetis"));
+    assert!(typo.contains("did you mean `diabetes`?"), "{typo}");
+    // A timepoint column on a study of patients only is not one of its views' columns.
+    let elsewhere = stderr(&add("patients", "crp"));
+    assert!(elsewhere.contains("no column `crp`"), "{elsewhere}");
+    assert_eq!(std::fs::read_to_string(&source).unwrap(), before);
+    // Another schema file, named with --schema, is checked instead.
+    let schema = path(d, "schema.toml");
+    std::fs::write(
+        &schema,
+        "name = \"small\"\nversion = 1\nmax_timepoints_per_patient = 1\n\
+         [[patients]]\nname = \"weight\"\ntype = \"integer\"\nmin = 0\nmax = 300\n\
+         [[timepoints]]\nname = \"crp\"\ntype = \"integer\"\nmin = 0\nmax = 10\n",
+    )
+    .unwrap();
+    let with_schema = |columns: &str| {
+        let mut args = vec![
+            "study",
+            "add",
+            "--in",
+            &source,
+            "--id",
+            "weights",
+            "--title",
+            "Weights",
+            "--pi",
+            "Dr. Sato",
+            "--views",
+            "patients",
+            "--budget-per-researcher",
+            "1",
+            "--from",
+            "2026-01-01T00:00:00Z",
+            "--until",
+            "2027-12-31T00:00:00Z",
+            "--schema",
+            &schema,
+            "--columns",
+        ];
+        args.push(columns);
+        policy_cli(&args)
+    };
+    let refused = stderr(&with_schema("age"));
+    assert!(refused.contains("no column `age`"), "{refused}");
+    stdout(&with_schema("weight"));
+}
