@@ -71,6 +71,9 @@ pub fn table(answer: &FederatedAnswer, out: &mut dyn Write) -> io::Result<()> {
             if let Some(fit) = &answer.regression {
                 regression_table(fit, answer.fit.as_ref(), &partial, out)?;
             }
+            if let Some(note) = &answer.note {
+                writeln!(out, "  note: {note}")?;
+            }
         }
         _ if !answer.groups.is_empty() => {
             writeln!(out, "groups    {} cells{partial}", answer.groups.len())?;

@@ -161,6 +161,65 @@ async fn json_output_carries_the_contract_fields() {
     );
     assert!(!text.contains("answered  0 of 0"), "{text}");
 
+    // A regression as CSV: one `coefficient` row per term, with the fit's own columns, and
+    // every row as wide as the header; as JSON, its coefficients and model.
+    let fit = |format: &str| {
+        aggregator_cli(vec![
+            "query".into(),
+            "--key".into(),
+            key.clone(),
+            "--nodes".into(),
+            node.listen_addr().to_string(),
+            "--rho".into(),
+            "0.5".into(),
+            "--format".into(),
+            format.into(),
+            "SELECT LINEAR_REGRESSION(age, age >= 50) FROM patients".into(),
+        ])
+    };
+    let output = fit("csv").await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let header = text.lines().next().unwrap();
+    assert!(
+        header.ends_with(
+            ",noise_std_error,p_value,odds_ratio,odds_ratio_ci95_low,odds_ratio_ci95_high"
+        ),
+        "{header}"
+    );
+    let width = header.split(',').count();
+    let records: Vec<csv::StringRecord> = csv::Reader::from_reader(text.as_bytes())
+        .records()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(records.iter().all(|r| r.len() == width), "{text}");
+    let terms: Vec<&str> = records
+        .iter()
+        .filter(|r| &r[0] == "coefficient")
+        .map(|r| r.get(1).unwrap())
+        .collect();
+    assert_eq!(terms, ["intercept", "age >= 50"], "{text}");
+    let output = fit("json").await;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["aggregate"], "linear_regression");
+    assert_eq!(json["regression"]["model"], "linear");
+    let slope = &json["regression"]["coefficients"][1];
+    let (estimate, se) = (
+        slope["estimate"].as_f64().unwrap(),
+        slope["std_error"].as_f64().unwrap(),
+    );
+    // Ages 30..69: those of 50 and over are 20 years older on average.
+    assert!((estimate - 20.0).abs() < 4.0 * se, "{json}");
+    // 40 patients at rho 0.5: the noise outweighs the residuals, and the answer says so.
+    assert!(
+        json["note"].is_null() || json["note"].as_str().unwrap().contains("residual"),
+        "{json}"
+    );
+
     // Without --nodes, the members the policy lists addresses for are asked (an address
     // without /p2p gets the member's peer id).
     let mut listed = bundle.clone();

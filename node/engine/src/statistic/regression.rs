@@ -301,6 +301,14 @@ impl Statistic for LinearRegression {
             };
         let moments = symmetric(&totals, size);
         match fit_linear(&moments, variance, &scales, &term_names(covariates)) {
+            // Noise larger than what the model leaves unexplained: say what that means.
+            Ok(fit) if fit.residual_std == Some(0.0) && variance > 0.0 => Combined {
+                note: Some(
+                    "the noisy residual sum of squares fell to 0 or below (the noise outweighs what the model leaves unexplained): the residual sd and the sampling part of the standard errors could not be estimated, so the intervals hold the noise only; ask with more rho or more patients"
+                        .into(),
+                ),
+                ..with_regression(fit)
+            },
             Ok(fit) => with_regression(fit),
             Err(note) => Combined::none(note),
         }
