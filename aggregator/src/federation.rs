@@ -25,7 +25,7 @@ use renkei_protocol::limits::MAX_RESPONSE_BYTES;
 use renkei_protocol::query::fit_step_budgets;
 use renkei_protocol::transport::EncodedRequest;
 use renkei_protocol::{
-    Aggregate, Answer, FitStep, MicroRho, PrivacyRequest, PublicKey, Purpose, QueryResponse,
+    Aggregate, Answer, MicroRho, PrivacyRequest, PublicKey, Purpose, QueryRequest, QueryResponse,
     Release, RequestId, SecretKey, SignedEnvelope,
 };
 
@@ -161,6 +161,7 @@ async fn fit(
         names
     };
     let asked = contributors(&first);
+    let mut query = opening.request.query.clone();
     let mut current = first;
     current.fit = Some(steps);
     for iteration in 1..iterations {
@@ -176,17 +177,14 @@ async fn fit(
         if current.aborted || current.is_partial() {
             return Ok(stopped(current, iteration, "not every node answered it"));
         }
-        let mut request = opening.request.clone();
-        request.request_id = RequestId::random()?;
-        request.nonce = RequestId::random()?.0;
-        request.issued_at = renkei_protocol::unix_now();
-        if let Aggregate::LogisticRegression { step, .. } = &mut request.query.aggregate {
-            *step = FitStep {
-                fit: Some(opening.request.request_id),
-                iteration,
-                coefficients,
-            };
-        }
+        query.advance_fit(opening.request.request_id, coefficients);
+        let request = QueryRequest {
+            request_id: RequestId::random()?,
+            nonce: RequestId::random()?.0,
+            issued_at: renkei_protocol::unix_now(),
+            query: query.clone(),
+            ..opening.request.clone()
+        };
         let prepared = PreparedQuery::from_request(researcher, request)?;
         let next = ask_once(
             client, policy, nodes, &prepared, researcher, deadline, progress,
@@ -199,7 +197,6 @@ async fn fit(
         current = next;
         current.fit = fit_steps;
         if contributors(&current) != asked && current.regression.is_some() {
-            current.regression = None;
             return Ok(stopped(
                 current,
                 iteration + 1,

@@ -120,31 +120,10 @@ pub const MAX_COVARIATES: usize = 16;
 /// Most Newton steps a logistic fit may declare.
 pub const MAX_FIT_ITERATIONS: u8 = 25;
 
-/// Each step's budget of a fit's `total` (in any unit, e.g. micro-rho): its share
-/// ([`fit_step_shares`]) rounded down, the last step taking what rounding left, so the
-/// steps together spend exactly `total`.
+/// Each step's budget of a fit's `total` (in any unit, e.g. micro-rho), by its weight
+/// ([`fit_step_shares`] says which), rounded down, the last step taking what rounding
+/// left, so the steps together spend exactly `total`.
 pub fn fit_step_budgets(total: u64, iterations: u8) -> Vec<u64> {
-    let mut budgets: Vec<u64> = fit_step_shares(iterations)
-        .iter()
-        .map(|share| {
-            u64::try_from(u128::from(total) * u128::from(*share) / 1_000_000).unwrap_or(u64::MAX)
-        })
-        .collect();
-    let early: u64 = budgets.iter().rev().skip(1).sum();
-    if let Some(last) = budgets.last_mut() {
-        *last = total.saturating_sub(early);
-    }
-    budgets
-}
-
-/// Each step's share of a fit's privacy budget, in millionths of the whole, for a fit of
-/// `iterations` steps. The last step's noise is what remains in the estimate: it takes
-/// half. The step before it sets where the last one starts, and its error enters the
-/// estimate squared: it takes a sixth. The earlier ones, whose errors the next steps
-/// correct (their matrices guarded against noise), share the other third equally. Two steps
-/// take a third and two thirds; one takes all. (A third for the last step measured a tenth more error at rho 1:
-/// BENCHMARKS.md.)
-pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
     let steps = usize::from(iterations.max(1));
     let weights: Vec<u64> = match steps {
         1 => vec![1],
@@ -158,13 +137,27 @@ pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
             weights
         }
     };
-    let total: u64 = weights.iter().sum();
-    let mut shares: Vec<u64> = weights.iter().map(|w| 1_000_000 * w / total).collect();
-    let early: u64 = shares.iter().rev().skip(1).sum();
-    if let Some(last) = shares.last_mut() {
-        *last = 1_000_000 - early;
+    let sum = u128::from(weights.iter().sum::<u64>());
+    let mut budgets: Vec<u64> = weights
+        .iter()
+        .map(|w| u64::try_from(u128::from(total) * u128::from(*w) / sum).unwrap_or(u64::MAX))
+        .collect();
+    let early: u64 = budgets.iter().rev().skip(1).sum();
+    if let Some(last) = budgets.last_mut() {
+        *last = total.saturating_sub(early);
     }
-    shares
+    budgets
+}
+
+/// Each step's share of a fit's privacy budget, in millionths of the whole, for a fit of
+/// `iterations` steps. The last step's noise is what remains in the estimate: it takes
+/// half. The step before it sets where the last one starts, and its error enters the
+/// estimate squared: it takes a sixth. The earlier ones, whose errors the next steps
+/// correct (their matrices guarded against noise), share the other third equally. Two
+/// steps take a third and two thirds; one takes all. (A third for the last step measured a
+/// tenth more error at rho 1: BENCHMARKS.md.)
+pub fn fit_step_shares(iterations: u8) -> Vec<u64> {
+    fit_step_budgets(1_000_000, iterations)
 }
 
 impl Aggregate {
@@ -1109,14 +1102,26 @@ impl Query {
     /// The fit a logistic step belongs to, as the nodes compare it: the query with its step
     /// cleared, so every step of one fit has the same one.
     pub fn fit_identity(&self) -> Option<Query> {
-        let Aggregate::LogisticRegression { .. } = &self.aggregate else {
+        let mut identity = self.clone();
+        let Aggregate::LogisticRegression { step, .. } = &mut identity.aggregate else {
             return None;
         };
-        let mut identity = self.clone();
-        if let Aggregate::LogisticRegression { step, .. } = &mut identity.aggregate {
-            *step = FitStep::default();
-        }
+        *step = FitStep::default();
         Some(identity)
+    }
+
+    /// Makes a logistic fit's step the next one: of the fit request `fit` opened, one
+    /// step on, evaluated at `coefficients`. Another aggregate is left as it is (`false`).
+    pub fn advance_fit(&mut self, fit: crate::messages::RequestId, coefficients: Vec<i64>) -> bool {
+        let Aggregate::LogisticRegression { step, .. } = &mut self.aggregate else {
+            return false;
+        };
+        *step = FitStep {
+            fit: Some(fit),
+            iteration: step.iteration.saturating_add(1),
+            coefficients,
+        };
+        true
     }
 
     /// The normal form: nested AND/OR flattened, terms sorted and deduplicated (in the WITH

@@ -1201,15 +1201,11 @@ fn central_fit(
         let Some(fit) = combined.regression else {
             return Ok(None);
         };
-        match (&mut query.aggregate, &fit.next_step) {
-            (renkei_protocol::Aggregate::LogisticRegression { step, .. }, Some(next)) => {
-                *step = renkei_protocol::FitStep {
-                    fit: Some(renkei_protocol::RequestId([0; 16])),
-                    iteration: step.iteration + 1,
-                    coefficients: next.clone(),
-                };
+        match fit.next_step.clone() {
+            Some(next) => {
+                query.advance_fit(renkei_protocol::RequestId([0; 16]), next);
             }
-            _ => return Ok(Some(fit)),
+            None => return Ok(Some(fit)),
         }
     }
     Ok(None)
@@ -1271,14 +1267,15 @@ pub async fn regression(
         ..per_site.clone()
     };
     let query = renkei_aggregator::sql::compile(renkei_sql)?;
-    let iterations = match &query.aggregate {
-        renkei_protocol::Aggregate::LogisticRegression { iterations, .. } => *iterations,
-        _ => 0,
+    let renkei_protocol::Aggregate::LogisticRegression {
+        iterations,
+        ref covariates,
+        ..
+    } = query.aggregate
+    else {
+        anyhow::bail!("the bench fits a logistic regression");
     };
-    let covariates = match &query.aggregate {
-        renkei_protocol::Aggregate::LogisticRegression { covariates, .. } => covariates.len(),
-        _ => 0,
-    };
+    let covariates = covariates.len();
     let datasets: Vec<Arc<Dataset>> = (0..nodes)
         .map(|i| {
             testnet

@@ -19,7 +19,7 @@ use std::process::Command;
 use renkei_aggregator::sql;
 use renkei_engine::Regression;
 use renkei_engine::SiteRelease;
-use renkei_protocol::{Aggregate, FitStep, MicroRho, Query, Release, RequestId};
+use renkei_protocol::{MicroRho, Query, Release, RequestId};
 use renkei_testnet::reference::{self, CurveSql, FitSql};
 use renkei_tests::start_testnet;
 use serde_json::Value;
@@ -194,15 +194,11 @@ fn exact_fit(datasets: &[std::sync::Arc<renkei_engine::Dataset>], query: &Query)
         let fit = combined
             .regression
             .unwrap_or_else(|| panic!("{query}: {:?}", combined.note));
-        match (&mut query.aggregate, &fit.next_step) {
-            (Aggregate::LogisticRegression { step, .. }, Some(next)) => {
-                *step = FitStep {
-                    fit: Some(RequestId([1; 16])),
-                    iteration: step.iteration + 1,
-                    coefficients: next.clone(),
-                };
+        match fit.next_step.clone() {
+            Some(next) => {
+                query.advance_fit(RequestId([1; 16]), next);
             }
-            _ => return fit,
+            None => return fit,
         }
     }
 }

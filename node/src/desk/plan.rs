@@ -83,33 +83,35 @@ impl QueryDesk {
         let calibrate = |privacy: PrivacyRequest| -> Result<Vec<Calibration>, Refusal> {
             self.calibrate(privacy, &parts, participants.as_deref(), &request, &grant)
         };
+        // A fit's step spends its share of the fit's rho; the first is charged for all,
+        // within one query's limit, and the later ones nothing.
+        let fit_step = |iteration: u8, iterations: u8, opens: bool| {
+            let steps: Vec<Vec<Calibration>> = step_privacies(request.privacy, iterations)?
+                .into_iter()
+                .map(calibrate)
+                .collect::<Result<_, _>>()?;
+            let whole = MicroRho(steps.iter().flatten().map(|c| c.cost.0).sum());
+            grant.check_cost(whole)?;
+            let calibrations = steps
+                .into_iter()
+                .nth(usize::from(iteration))
+                .ok_or_else(|| Refusal::new(RefusalCode::MalformedRequest, "no such step"))?;
+            Ok::<_, Refusal>((calibrations, if opens { whole } else { MicroRho(0) }))
+        };
         let fit = fit_link(&request)?;
-        let (calibrations, cost) = match fit.link {
+        let (calibrations, cost) = match fit {
             FitLink::None => {
                 let calibrations = calibrate(request.privacy)?;
                 let cost = MicroRho(calibrations.iter().map(|c| c.cost.0).sum());
                 grant.check_cost(cost)?;
                 (calibrations, cost)
             }
-            FitLink::Opens { iterations, .. } | FitLink::Continues { iterations, .. } => {
-                // Each step spends its share of the fit's rho; the first is charged for all,
-                // within one query's limit.
-                let steps: Vec<Vec<Calibration>> = step_privacies(request.privacy, iterations)?
-                    .into_iter()
-                    .map(calibrate)
-                    .collect::<Result<_, _>>()?;
-                let whole = MicroRho(steps.iter().flatten().map(|c| c.cost.0).sum());
-                let cost = match fit.link {
-                    FitLink::Opens { .. } => whole,
-                    FitLink::Continues { .. } | FitLink::None => MicroRho(0),
-                };
-                grant.check_cost(whole)?;
-                let calibrations = steps
-                    .into_iter()
-                    .nth(usize::from(fit.iteration))
-                    .ok_or_else(|| Refusal::new(RefusalCode::MalformedRequest, "no such step"))?;
-                (calibrations, cost)
-            }
+            FitLink::Opens { iterations, .. } => fit_step(0, iterations, true)?,
+            FitLink::Continues {
+                iteration,
+                iterations,
+                ..
+            } => fit_step(iteration, iterations, false)?,
         };
         Ok(Checked {
             digest,
@@ -121,7 +123,7 @@ impl QueryDesk {
             cost,
             grant,
             participants,
-            fit: fit.link,
+            fit,
         })
     }
 
@@ -174,31 +176,18 @@ impl QueryDesk {
     }
 }
 
-/// A request's place in a logistic fit, as the ledger checks it.
-#[derive(Debug, Clone, Copy)]
-struct Fit {
-    link: FitLink,
-    iteration: u8,
-}
-
-/// How `request` belongs to a logistic fit: its identity is the digest of the question
-/// with its step cleared and of how it is asked (study, audience, privacy, mode, policy),
-/// which every step of one fit shares.
-fn fit_link(request: &QueryRequest) -> Result<Fit, Refusal> {
-    let Some(question) = request.query.fit_identity() else {
-        return Ok(Fit {
-            link: FitLink::None,
-            iteration: 0,
-        });
-    };
-    let renkei_protocol::Aggregate::LogisticRegression {
-        iterations, step, ..
-    } = &request.query.aggregate
+/// How `request` belongs to a logistic fit, as the ledger checks it: its identity is the
+/// digest of the question with its step cleared and of how it is asked (study, audience,
+/// privacy, mode, policy), which every step of one fit shares.
+fn fit_link(request: &QueryRequest) -> Result<FitLink, Refusal> {
+    let (
+        Some(question),
+        renkei_protocol::Aggregate::LogisticRegression {
+            iterations, step, ..
+        },
+    ) = (request.query.fit_identity(), &request.query.aggregate)
     else {
-        return Ok(Fit {
-            link: FitLink::None,
-            iteration: 0,
-        });
+        return Ok(FitLink::None);
     };
     let asked = (
         &question,
@@ -212,7 +201,7 @@ fn fit_link(request: &QueryRequest) -> Result<Fit, Refusal> {
     let encoded = renkei_protocol::codec::encode(&asked)
         .map_err(|e| Refusal::new(RefusalCode::MalformedRequest, e.to_string()))?;
     let identity: [u8; 32] = Sha256::digest(&encoded).into();
-    let link = match step.fit {
+    Ok(match step.fit {
         None => FitLink::Opens {
             identity,
             iterations: *iterations,
@@ -224,10 +213,6 @@ fn fit_link(request: &QueryRequest) -> Result<Fit, Refusal> {
             issued_at: request.issued_at,
             iterations: *iterations,
         },
-    };
-    Ok(Fit {
-        link,
-        iteration: step.iteration,
     })
 }
 

@@ -287,28 +287,30 @@ pub enum FitProblem {
     Answered(u8),
 }
 
-/// Why a later step (of `identity`, signed at `issued_at`, numbered `iteration`) does not
-/// belong to the fit `record` describes, if it does not. A step already answered is
-/// refused whatever its request id: a resend of the same request is answered from its
-/// request record before this is asked, so the same id here means that record was pruned
-/// (the step's own expiry, which its researcher chose, came first), and answering again
-/// would release the step twice.
-fn fit_problem(
-    record: &FitRecord,
+/// The record of the fit a later step (of `identity`, signed at `issued_at`, numbered
+/// `iteration`) names, from what the `fits` tree holds for it (`stored`), when the step
+/// belongs to it; else why not (`None`: the record does not decode). One check for the
+/// precheck and the transaction. A step already answered is refused whatever its request
+/// id: a resend of the same request is answered from its request record before this is
+/// asked, so the same id here means that record was pruned (the step's own expiry, which
+/// its researcher chose, came first), and answering again would release the step twice.
+fn step_record(
+    stored: Option<&[u8]>,
     identity: [u8; 32],
     issued_at: u64,
     iteration: u8,
-) -> Option<FitProblem> {
+) -> Result<FitRecord, Option<FitProblem>> {
+    let record = decode_fit(stored.ok_or(Some(FitProblem::Unknown))?).ok_or(None)?;
     if record.identity != identity {
-        return Some(FitProblem::OtherQuestion);
+        return Err(Some(FitProblem::OtherQuestion));
     }
     if issued_at > record.expires_at {
-        return Some(FitProblem::Expired);
+        return Err(Some(FitProblem::Expired));
     }
     match record.steps.get(usize::from(iteration)) {
-        None => Some(FitProblem::PastLast(record.iterations)),
-        Some(Some(_)) => Some(FitProblem::Answered(iteration)),
-        Some(None) => None,
+        None => Err(Some(FitProblem::PastLast(record.iterations))),
+        Some(Some(_)) => Err(Some(FitProblem::Answered(iteration))),
+        Some(None) => Ok(record),
     }
 }
 
@@ -403,14 +405,11 @@ impl PrivacyLedger {
                     ..
                 } => {
                     let key = scoped_key(request.researcher, &fit.0);
-                    let bytes = fits
-                        .get(key)?
-                        .ok_or(Abort::Abort(Stop::Fit(FitProblem::Unknown)))?;
                     let mut record =
-                        decode_fit(&bytes).ok_or(Abort::Abort(Stop::Corrupt("fit record")))?;
-                    if let Some(problem) = fit_problem(&record, identity, issued_at, iteration) {
-                        return Err(Abort::Abort(Stop::Fit(problem)));
-                    }
+                        step_record(fits.get(key)?.as_deref(), identity, issued_at, iteration)
+                            .map_err(|problem| {
+                                Abort::Abort(problem.map_or(Stop::Corrupt("fit record"), Stop::Fit))
+                            })?;
                     record.steps[usize::from(iteration)] = Some(*request.request_id);
                     Some((key, record))
                 }
@@ -547,21 +546,21 @@ impl PrivacyLedger {
         } = request.fit
         {
             let key = scoped_key(request.researcher, &fit.0);
-            let problem = match self.store.fits.get(key)? {
-                None => Some(FitProblem::Unknown),
-                Some(bytes) => {
-                    let record = decode_fit(&bytes).ok_or_else(|| NodeError::CorruptStore {
+            let stored = self.store.fits.get(key)?;
+            match step_record(stored.as_deref(), identity, issued_at, iteration) {
+                Ok(_) => {}
+                Err(Some(problem)) => {
+                    return Ok(Err(Refusal::new(
+                        RefusalCode::FitStepRefused,
+                        problem.to_string(),
+                    )));
+                }
+                Err(None) => {
+                    return Err(NodeError::CorruptStore {
                         what: format!("fit record {fit}"),
                         reason: "undecodable".into(),
-                    })?;
-                    fit_problem(&record, identity, issued_at, iteration)
+                    });
                 }
-            };
-            if let Some(problem) = problem {
-                return Ok(Err(Refusal::new(
-                    RefusalCode::FitStepRefused,
-                    problem.to_string(),
-                )));
             }
         }
         Ok(self.quote(request)?.map(|_| None))

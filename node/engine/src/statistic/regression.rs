@@ -113,40 +113,38 @@ impl Design {
         Ok(design)
     }
 
-    /// Each term's column values and condition results over the cohort, and which rows
-    /// have every needed column.
+    /// Each term's column values and condition results over the cohort (each condition
+    /// evaluated once: where it holds, and where it is known at all), the outcome's
+    /// condition likewise, and which rows have every needed column and condition known.
     fn read<'c>(&self, cohort: &Cohort<'c>) -> Option<ReadDesign<'c>> {
         let rows = cohort.patient_rows()?;
         let present: Vec<_> = self.present.iter().map(|s| cohort.values(*s)).collect();
-        let terms = self
+        let mut known = Vec::new();
+        let mut decide = |node: &Node| {
+            let (holds, mut decided) = cohort.decides(node);
+            decided.or(&holds);
+            known.push(decided);
+            holds
+        };
+        let terms: Vec<ReadTerm<'c>> = self
             .terms
             .iter()
             .map(|term| match &term.value {
                 TermValue::Column(source) => ReadTerm::Column(cohort.values(*source)),
-                TermValue::Condition(node) => ReadTerm::Condition(cohort.holds(node)),
+                TermValue::Condition(node) => ReadTerm::Condition(decide(node)),
             })
             .collect();
-        // Where each condition (covariates', the outcome's) is known: true or false.
-        let known: Vec<crate::bitset::Bitset> = self
-            .terms
-            .iter()
-            .filter_map(|term| match &term.value {
-                TermValue::Condition(node) => Some(node),
-                TermValue::Column(_) => None,
-            })
-            .chain(self.outcome.as_ref())
-            .map(|node| {
-                let (mut known, false_rows) = cohort.decides(node);
-                known.or(&false_rows);
-                known
-            })
-            .collect();
+        let outcome = self.outcome.as_ref().map(&mut decide);
         let complete = rows
             .iter()
             .filter(|&row| present.iter().all(|column| column.get(row) != NULL))
             .filter(|&row| known.iter().all(|k| k.contains(row)))
             .collect();
-        Some(ReadDesign { terms, complete })
+        Some(ReadDesign {
+            terms,
+            outcome,
+            complete,
+        })
     }
 }
 
@@ -157,6 +155,8 @@ enum ReadTerm<'c> {
 
 struct ReadDesign<'c> {
     terms: Vec<ReadTerm<'c>>,
+    /// Where a logistic fit's outcome holds.
+    outcome: Option<crate::bitset::Bitset>,
     /// Rows with every needed column present.
     complete: Vec<usize>,
 }
@@ -483,8 +483,8 @@ fn fit_linear(
 
 #[derive(Debug)]
 struct LogisticFit {
+    /// The covariates, and the outcome's condition (always set here).
     design: Design,
-    outcome: Node,
     /// The coefficients this step evaluates at, on the scaled terms, intercept first.
     at: Vec<f64>,
 }
@@ -533,12 +533,10 @@ impl Statistic for LogisticRegression {
         };
         patient_level(binder, query, "LOGISTIC_REGRESSION")?;
         let mut design = Design::bind(binder, covariates)?;
-        let outcome = binder.filter(outcome)?;
-        design.outcome = Some(outcome.clone());
+        design.outcome = Some(binder.filter(outcome)?);
         Ok(Box::new(LogisticFit {
             at: step_coefficients(&step.coefficients, design.terms.len() + 1),
             design,
-            outcome,
         }))
     }
 
@@ -635,7 +633,6 @@ impl Accumulator for LogisticFit {
         let mut values = vec![0i64; Self::numbers(d)];
         let fixed = |v: f64| (v * FIXED_POINT).round() as i64;
         if let Some(read) = self.design.read(cohort) {
-            let outcome = cohort.holds(&self.outcome);
             let widths: Vec<f64> = self
                 .design
                 .terms
@@ -649,7 +646,11 @@ impl Accumulator for LogisticFit {
                     x[t + 1] = read.numerator(t, &term.scale, row) as f64 / widths[t];
                 }
                 let p = sigmoid(dot(&self.at, &x));
-                let y = if outcome.contains(row) { 1.0 } else { 0.0 };
+                let y = if read.outcome.as_ref().is_some_and(|o| o.contains(row)) {
+                    1.0
+                } else {
+                    0.0
+                };
                 let weight = p * (1.0 - p);
                 values[0] += fixed(1.0);
                 for i in 0..d {
@@ -1315,24 +1316,30 @@ max = 10
 
     /// Runs a logistic fit to its last step on noiseless releases split over `sites`.
     fn noiseless_logistic(sites: &[Dataset]) -> Regression {
-        let mut step = FitStep::default();
+        noiseless_logistic_to(sites, u8::MAX).1
+    }
+
+    /// As [`noiseless_logistic`], stopping after `steps` steps: the query of the step that
+    /// would come next (or of the last), and the fit so far.
+    fn noiseless_logistic_to(sites: &[Dataset], steps: u8) -> (Query, Regression) {
+        let mut query = logistic(FitStep::default());
+        let mut done = 0;
         loop {
-            let query = logistic(step.clone());
             let releases: Vec<Release> = sites.iter().map(|d| exact(d, &query)).collect();
             let views: Vec<SiteRelease<'_>> = releases.iter().map(|r| site(r, 0.0)).collect();
             let fit = LogisticRegression
                 .combine(&query, &views)
                 .regression
                 .expect("a fit");
-            match &fit.next_step {
+            done += 1;
+            match fit.next_step.clone() {
                 Some(next) => {
-                    step = FitStep {
-                        fit: Some(renkei_protocol::RequestId([1; 16])),
-                        iteration: step.iteration + 1,
-                        coefficients: next.clone(),
+                    query.advance_fit(renkei_protocol::RequestId([1; 16]), next);
+                    if done == steps {
+                        return (query, fit);
                     }
                 }
-                None => return fit,
+                None => return (query, fit),
             }
         }
     }
@@ -1486,27 +1493,8 @@ max = 10
         assert!((0.93..=0.97).contains(&rate), "linear: {rate}");
         // A logistic fit's last step, from the converged coefficients of the step before.
         let converged = noiseless_logistic(&sites);
-        let last = logistic(FitStep {
-            fit: Some(renkei_protocol::RequestId([1; 16])),
-            iteration: 7,
-            coefficients: {
-                // The fit's coefficients on the scaled terms: run to step 7 only.
-                let mut step = FitStep::default();
-                for _ in 0..7 {
-                    let query = logistic(step.clone());
-                    let fit = LogisticRegression
-                        .combine(&query, &[site(&exact(&data, &query), 0.0)])
-                        .regression
-                        .unwrap();
-                    step = FitStep {
-                        fit: Some(renkei_protocol::RequestId([1; 16])),
-                        iteration: step.iteration + 1,
-                        coefficients: fit.next_step.unwrap(),
-                    };
-                }
-                step.coefficients
-            },
-        });
+        // The last step's query, at the coefficients the seven before it reached.
+        let (last, _) = noiseless_logistic_to(&sites, 7);
         let rate = coverage(&last, &data, &estimates(&converged), 8.0 * FIXED_POINT, 6);
         assert!((0.93..=0.97).contains(&rate), "logistic: {rate}");
     }
@@ -1515,12 +1503,14 @@ max = 10
     /// total `rho` (zCDP) spread over the steps by the protocol's shares.
     fn noisy_logistic(data: &Dataset, rho: f64, rng: &mut impl Rng) -> Option<Regression> {
         let shares = renkei_protocol::query::fit_step_shares(8);
-        let mut step = FitStep::default();
+        let mut query = logistic(FitStep::default());
         loop {
-            let query = logistic(step.clone());
+            let Aggregate::LogisticRegression { step, .. } = &query.aggregate else {
+                panic!("not a logistic fit");
+            };
+            let share = shares[usize::from(step.iteration)] as f64 / 1e6;
             let compiled = data.compile(&query).unwrap();
             let sensitivity = compiled.parts()[0].sensitivity;
-            let share = shares[usize::from(step.iteration)] as f64 / 1e6;
             let sd = sensitivity / (2.0 * rho * share).sqrt();
             let Release::Regression { terms, values } = exact(data, &query) else {
                 panic!("not a regression");
@@ -1535,13 +1525,9 @@ max = 10
             let fit = LogisticRegression
                 .combine(&query, &[site(&noisy, sd)])
                 .regression?;
-            match &fit.next_step {
+            match fit.next_step.clone() {
                 Some(next) => {
-                    step = FitStep {
-                        fit: Some(renkei_protocol::RequestId([1; 16])),
-                        iteration: step.iteration + 1,
-                        coefficients: next.clone(),
-                    }
+                    query.advance_fit(renkei_protocol::RequestId([1; 16]), next);
                 }
                 None => return Some(fit),
             }
